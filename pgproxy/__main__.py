@@ -1,0 +1,7 @@
+"""``python -m pgproxy``."""
+
+import sys
+
+from pgproxy.cli import main
+
+sys.exit(main())

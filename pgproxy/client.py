@@ -1,0 +1,259 @@
+"""The client side of a link: an application's connection to pgproxy.
+
+A ``ClientConn`` parses the first packet through the sans-I/O startup parser, logs the
+client in (a coroutine: the slow path), then forwards every chunk the client sends to the
+server its pool links to it, walking only message headers on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+from pgproxy import params as tracked
+from pgproxy.protocol import codes, messages
+from pgproxy.protocol.startup import (
+    CancelRequest,
+    GSSEncRequest,
+    SSLRequest,
+    StartupError,
+    StartupMessage,
+    parse_startup,
+)
+from pgproxy.protocol.stream import FrontendScanner
+from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
+
+if TYPE_CHECKING:
+    from pgproxy.daemon import Daemon
+    from pgproxy.pool import Pool
+
+log = logging.getLogger("pgproxy.client")
+
+# Client states.
+STARTUP = "startup"  # reading SSLRequest / StartupMessage
+LOGIN = "login"  # authenticating, waiting for the pool's welcome
+READY = "ready"  # logged in: the hot path
+CLOSED = "closed"
+
+# Bytes a waiting client may send before its reading is paused.
+PENDING_LIMIT = 256 * 1024
+
+
+class ClientConn(asyncio.Protocol):
+    """One application connection."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.state = STARTUP
+        self.closed = False
+        self.pool: Pool = None  # type: ignore[assignment]
+        self.server: ServerConn | None = None
+        self.scan = FrontendScanner(daemon.settings.max_packet_size)
+        self.params: tracked.ParamValues = tracked.EMPTY
+        self.user = ""
+        self.database = ""
+        self.outstanding = 0  # ReadyForQuery replies the client still waits for
+        self.wait_started_at = 0.0
+        self.write_paused = False
+        self.cancel_key: tuple[int, bytes] | None = None
+        self._pending: list[bytes] = []  # bytes received while waiting for a server
+        self._pending_size = 0
+        self._paused_while_waiting = False
+        self._startup_buffer = bytearray()
+        self._login_task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.daemon.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Walk the chunk's headers and forward it to the linked server (the hot path)."""
+        if self.state is not READY:
+            self._early_data(data)
+            return
+        scan = self.scan
+        scan.feed(data)
+        if scan.error is not None:
+            self._bad_message(data, scan.error_at, scan.error)
+            return
+        if scan.terminate_at >= 0:
+            self._terminate()
+            return
+        self.outstanding += scan.requests
+        pool = self.pool
+        pool.stats.received_bytes += len(data)
+        pool.stats.query_count += scan.requests
+        server = self.server
+        if server is None:
+            if self.wait_started_at:
+                self._keep_pending(data)
+                return
+            server = pool.acquire(self)
+            if server is None:
+                self._keep_pending(data)
+                return
+        server.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.state = CLOSED
+        self.daemon.clients.discard(self)
+        if self.cancel_key is not None:
+            self.daemon.cancel_keys.pop(self.cancel_key, None)
+        if self._login_task is not None and not self._login_task.done():
+            self._login_task.cancel()
+        if self.pool is not None:
+            self.pool.client_gone(self)
+
+    def pause_writing(self) -> None:
+        # The application reads slowly: stop reading from the server that feeds it.
+        self.write_paused = True
+        if self.server is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.server is not None:
+            self.server.transport.resume_reading()
+
+    # -- waiting for a server ----------------------------------------------------------
+
+    def _keep_pending(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > PENDING_LIMIT and not self._paused_while_waiting:
+            self._paused_while_waiting = True
+            self.transport.pause_reading()
+
+    def flush_pending(self) -> None:
+        """Linked after waiting: send what arrived meanwhile, in order."""
+        self.wait_started_at = 0.0
+        server = self.server
+        assert server is not None
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
+            server.transport.write(data)
+        if self._paused_while_waiting:
+            self._paused_while_waiting = False
+            if not server.write_paused:
+                self.transport.resume_reading()
+
+    # -- errors and endings ------------------------------------------------------------
+
+    def fatal(self, sqlstate: str, text: str) -> None:
+        """Send a FATAL error and close; cleanup follows in connection_lost."""
+        if self.closed or self.transport.is_closing():
+            return
+        log.info("client %s@%s: closing: %s", self.user, self.database, text)
+        self.transport.write(messages.fatal(sqlstate, text))
+        self.transport.close()
+        # Release the server now rather than when the transport finishes flushing.
+        self.connection_lost(None)
+
+    def _bad_message(self, data: bytes, offset: int, reason: str) -> None:
+        # Forward the well-formed messages before the bad one, then end this client only.
+        if offset > 0 and self.server is not None:
+            self.outstanding += self.scan.requests
+            self.server.transport.write(data[:offset])
+        self.fatal(codes.PROTOCOL_VIOLATION, reason)
+
+    def _terminate(self) -> None:
+        # Bytes after Terminate are ignored; bytes before it (none in practice) are dropped
+        # too, since the server would only answer a client that is leaving.
+        self.transport.close()
+        self.connection_lost(None)
+
+    # -- startup and login (slow path) -------------------------------------------------
+
+    def _early_data(self, data: bytes) -> None:
+        self._startup_buffer += data
+        if self.state is STARTUP:
+            self._parse_startup()
+
+    def _parse_startup(self) -> None:
+        while self.state is STARTUP and not self.closed:
+            try:
+                result = parse_startup(bytes(self._startup_buffer))
+            except StartupError as exc:
+                self.fatal(exc.sqlstate, exc.message)
+                return
+            if result is None:
+                return
+            packet, used = result
+            del self._startup_buffer[:used]
+            if isinstance(packet, SSLRequest | GSSEncRequest):
+                self.transport.write(b"N")
+            elif isinstance(packet, CancelRequest):
+                self.daemon.forward_cancel(packet.process_id, packet.secret_key)
+                self.transport.close()
+                self.connection_lost(None)
+                return
+            elif isinstance(packet, StartupMessage):
+                self.state = LOGIN
+                self._login_task = asyncio.get_running_loop().create_task(self._login(packet))
+
+    async def _login(self, startup: StartupMessage) -> None:
+        try:
+            await self._login_steps(startup)
+        except ServerLoginError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("client login failed unexpectedly")
+            self.fatal(codes.INTERNAL_ERROR, "internal error during login")
+
+    async def _login_steps(self, startup: StartupMessage) -> None:
+        settings = self.daemon.settings
+        user = startup.params.get("user", "")
+        if not user:
+            self.fatal(
+                codes.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet"
+            )
+            return
+        self.user = user
+        self.database = startup.params.get("database") or user
+        if startup.minor_version > 0 or startup.protocol_options:
+            self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
+        if len(self.daemon.clients) > settings.max_client_conn:
+            self.fatal(codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)")
+            return
+        pool = self.daemon.pool_for(self.database, user)
+        if pool is None:
+            self.fatal(codes.PROTOCOL_VIOLATION, f"no such database: {self.database}")
+            return
+        # auth_type = trust: the client is who it says it is.
+        await pool.ensure_welcome()
+        if self.closed:
+            return
+        self.pool = pool
+        self.params = tracked.from_pairs(startup.params, pool.welcome_values)
+        self.cancel_key = self.daemon.register_cancel_key(self)
+        self.transport.write(self._welcome(pool))
+        self.state = READY
+        if self._startup_buffer:  # the client pipelined its first query behind the login
+            early = bytes(self._startup_buffer)
+            self._startup_buffer.clear()
+            self.data_received(early)
+
+    def _welcome(self, pool: Pool) -> bytes:
+        assert pool.welcome is not None and self.cancel_key is not None
+        parts = [messages.AUTHENTICATION_OK]
+        for name, value in pool.welcome:
+            index = tracked.tracked_index(name)
+            shown = self.params[index] if index is not None else value
+            parts.append(messages.parameter_status(name, shown))
+        process_id, secret = self.cancel_key
+        parts.append(messages.backend_key_data(process_id, secret))
+        parts.append(messages.ready_for_query())
+        return b"".join(parts)

@@ -1,0 +1,180 @@
+"""Configuration: pydantic-settings models read from a TOML file plus ``PGPROXY_*`` overrides.
+
+Names and defaults follow PgBouncer's wherever PgBouncer has the concept, so that a
+``pgbouncer.ini`` maps key for key. Validation errors name the offending key and never echo
+the value (it may be a password).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PoolMode = Literal["session", "transaction", "statement"]
+
+ENV_PREFIX = "PGPROXY_"
+DEFAULT_UNIX_SOCKET_HOST = "/var/run/postgresql"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names every offending key."""
+
+
+class DatabaseConfig(BaseModel):
+    """One ``[databases.NAME]`` entry: where the server is and how pgproxy logs in to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(
+        default=DEFAULT_UNIX_SOCKET_HOST,
+        description="Server host name or address; a path starting with '/' is a Unix "
+        "socket directory.",
+    )
+    port: int = Field(default=5432, ge=1, le=65535, description="Server port.")
+    dbname: str | None = Field(
+        default=None, description="Database name on the server; defaults to the entry's name."
+    )
+    user: str | None = Field(
+        default=None,
+        description="User name pgproxy logs in as; when absent the client's user name is used.",
+    )
+    password: SecretStr | None = Field(
+        default=None, description="Password for the server login (never shown or logged)."
+    )
+    pool_size: int | None = Field(
+        default=None, ge=1, description="Server connections per (database, user) pool."
+    )
+    pool_mode: PoolMode | None = Field(default=None, description="Overrides the global pool_mode.")
+
+
+class UserConfig(BaseModel):
+    """One ``[users.NAME]`` entry: settings that follow a client user across databases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool_mode: PoolMode | None = Field(
+        default=None, description="Overrides the database's and the global pool_mode."
+    )
+    pool_size: int | None = Field(
+        default=None, ge=1, description="Overrides the database's and the default pool size."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Top-level keys may be overridden by ``PGPROXY_<KEY>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    listen_addr: str = Field(
+        default="127.0.0.1",
+        description="Address to accept TCP clients on; '*' for all; '' for no TCP listener.",
+    )
+    listen_port: int = Field(default=6432, ge=1, le=65535, description="TCP (and socket) port.")
+    unix_socket_dir: str | None = Field(
+        default=None, description="Directory for the Unix socket '.s.PGSQL.<port>'; none if unset."
+    )
+    pool_mode: PoolMode = Field(default="session", description="session, transaction or statement.")
+    default_pool_size: int = Field(
+        default=20, ge=1, description="Server connections per pool unless set per database/user."
+    )
+    max_client_conn: int = Field(default=100, ge=1, description="Most client connections at once.")
+    query_wait_timeout: float = Field(
+        default=120.0, ge=0, description="Seconds a client may wait for a server; 0 disables."
+    )
+    server_reset_query: str = Field(
+        default="DISCARD ALL",
+        description="Run on a server before another client gets it (session mode only); '' skips.",
+    )
+    max_packet_size: int = Field(
+        default=2147483647, ge=1024, le=2147483647, description="Largest protocol message accepted."
+    )
+    server_connect_timeout: float = Field(
+        default=15.0, gt=0, description="Seconds allowed for a server connect and login."
+    )
+    auth_type: Literal["trust"] = Field(
+        default="trust", description="How clients authenticate to pgproxy."
+    )
+    databases: dict[str, DatabaseConfig] = Field(
+        default_factory=dict, description="Database entries; the name '*' matches any other."
+    )
+    users: dict[str, UserConfig] = Field(default_factory=dict, description="Per-user settings.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    def database(self, name: str) -> DatabaseConfig | None:
+        """The entry serving database ``name``: its own, else the ``*`` fallback, else None."""
+        entry = self.databases.get(name)
+        if entry is None:
+            entry = self.databases.get("*")
+        return entry
+
+    def pool_mode_for(self, database: DatabaseConfig, user: str) -> PoolMode:
+        """PgBouncer's precedence: the user's setting, then the database's, then the global."""
+        user_entry = self.users.get(user)
+        if user_entry is not None and user_entry.pool_mode is not None:
+            return user_entry.pool_mode
+        if database.pool_mode is not None:
+            return database.pool_mode
+        return self.pool_mode
+
+    def pool_size_for(self, database: DatabaseConfig, user: str) -> int:
+        """PgBouncer's precedence: the user's setting, then the database's, then the default."""
+        user_entry = self.users.get(user)
+        if user_entry is not None and user_entry.pool_size is not None:
+            return user_entry.pool_size
+        if database.pool_size is not None:
+            return database.pool_size
+        return self.default_pool_size
+
+
+def _describe(error: Any) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown setting"
+    return f"{where}: {error['msg']}"
+
+
+def _unknown_env_keys() -> list[str]:
+    known = {name.upper() for name in Settings.model_fields}
+    return sorted(
+        key
+        for key in os.environ
+        if key.upper().startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].upper() not in known
+    )
+
+
+def load_settings(path: str | None) -> Settings:
+    """Read ``path`` (TOML; None for defaults only) and ``PGPROXY_*``; raise ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as config_file:
+                data = tomllib.load(config_file)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    unknown = _unknown_env_keys()
+    if unknown:
+        raise ConfigError("unknown environment setting(s): " + ", ".join(unknown))
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = [
+            _describe(error) for error in exc.errors(include_url=False, include_input=False)
+        ]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,145 @@
+"""Start-up, the objects every connection shares, signals and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from typing import TYPE_CHECKING
+
+from pgproxy import __version__
+from pgproxy.config import Settings
+from pgproxy.janitor import Janitor
+from pgproxy.listener import start_listeners
+from pgproxy.pool import Pool, ServerTarget
+from pgproxy.protocol import messages
+
+if TYPE_CHECKING:
+    from pgproxy.client import ClientConn
+
+log = logging.getLogger("pgproxy")
+
+CANCEL_TIMEOUT = 5.0  # seconds to deliver a CancelRequest to PostgreSQL
+
+
+class Daemon:
+    """The running proxy: settings, pools, clients, cancel keys, listeners."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.clients: set[ClientConn] = set()
+        self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
+        self._listeners: list[asyncio.Server] = []
+        self._stopped: asyncio.Event | None = None
+        self._janitor: Janitor | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- shared objects ----------------------------------------------------------------
+
+    def pool_for(self, database: str, user: str) -> Pool | None:
+        """The pool serving ``user`` on ``database``; None if no entry serves the database."""
+        entry = self.settings.database(database)
+        if entry is None:
+            return None
+        # A database entry with a forced user has one pool for all its clients.
+        server_user = entry.user or user
+        key = (database, server_user)
+        pool = self.pools.get(key)
+        if pool is None:
+            target = ServerTarget(
+                host=entry.host,
+                port=entry.port,
+                dbname=entry.dbname or database,
+                user=server_user,
+                password=entry.password.get_secret_value() if entry.password else None,
+            )
+            pool = Pool(
+                database,
+                server_user,
+                target,
+                mode=self.settings.pool_mode_for(entry, server_user),
+                size=self.settings.pool_size_for(entry, server_user),
+                reset_query=self.settings.server_reset_query,
+                connect_timeout=self.settings.server_connect_timeout,
+            )
+            self.pools[key] = pool
+        return pool
+
+    def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
+        """A fresh random (process id, secret) for ``client``; never a server's key."""
+        while True:
+            key = (secrets.randbits(31), secrets.token_bytes(4))
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = client
+                return key
+
+    def forward_cancel(self, process_id: int, secret_key: bytes) -> None:
+        """Cancel what the owner of this key is running now, if anything; else nothing."""
+        client = self.cancel_keys.get((process_id, secret_key))
+        server = client.server if client is not None else None
+        if server is None or not server.backend_key:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._send_cancel(server.pool.target, server.backend_pid, server.backend_key)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_cancel(self, target: ServerTarget, process_id: int, key: bytes) -> None:
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                if target.host.startswith("/"):
+                    path = f"{target.host}/.s.PGSQL.{target.port}"
+                    reader, writer = await asyncio.open_unix_connection(path)
+                else:
+                    reader, writer = await asyncio.open_connection(target.host, target.port)
+                writer.write(messages.cancel_request(process_id, key))
+                await writer.drain()
+                await reader.read()  # PostgreSQL closes when done
+                writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("cancel request to %s failed: %s", target, exc)
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the listeners and start maintenance; raise OSError if binding fails."""
+        self._stopped = asyncio.Event()
+        self._listeners = await start_listeners(self)
+        self._janitor = Janitor(lambda: list(self.pools.values()), lambda: self.settings)
+        self._janitor.start()
+        where = [f"{self.settings.listen_addr}:{self.settings.listen_port}"]
+        if self.settings.unix_socket_dir:
+            where.append(f"{self.settings.unix_socket_dir}/.s.PGSQL.{self.settings.listen_port}")
+        log.info("pgproxy %s listening on %s (pid %d)", __version__, ", ".join(where), os.getpid())
+
+    async def serve(self) -> None:
+        """Run until a stop signal, then shut down."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.stop)
+        assert self._stopped is not None
+        await self._stopped.wait()
+        await self.shutdown()
+
+    def stop(self) -> None:
+        """Ask ``serve`` to shut down."""
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def shutdown(self) -> None:
+        """Close listeners, clients and servers."""
+        log.info("shutting down")
+        if self._janitor is not None:
+            self._janitor.stop()
+        for listener in self._listeners:
+            listener.close()
+        for client in list(self.clients):
+            client.fatal("57P01", "database is shutting down")
+        for pool in self.pools.values():
+            pool.close_all()
+        await asyncio.sleep(0)  # let transports flush their goodbyes

@@ -1,0 +1,271 @@
+"""A pool per (database, user): idle servers, waiting clients, and the linking of the two.
+
+The critical section is plain synchronous code in one event loop: ``acquire`` either pops
+an idle server and links it in the same callback, or queues the client (FIFO); a server
+that becomes free goes to the first waiter before it goes to the idle list. New servers
+are always opened by background tasks, never in a client's own path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pgproxy import params as tracked
+from pgproxy.config import PoolMode
+from pgproxy.protocol import codes
+from pgproxy.server import ACTIVE, IDLE, RESET, ServerConn, ServerLoginError, connect_server
+
+if TYPE_CHECKING:
+    from pgproxy.client import ClientConn
+
+log = logging.getLogger("pgproxy.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTarget:
+    """Where a pool's servers connect and as whom (the password is never logged)."""
+
+    host: str
+    port: int
+    dbname: str
+    user: str
+    password: str | None
+
+    def __repr__(self) -> str:
+        return f"ServerTarget({self.user}@{self.host}:{self.port}/{self.dbname})"
+
+
+class PoolStats:
+    """Plain counters bumped on the hot path; the console and metrics read them."""
+
+    __slots__ = (
+        "query_count",
+        "received_bytes",
+        "sent_bytes",
+        "server_assignment_count",
+        "wait_time",
+        "xact_count",
+        "xact_time",
+    )
+
+    def __init__(self) -> None:
+        self.server_assignment_count = 0
+        self.xact_count = 0
+        self.query_count = 0
+        self.received_bytes = 0
+        self.sent_bytes = 0
+        self.xact_time = 0.0  # seconds
+        self.wait_time = 0.0  # seconds
+
+
+class Pool:
+    """Server connections for one (database, user) and the clients that share them."""
+
+    def __init__(
+        self,
+        database: str,
+        user: str,
+        target: ServerTarget,
+        *,
+        mode: PoolMode,
+        size: int,
+        reset_query: str,
+        connect_timeout: float,
+    ) -> None:
+        self.database = database
+        self.user = user
+        self.name = f"{database}/{user}"
+        self.target = target
+        self.mode: PoolMode = mode
+        self.size = size
+        self.reset_query = reset_query if mode == "session" else ""
+        self.connect_timeout = connect_timeout
+        self.statement_mode = mode == "statement"
+        self.releases_at_idle = mode != "session"
+        self.idle: deque[ServerConn] = deque()
+        self.waiters: deque[ClientConn] = deque()
+        self.servers: set[ServerConn] = set()  # logged-in servers in any state
+        self.connecting = 0
+        self.stats = PoolStats()
+        # ParameterStatus values of the first server: what every client is told at login.
+        self.welcome: list[tuple[str, str]] | None = None
+        self.welcome_values: tracked.ParamValues = tracked.EMPTY
+        self._welcome_attempt: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+
+    # -- the critical section: linking clients and servers ---------------------------
+
+    def acquire(self, client: ClientConn) -> ServerConn | None:
+        """Link an idle server to ``client`` now, or queue the client and return None."""
+        if self.idle:
+            server = self.idle.pop()  # LIFO: the warmest server, as PgBouncer does
+            self._link(client, server)
+            return server
+        client.wait_started_at = self._loop.time()
+        self.waiters.append(client)
+        self._grow()
+        return None
+
+    def _link(self, client: ClientConn, server: ServerConn) -> None:
+        client.server = server
+        server.client = client
+        server.state = ACTIVE
+        server.linked_at = self._loop.time()
+        self.stats.server_assignment_count += 1
+        if client.write_paused:
+            server.transport.pause_reading()
+        if server.write_paused:
+            client.transport.pause_reading()
+        if client.params is not server.params and client.params != server.params:
+            server.sync_params(client.params)
+
+    def _unlink(self, client: ClientConn, server: ServerConn) -> None:
+        client.server = None
+        server.client = None
+        if client.write_paused:
+            server.transport.resume_reading()
+        if server.write_paused:
+            client.transport.resume_reading()
+
+    def _hand_over(self, server: ServerConn) -> None:
+        """A clean, unlinked server: to the first waiter, or onto the idle list."""
+        while self.waiters:
+            client = self.waiters.popleft()
+            if client.closed:
+                continue
+            waited = self._loop.time() - client.wait_started_at
+            self.stats.wait_time += waited
+            self._link(client, server)
+            client.flush_pending()
+            return
+        server.state = IDLE
+        server.idle_since = self._loop.time()
+        self.idle.append(server)
+
+    def transaction_done(self, client: ClientConn, server: ServerConn) -> None:
+        """ReadyForQuery 'I' with nothing outstanding: count it; free the server if due."""
+        stats = self.stats
+        stats.xact_count += 1
+        if self.releases_at_idle:
+            stats.xact_time += self._loop.time() - server.linked_at
+            self._unlink(client, server)
+            self._hand_over(server)
+
+    def client_gone(self, client: ClientConn) -> None:
+        """``client`` disconnected: leave the queue, and free or close its server."""
+        server = client.server
+        if server is None:
+            if client.wait_started_at and client in self.waiters:
+                self.waiters.remove(client)
+            return
+        self._unlink(client, server)
+        clean = server.is_clean and client.outstanding <= 0 and not client.scan.batch_open
+        if not clean:
+            # In a transaction, or replies still owed: nobody else may ever see this state.
+            server.close()
+        elif self.reset_query:
+            server.state = RESET
+            server.run_hidden(self.reset_query)
+        else:
+            self._hand_over(server)
+
+    def reset_done(self, server: ServerConn) -> None:
+        """The reset query finished cleanly: the server is as new."""
+        self._hand_over(server)
+
+    def server_closed(self, server: ServerConn) -> None:
+        """A server connection ended (by us or by PostgreSQL): forget it, replace if needed."""
+        self.servers.discard(server)
+        if server in self.idle:
+            self.idle.remove(server)
+        self._grow()
+
+    # -- background growth -------------------------------------------------------------
+
+    def _grow(self) -> None:
+        # One new server per waiting client, up to the pool size; opened in the background.
+        while (
+            self.connecting < len(self.waiters) and len(self.servers) + self.connecting < self.size
+        ):
+            self._spawn_open()
+
+    def _spawn_open(self) -> asyncio.Future[None]:
+        """Start a background task that opens one server; its future tells how it went."""
+        outcome: asyncio.Future[None] = self._loop.create_future()
+        self.connecting += 1
+        task = self._loop.create_task(self._open_server(outcome))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return outcome
+
+    async def _open_server(self, outcome: asyncio.Future[None]) -> None:
+        try:
+            server = await connect_server(self, self.connect_timeout)
+        except ServerLoginError as exc:
+            self.connecting -= 1
+            log.warning("pool %s: server login failed: %s", self.name, exc.message)
+            outcome.set_exception(exc)
+            self._fail_waiters_if_hopeless(exc)
+            return
+        except asyncio.CancelledError:
+            self.connecting -= 1
+            outcome.cancel()
+            raise
+        except Exception:
+            self.connecting -= 1
+            log.exception("pool %s: unexpected error opening a server", self.name)
+            error = ServerLoginError(codes.INTERNAL_ERROR, "server connection failed")
+            outcome.set_exception(error)
+            self._fail_waiters_if_hopeless(error)
+            return
+        self.connecting -= 1
+        self.servers.add(server)
+        if self.welcome is None:
+            self.welcome = list(server.login_params)
+            self.welcome_values = server.params
+        outcome.set_result(None)
+        self._hand_over(server)
+
+    def _fail_waiters_if_hopeless(self, error: ServerLoginError) -> None:
+        # With no server at all, waiters would only wait for query_wait_timeout: tell them.
+        if self.servers or self.connecting:
+            return
+        while self.waiters:
+            self.waiters.popleft().fatal(error.sqlstate, error.message)
+
+    async def ensure_welcome(self) -> None:
+        """Make sure the server's welcome parameters are known: log in one server if needed.
+
+        Concurrent first logins share one attempt; its ServerLoginError reaches them all.
+        """
+        if self.welcome is not None:
+            return
+        if self._welcome_attempt is None or self._welcome_attempt.done():
+            self._welcome_attempt = self._spawn_open()
+            # Read the outcome here even if every waiting client leaves early.
+            self._welcome_attempt.add_done_callback(
+                lambda done: done.cancelled() or done.exception()
+            )
+        await asyncio.shield(self._welcome_attempt)
+
+    # -- maintenance and shutdown ------------------------------------------------------
+
+    def expire_waiters(self, now: float, timeout: float) -> None:
+        """End the waits older than ``timeout`` seconds (query_wait_timeout)."""
+        waiters = self.waiters
+        deadline = now - timeout
+        while waiters and waiters[0].wait_started_at <= deadline:
+            client = waiters.popleft()
+            client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
+
+    def close_all(self) -> None:
+        """Close every server now (shutdown)."""
+        for server in list(self.servers):
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()

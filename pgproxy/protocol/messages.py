@@ -1,0 +1,140 @@
+"""Builders for the backend messages pgproxy writes itself, and a parser for error fields.
+
+These run on login, errors and parameter sync: never once per forwarded message.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_INT32 = struct.Struct("!i")
+_HEADER = struct.Struct("!cI")
+
+# Message type bytes (as ints, which is what indexing bytes gives).
+AUTHENTICATION = ord("R")
+BACKEND_KEY_DATA = ord("K")
+COMMAND_COMPLETE = ord("C")
+ERROR_RESPONSE = ord("E")
+NEGOTIATE_PROTOCOL_VERSION = ord("v")
+NOTICE_RESPONSE = ord("N")
+PARAMETER_STATUS = ord("S")
+READY_FOR_QUERY = ord("Z")
+
+AUTH_OK = 0
+AUTH_CLEARTEXT = 3
+AUTH_MD5 = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+
+def message(type_byte: bytes, payload: bytes = b"") -> bytes:
+    """One protocol message: type byte, int32 length (self-inclusive), payload."""
+    return _HEADER.pack(type_byte, len(payload) + 4) + payload
+
+
+def cstring(text: str) -> bytes:
+    """A NUL-terminated UTF-8 string as the protocol writes it."""
+    return text.encode("utf-8", "replace").replace(b"\0", b"") + b"\0"
+
+
+def _fields(severity: str, sqlstate: str, text: str, detail: str | None) -> bytes:
+    body = b"S" + cstring(severity) + b"V" + cstring(severity) + b"C" + cstring(sqlstate)
+    body += b"M" + cstring(text)
+    if detail:
+        body += b"D" + cstring(detail)
+    return body + b"\0"
+
+
+def error_response(
+    sqlstate: str, text: str, *, severity: str = "ERROR", detail: str | None = None
+) -> bytes:
+    """ErrorResponse ('E') with severity, SQLSTATE and message (and optional detail)."""
+    return message(b"E", _fields(severity, sqlstate, text, detail))
+
+
+def fatal(sqlstate: str, text: str, *, detail: str | None = None) -> bytes:
+    """ErrorResponse with severity FATAL: the connection closes after it."""
+    return error_response(sqlstate, text, severity="FATAL", detail=detail)
+
+
+def notice_response(text: str, *, sqlstate: str = "00000", severity: str = "NOTICE") -> bytes:
+    """NoticeResponse ('N')."""
+    return message(b"N", _fields(severity, sqlstate, text, None))
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    """ParameterStatus ('S')."""
+    return message(b"S", cstring(name) + cstring(value))
+
+
+def backend_key_data(process_id: int, secret_key: bytes) -> bytes:
+    """BackendKeyData ('K'): process id and secret key (4 bytes in protocol 3.0)."""
+    return message(b"K", _INT32.pack(process_id) + secret_key)
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    """ReadyForQuery ('Z') with transaction status I, T or E."""
+    return message(b"Z", status)
+
+
+def authentication(code: int, data: bytes = b"") -> bytes:
+    """Authentication ('R') request with its int32 code and data."""
+    return message(b"R", _INT32.pack(code) + data)
+
+
+AUTHENTICATION_OK = authentication(AUTH_OK)
+
+
+def negotiate_protocol_version(newest_minor: int, unrecognized: list[str]) -> bytes:
+    """NegotiateProtocolVersion ('v'): newest minor supported, unrecognized ``_pq_.`` options."""
+    payload = _INT32.pack(newest_minor) + _INT32.pack(len(unrecognized))
+    payload += b"".join(cstring(option) for option in unrecognized)
+    return message(b"v", payload)
+
+
+def query(sql: str) -> bytes:
+    """Simple-protocol Query ('Q')."""
+    return message(b"Q", cstring(sql))
+
+
+def password_message(payload: bytes) -> bytes:
+    """PasswordMessage / SASLResponse ('p') carrying ``payload`` as is."""
+    return message(b"p", payload)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    """SASLInitialResponse ('p'): mechanism name, int32 length, initial client data."""
+    return message(b"p", cstring(mechanism) + _INT32.pack(len(data)) + data)
+
+
+TERMINATE = message(b"X")
+
+
+def startup_message(params: dict[str, str], version: int = 196608) -> bytes:
+    """StartupMessage: int32 length, int32 version (3.0), key/value C strings, terminator."""
+    body = _INT32.pack(version) + b"".join(cstring(k) + cstring(v) for k, v in params.items())
+    body += b"\0"
+    return _INT32.pack(len(body) + 4) + body
+
+
+def cancel_request(process_id: int, secret_key: bytes) -> bytes:
+    """CancelRequest packet for a server's (process id, secret key)."""
+    body = _INT32.pack(80877102) + _INT32.pack(process_id) + secret_key
+    return _INT32.pack(len(body) + 4) + body
+
+
+def parse_error_fields(payload: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse payload, keyed by their one-letter codes."""
+    fields: dict[str, str] = {}
+    for part in payload.split(b"\0"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return fields
+
+
+def parse_parameter_status(payload: bytes) -> tuple[str, str]:
+    """(name, value) of a ParameterStatus payload."""
+    name, _, rest = payload.partition(b"\0")
+    value = rest.split(b"\0", 1)[0]
+    return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")

@@ -1,0 +1,129 @@
+"""The first packet on a client connection: SSL/GSS requests, CancelRequest, StartupMessage.
+
+``parse_startup`` is pure: it takes the bytes received so far and returns the packet and how
+many bytes it used, None when more bytes are needed, or raises StartupError for bad input.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from pgproxy.protocol import codes
+
+_INT32 = struct.Struct("!I")
+
+CANCEL_REQUEST_CODE = 80877102
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+PROTOCOL_3_0 = 3 << 16
+# PostgreSQL's own cap on a startup packet (MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_PACKET = 10000
+# Protocol 3.2 cancel keys may be up to 256 bytes.
+MAX_CANCEL_KEY = 256
+
+
+class StartupError(Exception):
+    """A bad first packet; ``sqlstate`` and ``message`` go to the client as FATAL."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequest:
+    """The client asks for TLS (answered 'N' until TLS is supported)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GSSEncRequest:
+    """The client asks for GSSAPI encryption (always answered 'N')."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """A cancel key sent on a fresh connection."""
+
+    process_id: int
+    secret_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartupMessage:
+    """A v3 StartupMessage: requested minor version, parameters and ``_pq_.`` options."""
+
+    minor_version: int
+    params: dict[str, str]
+    protocol_options: list[str] = field(default_factory=list)
+
+
+StartupPacket = SSLRequest | GSSEncRequest | CancelRequest | StartupMessage
+
+
+def _bad_header(buffer: bytes) -> StartupError:
+    # PgBouncer's wording, with the first bytes in hex so an operator can tell what arrived.
+    return StartupError(codes.PROTOCOL_VIOLATION, f"bad packet header: '{buffer[:8].hex()}'")
+
+
+def _parse_params(body: bytes) -> tuple[dict[str, str], list[str]]:
+    if not body or body[-1] != 0:
+        raise StartupError(
+            codes.PROTOCOL_VIOLATION,
+            "invalid startup packet layout: expected terminator as last byte",
+        )
+    # key\0value\0 ... \0: dropping the terminator leaves pairs each ending in NUL.
+    parts = body[:-1].split(b"\0")[:-1]
+    if len(parts) % 2:
+        raise StartupError(codes.PROTOCOL_VIOLATION, "invalid startup packet layout")
+    params: dict[str, str] = {}
+    options: list[str] = []
+    for index in range(0, len(parts), 2):
+        try:
+            key = parts[index].decode("utf-8")
+            value = parts[index + 1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise StartupError(
+                codes.PROTOCOL_VIOLATION, "invalid byte sequence in startup packet"
+            ) from None
+        if not key:
+            raise StartupError(codes.PROTOCOL_VIOLATION, "invalid startup packet layout")
+        if key.startswith("_pq_."):
+            options.append(key)
+        else:
+            params[key] = value
+    return params, options
+
+
+def parse_startup(buffer: bytes) -> tuple[StartupPacket, int] | None:
+    """Parse the packet at the start of ``buffer``; None if it is not complete yet."""
+    if len(buffer) < 4:
+        return None
+    length = _INT32.unpack_from(buffer, 0)[0]
+    if length < 8 or length > MAX_STARTUP_PACKET:
+        raise _bad_header(buffer)
+    if len(buffer) < 8:
+        return None
+    code = _INT32.unpack_from(buffer, 4)[0]
+    if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+        if length != 8:
+            raise _bad_header(buffer)
+        return (SSLRequest() if code == SSL_REQUEST_CODE else GSSEncRequest()), 8
+    if code == CANCEL_REQUEST_CODE:
+        if length < 16 or length > 12 + MAX_CANCEL_KEY:
+            raise _bad_header(buffer)
+        if len(buffer) < length:
+            return None
+        process_id = _INT32.unpack_from(buffer, 8)[0]
+        return CancelRequest(process_id, bytes(buffer[12:length])), length
+    major, minor = code >> 16, code & 0xFFFF
+    if major != 3:
+        raise StartupError(
+            codes.FEATURE_NOT_SUPPORTED,
+            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
+        )
+    if len(buffer) < length:
+        return None
+    params, options = _parse_params(bytes(buffer[8:length]))
+    return StartupMessage(minor, params, options), length

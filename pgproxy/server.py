@@ -1,0 +1,280 @@
+"""The server side of a link: one PostgreSQL connection, its login and its byte stream.
+
+A ``ServerConn`` logs in once (a coroutine: the slow path), then lives in its pool, idle or
+linked to one client. While linked, every chunk PostgreSQL sends is walked for headers and
+written to the client as it arrived; ReadyForQuery tells the pool when the server is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import TYPE_CHECKING, cast
+
+from pgproxy import params as tracked
+from pgproxy.protocol import codes, messages
+from pgproxy.protocol.auth import ServerAuthenticator, ServerAuthError
+from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
+
+if TYPE_CHECKING:
+    from pgproxy.client import ClientConn
+    from pgproxy.pool import Pool
+
+log = logging.getLogger("pgproxy.server")
+
+_INT32 = struct.Struct("!I")
+
+# Server states, as SHOW SERVERS will name them.
+LOGIN = "login"
+IDLE = "idle"
+ACTIVE = "active"
+RESET = "reset"  # running the reset query after a session client left; no client linked
+CLOSED = "closed"
+
+# Write-buffer marks: past HIGH the peer's reading pauses, under LOW it resumes.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class ServerLoginError(Exception):
+    """Logging in to PostgreSQL failed; ``sqlstate`` and ``message`` are fit for the client."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+
+
+class ServerConn(asyncio.Protocol):
+    """One connection to PostgreSQL, owned by a pool."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.state = LOGIN
+        self.client: ClientConn | None = None
+        self.scan = BackendScanner()
+        self.params: tracked.ParamValues = tracked.EMPTY
+        # Everything the server reported at login, in order: the pool's welcome to clients.
+        self.login_params: list[tuple[str, str]] = []
+        self.backend_pid = 0
+        self.backend_key = b""
+        self.connected_at = 0.0
+        self.idle_since = 0.0
+        self.linked_at = 0.0
+        self.write_paused = False
+        self._login_buffer = bytearray()
+        self._login_wakeup: asyncio.Future[None] | None = None
+        self._lost = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        """Walk the chunk's headers and forward it to the linked client (the hot path)."""
+        if self.state is LOGIN:
+            self._login_buffer += data
+            self._wake_login()
+            return
+        scan = self.scan
+        scan.feed(data)
+        if scan.params is not None:
+            self._apply_params(scan.params)
+        if scan.error is not None:
+            log.error("server %s: %s; closing", self.pool.name, scan.error)
+            self.close()
+            return
+        client = self.client
+        if client is None:
+            self._unlinked_data()
+            return
+        start = scan.forward_from
+        if start == 0:
+            client.transport.write(data)
+        elif start < len(data):
+            client.transport.write(data[start:])
+        self.pool.stats.sent_bytes += len(data)
+        if scan.ready:
+            client.outstanding -= scan.ready
+            if scan.status == STATUS_IDLE:
+                if client.outstanding <= 0 and not client.scan.batch_open:
+                    self.pool.transaction_done(client, self)
+            elif self.pool.statement_mode:
+                client.fatal(
+                    codes.PROTOCOL_VIOLATION,
+                    "transaction blocks not allowed in statement pooling mode",
+                )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        previous = self.state
+        self.state = CLOSED
+        if previous is LOGIN:
+            self._wake_login()
+            return
+        client = self.client
+        if client is not None:
+            client.fatal(codes.CONNECTION_FAILURE, "server conn crashed?")
+        self.pool.server_closed(self)
+
+    def pause_writing(self) -> None:
+        # PostgreSQL is not reading fast enough: stop reading from the client that feeds it.
+        self.write_paused = True
+        if self.client is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.client is not None:
+            self.client.transport.resume_reading()
+
+    # -- linked operation -------------------------------------------------------------
+
+    def _apply_params(self, reported: list[tuple[str, str]]) -> None:
+        values = self.params
+        for name, value in reported:
+            values = tracked.with_value(values, name, value)
+        self.params = values
+        if self.client is not None:
+            # What the server reports while linked (a client's SET, or our sync after
+            # normalisation such as 'ISO' → 'ISO, MDY') is the client's value from now on.
+            client_values = self.client.params
+            for name, value in reported:
+                client_values = tracked.with_value(client_values, name, value)
+            self.client.params = client_values
+
+    def sync_params(self, wanted: tracked.ParamValues) -> None:
+        """Make the server's tracked parameters equal ``wanted``; the replies are hidden."""
+        sql = tracked.sync_sql(wanted, self.params)
+        if sql is not None:
+            self.run_hidden(sql)
+
+    def run_hidden(self, sql: str) -> None:
+        """Send a query whose replies, up to its ReadyForQuery, no client will see."""
+        self.scan.hidden += 1
+        self.scan.hidden_failed = False
+        self.transport.write(messages.query(sql))
+
+    def _unlinked_data(self) -> None:
+        scan = self.scan
+        if self.state is RESET and scan.hidden == 0:
+            if scan.hidden_failed or scan.status != STATUS_IDLE:
+                log.warning("server %s: reset query failed; closing", self.pool.name)
+                self.close()
+            else:
+                self.pool.reset_done(self)
+        # Anything else an unlinked server sends (a NOTICE, a FATAL before it closes) has
+        # no reader; connection_lost handles a closing server.
+
+    def close(self) -> None:
+        """Say goodbye to PostgreSQL and close; the pool forgets it in connection_lost."""
+        if self._lost or self.transport is None:
+            return
+        if not self.transport.is_closing():
+            self.transport.write(messages.TERMINATE)
+            self.transport.close()
+
+    @property
+    def is_clean(self) -> bool:
+        """Idle outside a transaction with nothing owed: safe to hand to anyone."""
+        return self.scan.status == STATUS_IDLE and self.scan.hidden == 0 and not self._lost
+
+    # -- login (slow path) ------------------------------------------------------------
+
+    def _wake_login(self) -> None:
+        waiter = self._login_wakeup
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _read_login_message(self) -> tuple[int, bytes]:
+        while True:
+            buffer = self._login_buffer
+            if len(buffer) >= 5:
+                length = _INT32.unpack_from(buffer, 1)[0]
+                if length < 4 or length > 1024 * 1024:
+                    raise ServerLoginError(
+                        codes.PROTOCOL_VIOLATION, "invalid message from server during login"
+                    )
+                if len(buffer) >= 1 + length:
+                    type_byte = buffer[0]
+                    payload = bytes(buffer[5 : 1 + length])
+                    del buffer[: 1 + length]
+                    return type_byte, payload
+            if self._lost:
+                raise ServerLoginError(
+                    codes.CONNECTION_FAILURE, "server closed the connection during login"
+                )
+            self._login_wakeup = asyncio.get_running_loop().create_future()
+            await self._login_wakeup
+            self._login_wakeup = None
+
+    async def login(self, user: str, password: str | None, dbname: str) -> None:
+        """Run the startup and authentication exchange; raise ServerLoginError on failure."""
+        self.transport.write(messages.startup_message({"user": user, "database": dbname}))
+        authenticator = ServerAuthenticator(user, password)
+        while True:
+            type_byte, payload = await self._read_login_message()
+            if type_byte == messages.AUTHENTICATION:
+                try:
+                    reply = authenticator.respond(payload)
+                except ServerAuthError as exc:
+                    raise ServerLoginError(codes.INVALID_AUTHORIZATION, str(exc)) from None
+                if reply is not None:
+                    self.transport.write(reply)
+            elif type_byte == messages.PARAMETER_STATUS:
+                name, value = messages.parse_parameter_status(payload)
+                self.login_params.append((name, value))
+                self.params = tracked.with_value(self.params, name, value)
+            elif type_byte == messages.BACKEND_KEY_DATA:
+                self.backend_pid = _INT32.unpack_from(payload, 0)[0]
+                self.backend_key = payload[4:]
+            elif type_byte == messages.READY_FOR_QUERY:
+                self.scan.status = payload[0] if payload else STATUS_IDLE
+                self.state = IDLE
+                return
+            elif type_byte == messages.ERROR_RESPONSE:
+                fields = messages.parse_error_fields(payload)
+                raise ServerLoginError(
+                    fields.get("C", codes.CONNECTION_FAILURE),
+                    fields.get("M", "server login failed"),
+                )
+            # NoticeResponse and NegotiateProtocolVersion need no answer.
+
+
+async def connect_server(pool: Pool, timeout: float) -> ServerConn:
+    """Open and log in a new server connection for ``pool``; raise ServerLoginError."""
+    loop = asyncio.get_running_loop()
+    target = pool.target
+    server: ServerConn | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            if target.host.startswith("/"):
+                path = f"{target.host}/.s.PGSQL.{target.port}"
+                _, server = await loop.create_unix_connection(lambda: ServerConn(pool), path)
+            else:
+                _, server = await loop.create_connection(
+                    lambda: ServerConn(pool), target.host, target.port
+                )
+            server.connected_at = loop.time()
+            await server.login(target.user, target.password, target.dbname)
+    except TimeoutError:
+        if server is not None:
+            server.transport.close()
+        raise ServerLoginError(
+            codes.CONNECTION_FAILURE, "server connection timed out (server_connect_timeout)"
+        ) from None
+    except OSError as exc:
+        raise ServerLoginError(
+            codes.CONNECTION_FAILURE,
+            f"could not connect to server at {target.host}:{target.port}: {exc.strerror or exc}",
+        ) from None
+    except BaseException:
+        if server is not None:
+            server.transport.close()
+        raise
+    return server

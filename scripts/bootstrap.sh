@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Install what the project needs on this machine; idempotent and fast when all is there.
+#   - PostgreSQL server binaries (initdb, pg_ctl, postgres, psql) from apt if missing
+#   - python3 >= 3.11 with venv support
+#   - .venv at the repo root with `pip install -e '.[dev]'` (redone when pyproject.toml changes)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON="${PYTHON:-python3}"
+STAMP=.venv/.installed
+
+say() { echo "bootstrap: $*"; }
+die() { echo "bootstrap: error: $*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install manually: $*"
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        as_root apt-get update
+        APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "$@"
+}
+
+have_postgres() {
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1
+}
+
+if ! have_postgres; then
+    say "installing PostgreSQL"
+    apt_install postgresql postgresql-contrib
+    have_postgres || die "PostgreSQL installed but initdb still not found"
+fi
+
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found; Python >= 3.11 is required"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+    || die "Python >= 3.11 is required, $PYTHON is $("$PYTHON" -V 2>&1)"
+
+if [ ! -x .venv/bin/python ]; then
+    # Debian's python3 lacks ensurepip (so `python3 -m venv` fails) until python3-venv is in.
+    if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        say "installing python3-venv"
+        apt_install python3-venv
+    fi
+    say "creating .venv"
+    rm -rf .venv
+    "$PYTHON" -m venv .venv
+fi
+
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    say "installing the project into .venv (pip install -e '.[dev]')"
+    .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+    touch "$STAMP"
+fi

@@ -1,0 +1,99 @@
+"""Shared fixtures: one PostgreSQL cluster per session, proxies per test or per module.
+
+Roles in the ``pg`` cluster (all may log into ``appdb`` and use table ``t``):
+
+========== ============== ======================= ====================================
+role       password       stored as               method the server asks over TCP
+========== ============== ======================= ====================================
+app        app-secret     SCRAM-SHA-256           scram-sha-256 (owns appdb and t)
+md5user    md5-secret     md5                     md5
+plainuser  plain-secret   SCRAM-SHA-256           password (cleartext)
+trustuser  (none)         -                       trust
+========== ============== ======================= ====================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pgproxy.embedded import EmbeddedPostgres, quote_ident
+from tests.support import (
+    ProxyFactory,
+    ProxyProcess,
+    proxy_config,
+    psql,
+    start_proxy,
+)
+
+__all__ = ["ProxyProcess", "proxy_config", "psql", "start_proxy"]
+
+#: (role, password, stored encryption)
+ROLES: list[tuple[str, str | None, str]] = [
+    ("app", "app-secret", "scram-sha-256"),
+    ("md5user", "md5-secret", "md5"),
+    ("plainuser", "plain-secret", "scram-sha-256"),
+    ("trustuser", None, "scram-sha-256"),
+]
+OTHER_ROLES = [name for name, _, _ in ROLES if name != "app"]
+
+
+def _setup_cluster(pg: EmbeddedPostgres) -> None:
+    for name, password, encryption in ROLES:
+        pg.create_role(name, password, encryption=encryption)
+    pg.create_database("appdb", owner="app")
+    everyone = ", ".join(quote_ident(name) for name, _, _ in ROLES)
+    others = ", ".join(quote_ident(name) for name in OTHER_ROLES)
+    pg.sql(f"GRANT ALL ON DATABASE appdb TO {everyone};")
+    pg.sql(
+        f"GRANT ALL ON SCHEMA public TO {everyone};\n"
+        "SET ROLE app;\n"
+        "CREATE TABLE t (id serial PRIMARY KEY, v text);\n"
+        f"GRANT ALL ON TABLE t TO {others};\n"
+        f"GRANT ALL ON SEQUENCE t_id_seq TO {others};\n"
+        "RESET ROLE;\n",
+        dbname="appdb",
+    )
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL cluster for the whole session, with the roles above and ``appdb``."""
+    with EmbeddedPostgres() as cluster:
+        _setup_cluster(cluster)
+        yield cluster
+
+
+@pytest.fixture
+def proxy_factory() -> Iterator[ProxyFactory]:
+    """``proxy_factory(config) -> ProxyProcess``; every proxy is stopped after the test."""
+    factory = ProxyFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_proxy_factory() -> Iterator[ProxyFactory]:
+    """Like ``proxy_factory`` but the proxies live until the end of the module."""
+    factory = ProxyFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def proxy_tx(pg: EmbeddedPostgres, module_proxy_factory: ProxyFactory) -> ProxyProcess:
+    """A proxy with the default config in transaction pooling mode (module-scoped)."""
+    return module_proxy_factory(proxy_config(pg, pool_mode="transaction"))
+
+
+@pytest.fixture(scope="module")
+def proxy_session(pg: EmbeddedPostgres, module_proxy_factory: ProxyFactory) -> ProxyProcess:
+    """A proxy with the default config in session pooling mode (module-scoped)."""
+    return module_proxy_factory(proxy_config(pg, pool_mode="session"))
+
+
+@pytest.fixture(scope="module")
+def proxy_statement(pg: EmbeddedPostgres, module_proxy_factory: ProxyFactory) -> ProxyProcess:
+    """A proxy with the default config in statement pooling mode (module-scoped)."""
+    return module_proxy_factory(proxy_config(pg, pool_mode="statement"))
