@@ -14,14 +14,11 @@ from pgproxy.config import Settings
 from pgproxy.janitor import Janitor
 from pgproxy.listener import start_listeners
 from pgproxy.pool import Pool, ServerTarget
-from pgproxy.protocol import messages
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
 
 log = logging.getLogger("pgproxy")
-
-CANCEL_TIMEOUT = 5.0  # seconds to deliver a CancelRequest to PostgreSQL
 
 
 class Daemon:
@@ -35,7 +32,6 @@ class Daemon:
         self._listeners: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
         self._janitor: Janitor | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- shared objects ----------------------------------------------------------------
 
@@ -82,26 +78,7 @@ class Daemon:
         server = client.server if client is not None else None
         if server is None or not server.backend_key:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._send_cancel(server.pool.target, server.backend_pid, server.backend_key)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send_cancel(self, target: ServerTarget, process_id: int, key: bytes) -> None:
-        try:
-            async with asyncio.timeout(CANCEL_TIMEOUT):
-                if target.host.startswith("/"):
-                    path = f"{target.host}/.s.PGSQL.{target.port}"
-                    reader, writer = await asyncio.open_unix_connection(path)
-                else:
-                    reader, writer = await asyncio.open_connection(target.host, target.port)
-                writer.write(messages.cancel_request(process_id, key))
-                await writer.drain()
-                await reader.read()  # PostgreSQL closes when done
-                writer.close()
-        except (OSError, TimeoutError) as exc:
-            log.warning("cancel request to %s failed: %s", target, exc)
+        server.pool.cancel_running_query(server)
 
     # -- life cycle --------------------------------------------------------------------
 

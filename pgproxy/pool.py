@@ -11,13 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as tracked
 from pgproxy.config import PoolMode
 from pgproxy.protocol import codes
-from pgproxy.server import ACTIVE, IDLE, RESET, ServerConn, ServerLoginError, connect_server
+from pgproxy.server import (
+    ACTIVE,
+    IDLE,
+    RESET,
+    ServerConn,
+    ServerLoginError,
+    cancel_backend,
+    connect_server,
+)
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -167,6 +176,10 @@ class Pool:
         clean = server.is_clean and client.outstanding <= 0 and not client.scan.batch_open
         if not clean:
             # In a transaction, or replies still owed: nobody else may ever see this state.
+            # A query still running would keep its backend busy (and its locks held) until
+            # it finished: cancel it, then close; PostgreSQL rolls the transaction back.
+            if client.outstanding > 0:
+                self.cancel_running_query(server)
             server.close()
         elif self.reset_query:
             server.state = RESET
@@ -194,13 +207,21 @@ class Pool:
         ):
             self._spawn_open()
 
+    def cancel_running_query(self, server: ServerConn) -> None:
+        """Ask PostgreSQL to cancel what ``server`` runs now (background, best effort)."""
+        if server.backend_key:
+            self._track(cancel_backend(self.target, server.backend_pid, server.backend_key))
+
+    def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _spawn_open(self) -> asyncio.Future[None]:
         """Start a background task that opens one server; its future tells how it went."""
         outcome: asyncio.Future[None] = self._loop.create_future()
         self.connecting += 1
-        task = self._loop.create_task(self._open_server(outcome))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._track(self._open_server(outcome))
         return outcome
 
     async def _open_server(self, outcome: asyncio.Future[None]) -> None:

@@ -19,7 +19,7 @@ from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
-    from pgproxy.pool import Pool
+    from pgproxy.pool import Pool, ServerTarget
 
 log = logging.getLogger("pgproxy.server")
 
@@ -31,6 +31,8 @@ IDLE = "idle"
 ACTIVE = "active"
 RESET = "reset"  # running the reset query after a session client left; no client linked
 CLOSED = "closed"
+
+CANCEL_TIMEOUT = 5.0  # seconds to deliver a CancelRequest to PostgreSQL
 
 # Write-buffer marks: past HIGH the peer's reading pauses, under LOW it resumes.
 WRITE_HIGH_WATER = 256 * 1024
@@ -278,3 +280,20 @@ async def connect_server(pool: Pool, timeout: float) -> ServerConn:
             server.transport.close()
         raise
     return server
+
+
+async def cancel_backend(target: ServerTarget, process_id: int, secret_key: bytes) -> None:
+    """Deliver a CancelRequest for a server's backend on a fresh connection (best effort)."""
+    try:
+        async with asyncio.timeout(CANCEL_TIMEOUT):
+            if target.host.startswith("/"):
+                path = f"{target.host}/.s.PGSQL.{target.port}"
+                reader, writer = await asyncio.open_unix_connection(path)
+            else:
+                reader, writer = await asyncio.open_connection(target.host, target.port)
+            writer.write(messages.cancel_request(process_id, secret_key))
+            await writer.drain()
+            await reader.read()  # PostgreSQL closes the connection when it is done
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        log.warning("cancel request to %r failed: %s", target, exc)
