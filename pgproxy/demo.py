@@ -1,0 +1,72 @@
+"""The demo: a throwaway PostgreSQL with pgproxy in front of it, until Ctrl-C.
+
+``python -m pgproxy.demo [--port 6432] [--pool-mode transaction]`` starts a PostgreSQL
+cluster in a temporary directory (password login required, SCRAM-SHA-256), puts pgproxy on
+127.0.0.1:PORT in front of it, prints the psql line to connect, and removes everything it
+started when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+
+import uvloop
+
+from pgproxy.config import Settings
+from pgproxy.daemon import Daemon
+from pgproxy.embedded import EmbeddedPostgres, find_pg_bindir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m pgproxy.demo", description=__doc__)
+    parser.add_argument("--port", type=int, default=6432, help="pgproxy port (default 6432)")
+    parser.add_argument(
+        "--pool-mode", default="transaction", choices=["session", "transaction", "statement"]
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    server_password = secrets.token_urlsafe(16)
+    with EmbeddedPostgres() as postgres:
+        postgres.create_role("demo", server_password)
+        postgres.create_database("demo", owner="demo")
+        settings = Settings(
+            listen_addr="127.0.0.1",
+            listen_port=args.port,
+            pool_mode=args.pool_mode,
+            default_pool_size=10,
+            databases={
+                "demo": {
+                    "host": "127.0.0.1",
+                    "port": postgres.port,
+                    "user": "demo",
+                    "password": server_password,
+                }
+            },
+        )
+        psql = os.path.join(find_pg_bindir(), "psql")
+        print(
+            f"\nPostgreSQL {postgres.port} (data in {postgres.data_dir}) requires SCRAM logins;"
+            f"\npgproxy ({args.pool_mode} mode) logs in for you. Connect with:\n\n"
+            f"    {psql} -h 127.0.0.1 -p {args.port} -U demo demo\n\n"
+            "Press Ctrl-C to stop and remove everything.\n",
+            flush=True,
+        )
+        try:
+            uvloop.run(Daemon(settings).serve())
+        except OSError as exc:
+            print(f"pgproxy: cannot listen on 127.0.0.1:{args.port}: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            pass
+    print("demo stopped; PostgreSQL removed.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
