@@ -14,6 +14,7 @@ from pgproxy.config import Settings
 from pgproxy.janitor import Janitor
 from pgproxy.listener import start_listeners
 from pgproxy.pool import Pool, ServerTarget
+from pgproxy.protocol import codes
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -116,7 +117,7 @@ class Daemon:
         for listener in self._listeners:
             listener.close()
         for client in list(self.clients):
-            client.fatal("57P01", "database is shutting down")
+            client.fatal(codes.ADMIN_SHUTDOWN, "database is shutting down")
         for pool in self.pools.values():
             pool.close_all()
         await asyncio.sleep(0)  # let transports flush their goodbyes
