@@ -38,6 +38,8 @@ CLOSED = "closed"
 
 # Bytes a waiting client may send before its reading is paused.
 PENDING_LIMIT = 256 * 1024
+# Seconds a client has to read its FATAL error before the connection is closed under it.
+CLOSE_GRACE = 2.0
 
 
 class ClientConn(asyncio.Protocol):
@@ -101,6 +103,14 @@ class ClientConn(asyncio.Protocol):
         server.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+
+    def eof_received(self) -> bool:
+        # The client half-closed: nothing more will come; close our side too.
+        return False
+
+    def _release(self) -> None:
+        """Leave every list and give back the server; safe to call more than once."""
         if self.closed:
             return
         self.closed = True
@@ -151,14 +161,20 @@ class ClientConn(asyncio.Protocol):
     # -- errors and endings ------------------------------------------------------------
 
     def fatal(self, sqlstate: str, text: str) -> None:
-        """Send a FATAL error and close; cleanup follows in connection_lost."""
+        """Send a FATAL error and end this client; its server is released at once."""
         if self.closed or self.transport.is_closing():
             return
         log.info("client %s@%s: closing: %s", self.user, self.database, text)
+        self._release()
         self.transport.write(messages.fatal(sqlstate, text))
-        self.transport.close()
-        # Release the server now rather than when the transport finishes flushing.
-        self.connection_lost(None)
+        # Closing with unread input makes the kernel send RST, and the client may then lose
+        # the error before reading it. Half-close instead (FIN after the error), ignore what
+        # still arrives, and close for good when the client does or after a grace period.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.close)
+        else:
+            self.transport.close()
 
     def _bad_message(self, data: bytes, offset: int, reason: str) -> None:
         # Forward the well-formed messages before the bad one, then end this client only.
@@ -171,11 +187,13 @@ class ClientConn(asyncio.Protocol):
         # Bytes after Terminate are ignored; bytes before it (none in practice) are dropped
         # too, since the server would only answer a client that is leaving.
         self.transport.close()
-        self.connection_lost(None)
+        self._release()
 
     # -- startup and login (slow path) -------------------------------------------------
 
     def _early_data(self, data: bytes) -> None:
+        if self.closed:
+            return  # input after a FATAL error is dropped
         self._startup_buffer += data
         if self.state is STARTUP:
             self._parse_startup()
@@ -196,7 +214,7 @@ class ClientConn(asyncio.Protocol):
             elif isinstance(packet, CancelRequest):
                 self.daemon.forward_cancel(packet.process_id, packet.secret_key)
                 self.transport.close()
-                self.connection_lost(None)
+                self._release()
                 return
             elif isinstance(packet, StartupMessage):
                 self.state = LOGIN

@@ -161,6 +161,7 @@ class Pool:
         stats = self.stats
         stats.xact_count += 1
         if self.releases_at_idle:
+            client.outstanding = 0  # never carry a miscount into the next transaction
             stats.xact_time += self._loop.time() - server.linked_at
             self._unlink(client, server)
             self._hand_over(server)

@@ -101,6 +101,8 @@ class ServerConn(asyncio.Protocol):
         elif start < len(data):
             client.transport.write(data[start:])
         self.pool.stats.sent_bytes += len(data)
+        if scan.copy_started or scan.copy_finished:
+            self._copy_progress(client)
         if scan.ready:
             client.outstanding -= scan.ready
             if scan.status == STATUS_IDLE:
@@ -136,6 +138,15 @@ class ServerConn(asyncio.Protocol):
             self.client.transport.resume_reading()
 
     # -- linked operation -------------------------------------------------------------
+
+    def _copy_progress(self, client: ClientConn) -> None:
+        # A COPY FROM STDIN started or ended in this chunk (see BackendScanner). At the end,
+        # what the client is still owed is what it asked after its CopyDone/CopyFail:
+        # PostgreSQL ignored the Syncs that reached it during the COPY.
+        if self.scan.copy_started:
+            client.scan.copy_end_seen = False
+        if self.scan.copy_finished:
+            client.outstanding = client.scan.requests_after_copy_end()
 
     def _apply_params(self, reported: list[tuple[str, str]]) -> None:
         values = self.params

@@ -16,17 +16,18 @@ _LENGTH = struct.Struct("!I").unpack_from
 
 # What a frontend message type means for routing (indexed by the type byte).
 _INVALID = 0
-_PLAIN = 1  # CopyData / CopyDone / CopyFail: forwarded, no reply expected by itself
+_PLAIN = 1  # CopyData: forwarded, no reply expected by itself
 _REQUEST = 2  # Query / FunctionCall: one ReadyForQuery will answer it
 _SYNC = 3  # Sync: one ReadyForQuery answers it, and it closes an extended-protocol batch
 _EXTENDED = 4  # Parse / Bind / Execute / Describe / Close / Flush: a batch is open until Sync
 _TERMINATE = 5
+_COPY_END = 6  # CopyDone / CopyFail: the end of the client's COPY data
 
 _FRONTEND_KIND = bytearray(256)
 for _type, _kind in (
     (b"d", _PLAIN),
-    (b"c", _PLAIN),
-    (b"f", _PLAIN),
+    (b"c", _COPY_END),
+    (b"f", _COPY_END),
     (b"Q", _REQUEST),
     (b"F", _REQUEST),
     (b"S", _SYNC),
@@ -43,6 +44,14 @@ for _type, _kind in (
 _READY_FOR_QUERY = ord("Z")
 _PARAMETER_STATUS = ord("S")
 _ERROR_RESPONSE = ord("E")
+_COMMAND_COMPLETE = ord("C")
+_COPY_IN_RESPONSE = ord("G")
+_COPY_BOTH_RESPONSE = ord("W")
+
+# Backend message types the walk looks at; every other type is skipped by one index test.
+_BACKEND_INTERESTING = bytearray(256)
+for _type_code in b"ZSECGW":
+    _BACKEND_INTERESTING[_type_code] = 1
 STATUS_IDLE = ord("I")
 STATUS_IN_TRANSACTION = ord("T")
 STATUS_FAILED = ord("E")
@@ -56,16 +65,25 @@ class FrontendScanner:
     describes a malformed message (None if the chunk is well formed) with ``error_at`` its
     offset. ``batch_open`` persists across chunks: extended-protocol messages were sent and
     no Sync closed them yet, so the server is not free even at ReadyForQuery.
+
+    For COPY FROM STDIN: PostgreSQL ignores Syncs that arrive while it is in copy-in mode
+    (libpq sends one after Execute and another after CopyDone). ``requests_total`` counts
+    every request ever sent and ``requests_at_copy_end`` its value at the first CopyDone or
+    CopyFail since ``copy_end_seen`` was last cleared (by the server side, when a COPY
+    starts), so the requests still owed when the COPY ends are the difference.
     """
 
     __slots__ = (
         "batch_open",
         "carry",
+        "copy_end_seen",
         "error",
         "error_at",
         "max_packet_size",
         "remaining",
         "requests",
+        "requests_at_copy_end",
+        "requests_total",
         "terminate_at",
     )
 
@@ -75,6 +93,9 @@ class FrontendScanner:
         self.carry = b""
         self.batch_open = False
         self.requests = 0
+        self.requests_total = 0
+        self.requests_at_copy_end = 0
+        self.copy_end_seen = False
         self.terminate_at = -1
         self.error: str | None = None
         self.error_at = -1
@@ -114,13 +135,23 @@ class FrontendScanner:
             elif kind == _TERMINATE:
                 self.terminate_at = position - base
                 break
+            elif kind == _COPY_END and not self.copy_end_seen:
+                self.copy_end_seen = True
+                self.requests_at_copy_end = self.requests_total + requests
             position += 1 + length
         else:
             if position < size:
                 self.carry = data[position:]
         self.remaining = position - size if position > size else 0
         self.requests = requests
+        self.requests_total += requests
         self.batch_open = batch_open
+
+    def requests_after_copy_end(self) -> int:
+        """Requests sent after the client ended its COPY data (0 if it has not yet)."""
+        if not self.copy_end_seen:
+            return 0
+        return self.requests_total - self.requests_at_copy_end
 
     def _fail(self, type_byte: int, length: int, offset: int) -> None:
         if _FRONTEND_KIND[type_byte] == _INVALID:
@@ -143,10 +174,19 @@ class BackendScanner:
     length if all of it was hidden), ``params`` the (name, value) pairs of ParameterStatus
     messages (None if there were none), ``hidden_failed`` whether an injected query failed,
     and ``error`` a description of a corrupt stream (None normally).
+
+    COPY FROM STDIN: ``copy_in`` is true from CopyInResponse to the CommandComplete or
+    ErrorResponse that ends it. A chunk where a COPY started sets ``copy_started``; one where
+    it ended sets ``copy_finished``, and then ``ready`` counts only the ReadyForQuery messages
+    after the end: the caller settles what is owed at that point (the Syncs PostgreSQL
+    ignored during the COPY are not) before subtracting ``ready``.
     """
 
     __slots__ = (
         "carry",
+        "copy_finished",
+        "copy_in",
+        "copy_started",
         "error",
         "forward_from",
         "hidden",
@@ -158,6 +198,9 @@ class BackendScanner:
     )
 
     def __init__(self) -> None:
+        self.copy_in = False
+        self.copy_started = False
+        self.copy_finished = False
         self.remaining = 0
         self.carry = b""
         self.hidden = 0
@@ -172,6 +215,7 @@ class BackendScanner:
         """Walk the headers in ``data``, continuing from where the previous chunk ended."""
         self.ready = 0
         self.params = None
+        self.copy_started = self.copy_finished = False
         original_size = len(data)
         position = self.remaining
         if position >= original_size:
@@ -187,6 +231,7 @@ class BackendScanner:
         hidden = self.hidden
         forward_from = size if hidden else base
         ready = 0
+        interesting = _BACKEND_INTERESTING
         while position + 5 <= size:
             type_byte = data[position]
             length = _LENGTH(data, position + 1)[0]
@@ -194,6 +239,9 @@ class BackendScanner:
                 self.error = f"invalid message length {length} from server"
                 break
             end = position + 1 + length
+            if not interesting[type_byte]:
+                position = end
+                continue
             if type_byte == _READY_FOR_QUERY:
                 if end > size:
                     break
@@ -208,8 +256,15 @@ class BackendScanner:
                 if end > size:
                     break
                 self._parameter_status(data[position + 5 : end])
-            elif hidden and type_byte == _ERROR_RESPONSE:
-                self.hidden_failed = True
+            elif type_byte in (_ERROR_RESPONSE, _COMMAND_COMPLETE):
+                if hidden and type_byte == _ERROR_RESPONSE:
+                    self.hidden_failed = True
+                if self.copy_in:
+                    self.copy_in = False
+                    self.copy_finished = True
+                    ready = 0
+            else:  # CopyInResponse / CopyBothResponse
+                self.copy_in = self.copy_started = True
             position = end
         if position < size and self.error is None:
             self.carry = data[position:]

@@ -449,3 +449,44 @@ def test_pgbench_through_transaction_mode(
     assert "number of failed transactions: 0" in result.stdout
     processed = [line for line in result.stdout.splitlines() if "actually processed" in line]
     assert processed and int(processed[0].split(":")[1].split("/")[0]) > 100
+
+
+# -- COPY through the extended protocol (PostgreSQL ignores Syncs during COPY FROM STDIN) -------
+
+
+def _extended_copy_in(conn: psycopg.Connection[tuple[object, ...]], rows: bytes) -> str:
+    """COPY FROM STDIN sent as Parse/Bind/Execute/Sync, as libpq does with parameters."""
+    pgconn = conn.pgconn
+    pgconn.send_query_params(b"COPY t (v) FROM STDIN", None)
+    result = pgconn.get_result()
+    assert result is not None and result.status == psycopg.pq.ExecStatus.COPY_IN
+    pgconn.put_copy_data(rows)
+    pgconn.put_copy_end()
+    errors = []
+    while (result := pgconn.get_result()) is not None:
+        errors.append(result.error_message.decode())
+    return "".join(errors)
+
+
+@pytest.mark.parametrize("outcome", ["ok", "bad-data"])
+def test_extended_protocol_copy_releases_the_server(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, outcome: str
+) -> None:
+    proxy = proxy_factory(
+        proxy_config(pg, pool_mode="transaction", default_pool_size=1, query_wait_timeout=5)
+    )
+    tag = _tag()
+    first = psycopg.connect(proxy.dsn(), autocommit=True)
+    second = psycopg.connect(proxy.dsn(), autocommit=True)
+    try:
+        rows = f"{tag}\n".encode() if outcome == "ok" else b"a\tb\tc\n"
+        error = _extended_copy_in(first, rows)
+        assert ("extra data after last expected column" in error) == (outcome == "bad-data")
+        # The pool's only server must be free again: the other client gets it at once.
+        assert second.execute("select count(*) from t where v = %s", (tag,)).fetchone() == (
+            (1,) if outcome == "ok" else (0,)
+        )
+        assert first.execute("select 1").fetchone() == (1,)
+    finally:
+        first.close()
+        second.close()
