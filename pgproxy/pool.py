@@ -174,7 +174,7 @@ class Pool:
                 self.waiters.remove(client)
             return
         self._unlink(client, server)
-        clean = server.is_clean and client.outstanding <= 0 and not client.scan.batch_open
+        clean = server.is_clean and client.outstanding <= 0 and not client.scan.holds_server
         if not clean:
             # In a transaction, or replies still owed: nobody else may ever see this state.
             # A query still running would keep its backend busy (and its locks held) until

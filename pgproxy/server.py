@@ -95,6 +95,13 @@ class ServerConn(asyncio.Protocol):
         if client is None:
             self._unlinked_data()
             return
+        if scan.ready and scan.status != STATUS_IDLE and self.pool.statement_mode:
+            # As PgBouncer: the client never sees this ReadyForQuery, so the error arrives
+            # as the answer to its BEGIN rather than while it is idle.
+            client.fatal(
+                codes.PROTOCOL_VIOLATION, "transaction blocks not allowed in statement pooling mode"
+            )
+            return
         start = scan.forward_from
         if start == 0:
             client.transport.write(data)
@@ -105,14 +112,12 @@ class ServerConn(asyncio.Protocol):
             self._copy_progress(client)
         if scan.ready:
             client.outstanding -= scan.ready
-            if scan.status == STATUS_IDLE:
-                if client.outstanding <= 0 and not client.scan.batch_open:
-                    self.pool.transaction_done(client, self)
-            elif self.pool.statement_mode:
-                client.fatal(
-                    codes.PROTOCOL_VIOLATION,
-                    "transaction blocks not allowed in statement pooling mode",
-                )
+            if (
+                scan.status == STATUS_IDLE
+                and client.outstanding <= 0
+                and not client.scan.holds_server
+            ):
+                self.pool.transaction_done(client, self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

@@ -64,7 +64,9 @@ class FrontendScanner:
     ``terminate_at`` is the chunk offset of a Terminate message (-1 if none), and ``error``
     describes a malformed message (None if the chunk is well formed) with ``error_at`` its
     offset. ``batch_open`` persists across chunks: extended-protocol messages were sent and
-    no Sync closed them yet, so the server is not free even at ReadyForQuery.
+    no Sync closed them yet. ``holds_server`` is true when the server cannot change hands
+    even at ReadyForQuery: a batch is open, or a message has only partly been sent (its
+    remaining bytes would reach whichever server the client had next).
 
     For COPY FROM STDIN: PostgreSQL ignores Syncs that arrive while it is in copy-in mode
     (libpq sends one after Execute and another after CopyDone). ``requests_total`` counts
@@ -79,6 +81,7 @@ class FrontendScanner:
         "copy_end_seen",
         "error",
         "error_at",
+        "holds_server",
         "max_packet_size",
         "remaining",
         "requests",
@@ -108,6 +111,7 @@ class FrontendScanner:
         position = self.remaining
         if position >= size:  # the whole chunk is payload of a message already walked
             self.remaining = position - size
+            self.holds_server = self.batch_open or self.remaining > 0
             return
         base = 0
         if self.carry:  # a header was split between chunks: join it (rare, < 5 bytes)
@@ -134,6 +138,7 @@ class FrontendScanner:
                 batch_open = True
             elif kind == _TERMINATE:
                 self.terminate_at = position - base
+                position = size  # the client is leaving: what follows is ignored
                 break
             elif kind == _COPY_END and not self.copy_end_seen:
                 self.copy_end_seen = True
@@ -146,6 +151,7 @@ class FrontendScanner:
         self.requests = requests
         self.requests_total += requests
         self.batch_open = batch_open
+        self.holds_server = batch_open or position != size
 
     def requests_after_copy_end(self) -> int:
         """Requests sent after the client ended its COPY data (0 if it has not yet)."""
