@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -490,3 +492,45 @@ def test_extended_protocol_copy_releases_the_server(
     finally:
         first.close()
         second.close()
+
+
+# -- cancellation and the Unix socket ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_cancel_request_reaches_the_running_query(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, mode: str
+) -> None:
+    proxy = proxy_factory(proxy_config(pg, pool_mode=mode))
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        timer = threading.Timer(0.5, conn.cancel_safe)
+        started = time.monotonic()
+        timer.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("select pg_sleep(30)")
+        finally:
+            timer.cancel()
+        assert time.monotonic() - started < 15
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_cancel_with_an_unknown_key_does_nothing(proxy_tx: ProxyProcess) -> None:
+    from pgproxy.protocol import messages
+
+    with psycopg.connect(proxy_tx.dsn(), autocommit=True) as conn:
+        with socket.create_connection(("127.0.0.1", proxy_tx.port), timeout=5) as raw:
+            raw.sendall(messages.cancel_request(12345, b"\x00\x01\x02\x03"))
+            assert raw.recv(100) == b""  # the proxy just closes
+        assert conn.execute("select pg_sleep(0.2), 7").fetchone() == ("", 7)
+
+
+def test_unix_socket_listener(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy = proxy_factory(proxy_config(pg, unix_socket_dir=str(tmp_path)))
+    assert (tmp_path / f".s.PGSQL.{proxy.port}").exists()
+    with psycopg.connect(
+        host=str(tmp_path), port=proxy.port, dbname="appdb", user="app", autocommit=True
+    ) as conn:
+        assert conn.execute("select current_user").fetchone() == ("app",)
