@@ -60,6 +60,7 @@ class ClientConn(asyncio.Protocol):
         self.wait_started_at = 0.0
         self.write_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
+        self.terminated = False  # left with a Terminate message rather than vanishing
         self._pending: list[bytes] = []  # bytes received while waiting for a server
         self._pending_size = 0
         self._paused_while_waiting = False
@@ -85,7 +86,7 @@ class ClientConn(asyncio.Protocol):
             self._bad_message(data, scan.error_at, scan.error)
             return
         if scan.terminate_at >= 0:
-            self._terminate()
+            self._terminate(data, scan.terminate_at, scan.requests)
             return
         self.outstanding += scan.requests
         pool = self.pool
@@ -153,7 +154,9 @@ class ClientConn(asyncio.Protocol):
             self._pending.clear()
             self._pending_size = 0
             server.transport.write(data)
-        if self._paused_while_waiting:
+        if self.terminated:
+            self._leave()
+        elif self._paused_while_waiting:
             self._paused_while_waiting = False
             if not server.write_paused:
                 self.transport.resume_reading()
@@ -183,17 +186,31 @@ class ClientConn(asyncio.Protocol):
             self.server.transport.write(data[:offset])
         self.fatal(codes.PROTOCOL_VIOLATION, reason)
 
-    def _terminate(self) -> None:
-        # Bytes after Terminate are ignored; bytes before it (none in practice) are dropped
-        # too, since the server would only answer a client that is leaving.
+    def _terminate(self, data: bytes, offset: int, requests: int) -> None:
+        # What came before Terminate still reaches the server (a pipelined INSERT must
+        # commit as it would without pgproxy); what follows it is ignored.
+        self.terminated = True
+        self.state = CLOSED  # input after Terminate is dropped
+        if offset > 0:
+            self.outstanding += requests
+            server = self.server
+            if server is None and not self.wait_started_at:
+                server = self.pool.acquire(self)
+            if server is None:  # queued: flush_pending sends it, then closes
+                self._keep_pending(data[:offset])
+                return
+            server.transport.write(data[:offset])
+        self._leave()
+
+    def _leave(self) -> None:
         self.transport.close()
         self._release()
 
     # -- startup and login (slow path) -------------------------------------------------
 
     def _early_data(self, data: bytes) -> None:
-        if self.closed:
-            return  # input after a FATAL error is dropped
+        if self.closed or self.terminated:
+            return  # input after a FATAL error or a Terminate is dropped
         self._startup_buffer += data
         if self.state is STARTUP:
             self._parse_startup()
@@ -213,8 +230,7 @@ class ClientConn(asyncio.Protocol):
                 self.transport.write(b"N")
             elif isinstance(packet, CancelRequest):
                 self.daemon.forward_cancel(packet.process_id, packet.secret_key)
-                self.transport.close()
-                self._release()
+                self._leave()
                 return
             elif isinstance(packet, StartupMessage):
                 self.state = LOGIN

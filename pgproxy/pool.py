@@ -177,9 +177,10 @@ class Pool:
         clean = server.is_clean and client.outstanding <= 0 and not client.scan.holds_server
         if not clean:
             # In a transaction, or replies still owed: nobody else may ever see this state.
-            # A query still running would keep its backend busy (and its locks held) until
-            # it finished: cancel it, then close; PostgreSQL rolls the transaction back.
-            if client.outstanding > 0:
+            # A vanished client's running query would keep its backend busy (and its locks
+            # held) until it finished: cancel it, then close; PostgreSQL rolls back.
+            # A client that said Terminate after its last query wants that query to run.
+            if client.outstanding > 0 and not client.terminated:
                 self.cancel_running_query(server)
             server.close()
         elif self.reset_query:

@@ -121,6 +121,7 @@ class FrontendScanner:
             size = len(data)
         kinds = _FRONTEND_KIND
         limit = self.max_packet_size
+        terminate_split = False
         requests = 0
         batch_open = self.batch_open
         while position + 5 <= size:
@@ -137,7 +138,10 @@ class FrontendScanner:
             elif kind == _EXTENDED:
                 batch_open = True
             elif kind == _TERMINATE:
-                self.terminate_at = position - base
+                # The header may have begun in the carried bytes, already forwarded: then
+                # the server holds part of a message and must never serve anyone else.
+                terminate_split = position < base
+                self.terminate_at = max(position - base, 0)
                 position = size  # the client is leaving: what follows is ignored
                 break
             elif kind == _COPY_END and not self.copy_end_seen:
@@ -151,7 +155,7 @@ class FrontendScanner:
         self.requests = requests
         self.requests_total += requests
         self.batch_open = batch_open
-        self.holds_server = batch_open or position != size
+        self.holds_server = batch_open or position != size or terminate_split
 
     def requests_after_copy_end(self) -> int:
         """Requests sent after the client ended its COPY data (0 if it has not yet)."""

@@ -534,3 +534,23 @@ def test_unix_socket_listener(
         host=str(tmp_path), port=proxy.port, dbname="appdb", user="app", autocommit=True
     ) as conn:
         assert conn.execute("select current_user").fetchone() == ("app",)
+
+
+def test_query_pipelined_before_terminate_still_commits(proxy_tx: ProxyProcess) -> None:
+    from pgproxy.protocol import messages
+
+    tag = _tag()
+    with socket.create_connection(("127.0.0.1", proxy_tx.port), timeout=10) as raw:
+        raw.sendall(messages.startup_message({"user": "app", "database": "appdb"}))
+        received = b""
+        while not received.endswith(messages.ready_for_query()):
+            chunk = raw.recv(65536)
+            assert chunk
+            received += chunk
+        # One packet: an autocommit INSERT and Terminate, without waiting for the reply.
+        raw.sendall(messages.query(f"insert into t (v) values ('{tag}')") + messages.TERMINATE)
+    with psycopg.connect(proxy_tx.dsn(), autocommit=True) as conn:
+        deadline = time.monotonic() + 10
+        while conn.execute("select count(*) from t where v = %s", (tag,)).fetchone() != (1,):
+            assert time.monotonic() < deadline, "the pipelined INSERT was lost"
+            time.sleep(0.05)

@@ -1,0 +1,293 @@
+"""pgproxy's own login to PostgreSQL: SCRAM, md5, cleartext and trust, wrong passwords,
+entries without a user, and a server that is not there."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgproxy.embedded import EmbeddedPostgres
+from pgproxy.protocol import messages
+from tests.support import ProxyFactory, ProxyProcess, proxy_config, psql
+
+WRONG_PASSWORD = "wrong-Pa55word-7f3c91"
+
+
+def _connect(proxy: ProxyProcess, **kwargs: Any) -> psycopg.Connection[Any]:
+    dsn_keys = {k: kwargs.pop(k) for k in ("dbname", "user") if k in kwargs}
+    kwargs.setdefault("autocommit", True)
+    kwargs.setdefault("connect_timeout", 10)
+    return psycopg.connect(proxy.dsn(**dsn_keys), **kwargs)
+
+
+def assert_healthy(proxy: ProxyProcess, **dsn: Any) -> None:
+    """The daemon runs and a fresh psycopg connection answers ``select 1``."""
+    assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"
+    with _connect(proxy, **dsn) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"
+
+
+def _entry(pg: EmbeddedPostgres, **fields: Any) -> dict[str, Any]:
+    return {"host": "127.0.0.1", "port": pg.port, "dbname": "appdb", **fields}
+
+
+def _closed_port() -> int:
+    """A port nothing listens on: bound, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture(scope="module")
+def login_proxy(pg: EmbeddedPostgres, module_proxy_factory: ProxyFactory) -> ProxyProcess:
+    """One proxy with an entry per server login method (and the failure cases)."""
+    databases = {
+        "scram": _entry(pg, user="app", password="app-secret"),
+        "md5": _entry(pg, user="md5user", password="md5-secret"),
+        "cleartext": _entry(pg, user="plainuser", password="plain-secret"),
+        "trust": _entry(pg, user="trustuser"),
+        "wrongpw": _entry(pg, user="app", password=WRONG_PASSWORD),
+        "nopw": _entry(pg, user="app"),
+        "clientuser": _entry(pg, password="md5-secret"),
+        "down": {"host": "127.0.0.1", "port": _closed_port(), "dbname": "appdb"},
+    }
+    return module_proxy_factory(proxy_config(pg, databases=databases, server_connect_timeout=2))
+
+
+# -- each method -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("database", "server_user"),
+    [("scram", "app"), ("md5", "md5user"), ("cleartext", "plainuser"), ("trust", "trustuser")],
+)
+def test_server_login_method(
+    pg: EmbeddedPostgres, login_proxy: ProxyProcess, database: str, server_user: str
+) -> None:
+    # The client's own user name does not matter when the entry forces one.
+    with _connect(login_proxy, dbname=database, user="someone") as conn:
+        row = conn.execute("select current_user, current_database()").fetchone()
+        assert row == (server_user, "appdb")
+        tag = f"login-{database}-{time.monotonic_ns()}"
+        conn.execute("insert into t (v) values (%s)", (tag,))
+        assert conn.execute("select count(*) from t where v = %s", (tag,)).fetchone() == (1,)
+    # And the method really was the one the server asked for.
+    with psycopg.connect(pg.superuser_dsn(), autocommit=True) as su:
+        rows = su.execute(
+            "select count(*) from pg_stat_activity where usename = %s and datname = 'appdb'",
+            (server_user,),
+        ).fetchone()
+        assert rows is not None and rows[0] >= 1
+    assert_healthy(login_proxy, dbname=database)
+
+
+def test_psql_through_each_method(login_proxy: ProxyProcess) -> None:
+    for database, server_user in (("scram", "app"), ("md5", "md5user"), ("trust", "trustuser")):
+        result = psql(["-tA", "-c", "select current_user"], port=login_proxy.port, dbname=database)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == server_user
+    assert_healthy(login_proxy, dbname="scram")
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+def test_wrong_server_password(login_proxy: ProxyProcess) -> None:
+    for _ in range(2):  # a second try fails the same way (no cached half-state)
+        with pytest.raises(psycopg.OperationalError) as refused:
+            _connect(login_proxy, dbname="wrongpw")
+        message = str(refused.value)
+        assert 'password authentication failed for user "app"' in message
+        assert WRONG_PASSWORD not in message
+    result = psql(["-c", "select 1"], port=login_proxy.port, dbname="wrongpw")
+    assert result.returncode != 0
+    assert 'password authentication failed for user "app"' in result.stderr
+    assert WRONG_PASSWORD not in result.stderr + result.stdout
+    log = login_proxy.log_text()
+    assert 'password authentication failed for user "app"' in log  # the failure is logged...
+    assert WRONG_PASSWORD not in log  # ...but never the password
+    assert_healthy(login_proxy, dbname="scram")
+
+
+def test_wrong_server_password_sqlstate(login_proxy: ProxyProcess) -> None:
+    with pytest.raises(psycopg.OperationalError) as refused:
+        _connect(login_proxy, dbname="wrongpw")
+    # libpq keeps no SQLSTATE for a failed connection attempt (psycopg's is None then);
+    # when it does, it must be PostgreSQL's. The raw ErrorResponse always carries it.
+    assert refused.value.sqlstate in (None, "28P01")
+    fields = _raw_login_error(login_proxy, "wrongpw")
+    assert fields["C"] == "28P01", fields
+    assert fields["S"] == "FATAL", fields
+    assert fields["M"] == 'password authentication failed for user "app"', fields
+    assert WRONG_PASSWORD not in repr(fields)
+    assert_healthy(login_proxy, dbname="scram")
+
+
+def _raw_login_error(proxy: ProxyProcess, database: str) -> dict[str, str]:
+    """Log in on a raw socket and return the fields of the ErrorResponse that must follow."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(messages.startup_message({"user": "app", "database": database}))
+        data = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if len(data) >= 5 and len(data) >= 1 + int.from_bytes(data[1:5], "big"):
+                break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data[:1] == b"E", data
+    length = int.from_bytes(data[1:5], "big")
+    return messages.parse_error_fields(data[5 : 1 + length])
+
+
+def test_missing_server_password(login_proxy: ProxyProcess) -> None:
+    with pytest.raises(psycopg.OperationalError) as refused:
+        _connect(login_proxy, dbname="nopw")
+    assert "no password is configured" in str(refused.value)
+    assert_healthy(login_proxy, dbname="scram")
+
+
+def test_entry_without_user_logs_in_as_the_client(login_proxy: ProxyProcess) -> None:
+    with _connect(login_proxy, dbname="clientuser", user="md5user") as conn:
+        assert conn.execute("select current_user").fetchone() == ("md5user",)
+    # Another client name gets its own login with the same password, and fails cleanly.
+    with pytest.raises(psycopg.OperationalError) as refused:
+        _connect(login_proxy, dbname="clientuser", user="app")
+    assert 'password authentication failed for user "app"' in str(refused.value)
+    # trust needs no password: the entry's is ignored.
+    with _connect(login_proxy, dbname="clientuser", user="trustuser") as conn:
+        assert conn.execute("select current_user").fetchone() == ("trustuser",)
+    assert_healthy(login_proxy, dbname="clientuser", user="md5user")
+
+
+def test_server_down(login_proxy: ProxyProcess) -> None:
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError) as refused:
+        _connect(login_proxy, dbname="down")
+    elapsed = time.monotonic() - started
+    message = str(refused.value)
+    port = login_proxy.config["databases"]["down"]["port"]
+    assert f"could not connect to server at 127.0.0.1:{port}" in message, message
+    assert "refused" in message.lower(), message
+    assert elapsed < 3, elapsed
+    assert_healthy(login_proxy, dbname="scram")
+
+
+def test_server_down_for_many_clients_at_once(login_proxy: ProxyProcess) -> None:
+    # Concurrent first logins share one failing attempt; none of them hangs.
+    errors: list[str] = []
+
+    def attempt() -> None:
+        try:
+            _connect(login_proxy, dbname="down").close()
+            errors.append("connected?!")
+        except psycopg.OperationalError as exc:
+            errors.append(str(exc))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=attempt, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert time.monotonic() - started < 5
+    assert len(errors) == 8
+    assert all("could not connect to server" in error for error in errors), errors
+    assert_healthy(login_proxy, dbname="scram")
+
+
+class FakeServer:
+    """A TCP listener that misbehaves as a PostgreSQL server, on a thread with a deadline."""
+
+    def __init__(self, behaviour: str, lifetime: float = 15.0) -> None:
+        self.behaviour = behaviour
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + lifetime
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.settimeout(1.0)
+            if self.behaviour == "silent":
+                self._held.append(conn)  # never answer; closed in close()
+                continue
+            try:
+                conn.recv(1024)  # the startup packet
+                if self.behaviour == "garbage":
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                elif self.behaviour == "bad-auth":
+                    conn.sendall(b"R" + (12).to_bytes(4, "big") + (42).to_bytes(4, "big") + b"xxxx")
+                    conn.recv(1024)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected", "sqlstate"),
+    [
+        ("silent", "server connection timed out (server_connect_timeout)", "08006"),
+        ("close", "server closed the connection during login", "08006"),
+        ("garbage", "invalid message from server during login", "08P01"),
+        ("bad-auth", "unsupported authentication method requested by server: 42", "28000"),
+    ],
+    ids=["silent", "close", "garbage", "bad-auth"],
+)
+def test_misbehaving_server(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, behaviour: str, expected: str, sqlstate: str
+) -> None:
+    fake = FakeServer(behaviour)
+    try:
+        proxy = proxy_factory(
+            proxy_config(
+                pg,
+                server_connect_timeout=1,
+                databases={
+                    "fake": {"host": "127.0.0.1", "port": fake.port, "dbname": "appdb"},
+                    "appdb": _entry(pg, user="app", password="app-secret"),
+                },
+            )
+        )
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as refused:
+            _connect(proxy, dbname="fake")
+        elapsed = time.monotonic() - started
+        assert expected in str(refused.value)
+        assert elapsed < 3, elapsed
+        assert fake.accepted >= 1
+        assert _raw_login_error(proxy, "fake")["C"] == sqlstate
+    finally:
+        fake.close()
+    assert_healthy(proxy)
