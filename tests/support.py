@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import tomli_w
 
 from pgproxy.embedded import EmbeddedPostgres, find_pg_bindir, free_port
@@ -282,3 +283,20 @@ def psql(
         timeout=timeout,
         check=False,
     )
+
+
+def connect(proxy: ProxyProcess, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A psycopg connection through ``proxy`` (autocommit, 10 s connect timeout by default);
+    ``dbname`` and ``user`` go into the DSN, everything else to ``psycopg.connect``."""
+    dsn_keys = {key: kwargs.pop(key) for key in ("dbname", "user") if key in kwargs}
+    kwargs.setdefault("autocommit", True)
+    kwargs.setdefault("connect_timeout", 10)
+    return psycopg.connect(proxy.dsn(**dsn_keys), **kwargs)
+
+
+def assert_healthy(proxy: ProxyProcess, **dsn: Any) -> None:
+    """The daemon runs and a fresh psycopg connection answers ``select 1``."""
+    assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"
+    with connect(proxy, **dsn) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"

@@ -14,22 +14,14 @@ import psycopg
 import pytest
 
 from pgproxy.embedded import EmbeddedPostgres
-from tests.support import ProxyFactory, ProxyProcess, proxy_config, psql
-
-
-def _connect(proxy: ProxyProcess, **kwargs: Any) -> psycopg.Connection[Any]:
-    dsn_keys = {k: kwargs.pop(k) for k in ("dbname", "user") if k in kwargs}
-    kwargs.setdefault("autocommit", True)
-    kwargs.setdefault("connect_timeout", 5)
-    return psycopg.connect(proxy.dsn(**dsn_keys), **kwargs)
-
-
-def assert_healthy(proxy: ProxyProcess, **dsn: Any) -> None:
-    """The daemon runs and a fresh psycopg connection answers ``select 1``."""
-    assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"
-    with _connect(proxy, **dsn) as conn:
-        assert conn.execute("select 1").fetchone() == (1,)
-    assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"
+from tests.support import (
+    ProxyFactory,
+    ProxyProcess,
+    assert_healthy,
+    connect,
+    proxy_config,
+    psql,
+)
 
 
 class Worker:
@@ -65,11 +57,11 @@ class Worker:
 def test_max_client_conn(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
     proxy = proxy_factory(proxy_config(pg, max_client_conn=3))
     with ExitStack() as stack:
-        clients = [stack.enter_context(_connect(proxy)) for _ in range(3)]
+        clients = [stack.enter_context(connect(proxy)) for _ in range(3)]
         for index, conn in enumerate(clients):
             assert conn.execute("select %s::int", (index,)).fetchone() == (index,)
         with pytest.raises(psycopg.OperationalError) as refused:
-            _connect(proxy)
+            connect(proxy)
         assert "no more connections allowed (max_client_conn)" in str(refused.value)
         # psql sees the same refusal.
         result = psql(["-c", "select 1"], port=proxy.port)
@@ -83,7 +75,7 @@ def test_max_client_conn(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> N
         deadline = time.monotonic() + 5
         while True:
             try:
-                replacement = stack.enter_context(_connect(proxy))
+                replacement = stack.enter_context(connect(proxy))
                 break
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
@@ -91,7 +83,7 @@ def test_max_client_conn(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> N
                 time.sleep(0.05)
         assert replacement.execute("select 4").fetchone() == (4,)
         with pytest.raises(psycopg.OperationalError, match="max_client_conn"):
-            _connect(proxy)
+            connect(proxy)
     assert_healthy(proxy)
 
 
@@ -100,7 +92,7 @@ def test_max_client_conn(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> N
 
 def test_unknown_database(proxy_tx: ProxyProcess) -> None:
     with pytest.raises(psycopg.OperationalError) as refused:
-        _connect(proxy_tx, dbname="nodb")
+        connect(proxy_tx, dbname="nodb")
     assert "no such database: nodb" in str(refused.value)
     result = psql(["-c", "select 1"], port=proxy_tx.port, dbname="nodb")
     assert result.returncode != 0
@@ -115,9 +107,9 @@ def test_query_wait_timeout(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -
     proxy = proxy_factory(
         proxy_config(pg, pool_mode="transaction", default_pool_size=1, query_wait_timeout=1)
     )
-    with _connect(proxy, autocommit=False) as holder:
+    with connect(proxy, autocommit=False) as holder:
         holder.execute("select 1")  # BEGIN; select 1: the only server stays linked
-        with _connect(proxy) as waiter:
+        with connect(proxy) as waiter:
             started = time.monotonic()
             with pytest.raises(psycopg.OperationalError) as timed_out:
                 waiter.execute("select 2")
@@ -141,7 +133,7 @@ def test_waiting_clients_are_served_in_arrival_order(
     tag = uuid.uuid4().hex[:12]
 
     def insert(name: str) -> tuple[int, Any]:
-        with _connect(proxy) as conn:
+        with connect(proxy) as conn:
             row = conn.execute(
                 "insert into t (v) values (%s) returning id, clock_timestamp()",
                 (f"{tag}-{name}",),
@@ -149,7 +141,7 @@ def test_waiting_clients_are_served_in_arrival_order(
             assert row is not None
             return row[0], row[1]
 
-    with _connect(proxy, autocommit=False) as holder:
+    with connect(proxy, autocommit=False) as holder:
         holder.execute("select 1")  # holds the only server
         workers: dict[str, Worker] = {}
         for name in ("B", "C", "D"):
@@ -173,17 +165,17 @@ def test_fallback_entry_serves_any_database_under_its_own_name(
 ) -> None:
     entry = {"host": "127.0.0.1", "port": pg.port, "user": "app", "password": "app-secret"}
     proxy = proxy_factory(proxy_config(pg, databases={"*": entry}))
-    with _connect(proxy, dbname="appdb") as conn:
+    with connect(proxy, dbname="appdb") as conn:
         assert conn.execute("select current_database(), current_user").fetchone() == (
             "appdb",
             "app",
         )
         assert conn.execute("select count(*) >= 0 from t").fetchone() == (True,)
-    with _connect(proxy, dbname="postgres") as conn:
+    with connect(proxy, dbname="postgres") as conn:
         assert conn.execute("select current_database()").fetchone() == ("postgres",)
     # A name PostgreSQL does not know gets PostgreSQL's own error.
     with pytest.raises(psycopg.OperationalError, match='database "nodb" does not exist'):
-        _connect(proxy, dbname="nodb")
+        connect(proxy, dbname="nodb")
     assert_healthy(proxy)
 
 
@@ -192,7 +184,7 @@ def test_named_entry_wins_over_fallback(pg: EmbeddedPostgres, proxy_factory: Pro
     proxy = proxy_factory(
         proxy_config(pg, databases={"*": server, "alias": {**server, "dbname": "appdb"}})
     )
-    with _connect(proxy, dbname="alias") as conn:
+    with connect(proxy, dbname="alias") as conn:
         assert conn.execute("select current_database()").fetchone() == ("appdb",)
     assert_healthy(proxy)
 
@@ -214,17 +206,17 @@ def test_user_pool_mode_overrides_the_database_and_global_mode(
             users={"trustuser": {"pool_mode": "statement"}},
         )
     )
-    with _connect(proxy, user="trustuser") as conn:
+    with connect(proxy, user="trustuser") as conn:
         with pytest.raises(psycopg.OperationalError) as refused:
             conn.execute("begin")
         assert "transaction blocks not allowed in statement pooling mode" in str(refused.value)
-    with _connect(proxy, user="trustuser", autocommit=False) as conn:
+    with connect(proxy, user="trustuser", autocommit=False) as conn:
         with pytest.raises(psycopg.OperationalError) as refused:
             conn.execute("select 1")  # psycopg opens a transaction block first
         assert "transaction blocks not allowed in statement pooling mode" in str(refused.value)
-    with _connect(proxy, user="trustuser") as conn:
+    with connect(proxy, user="trustuser") as conn:
         assert conn.execute("select current_user").fetchone() == ("trustuser",)
-    with _connect(proxy, user="md5user", autocommit=False) as conn:
+    with connect(proxy, user="md5user", autocommit=False) as conn:
         assert conn.execute("select current_user").fetchone() == ("md5user",)
         conn.execute("select 2")  # still in the same transaction block
         conn.commit()

@@ -13,24 +13,16 @@ import pytest
 
 from pgproxy.embedded import EmbeddedPostgres
 from pgproxy.protocol import messages
-from tests.support import ProxyFactory, ProxyProcess, proxy_config, psql
+from tests.support import (
+    ProxyFactory,
+    ProxyProcess,
+    assert_healthy,
+    connect,
+    proxy_config,
+    psql,
+)
 
 WRONG_PASSWORD = "wrong-Pa55word-7f3c91"
-
-
-def _connect(proxy: ProxyProcess, **kwargs: Any) -> psycopg.Connection[Any]:
-    dsn_keys = {k: kwargs.pop(k) for k in ("dbname", "user") if k in kwargs}
-    kwargs.setdefault("autocommit", True)
-    kwargs.setdefault("connect_timeout", 10)
-    return psycopg.connect(proxy.dsn(**dsn_keys), **kwargs)
-
-
-def assert_healthy(proxy: ProxyProcess, **dsn: Any) -> None:
-    """The daemon runs and a fresh psycopg connection answers ``select 1``."""
-    assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"
-    with _connect(proxy, **dsn) as conn:
-        assert conn.execute("select 1").fetchone() == (1,)
-    assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"
 
 
 def _entry(pg: EmbeddedPostgres, **fields: Any) -> dict[str, Any]:
@@ -72,7 +64,7 @@ def test_server_login_method(
     pg: EmbeddedPostgres, login_proxy: ProxyProcess, database: str, server_user: str
 ) -> None:
     # The client's own user name does not matter when the entry forces one.
-    with _connect(login_proxy, dbname=database, user="someone") as conn:
+    with connect(login_proxy, dbname=database, user="someone") as conn:
         row = conn.execute("select current_user, current_database()").fetchone()
         assert row == (server_user, "appdb")
         tag = f"login-{database}-{time.monotonic_ns()}"
@@ -102,7 +94,7 @@ def test_psql_through_each_method(login_proxy: ProxyProcess) -> None:
 def test_wrong_server_password(login_proxy: ProxyProcess) -> None:
     for _ in range(2):  # a second try fails the same way (no cached half-state)
         with pytest.raises(psycopg.OperationalError) as refused:
-            _connect(login_proxy, dbname="wrongpw")
+            connect(login_proxy, dbname="wrongpw")
         message = str(refused.value)
         assert 'password authentication failed for user "app"' in message
         assert WRONG_PASSWORD not in message
@@ -118,7 +110,7 @@ def test_wrong_server_password(login_proxy: ProxyProcess) -> None:
 
 def test_wrong_server_password_sqlstate(login_proxy: ProxyProcess) -> None:
     with pytest.raises(psycopg.OperationalError) as refused:
-        _connect(login_proxy, dbname="wrongpw")
+        connect(login_proxy, dbname="wrongpw")
     # libpq keeps no SQLSTATE for a failed connection attempt (psycopg's is None then);
     # when it does, it must be PostgreSQL's. The raw ErrorResponse always carries it.
     assert refused.value.sqlstate in (None, "28P01")
@@ -150,20 +142,20 @@ def _raw_login_error(proxy: ProxyProcess, database: str) -> dict[str, str]:
 
 def test_missing_server_password(login_proxy: ProxyProcess) -> None:
     with pytest.raises(psycopg.OperationalError) as refused:
-        _connect(login_proxy, dbname="nopw")
+        connect(login_proxy, dbname="nopw")
     assert "no password is configured" in str(refused.value)
     assert_healthy(login_proxy, dbname="scram")
 
 
 def test_entry_without_user_logs_in_as_the_client(login_proxy: ProxyProcess) -> None:
-    with _connect(login_proxy, dbname="clientuser", user="md5user") as conn:
+    with connect(login_proxy, dbname="clientuser", user="md5user") as conn:
         assert conn.execute("select current_user").fetchone() == ("md5user",)
     # Another client name gets its own login with the same password, and fails cleanly.
     with pytest.raises(psycopg.OperationalError) as refused:
-        _connect(login_proxy, dbname="clientuser", user="app")
+        connect(login_proxy, dbname="clientuser", user="app")
     assert 'password authentication failed for user "app"' in str(refused.value)
     # trust needs no password: the entry's is ignored.
-    with _connect(login_proxy, dbname="clientuser", user="trustuser") as conn:
+    with connect(login_proxy, dbname="clientuser", user="trustuser") as conn:
         assert conn.execute("select current_user").fetchone() == ("trustuser",)
     assert_healthy(login_proxy, dbname="clientuser", user="md5user")
 
@@ -171,7 +163,7 @@ def test_entry_without_user_logs_in_as_the_client(login_proxy: ProxyProcess) -> 
 def test_server_down(login_proxy: ProxyProcess) -> None:
     started = time.monotonic()
     with pytest.raises(psycopg.OperationalError) as refused:
-        _connect(login_proxy, dbname="down")
+        connect(login_proxy, dbname="down")
     elapsed = time.monotonic() - started
     message = str(refused.value)
     port = login_proxy.config["databases"]["down"]["port"]
@@ -187,7 +179,7 @@ def test_server_down_for_many_clients_at_once(login_proxy: ProxyProcess) -> None
 
     def attempt() -> None:
         try:
-            _connect(login_proxy, dbname="down").close()
+            connect(login_proxy, dbname="down").close()
             errors.append("connected?!")
         except psycopg.OperationalError as exc:
             errors.append(str(exc))
@@ -282,7 +274,7 @@ def test_misbehaving_server(
         )
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError) as refused:
-            _connect(proxy, dbname="fake")
+            connect(proxy, dbname="fake")
         elapsed = time.monotonic() - started
         assert expected in str(refused.value)
         assert elapsed < 3, elapsed
