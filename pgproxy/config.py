@@ -12,11 +12,18 @@ import tomllib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 PoolMode = Literal["session", "transaction", "statement"]
 
 ENV_PREFIX = "PGPROXY_"
+# PGPROXY_* variables that are not settings: read by the embedded PostgreSQL helper.
+_NOT_SETTINGS = frozenset({"PGPROXY_PG_BINDIR"})
 DEFAULT_UNIX_SOCKET_HOST = "/var/run/postgresql"
 
 
@@ -153,7 +160,9 @@ def _unknown_env_keys() -> list[str]:
     return sorted(
         key
         for key in os.environ
-        if key.upper().startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].upper() not in known
+        if key.upper().startswith(ENV_PREFIX)
+        and key[len(ENV_PREFIX) :].upper() not in known
+        and key.upper() not in _NOT_SETTINGS
     )
 
 
@@ -173,6 +182,9 @@ def load_settings(path: str | None) -> Settings:
         raise ConfigError("unknown environment setting(s): " + ", ".join(unknown))
     try:
         return Settings(**data)
+    except SettingsError as exc:
+        # pydantic-settings cannot parse a complex value (JSON) from the environment.
+        raise ConfigError(f"invalid environment setting: {exc}") from None
     except ValidationError as exc:
         problems = [
             _describe(error) for error in exc.errors(include_url=False, include_input=False)

@@ -34,6 +34,7 @@ class ServerAuthenticator:
         self.user = user
         self._password = password
         self._scram: scramp.ScramClient | None = None
+        self._server_verified = False  # SCRAM: the server proved it knows the password
         self.done = False
 
     def _need_password(self, method: str) -> str:
@@ -46,8 +47,18 @@ class ServerAuthenticator:
 
     def respond(self, payload: bytes) -> bytes | None:
         """Reply to an Authentication message payload; None when no reply is due."""
-        code = _INT32.unpack_from(payload, 0)[0]
+        if len(payload) < 4:
+            raise ServerAuthError("malformed authentication request from server")
+        try:
+            return self._respond(_INT32.unpack_from(payload, 0)[0], payload)
+        except UnicodeDecodeError:
+            raise ServerAuthError("malformed authentication request from server") from None
+
+    def _respond(self, code: int, payload: bytes) -> bytes | None:
         if code == messages.AUTH_OK:
+            if self._scram is not None and not self._server_verified:
+                # A server that skips SASLFinal never proved it knows the password.
+                raise ServerAuthError("server ended SCRAM authentication without its proof")
             self.done = True
             return None
         if code == messages.AUTH_CLEARTEXT:
@@ -87,5 +98,6 @@ class ServerAuthenticator:
                 self._scram.set_server_final(payload[4:].decode("utf-8"))
             except scramp.ScramException as exc:
                 raise ServerAuthError(f"server SCRAM signature is invalid: {exc}") from None
+            self._server_verified = True
             return None
         raise ServerAuthError(f"unsupported authentication method requested by server: {code}")

@@ -73,8 +73,14 @@ def _parse_params(body: bytes) -> tuple[dict[str, str], list[str]]:
             codes.PROTOCOL_VIOLATION,
             "invalid startup packet layout: expected terminator as last byte",
         )
-    # key\0value\0 ... \0: dropping the terminator leaves pairs each ending in NUL.
-    parts = body[:-1].split(b"\0")[:-1]
+    # key\0value\0 ... \0: without the terminator, every string still ends in NUL.
+    strings = body[:-1]
+    if strings and strings[-1] != 0:
+        raise StartupError(
+            codes.PROTOCOL_VIOLATION,
+            "invalid startup packet layout: expected terminator as last byte",
+        )
+    parts = strings.split(b"\0")[:-1]
     if len(parts) % 2:
         raise StartupError(codes.PROTOCOL_VIOLATION, "invalid startup packet layout")
     params: dict[str, str] = {}

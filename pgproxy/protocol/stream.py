@@ -52,6 +52,8 @@ _COPY_BOTH_RESPONSE = ord("W")
 _BACKEND_INTERESTING = bytearray(256)
 for _type_code in b"ZSECGW":
     _BACKEND_INTERESTING[_type_code] = 1
+# ParameterStatus messages are read whole; a server's are small (names and short values).
+MAX_PARAMETER_STATUS = 64 * 1024
 STATUS_IDLE = ord("I")
 STATUS_IN_TRANSACTION = ord("T")
 STATUS_FAILED = ord("E")
@@ -95,6 +97,7 @@ class FrontendScanner:
         self.remaining = 0
         self.carry = b""
         self.batch_open = False
+        self.holds_server = False
         self.requests = 0
         self.requests_total = 0
         self.requests_at_copy_end = 0
@@ -253,6 +256,9 @@ class BackendScanner:
                 position = end
                 continue
             if type_byte == _READY_FOR_QUERY:
+                if length != 5:
+                    self.error = f"invalid ReadyForQuery length {length} from server"
+                    break
                 if end > size:
                     break
                 self.status = data[position + 5]
@@ -263,6 +269,9 @@ class BackendScanner:
                 else:
                     ready += 1
             elif type_byte == _PARAMETER_STATUS:
+                if length > MAX_PARAMETER_STATUS:  # it would be carried whole: cap it
+                    self.error = f"ParameterStatus of {length} bytes from server"
+                    break
                 if end > size:
                     break
                 self._parameter_status(data[position + 5 : end])
