@@ -234,20 +234,14 @@ class ClientConn(asyncio.Protocol):
                 return
             elif isinstance(packet, StartupMessage):
                 self.state = LOGIN
-                self._login_task = asyncio.get_running_loop().create_task(self._login(packet))
+                try:
+                    self._begin_login(packet)
+                except Exception:
+                    self._internal_error("login")
 
-    async def _login(self, startup: StartupMessage) -> None:
-        try:
-            await self._login_steps(startup)
-        except ServerLoginError as exc:
-            self.fatal(exc.sqlstate, exc.message)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("client login failed unexpectedly")
-            self.fatal(codes.INTERNAL_ERROR, "internal error during login")
-
-    async def _login_steps(self, startup: StartupMessage) -> None:
+    def _begin_login(self, startup: StartupMessage) -> None:
+        """Checks that need no I/O; then finish at once, or in a task if a server must
+        be reached first (the pool's first login, to learn the server's parameters)."""
         settings = self.daemon.settings
         user = startup.params.get("user", "")
         if not user:
@@ -267,9 +261,28 @@ class ClientConn(asyncio.Protocol):
             self.fatal(codes.PROTOCOL_VIOLATION, f"no such database: {self.database}")
             return
         # auth_type = trust: the client is who it says it is.
-        await pool.ensure_welcome()
-        if self.closed:
-            return
+        if pool.welcome is not None:
+            self._finish_login(pool, startup)
+        else:
+            loop = asyncio.get_running_loop()
+            self._login_task = loop.create_task(self._await_welcome(pool, startup))
+
+    async def _await_welcome(self, pool: Pool, startup: StartupMessage) -> None:
+        try:
+            await pool.ensure_welcome()
+            if not self.closed:
+                self._finish_login(pool, startup)
+        except ServerLoginError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except Exception:
+            self._internal_error("login")
+
+    def _internal_error(self, during: str) -> None:
+        # A bug must end this client only, with an error it can read, never the daemon.
+        log.exception("client %s@%s: internal error during %s", self.user, self.database, during)
+        self.fatal(codes.INTERNAL_ERROR, f"pgproxy internal error during {during}")
+
+    def _finish_login(self, pool: Pool, startup: StartupMessage) -> None:
         self.pool = pool
         self.params = tracked.from_pairs(startup.params, pool.welcome_values)
         self.cancel_key = self.daemon.register_cancel_key(self)
