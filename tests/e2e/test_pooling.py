@@ -389,29 +389,17 @@ def test_startup_parameters_are_applied(pg: EmbeddedPostgres, proxy_tx: ProxyPro
 # -- pgbench -----------------------------------------------------------------------------------
 
 
+def _pgbench(pg: EmbeddedPostgres, port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [os.path.join(pg.bindir, "pgbench"), *args, "-h", "127.0.0.1", "-p", str(port)]
+    return subprocess.run(
+        [*command, "-U", "app", "appdb"], capture_output=True, text=True, timeout=120
+    )
+
+
 @pytest.fixture(scope="module")
 def pgbench_ready(pg: EmbeddedPostgres, proxy_session: ProxyProcess) -> Iterator[None]:
     """pgbench tables in appdb, created through the proxy (COPY and VACUUM included)."""
-    pgbench = os.path.join(pg.bindir, "pgbench")
-    result = subprocess.run(
-        [
-            pgbench,
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(proxy_session.port),
-            "-U",
-            "app",
-            "appdb",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _pgbench(pg, proxy_session.port, "-i", "-s", "1", "-q")
     assert result.returncode == 0, result.stderr
     yield
 
@@ -424,29 +412,7 @@ def pgbench_ready(pg: EmbeddedPostgres, proxy_session: ProxyProcess) -> Iterator
 def test_pgbench_through_transaction_mode(
     pg: EmbeddedPostgres, proxy_tx: ProxyProcess, pgbench_ready: None, options: list[str]
 ) -> None:
-    pgbench = os.path.join(pg.bindir, "pgbench")
-    result = subprocess.run(
-        [
-            pgbench,
-            *options,
-            "-c",
-            "8",
-            "-j",
-            "2",
-            "-T",
-            "2",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(proxy_tx.port),
-            "-U",
-            "app",
-            "appdb",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _pgbench(pg, proxy_tx.port, *options, "-c", "8", "-j", "2", "-T", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "number of failed transactions: 0" in result.stdout
     processed = [line for line in result.stdout.splitlines() if "actually processed" in line]
