@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -25,6 +26,20 @@ ENV_PREFIX = "PGPROXY_"
 # PGPROXY_* variables that are not settings: read by the embedded PostgreSQL helper.
 _NOT_SETTINGS = frozenset({"PGPROXY_PG_BINDIR"})
 DEFAULT_UNIX_SOCKET_HOST = "/var/run/postgresql"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """A pool's resolved settings (user > database > global, as PgBouncer resolves them)."""
+
+    mode: PoolMode
+    size: int
+    min_size: int = 0
+    reset_query: str = "DISCARD ALL"
+    connect_timeout: float = 15.0
+    idle_timeout: float = 600.0  # 0: never
+    lifetime: float = 3600.0  # 0: never
+    null_pool: bool = False
 
 
 class ConfigError(Exception):
@@ -56,6 +71,15 @@ class DatabaseConfig(BaseModel):
         default=None, ge=1, description="Server connections per (database, user) pool."
     )
     pool_mode: PoolMode | None = Field(default=None, description="Overrides the global pool_mode.")
+    min_pool_size: int | None = Field(
+        default=None, ge=0, description="Overrides min_pool_size for this database's pools."
+    )
+    server_lifetime: float | None = Field(
+        default=None, ge=0, description="Overrides server_lifetime for this database."
+    )
+    null_pool: bool | None = Field(
+        default=None, description="Overrides null_pool for this database."
+    )
 
 
 class UserConfig(BaseModel):
@@ -87,6 +111,29 @@ class Settings(BaseSettings):
     pool_mode: PoolMode = Field(default="session", description="session, transaction or statement.")
     default_pool_size: int = Field(
         default=20, ge=1, description="Server connections per pool unless set per database/user."
+    )
+    min_pool_size: int = Field(
+        default=0,
+        ge=0,
+        description="Servers each pool keeps open, opened in the background (prewarmed at "
+        "start for databases with a forced user).",
+    )
+    server_idle_timeout: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds an idle server above min_pool_size is kept; closed one at a "
+        "time; 0 disables.",
+    )
+    server_lifetime: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Seconds after which a server is closed once free (each server's limit "
+        "is 0-10% earlier, so a pool never recycles all at once); 0 disables.",
+    )
+    null_pool: bool = Field(
+        default=False,
+        description="Keep no idle servers: a freed server goes to a waiting client or is "
+        "closed; pool_size still caps concurrency (psycopg_pool's NullConnectionPool).",
     )
     max_client_conn: int = Field(default=100, ge=1, description="Most client connections at once.")
     query_wait_timeout: float = Field(
@@ -137,6 +184,23 @@ class Settings(BaseSettings):
         if database.pool_mode is not None:
             return database.pool_mode
         return self.pool_mode
+
+    def pool_settings(self, database: DatabaseConfig, user: str) -> PoolSettings:
+        """Everything a pool for ``user`` on ``database`` needs, overrides resolved."""
+
+        def pick(override: Any, default: Any) -> Any:
+            return default if override is None else override
+
+        return PoolSettings(
+            mode=self.pool_mode_for(database, user),
+            size=self.pool_size_for(database, user),
+            min_size=pick(database.min_pool_size, self.min_pool_size),
+            reset_query=self.server_reset_query,
+            connect_timeout=self.server_connect_timeout,
+            idle_timeout=self.server_idle_timeout,
+            lifetime=pick(database.server_lifetime, self.server_lifetime),
+            null_pool=pick(database.null_pool, self.null_pool),
+        )
 
     def pool_size_for(self, database: DatabaseConfig, user: str) -> int:
         """PgBouncer's precedence: the user's setting, then the database's, then the default."""

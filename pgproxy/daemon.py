@@ -54,13 +54,7 @@ class Daemon:
                 password=entry.password.get_secret_value() if entry.password else None,
             )
             pool = Pool(
-                database,
-                server_user,
-                target,
-                mode=self.settings.pool_mode_for(entry, server_user),
-                size=self.settings.pool_size_for(entry, server_user),
-                reset_query=self.settings.server_reset_query,
-                connect_timeout=self.settings.server_connect_timeout,
+                database, server_user, target, self.settings.pool_settings(entry, server_user)
             )
             self.pools[key] = pool
         return pool
@@ -87,12 +81,22 @@ class Daemon:
         """Bind the listeners and start maintenance; raise OSError if binding fails."""
         self._stopped = asyncio.Event()
         self._listeners = await start_listeners(self)
+        self._prewarm()
         self._janitor = Janitor(lambda: list(self.pools.values()), lambda: self.settings)
         self._janitor.start()
         where = [f"{self.settings.listen_addr}:{self.settings.listen_port}"]
         if self.settings.unix_socket_dir:
             where.append(f"{self.settings.unix_socket_dir}/.s.PGSQL.{self.settings.listen_port}")
         log.info("pgproxy %s listening on %s (pid %d)", __version__, ", ".join(where), os.getpid())
+
+    def _prewarm(self) -> None:
+        # A database with a forced user has a single pool known before any client comes:
+        # open its min_pool_size servers now, in the background (PgBouncer does the same).
+        for name, entry in self.settings.databases.items():
+            if name != "*" and entry.user:
+                pool = self.pool_for(name, entry.user)
+                if pool is not None and pool.min_size:
+                    pool.maintain(asyncio.get_running_loop().time())
 
     async def serve(self) -> None:
         """Run until a stop signal, then shut down."""

@@ -43,8 +43,9 @@ class Janitor:
             self._handle = self._loop.call_later(INTERVAL, self._tick)
 
     def maintain(self, now: float) -> None:
-        """One pass: end waits past query_wait_timeout."""
+        """One pass: end waits past query_wait_timeout; pool life cycle (Pool.maintain)."""
         query_wait_timeout = self._settings().query_wait_timeout
         for pool in self._pools():
             if query_wait_timeout > 0 and pool.waiters:
                 pool.expire_waiters(now, query_wait_timeout)
+            pool.maintain(now)

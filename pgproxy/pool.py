@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as tracked
-from pgproxy.config import PoolMode
+from pgproxy.config import PoolMode, PoolSettings
 from pgproxy.protocol import codes
 from pgproxy.server import (
     ACTIVE,
@@ -79,22 +80,20 @@ class Pool:
         database: str,
         user: str,
         target: ServerTarget,
-        *,
-        mode: PoolMode,
-        size: int,
-        reset_query: str,
-        connect_timeout: float,
+        settings: PoolSettings,
     ) -> None:
         self.database = database
         self.user = user
         self.name = f"{database}/{user}"
         self.target = target
-        self.mode: PoolMode = mode
-        self.size = size
-        self.reset_query = reset_query if mode == "session" else ""
-        self.connect_timeout = connect_timeout
-        self.statement_mode = mode == "statement"
-        self.releases_at_idle = mode != "session"
+        self.settings = settings
+        self.mode: PoolMode = settings.mode
+        self.size = settings.size
+        self.min_size = min(settings.min_size, settings.size)
+        self.reset_query = settings.reset_query if settings.mode == "session" else ""
+        self.connect_timeout = settings.connect_timeout
+        self.statement_mode = settings.mode == "statement"
+        self.releases_at_idle = settings.mode != "session"
         self.idle: deque[ServerConn] = deque()
         self.waiters: deque[ClientConn] = deque()
         self.servers: set[ServerConn] = set()  # logged-in servers in any state
@@ -142,18 +141,29 @@ class Pool:
             client.transport.resume_reading()
 
     def _hand_over(self, server: ServerConn) -> None:
-        """A clean, unlinked server: to the first waiter, or onto the idle list."""
+        """A clean, unlinked server: to the first waiter, or onto the idle list.
+
+        A server past its lifetime is closed instead (a new one is opened in the background
+        if a client waits or the pool is under min_pool_size), and so is any server nobody
+        waits for in a null pool.
+        """
+        now = self._loop.time()
+        if now >= server.expires_at:
+            server.close()
+            return
         while self.waiters:
             client = self.waiters.popleft()
             if client.closed:
                 continue
-            waited = self._loop.time() - client.wait_started_at
-            self.stats.wait_time += waited
+            self.stats.wait_time += now - client.wait_started_at
             self._link(client, server)
             client.flush_pending()
             return
+        if self.settings.null_pool:
+            server.close()
+            return
         server.state = IDLE
-        server.idle_since = self._loop.time()
+        server.idle_since = now
         self.idle.append(server)
 
     def transaction_done(self, client: ClientConn, server: ServerConn) -> None:
@@ -203,9 +213,11 @@ class Pool:
     # -- background growth -------------------------------------------------------------
 
     def _grow(self) -> None:
-        # One new server per waiting client, up to the pool size; opened in the background.
-        while (
-            self.connecting < len(self.waiters) and len(self.servers) + self.connecting < self.size
+        # One new server per waiting client, and up to min_pool_size, within the pool size;
+        # always opened in the background.
+        while len(self.servers) + self.connecting < self.size and (
+            self.connecting < len(self.waiters)
+            or len(self.servers) + self.connecting < self.min_size
         ):
             self._spawn_open()
 
@@ -247,6 +259,12 @@ class Pool:
             self._fail_waiters_if_hopeless(error)
             return
         self.connecting -= 1
+        if self.settings.lifetime > 0:
+            # Each server's lifetime is cut by up to 10% so that servers opened together
+            # are not all recycled together.
+            server.expires_at = server.connected_at + self.settings.lifetime * (
+                1 - 0.1 * random.random()
+            )
         self.servers.add(server)
         if self.welcome is None:
             self.welcome = list(server.login_params)
@@ -277,6 +295,25 @@ class Pool:
         await asyncio.shield(self._welcome_attempt)
 
     # -- maintenance and shutdown ------------------------------------------------------
+
+    def maintain(self, now: float) -> None:
+        """The janitor's pass over this pool: shrink, recycle, keep min_pool_size."""
+        idle = self.idle
+        # Servers past their lifetime that sit idle are closed now (busy ones on release).
+        for server in [server for server in idle if now >= server.expires_at]:
+            server.close()
+        # Above min_pool_size, the server idle longest goes, one per pass (psycopg_pool's
+        # ShrinkPool): a burst's servers drain gradually rather than all at once.
+        timeout = self.settings.idle_timeout
+        if (
+            timeout > 0
+            and idle
+            and len(self.servers) > self.min_size
+            and now - idle[0].idle_since >= timeout
+        ):
+            idle[0].close()
+        if len(self.servers) + self.connecting < self.min_size:
+            self._grow()
 
     def expire_waiters(self, now: float, timeout: float) -> None:
         """End the waits older than ``timeout`` seconds (query_wait_timeout)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import struct
 from typing import TYPE_CHECKING, cast
 
@@ -65,6 +66,7 @@ class ServerConn(asyncio.Protocol):
         self.connected_at = 0.0
         self.idle_since = 0.0
         self.linked_at = 0.0
+        self.expires_at = math.inf  # closed once free after this time (server_lifetime)
         self.write_paused = False
         self._login_buffer = bytearray()
         self._login_wakeup: asyncio.Future[None] | None = None

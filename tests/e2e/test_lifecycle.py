@@ -1,0 +1,195 @@
+"""Pool life cycle against a real PostgreSQL: prewarm, idle shrink, lifetime, null pool,
+and healing after pg_terminate_backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgproxy.embedded import EmbeddedPostgres
+from tests.support import ProxyFactory, ProxyProcess, assert_healthy, connect, proxy_config
+
+ROLE = "lifeuser"
+PASSWORD = "life-secret"
+
+
+@pytest.fixture(scope="module")
+def life_role(pg: EmbeddedPostgres) -> str:
+    """A role only these tests log in as, so pg_stat_activity counts exactly their servers."""
+    pg.create_role(ROLE, PASSWORD)
+    pg.sql(f"GRANT ALL ON TABLE t TO {ROLE}; GRANT ALL ON SEQUENCE t_id_seq TO {ROLE};", "appdb")
+    return ROLE
+
+
+def _proxy(pg: EmbeddedPostgres, factory: ProxyFactory, **overrides: Any) -> ProxyProcess:
+    entry = {"host": "127.0.0.1", "port": pg.port, "user": ROLE, "password": PASSWORD}
+    overrides.setdefault("pool_mode", "transaction")
+    return factory(proxy_config(pg, databases={"appdb": entry}, **overrides))
+
+
+@pytest.fixture
+def server_count(pg: EmbeddedPostgres, life_role: str) -> Iterator[Callable[[], int]]:
+    """How many PostgreSQL backends the test role has right now."""
+    with psycopg.connect(pg.superuser_dsn("appdb"), autocommit=True) as admin:
+
+        def count() -> int:
+            row = admin.execute(
+                "select count(*) from pg_stat_activity where usename = %s", (life_role,)
+            ).fetchone()
+            assert row is not None
+            value: int = row[0]
+            return value
+
+        yield count
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _burst(proxy: ProxyProcess, clients: int, sleep: float) -> None:
+    """``clients`` concurrent transactions, each holding its server for ``sleep`` seconds."""
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            with connect(proxy) as conn:
+                conn.execute("select pg_sleep(%s)", (sleep,))
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+
+
+def test_min_pool_size_is_prewarmed_at_start(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    _proxy(pg, proxy_factory, min_pool_size=3, default_pool_size=5)
+    # No client has connected: the servers are opened in the background at start.
+    _wait_for(lambda: server_count() == 3, 2.0, "3 prewarmed servers")
+    time.sleep(0.5)
+    assert server_count() == 3  # and no more
+
+
+def test_idle_servers_shrink_one_at_a_time_down_to_min(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    proxy = _proxy(pg, proxy_factory, min_pool_size=1, default_pool_size=5, server_idle_timeout=1)
+    _burst(proxy, clients=5, sleep=0.5)
+    assert server_count() == 5
+    seen = [5]
+    deadline = time.monotonic() + 10
+    while seen[-1] > 1:
+        assert time.monotonic() < deadline, f"did not shrink to min_pool_size: {seen}"
+        now = server_count()
+        if now != seen[-1]:
+            seen.append(now)
+        time.sleep(0.02)
+    assert seen == [5, 4, 3, 2, 1]  # one server per maintenance pass, never below the min
+    time.sleep(1.5)
+    assert server_count() == 1
+    assert_healthy(proxy)
+
+
+def test_servers_are_recycled_after_their_lifetime(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    proxy = _proxy(pg, proxy_factory, default_pool_size=2, server_lifetime=1)
+    pids = set()
+    most = 0
+    # psycopg would prepare the repeated query on one server (issue #8): not here.
+    with connect(proxy, prepare_threshold=None) as conn:
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            row = conn.execute("select pg_backend_pid()").fetchone()
+            assert row is not None
+            pids.add(row[0])
+            most = max(most, server_count())
+            time.sleep(0.05)
+    assert len(pids) >= 3  # at least two replacements in 3.5 s with a 1 s lifetime
+    assert most <= 2
+
+
+def test_null_pool_keeps_no_idle_server_but_caps_concurrency(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    proxy = _proxy(pg, proxy_factory, default_pool_size=3, null_pool=True)
+    most = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal most
+        while not stop.is_set():
+            most = max(most, server_count())
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        _burst(proxy, clients=10, sleep=0.2)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert 1 <= most <= 3
+    _wait_for(lambda: server_count() == 0, 2.0, "no idle server after the burst")
+
+
+def test_pool_heals_after_pg_terminate_backend(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    proxy = _proxy(pg, proxy_factory, default_pool_size=2)
+    with psycopg.connect(pg.superuser_dsn("appdb"), autocommit=True) as admin:
+        # An idle server is terminated: the next query simply gets another one.
+        with connect(proxy) as conn:
+            row = conn.execute("select pg_backend_pid()").fetchone()
+            assert row is not None
+            admin.execute("select pg_terminate_backend(%s)", (row[0],))
+            _wait_for(lambda: server_count() == 0, 5.0, "the terminated server to go")
+            assert conn.execute("select 1").fetchone() == (1,)
+        # An active server is terminated: its client gets the error, another client doesn't.
+        with connect(proxy) as victim, connect(proxy) as bystander:
+            failures: list[BaseException] = []
+
+            def sleep_in_victim() -> None:
+                try:
+                    victim.execute("select pg_sleep(30)")
+                except psycopg.Error as exc:
+                    failures.append(exc)
+
+            sleeper = threading.Thread(target=sleep_in_victim)
+            sleeper.start()
+            _wait_for(
+                lambda: (
+                    admin.execute(
+                        "select count(*) from pg_stat_activity"
+                        " where usename = %s and query like 'select pg_sleep(30)%%'",
+                        (ROLE,),
+                    ).fetchone()
+                    == (1,)
+                ),
+                5.0,
+                "the sleeping query",
+            )
+            admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity"
+                " where usename = %s and query like 'select pg_sleep(30)%%'",
+                (ROLE,),
+            )
+            sleeper.join(10)
+            assert len(failures) == 1
+            assert "terminating connection due to administrator command" in str(failures[0])
+            assert bystander.execute("select 2").fetchone() == (2,)
+    assert_healthy(proxy)
