@@ -40,6 +40,9 @@ class PoolSettings:
     idle_timeout: float = 600.0  # 0: never
     lifetime: float = 3600.0  # 0: never
     null_pool: bool = False
+    login_retry: float = 15.0  # cap of the backoff between failed server logins
+    reconnect_timeout: float = 300.0  # 0: never run the hook
+    reconnect_failed: str | None = None
 
 
 class ConfigError(Exception):
@@ -135,6 +138,24 @@ class Settings(BaseSettings):
         description="Keep no idle servers: a freed server goes to a waiting client or is "
         "closed; pool_size still caps concurrency (psycopg_pool's NullConnectionPool).",
     )
+    server_login_retry: float = Field(
+        default=15.0,
+        ge=0,
+        description="Longest wait between attempts after failed server logins (the wait "
+        "doubles from 1 s up to this); meanwhile clients whose login needs a server get the "
+        "last error at once.",
+    )
+    reconnect_timeout: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds of failed server logins after which reconnect_failed runs "
+        "(once per outage; attempts go on); 0 disables.",
+    )
+    reconnect_failed: str | None = Field(
+        default=None,
+        description="Command run when reconnect_timeout passes, with PGPROXY_DATABASE, "
+        "PGPROXY_USER, PGPROXY_POOL and PGPROXY_ERROR in its environment.",
+    )
     max_client_conn: int = Field(default=100, ge=1, description="Most client connections at once.")
     query_wait_timeout: float = Field(
         default=120.0, ge=0, description="Seconds a client may wait for a server; 0 disables."
@@ -200,6 +221,9 @@ class Settings(BaseSettings):
             idle_timeout=self.server_idle_timeout,
             lifetime=pick(database.server_lifetime, self.server_lifetime),
             null_pool=pick(database.null_pool, self.null_pool),
+            login_retry=self.server_login_retry,
+            reconnect_timeout=self.reconnect_timeout,
+            reconnect_failed=self.reconnect_failed,
         )
 
     def pool_size_for(self, database: DatabaseConfig, user: str) -> int:

@@ -354,6 +354,18 @@ class EmbeddedPostgres:
         shutil.rmtree(self.base_dir, ignore_errors=True)
         self.base_dir = ""
 
+    def shut_down(self) -> None:
+        """Stop the server (``pg_ctl stop -m fast``) but keep the cluster for start_again."""
+        argv = [self._bin("pg_ctl"), "-D", self.data_dir, "-m", "fast", "-w", "-t", "30"]
+        result = self.run_as_owner([*argv, "stop"], timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {result.stderr.strip()}")
+        self.postmaster_pid = None
+
+    def start_again(self) -> None:
+        """Start the server of a cluster stopped by shut_down, on the same port."""
+        self._pg_ctl_start()
+
     def __enter__(self) -> EmbeddedPostgres:
         """Start the cluster."""
         self.start()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pgproxy import params as tracked
 from pgproxy.config import PoolMode, PoolSettings
 from pgproxy.protocol import codes
+from pgproxy.reconnect import Reconnect
 from pgproxy.server import (
     ACTIVE,
     IDLE,
@@ -105,6 +106,15 @@ class Pool:
         self._welcome_attempt: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
+        self.reconnect = Reconnect(
+            pool_name=self.name,
+            database=database,
+            user=user,
+            max_delay=settings.login_retry,
+            timeout=settings.reconnect_timeout,
+            hook=settings.reconnect_failed,
+            spawn=self._track,
+        )
 
     # -- the critical section: linking clients and servers ---------------------------
 
@@ -214,7 +224,9 @@ class Pool:
 
     def _grow(self) -> None:
         # One new server per waiting client, and up to min_pool_size, within the pool size;
-        # always opened in the background.
+        # always opened in the background, and not while backing off after failures.
+        if not self.reconnect.may_try(self._loop.time()):
+            return
         while len(self.servers) + self.connecting < self.size and (
             self.connecting < len(self.waiters)
             or len(self.servers) + self.connecting < self.min_size
@@ -243,9 +255,8 @@ class Pool:
             server = await connect_server(self, self.connect_timeout)
         except ServerLoginError as exc:
             self.connecting -= 1
-            log.warning("pool %s: server login failed: %s", self.name, exc.message)
+            self.reconnect.failed(self._loop.time(), exc, exc.message)
             outcome.set_exception(exc)
-            self._fail_waiters_if_hopeless(exc)
             return
         except asyncio.CancelledError:
             self.connecting -= 1
@@ -255,10 +266,11 @@ class Pool:
             self.connecting -= 1
             log.exception("pool %s: unexpected error opening a server", self.name)
             error = ServerLoginError(codes.INTERNAL_ERROR, "server connection failed")
+            self.reconnect.failed(self._loop.time(), error, error.message)
             outcome.set_exception(error)
-            self._fail_waiters_if_hopeless(error)
             return
         self.connecting -= 1
+        self.reconnect.succeeded()
         if self.settings.lifetime > 0:
             # Each server's lifetime is cut by up to 10% so that servers opened together
             # are not all recycled together.
@@ -272,13 +284,6 @@ class Pool:
         outcome.set_result(None)
         self._hand_over(server)
 
-    def _fail_waiters_if_hopeless(self, error: ServerLoginError) -> None:
-        # With no server at all, waiters would only wait for query_wait_timeout: tell them.
-        if self.servers or self.connecting:
-            return
-        while self.waiters:
-            self.waiters.popleft().fatal(error.sqlstate, error.message)
-
     async def ensure_welcome(self) -> None:
         """Make sure the server's welcome parameters are known: log in one server if needed.
 
@@ -286,6 +291,9 @@ class Pool:
         """
         if self.welcome is not None:
             return
+        last_error = self.reconnect.last_error
+        if isinstance(last_error, ServerLoginError) and self.reconnect.waiting(self._loop.time()):
+            raise last_error  # server_login_retry: fail fast with the cached error
         if self._welcome_attempt is None or self._welcome_attempt.done():
             self._welcome_attempt = self._spawn_open()
             # Read the outcome here even if every waiting client leaves early.
@@ -312,7 +320,11 @@ class Pool:
             and now - idle[0].idle_since >= timeout
         ):
             idle[0].close()
-        if len(self.servers) + self.connecting < self.min_size:
+        # Background openings: up to min_pool_size, and for waiters whose attempt failed
+        # (retried here once the backoff allows).
+        if len(self.servers) + self.connecting < self.min_size or self.connecting < len(
+            self.waiters
+        ):
             self._grow()
 
     def expire_waiters(self, now: float, timeout: float) -> None:

@@ -3,9 +3,13 @@ and healing after pg_terminate_backend."""
 
 from __future__ import annotations
 
+import re
+import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -34,18 +38,25 @@ def _proxy(pg: EmbeddedPostgres, factory: ProxyFactory, **overrides: Any) -> Pro
 
 @pytest.fixture
 def server_count(pg: EmbeddedPostgres, life_role: str) -> Iterator[Callable[[], int]]:
-    """How many PostgreSQL backends the test role has right now."""
-    with psycopg.connect(pg.superuser_dsn("appdb"), autocommit=True) as admin:
+    """How many PostgreSQL backends the test role has right now (reconnects if needed:
+    one test restarts PostgreSQL)."""
+    admin: list[psycopg.Connection[Any]] = []
 
-        def count() -> int:
-            row = admin.execute(
-                "select count(*) from pg_stat_activity where usename = %s", (life_role,)
-            ).fetchone()
-            assert row is not None
-            value: int = row[0]
-            return value
+    def count() -> int:
+        if not admin or admin[0].closed or admin[0].broken:
+            admin[:] = [psycopg.connect(pg.superuser_dsn("appdb"), autocommit=True)]
+        row = (
+            admin[0]
+            .execute("select count(*) from pg_stat_activity where usename = %s", (life_role,))
+            .fetchone()
+        )
+        assert row is not None
+        value: int = row[0]
+        return value
 
-        yield count
+    yield count
+    for conn in admin:
+        conn.close()
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
@@ -193,3 +204,89 @@ def test_pool_heals_after_pg_terminate_backend(
             assert "terminating connection due to administrator command" in str(failures[0])
             assert bystander.execute("select 2").fetchone() == (2,)
     assert_healthy(proxy)
+
+
+def test_postgres_outage_backoff_hook_and_recovery(
+    pg: EmbeddedPostgres,
+    proxy_factory: ProxyFactory,
+    server_count: Callable[[], int],
+    tmp_path: Path,
+) -> None:
+    hook_output = tmp_path / "hook.env"
+    hook = f"{sys.executable} -c {shlex.quote(_HOOK)} {hook_output}"
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        min_pool_size=1,
+        default_pool_size=12,
+        server_login_retry=2,
+        reconnect_timeout=3,
+        reconnect_failed=hook,
+        query_wait_timeout=60,
+    )
+    idle_clients = [connect(proxy, prepare_threshold=None) for _ in range(10)]
+    in_flight = connect(proxy)
+    try:
+        for conn in idle_clients:
+            assert conn.execute("select 1").fetchone() == (1,)
+        in_flight_error: list[BaseException] = []
+
+        def sleep_through_the_outage() -> None:
+            try:
+                in_flight.execute("select pg_sleep(30)")
+            except psycopg.Error as exc:
+                in_flight_error.append(exc)
+
+        sleeper = threading.Thread(target=sleep_through_the_outage)
+        sleeper.start()
+        time.sleep(0.5)
+        pg.shut_down()
+        sleeper.join(10)
+        # During the outage the idle clients ask for a server: they queue.
+        results: list[object] = []
+
+        def query(conn: psycopg.Connection[Any]) -> None:
+            try:
+                results.append(conn.execute("select 42").fetchone())
+            except psycopg.Error as exc:
+                results.append(exc)
+
+        queued = [threading.Thread(target=query, args=(conn,)) for conn in idle_clients]
+        for thread in queued:
+            thread.start()
+        time.sleep(7)
+        pg.start_again()
+        for thread in queued:
+            thread.join(30)
+    finally:
+        for conn in [*idle_clients, in_flight]:
+            conn.close()
+    # Only the transaction in flight at the outage failed; queued clients were served.
+    assert len(in_flight_error) == 1
+    assert results == [(42,)] * 10
+    _wait_for(lambda: server_count() >= 1, 5.0, "min_pool_size servers after the outage")
+    # Attempts backed off: waits 1 s, then doubling, capped at server_login_retry (2 s).
+    waits = [float(match) for match in re.findall(r"next attempt in ([0-9.]+) s", proxy.log_text())]
+    assert len(waits) >= 4, proxy.log_text()
+    assert 0.85 <= waits[0] <= 1.15
+    assert all(1.75 <= wait <= 2.25 for wait in waits[1:]), waits
+    # The hook ran once for the outage, with the pool in its environment, no password.
+    assert proxy.log_text().count("reconnect_failed:") == 1
+    _wait_for(hook_output.exists, 5.0, "the reconnect_failed hook's output")
+    environment = dict(
+        line.split("=", 1) for line in hook_output.read_text().splitlines() if "=" in line
+    )
+    assert environment["PGPROXY_DATABASE"] == "appdb"
+    assert environment["PGPROXY_USER"] == ROLE
+    assert environment["PGPROXY_ERROR"]
+    assert PASSWORD not in hook_output.read_text()
+    assert_healthy(proxy)
+
+
+_HOOK = """
+import os, sys
+with open(sys.argv[1], "w") as out:
+    for key in sorted(os.environ):
+        if key.startswith("PGPROXY_"):
+            out.write(f"{key}={os.environ[key]}\\n")
+"""
