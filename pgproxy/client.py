@@ -61,6 +61,10 @@ class ClientConn(asyncio.Protocol):
         self.write_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
         self.terminated = False  # left with a Terminate message rather than vanishing
+        # client_idle_timeout bookkeeping, kept by the janitor (its request count at the
+        # pass where it last changed, and when that was).
+        self.idle_requests = 0
+        self.idle_since = 0.0
         self._pending: list[bytes] = []  # bytes received while waiting for a server
         self._pending_size = 0
         self._paused_while_waiting = False
@@ -99,7 +103,8 @@ class ClientConn(asyncio.Protocol):
                 return
             server = pool.acquire(self)
             if server is None:
-                self._keep_pending(data)
+                if not self.closed:  # queued (not refused by max_waiting)
+                    self._keep_pending(data)
                 return
         server.transport.write(data)
 
@@ -202,6 +207,17 @@ class ClientConn(asyncio.Protocol):
             server.transport.write(data[:offset])
         self._leave()
 
+    def check_idle(self, now: float, timeout: float) -> None:
+        """client_idle_timeout: end a logged-in client that has no server and sent nothing."""
+        if self.state is not READY or self.server is not None or self.wait_started_at:
+            return
+        requests = self.scan.requests_total
+        if requests != self.idle_requests:
+            self.idle_requests = requests
+            self.idle_since = now
+        elif now - self.idle_since >= timeout:
+            self.fatal(codes.PROTOCOL_VIOLATION, "client_idle_timeout")
+
     def _leave(self) -> None:
         self.transport.close()
         self._release()
@@ -286,6 +302,7 @@ class ClientConn(asyncio.Protocol):
         self.pool = pool
         self.params = tracked.from_pairs(startup.params, pool.welcome_values)
         self.cancel_key = self.daemon.register_cancel_key(self)
+        self.idle_since = asyncio.get_running_loop().time()
         self.transport.write(self._welcome(pool))
         self.state = READY
         if self._startup_buffer:  # the client pipelined its first query behind the login

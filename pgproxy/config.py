@@ -43,6 +43,7 @@ class PoolSettings:
     login_retry: float = 15.0  # cap of the backoff between failed server logins
     reconnect_timeout: float = 300.0  # 0: never run the hook
     reconnect_failed: str | None = None
+    max_waiting: int = 0  # 0: no limit
 
 
 class ConfigError(Exception):
@@ -157,6 +158,24 @@ class Settings(BaseSettings):
         "PGPROXY_USER, PGPROXY_POOL and PGPROXY_ERROR in its environment.",
     )
     max_client_conn: int = Field(default=100, ge=1, description="Most client connections at once.")
+    max_waiting: int = Field(
+        default=0,
+        ge=0,
+        description="Most clients queued for a server per pool; more get 'too many clients "
+        "waiting (max_waiting)'; 0: no limit (beyond PgBouncer).",
+    )
+    client_idle_timeout: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a client without a server may send nothing before it is "
+        "disconnected with client_idle_timeout; 0 disables.",
+    )
+    idle_transaction_timeout: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a client may sit idle inside a transaction before it is "
+        "disconnected (idle transaction timeout) and its server closed; 0 disables.",
+    )
     query_wait_timeout: float = Field(
         default=120.0, ge=0, description="Seconds a client may wait for a server; 0 disables."
     )
@@ -224,6 +243,7 @@ class Settings(BaseSettings):
             login_retry=self.server_login_retry,
             reconnect_timeout=self.reconnect_timeout,
             reconnect_failed=self.reconnect_failed,
+            max_waiting=self.max_waiting,
         )
 
     def pool_size_for(self, database: DatabaseConfig, user: str) -> int:

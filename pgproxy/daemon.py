@@ -82,7 +82,9 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._listeners = await start_listeners(self)
         self._prewarm()
-        self._janitor = Janitor(lambda: list(self.pools.values()), lambda: self.settings)
+        self._janitor = Janitor(
+            lambda: list(self.pools.values()), lambda: list(self.clients), lambda: self.settings
+        )
         self._janitor.start()
         where = [f"{self.settings.listen_addr}:{self.settings.listen_port}"]
         if self.settings.unix_socket_dir:

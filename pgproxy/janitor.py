@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pgproxy.client import ClientConn
     from pgproxy.config import Settings
     from pgproxy.pool import Pool
 
@@ -20,8 +21,14 @@ INTERVAL = 1 / 3  # seconds between passes
 class Janitor:
     """Runs ``maintain`` every INTERVAL seconds on the running loop until stopped."""
 
-    def __init__(self, pools: Callable[[], Iterable[Pool]], settings: Callable[[], Settings]):
+    def __init__(
+        self,
+        pools: Callable[[], Iterable[Pool]],
+        clients: Callable[[], Iterable[ClientConn]],
+        settings: Callable[[], Settings],
+    ):
         self._pools = pools
+        self._clients = clients
         self._settings = settings
         self._loop = asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
@@ -43,9 +50,14 @@ class Janitor:
             self._handle = self._loop.call_later(INTERVAL, self._tick)
 
     def maintain(self, now: float) -> None:
-        """One pass: end waits past query_wait_timeout; pool life cycle (Pool.maintain)."""
-        query_wait_timeout = self._settings().query_wait_timeout
+        """One pass: client timeouts, then each pool's (and its life cycle, Pool.maintain)."""
+        settings = self._settings()
+        if settings.client_idle_timeout > 0:
+            for client in self._clients():
+                client.check_idle(now, settings.client_idle_timeout)
         for pool in self._pools():
-            if query_wait_timeout > 0 and pool.waiters:
-                pool.expire_waiters(now, query_wait_timeout)
+            if settings.query_wait_timeout > 0 and pool.waiters:
+                pool.expire_waiters(now, settings.query_wait_timeout)
+            if settings.idle_transaction_timeout > 0:
+                pool.expire_idle_transactions(now, settings.idle_transaction_timeout)
             pool.maintain(now)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pgproxy import params as tracked
 from pgproxy.config import PoolMode, PoolSettings
 from pgproxy.protocol import codes
+from pgproxy.protocol.stream import STATUS_IDLE
 from pgproxy.reconnect import Reconnect
 from pgproxy.server import (
     ACTIVE,
@@ -124,6 +125,9 @@ class Pool:
             server = self.idle.pop()  # LIFO: the warmest server, as PgBouncer does
             self._link(client, server)
             return server
+        if 0 < self.settings.max_waiting <= len(self.waiters):
+            client.fatal(codes.TOO_MANY_CONNECTIONS, "too many clients waiting (max_waiting)")
+            return None
         client.wait_started_at = self._loop.time()
         self.waiters.append(client)
         self._grow()
@@ -326,6 +330,24 @@ class Pool:
             self.waiters
         ):
             self._grow()
+
+    def expire_idle_transactions(self, now: float, timeout: float) -> None:
+        """End clients idle inside a transaction for ``timeout`` seconds.
+
+        Idle means: the last reply said 'in transaction' and the client has asked nothing
+        since. The janitor notices it by comparing the client's request count between passes,
+        so the hot path pays nothing for this timeout.
+        """
+        for server in list(self.servers):
+            client = server.client
+            if client is None or client.outstanding > 0 or server.scan.status == STATUS_IDLE:
+                continue
+            requests = client.scan.requests_total
+            if server.idle_tx_requests != requests:
+                server.idle_tx_requests = requests
+                server.idle_tx_since = now
+            elif now - server.idle_tx_since >= timeout:
+                client.fatal(codes.PROTOCOL_VIOLATION, "idle transaction timeout")
 
     def expire_waiters(self, now: float, timeout: float) -> None:
         """End the waits older than ``timeout`` seconds (query_wait_timeout)."""

@@ -67,6 +67,9 @@ class ServerConn(asyncio.Protocol):
         self.idle_since = 0.0
         self.linked_at = 0.0
         self.expires_at = math.inf  # closed once free after this time (server_lifetime)
+        # idle_transaction_timeout bookkeeping, kept by the janitor (Pool.maintain).
+        self.idle_tx_requests = -1
+        self.idle_tx_since = 0.0
         self.write_paused = False
         self._login_buffer = bytearray()
         self._login_wakeup: asyncio.Future[None] | None = None

@@ -22,7 +22,7 @@ ROLE = "lifeuser"
 PASSWORD = "life-secret"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def life_role(pg: EmbeddedPostgres) -> str:
     """A role only these tests log in as, so pg_stat_activity counts exactly their servers."""
     pg.create_role(ROLE, PASSWORD)
@@ -290,3 +290,66 @@ with open(sys.argv[1], "w") as out:
         if key.startswith("PGPROXY_"):
             out.write(f"{key}={os.environ[key]}\\n")
 """
+
+
+# -- client limits and timeouts ------------------------------------------------------------------
+
+
+def test_client_idle_timeout(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(pg, proxy_factory, client_idle_timeout=1)
+    with connect(proxy) as busy, connect(proxy) as quiet:
+        for _ in range(8):  # 2.4 s of activity, never 1 s apart
+            assert busy.execute("select 1").fetchone() == (1,)
+            time.sleep(0.3)
+        with pytest.raises(psycopg.OperationalError) as ended:
+            quiet.execute("select 1")
+        assert "client_idle_timeout" in str(ended.value)
+        assert busy.execute("select 2").fetchone() == (2,)
+    assert_healthy(proxy)
+
+
+def test_idle_transaction_timeout(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(pg, proxy_factory, idle_transaction_timeout=1)
+    tag = f"idle-tx-{time.monotonic_ns()}"
+    with connect(proxy, autocommit=False) as slow, connect(proxy, autocommit=False) as brisk:
+        for _ in range(5):  # transactions with pauses shorter than the timeout are fine
+            brisk.execute("select pg_sleep(0.3)")
+        brisk.commit()
+        slow.execute("insert into t (v) values (%s)", (tag,))
+        time.sleep(2)
+        with pytest.raises(psycopg.OperationalError) as ended:
+            slow.execute("select 1")
+        assert "idle transaction timeout" in str(ended.value)
+    with connect(proxy) as check:
+        assert check.execute("select count(*) from t where v = %s", (tag,)).fetchone() == (0,)
+    assert_healthy(proxy)
+
+
+def test_max_waiting_refuses_the_client_past_the_queue_cap(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(pg, proxy_factory, default_pool_size=1, max_waiting=2)
+    holder = connect(proxy, autocommit=False)
+    queued = [connect(proxy) for _ in range(2)]
+    extra = connect(proxy)
+    try:
+        holder.execute("select 1")  # holds the only server: its transaction stays open
+        results: list[object] = []
+        threads = [
+            threading.Thread(target=lambda c=conn: results.append(c.execute("select 7").fetchone()))
+            for conn in queued
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # both are queued behind the holder now
+        with pytest.raises(psycopg.OperationalError) as refused:
+            extra.execute("select 1")
+        assert "too many clients waiting (max_waiting)" in str(refused.value)
+        holder.commit()
+        for thread in threads:
+            thread.join(10)
+        assert results == [(7,), (7,)]
+    finally:
+        for conn in [holder, *queued, extra]:
+            conn.close()
+    assert_healthy(proxy)
