@@ -170,6 +170,18 @@ class Settings(BaseSettings):
         description="Seconds a client without a server may send nothing before it is "
         "disconnected with client_idle_timeout; 0 disables.",
     )
+    query_timeout: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a request may run before pgproxy cancels it on the server (the "
+        "client gets PostgreSQL's 57014 error and keeps its session); 0 disables.",
+    )
+    transaction_timeout: float = Field(
+        default=0.0,
+        ge=0,
+        description="Transaction and statement mode: seconds a client may hold a server in "
+        "one transaction before it is disconnected (transaction timeout); 0 disables.",
+    )
     idle_transaction_timeout: float = Field(
         default=0.0,
         ge=0,

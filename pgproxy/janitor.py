@@ -60,4 +60,8 @@ class Janitor:
                 pool.expire_waiters(now, settings.query_wait_timeout)
             if settings.idle_transaction_timeout > 0:
                 pool.expire_idle_transactions(now, settings.idle_transaction_timeout)
+            if settings.query_timeout > 0:
+                pool.expire_queries(now, settings.query_timeout)
+            if settings.transaction_timeout > 0:
+                pool.expire_transactions(now, settings.transaction_timeout)
             pool.maintain(now)

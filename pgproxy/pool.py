@@ -349,6 +349,34 @@ class Pool:
             elif now - server.idle_tx_since >= timeout:
                 client.fatal(codes.PROTOCOL_VIOLATION, "idle transaction timeout")
 
+    def expire_queries(self, now: float, timeout: float) -> None:
+        """query_timeout: cancel a request that has had no reply for ``timeout`` seconds.
+
+        Progress is the pair (client's requests, replies forwarded); the janitor notes when
+        it last changed. A cancelled request is not cancelled again.
+        """
+        for server in list(self.servers):
+            client = server.client
+            if client is None or client.outstanding <= 0:
+                continue
+            mark = (client.scan.requests_total, server.replies)
+            if mark != server.progress_mark:
+                server.progress_mark = mark
+                server.progress_since = now
+            elif now - server.progress_since >= timeout and server.cancelled_mark != mark:
+                server.cancelled_mark = mark
+                log.info("pool %s: query_timeout: cancelling a request", self.name)
+                self.cancel_running_query(server)
+
+    def expire_transactions(self, now: float, timeout: float) -> None:
+        """transaction_timeout (transaction/statement mode): end over-long transactions."""
+        if not self.releases_at_idle:
+            return
+        for server in list(self.servers):
+            client = server.client
+            if client is not None and now - server.linked_at >= timeout:
+                client.fatal(codes.PROTOCOL_VIOLATION, "transaction timeout")
+
     def expire_waiters(self, now: float, timeout: float) -> None:
         """End the waits older than ``timeout`` seconds (query_wait_timeout)."""
         waiters = self.waiters

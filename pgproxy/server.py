@@ -67,9 +67,14 @@ class ServerConn(asyncio.Protocol):
         self.idle_since = 0.0
         self.linked_at = 0.0
         self.expires_at = math.inf  # closed once free after this time (server_lifetime)
-        # idle_transaction_timeout bookkeeping, kept by the janitor (Pool.maintain).
+        # idle_transaction_timeout / query_timeout bookkeeping, kept by the janitor: the
+        # client's request count and our reply count when they last changed, and when.
         self.idle_tx_requests = -1
         self.idle_tx_since = 0.0
+        self.replies = 0  # ReadyForQuery messages forwarded to clients
+        self.progress_mark: tuple[int, int] = (-1, -1)
+        self.progress_since = 0.0
+        self.cancelled_mark: tuple[int, int] | None = None
         self.write_paused = False
         self._login_buffer = bytearray()
         self._login_wakeup: asyncio.Future[None] | None = None
@@ -116,6 +121,7 @@ class ServerConn(asyncio.Protocol):
         if scan.copy_started or scan.copy_finished:
             self._copy_progress(client)
         if scan.ready:
+            self.replies += scan.ready
             client.outstanding -= scan.ready
             if (
                 scan.status == STATUS_IDLE

@@ -353,3 +353,29 @@ def test_max_waiting_refuses_the_client_past_the_queue_cap(
         for conn in [holder, *queued, extra]:
             conn.close()
     assert_healthy(proxy)
+
+
+def test_query_timeout_cancels_the_query_and_keeps_the_session(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(pg, proxy_factory, query_timeout=1)
+    with connect(proxy) as conn:
+        assert conn.execute("select pg_sleep(0.5), 1").fetchone() == ("", 1)
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(20)")
+        assert time.monotonic() - started < 10
+        assert conn.execute("select 3").fetchone() == (3,)
+    assert_healthy(proxy)
+
+
+def test_transaction_timeout(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(pg, proxy_factory, transaction_timeout=1)
+    with connect(proxy, autocommit=False) as conn:
+        conn.execute("select 1")
+        conn.commit()  # short transactions are fine
+        with pytest.raises(psycopg.OperationalError) as ended:
+            for _ in range(10):
+                conn.execute("select pg_sleep(0.3)")
+        assert "transaction timeout" in str(ended.value)
+    assert_healthy(proxy)
