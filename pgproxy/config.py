@@ -44,6 +44,8 @@ class PoolSettings:
     reconnect_timeout: float = 300.0  # 0: never run the hook
     reconnect_failed: str | None = None
     max_waiting: int = 0  # 0: no limit
+    reserve_size: int = 0
+    reserve_timeout: float = 5.0
 
 
 class ConfigError(Exception):
@@ -73,6 +75,9 @@ class DatabaseConfig(BaseModel):
     )
     pool_size: int | None = Field(
         default=None, ge=1, description="Server connections per (database, user) pool."
+    )
+    reserve_pool_size: int | None = Field(
+        default=None, ge=0, description="Overrides reserve_pool_size for this database."
     )
     pool_mode: PoolMode | None = Field(default=None, description="Overrides the global pool_mode.")
     min_pool_size: int | None = Field(
@@ -156,6 +161,15 @@ class Settings(BaseSettings):
         default=None,
         description="Command run when reconnect_timeout passes, with PGPROXY_DATABASE, "
         "PGPROXY_USER, PGPROXY_POOL and PGPROXY_ERROR in its environment.",
+    )
+    reserve_pool_size: int = Field(
+        default=0,
+        ge=0,
+        description="Extra servers a pool may open when a client has waited "
+        "reserve_pool_timeout; 0 disables.",
+    )
+    reserve_pool_timeout: float = Field(
+        default=5.0, ge=0, description="Seconds a client waits before the reserve is used."
     )
     max_client_conn: int = Field(default=100, ge=1, description="Most client connections at once.")
     max_waiting: int = Field(
@@ -256,6 +270,8 @@ class Settings(BaseSettings):
             reconnect_timeout=self.reconnect_timeout,
             reconnect_failed=self.reconnect_failed,
             max_waiting=self.max_waiting,
+            reserve_size=pick(database.reserve_pool_size, self.reserve_pool_size),
+            reserve_timeout=self.reserve_pool_timeout,
         )
 
     def pool_size_for(self, database: DatabaseConfig, user: str) -> int:

@@ -309,7 +309,7 @@ class Pool:
     # -- maintenance and shutdown ------------------------------------------------------
 
     def maintain(self, now: float) -> None:
-        """The janitor's pass over this pool: shrink, recycle, keep min_pool_size."""
+        """The janitor's pass over this pool: shrink, recycle, keep min_pool_size, reserve."""
         idle = self.idle
         # Servers past their lifetime that sit idle are closed now (busy ones on release).
         for server in [server for server in idle if now >= server.expires_at]:
@@ -330,6 +330,19 @@ class Pool:
             self.waiters
         ):
             self._grow()
+        # reserve_pool_size: once the first waiter has waited reserve_pool_timeout, open one
+        # extra server per pass, up to the reserve (PgBouncer's behaviour).
+        settings = self.settings
+        if (
+            settings.reserve_size
+            and self.waiters
+            and now - self.waiters[0].wait_started_at >= settings.reserve_timeout
+            and self.connecting < len(self.waiters)
+            and len(self.servers) + self.connecting < self.size + settings.reserve_size
+            and self.reconnect.may_try(now)
+        ):
+            log.warning("pool %s: taking a connection from reserve_pool", self.name)
+            self._spawn_open()
 
     def expire_idle_transactions(self, now: float, timeout: float) -> None:
         """End clients idle inside a transaction for ``timeout`` seconds.

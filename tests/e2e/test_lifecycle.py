@@ -379,3 +379,26 @@ def test_transaction_timeout(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) 
                 conn.execute("select pg_sleep(0.3)")
         assert "transaction timeout" in str(ended.value)
     assert_healthy(proxy)
+
+
+def test_reserve_pool_is_used_after_the_timeout(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    proxy = _proxy(
+        pg, proxy_factory, default_pool_size=2, reserve_pool_size=1, reserve_pool_timeout=1
+    )
+    holders = [connect(proxy, autocommit=False) for _ in range(2)]
+    waiter = connect(proxy)
+    try:
+        for holder in holders:
+            holder.execute("select 1")  # both servers held in open transactions
+        assert server_count() == 2
+        started = time.monotonic()
+        assert waiter.execute("select 5").fetchone() == (5,)  # served by the reserve
+        waited = time.monotonic() - started
+        assert waited >= 0.9  # not before reserve_pool_timeout
+        assert server_count() == 3  # size 2 + reserve 1, and no more
+    finally:
+        for conn in [*holders, waiter]:
+            conn.close()
+    assert "taking a connection from reserve_pool" in proxy.log_text()
