@@ -3,8 +3,11 @@ and healing after pg_terminate_backend."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import shlex
+import socket
 import sys
 import threading
 import time
@@ -402,3 +405,108 @@ def test_reserve_pool_is_used_after_the_timeout(
         for conn in [*holders, waiter]:
             conn.close()
     assert "taking a connection from reserve_pool" in proxy.log_text()
+
+
+class DelayingRelay:
+    """A TCP relay to PostgreSQL that holds each new connection for ``delay`` seconds
+    before connecting it through: a slow server connect, on demand."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay = 0.0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port: int = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                downstream, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(downstream,), daemon=True).start()
+
+    def _serve(self, downstream: socket.socket) -> None:
+        if self._stop.wait(self.delay):
+            downstream.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        for source, sink in ((downstream, upstream), (upstream, downstream)):
+            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        source.settimeout(None)
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        self._thread.join(5)
+
+
+def test_a_returned_server_serves_the_waiter_before_a_slow_new_one(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    relay = DelayingRelay(pg.port)
+    try:
+        entry = {"host": "127.0.0.1", "port": relay.port, "user": ROLE, "password": PASSWORD}
+        proxy = proxy_factory(
+            proxy_config(
+                pg, pool_mode="transaction", default_pool_size=2, databases={"appdb": entry}
+            )
+        )
+        with connect(proxy, autocommit=False) as holder, connect(proxy) as waiter:
+            holder.execute("select 1")  # the pool's one server, held in a transaction
+            relay.delay = 5.0  # from now on, opening a server takes 5 s
+            threading.Timer(0.5, holder.commit).start()
+            started = time.monotonic()
+            assert waiter.execute("select 9").fetchone() == (9,)
+            # Served by the returned server at ~0.5 s, not by the new one at ~5 s.
+            assert time.monotonic() - started < 3.0
+    finally:
+        relay.close()
+
+
+def test_server_count_never_exceeds_pool_size_under_a_burst(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    proxy = _proxy(pg, proxy_factory, default_pool_size=8, max_client_conn=600)
+    most = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal most
+        while not stop.is_set():
+            most = max(most, server_count())
+            time.sleep(0.01)
+
+    async def burst() -> list[int]:
+        async def one(index: int) -> int:
+            async with await psycopg.AsyncConnection.connect(proxy.dsn(), autocommit=True) as conn:
+                cursor = await conn.execute("select %s::int", (index,))
+                row = await cursor.fetchone()
+                assert row is not None
+                value: int = row[0]
+                return value
+
+        return await asyncio.gather(*(one(index) for index in range(500)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = asyncio.run(asyncio.wait_for(burst(), 120))
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert sorted(results) == list(range(500))
+    assert 1 <= most <= 8
