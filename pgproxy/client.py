@@ -207,17 +207,6 @@ class ClientConn(asyncio.Protocol):
             server.transport.write(data[:offset])
         self._leave()
 
-    def check_idle(self, now: float, timeout: float) -> None:
-        """client_idle_timeout: end a logged-in client that has no server and sent nothing."""
-        if self.state is not READY or self.server is not None or self.wait_started_at:
-            return
-        requests = self.scan.requests_total
-        if requests != self.idle_requests:
-            self.idle_requests = requests
-            self.idle_since = now
-        elif now - self.idle_since >= timeout:
-            self.fatal(codes.PROTOCOL_VIOLATION, "client_idle_timeout")
-
     def _leave(self) -> None:
         self.transport.close()
         self._release()

@@ -98,7 +98,7 @@ class Daemon:
             if name != "*" and entry.user:
                 pool = self.pool_for(name, entry.user)
                 if pool is not None and pool.min_size:
-                    pool.maintain(asyncio.get_running_loop().time())
+                    pool.grow()
 
     async def serve(self) -> None:
         """Run until a stop signal, then shut down."""

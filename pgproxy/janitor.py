@@ -1,19 +1,28 @@
 """The periodic maintenance pass: every timer of every pool, a few times a second.
 
 One callback walks the pools instead of a timer object per connection (PgBouncer's
-janitor does the same, three times a second).
+janitor does the same, three times a second). Each timeout is a function over a pool (or a
+client) below: it reads state the hot path keeps anyway (request and reply counts, link
+times) and acts through the pool's and the client's own methods.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
+
+from pgproxy.client import READY
+from pgproxy.protocol import codes
+from pgproxy.protocol.stream import STATUS_IDLE
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
     from pgproxy.config import Settings
     from pgproxy.pool import Pool
+
+log = logging.getLogger("pgproxy.janitor")
 
 INTERVAL = 1 / 3  # seconds between passes
 
@@ -50,18 +59,123 @@ class Janitor:
             self._handle = self._loop.call_later(INTERVAL, self._tick)
 
     def maintain(self, now: float) -> None:
-        """One pass: client timeouts, then each pool's (and its life cycle, Pool.maintain)."""
+        """One pass: client timeouts, then each pool's timeouts and life cycle (recycle)."""
         settings = self._settings()
         if settings.client_idle_timeout > 0:
             for client in self._clients():
-                client.check_idle(now, settings.client_idle_timeout)
+                expire_idle_client(client, now, settings.client_idle_timeout)
         for pool in self._pools():
             if settings.query_wait_timeout > 0 and pool.waiters:
-                pool.expire_waiters(now, settings.query_wait_timeout)
+                expire_waiters(pool, now, settings.query_wait_timeout)
             if settings.idle_transaction_timeout > 0:
-                pool.expire_idle_transactions(now, settings.idle_transaction_timeout)
+                expire_idle_transactions(pool, now, settings.idle_transaction_timeout)
             if settings.query_timeout > 0:
-                pool.expire_queries(now, settings.query_timeout)
+                expire_queries(pool, now, settings.query_timeout)
             if settings.transaction_timeout > 0:
-                pool.expire_transactions(now, settings.transaction_timeout)
-            pool.maintain(now)
+                expire_transactions(pool, now, settings.transaction_timeout)
+            recycle(pool, now)
+
+
+def recycle(pool: Pool, now: float) -> None:
+    """The janitor's pass over this pool: shrink, recycle, keep min_pool_size, reserve."""
+    idle = pool.idle
+    # Servers past their lifetime that sit idle are closed now (busy ones on release).
+    for server in [server for server in idle if now >= server.expires_at]:
+        server.close()
+    # Above min_pool_size, the server idle longest goes, one per pass (psycopg_pool's
+    # ShrinkPool): a burst's servers drain gradually rather than all at once.
+    timeout = pool.settings.idle_timeout
+    if (
+        timeout > 0
+        and idle
+        and len(pool.servers) > pool.min_size
+        and now - idle[0].idle_since >= timeout
+    ):
+        idle[0].close()
+    # Background openings: up to min_pool_size, and for waiters whose attempt failed
+    # (retried here once the backoff allows).
+    if len(pool.servers) + pool.connecting < pool.min_size or pool.connecting < len(pool.waiters):
+        pool.grow()
+    # reserve_pool_size: once the first waiter has waited reserve_pool_timeout, open one
+    # extra server per pass, up to the reserve (PgBouncer's behaviour).
+    settings = pool.settings
+    if (
+        settings.reserve_size
+        and pool.waiters
+        and now - pool.waiters[0].wait_started_at >= settings.reserve_timeout
+        and pool.connecting < len(pool.waiters)
+        and len(pool.servers) + pool.connecting < pool.size + settings.reserve_size
+        and pool.reconnect.may_try(now)
+    ):
+        log.warning("pool %s: taking a connection from reserve_pool", pool.name)
+        pool.open_server()
+
+
+def expire_idle_transactions(pool: Pool, now: float, timeout: float) -> None:
+    """End clients idle inside a transaction for ``timeout`` seconds.
+
+    Idle means: the last reply said 'in transaction' and the client has asked nothing
+    since. The janitor notices it by comparing the client's request count between passes,
+    so the hot path pays nothing for this timeout.
+    """
+    for server in list(pool.servers):
+        client = server.client
+        if client is None or client.outstanding > 0 or server.scan.status == STATUS_IDLE:
+            continue
+        requests = client.scan.requests_total
+        if server.idle_tx_requests != requests:
+            server.idle_tx_requests = requests
+            server.idle_tx_since = now
+        elif now - server.idle_tx_since >= timeout:
+            client.fatal(codes.PROTOCOL_VIOLATION, "idle transaction timeout")
+
+
+def expire_queries(pool: Pool, now: float, timeout: float) -> None:
+    """query_timeout: cancel a request that has had no reply for ``timeout`` seconds.
+
+    Progress is the pair (client's requests, replies forwarded); the janitor notes when
+    it last changed. A cancelled request is not cancelled again.
+    """
+    for server in list(pool.servers):
+        client = server.client
+        if client is None or client.outstanding <= 0:
+            continue
+        mark = (client.scan.requests_total, server.replies)
+        if mark != server.progress_mark:
+            server.progress_mark = mark
+            server.progress_since = now
+        elif now - server.progress_since >= timeout and server.cancelled_mark != mark:
+            server.cancelled_mark = mark
+            log.info("pool %s: query_timeout: cancelling a request", pool.name)
+            pool.cancel_running_query(server)
+
+
+def expire_transactions(pool: Pool, now: float, timeout: float) -> None:
+    """transaction_timeout (transaction/statement mode): end over-long transactions."""
+    if not pool.releases_at_idle:
+        return
+    for server in list(pool.servers):
+        client = server.client
+        if client is not None and now - server.linked_at >= timeout:
+            client.fatal(codes.PROTOCOL_VIOLATION, "transaction timeout")
+
+
+def expire_waiters(pool: Pool, now: float, timeout: float) -> None:
+    """End the waits older than ``timeout`` seconds (query_wait_timeout)."""
+    waiters = pool.waiters
+    deadline = now - timeout
+    while waiters and waiters[0].wait_started_at <= deadline:
+        client = waiters.popleft()
+        client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
+
+
+def expire_idle_client(client: ClientConn, now: float, timeout: float) -> None:
+    """client_idle_timeout: end a logged-in client that has no server and sent nothing."""
+    if client.state is not READY or client.server is not None or client.wait_started_at:
+        return
+    requests = client.scan.requests_total
+    if requests != client.idle_requests:
+        client.idle_requests = requests
+        client.idle_since = now
+    elif now - client.idle_since >= timeout:
+        client.fatal(codes.PROTOCOL_VIOLATION, "client_idle_timeout")

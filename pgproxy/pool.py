@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from pgproxy import params as tracked
 from pgproxy.config import PoolMode, PoolSettings
 from pgproxy.protocol import codes
-from pgproxy.protocol.stream import STATUS_IDLE
 from pgproxy.reconnect import Reconnect
 from pgproxy.server import (
     ACTIVE,
@@ -130,7 +129,7 @@ class Pool:
             return None
         client.wait_started_at = self._loop.time()
         self.waiters.append(client)
-        self._grow()
+        self.grow()
         return None
 
     def _link(self, client: ClientConn, server: ServerConn) -> None:
@@ -222,11 +221,11 @@ class Pool:
         self.servers.discard(server)
         if server in self.idle:
             self.idle.remove(server)
-        self._grow()
+        self.grow()
 
     # -- background growth -------------------------------------------------------------
 
-    def _grow(self) -> None:
+    def grow(self) -> None:
         # One new server per waiting client, and up to min_pool_size, within the pool size;
         # always opened in the background, and not while backing off after failures.
         if not self.reconnect.may_try(self._loop.time()):
@@ -235,7 +234,7 @@ class Pool:
             self.connecting < len(self.waiters)
             or len(self.servers) + self.connecting < self.min_size
         ):
-            self._spawn_open()
+            self.open_server()
 
     def cancel_running_query(self, server: ServerConn) -> None:
         """Ask PostgreSQL to cancel what ``server`` runs now (background, best effort)."""
@@ -247,7 +246,7 @@ class Pool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _spawn_open(self) -> asyncio.Future[None]:
+    def open_server(self) -> asyncio.Future[None]:
         """Start a background task that opens one server; its future tells how it went."""
         outcome: asyncio.Future[None] = self._loop.create_future()
         self.connecting += 1
@@ -299,104 +298,14 @@ class Pool:
         if isinstance(last_error, ServerLoginError) and self.reconnect.waiting(self._loop.time()):
             raise last_error  # server_login_retry: fail fast with the cached error
         if self._welcome_attempt is None or self._welcome_attempt.done():
-            self._welcome_attempt = self._spawn_open()
+            self._welcome_attempt = self.open_server()
             # Read the outcome here even if every waiting client leaves early.
             self._welcome_attempt.add_done_callback(
                 lambda done: done.cancelled() or done.exception()
             )
         await asyncio.shield(self._welcome_attempt)
 
-    # -- maintenance and shutdown ------------------------------------------------------
-
-    def maintain(self, now: float) -> None:
-        """The janitor's pass over this pool: shrink, recycle, keep min_pool_size, reserve."""
-        idle = self.idle
-        # Servers past their lifetime that sit idle are closed now (busy ones on release).
-        for server in [server for server in idle if now >= server.expires_at]:
-            server.close()
-        # Above min_pool_size, the server idle longest goes, one per pass (psycopg_pool's
-        # ShrinkPool): a burst's servers drain gradually rather than all at once.
-        timeout = self.settings.idle_timeout
-        if (
-            timeout > 0
-            and idle
-            and len(self.servers) > self.min_size
-            and now - idle[0].idle_since >= timeout
-        ):
-            idle[0].close()
-        # Background openings: up to min_pool_size, and for waiters whose attempt failed
-        # (retried here once the backoff allows).
-        if len(self.servers) + self.connecting < self.min_size or self.connecting < len(
-            self.waiters
-        ):
-            self._grow()
-        # reserve_pool_size: once the first waiter has waited reserve_pool_timeout, open one
-        # extra server per pass, up to the reserve (PgBouncer's behaviour).
-        settings = self.settings
-        if (
-            settings.reserve_size
-            and self.waiters
-            and now - self.waiters[0].wait_started_at >= settings.reserve_timeout
-            and self.connecting < len(self.waiters)
-            and len(self.servers) + self.connecting < self.size + settings.reserve_size
-            and self.reconnect.may_try(now)
-        ):
-            log.warning("pool %s: taking a connection from reserve_pool", self.name)
-            self._spawn_open()
-
-    def expire_idle_transactions(self, now: float, timeout: float) -> None:
-        """End clients idle inside a transaction for ``timeout`` seconds.
-
-        Idle means: the last reply said 'in transaction' and the client has asked nothing
-        since. The janitor notices it by comparing the client's request count between passes,
-        so the hot path pays nothing for this timeout.
-        """
-        for server in list(self.servers):
-            client = server.client
-            if client is None or client.outstanding > 0 or server.scan.status == STATUS_IDLE:
-                continue
-            requests = client.scan.requests_total
-            if server.idle_tx_requests != requests:
-                server.idle_tx_requests = requests
-                server.idle_tx_since = now
-            elif now - server.idle_tx_since >= timeout:
-                client.fatal(codes.PROTOCOL_VIOLATION, "idle transaction timeout")
-
-    def expire_queries(self, now: float, timeout: float) -> None:
-        """query_timeout: cancel a request that has had no reply for ``timeout`` seconds.
-
-        Progress is the pair (client's requests, replies forwarded); the janitor notes when
-        it last changed. A cancelled request is not cancelled again.
-        """
-        for server in list(self.servers):
-            client = server.client
-            if client is None or client.outstanding <= 0:
-                continue
-            mark = (client.scan.requests_total, server.replies)
-            if mark != server.progress_mark:
-                server.progress_mark = mark
-                server.progress_since = now
-            elif now - server.progress_since >= timeout and server.cancelled_mark != mark:
-                server.cancelled_mark = mark
-                log.info("pool %s: query_timeout: cancelling a request", self.name)
-                self.cancel_running_query(server)
-
-    def expire_transactions(self, now: float, timeout: float) -> None:
-        """transaction_timeout (transaction/statement mode): end over-long transactions."""
-        if not self.releases_at_idle:
-            return
-        for server in list(self.servers):
-            client = server.client
-            if client is not None and now - server.linked_at >= timeout:
-                client.fatal(codes.PROTOCOL_VIOLATION, "transaction timeout")
-
-    def expire_waiters(self, now: float, timeout: float) -> None:
-        """End the waits older than ``timeout`` seconds (query_wait_timeout)."""
-        waiters = self.waiters
-        deadline = now - timeout
-        while waiters and waiters[0].wait_started_at <= deadline:
-            client = waiters.popleft()
-            client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
+    # -- shutdown ------------------------------------------------------------------------
 
     def close_all(self) -> None:
         """Close every server now (shutdown)."""
