@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +302,50 @@ def assert_healthy(proxy: ProxyProcess, **dsn: Any) -> None:
     with connect(proxy, **dsn) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
     assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"
+
+
+class Peak:
+    """The largest value ``sample()`` returned while the ``with`` block ran.
+
+    ``sample`` is called every ``interval`` seconds in a thread (a psycopg connection may be
+    shared with it: psycopg connections are thread-safe).
+    """
+
+    def __init__(self, sample: Callable[[], int], interval: float = 0.01) -> None:
+        self._sample = sample
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self.value = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.value = max(self.value, self._sample())
+            time.sleep(self._interval)
+
+    def __enter__(self) -> Peak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class BackgroundQuery:
+    """``conn.execute(sql)`` in a thread; ``errors`` holds the psycopg error it raised, if any."""
+
+    def __init__(self, conn: psycopg.Connection[Any], sql: str) -> None:
+        self.errors: list[psycopg.Error] = []
+        self._thread = threading.Thread(target=self._run, args=(conn, sql))
+        self._thread.start()
+
+    def _run(self, conn: psycopg.Connection[Any], sql: str) -> None:
+        try:
+            conn.execute(sql.encode())
+        except psycopg.Error as exc:
+            self.errors.append(exc)
+
+    def join(self, timeout: float) -> None:
+        """Wait for the query to end (at most ``timeout`` seconds)."""
+        self._thread.join(timeout)

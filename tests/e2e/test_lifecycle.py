@@ -19,7 +19,15 @@ import psycopg
 import pytest
 
 from pgproxy.embedded import EmbeddedPostgres
-from tests.support import ProxyFactory, ProxyProcess, assert_healthy, connect, proxy_config
+from tests.support import (
+    BackgroundQuery,
+    Peak,
+    ProxyFactory,
+    ProxyProcess,
+    assert_healthy,
+    connect,
+    proxy_config,
+)
 
 ROLE = "lifeuser"
 PASSWORD = "life-secret"
@@ -141,23 +149,9 @@ def test_null_pool_keeps_no_idle_server_but_caps_concurrency(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
 ) -> None:
     proxy = _proxy(pg, proxy_factory, default_pool_size=3, null_pool=True)
-    most = 0
-    stop = threading.Event()
-
-    def watch() -> None:
-        nonlocal most
-        while not stop.is_set():
-            most = max(most, server_count())
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with Peak(server_count) as servers:
         _burst(proxy, clients=10, sleep=0.2)
-    finally:
-        stop.set()
-        watcher.join(10)
-    assert 1 <= most <= 3
+    assert 1 <= servers.value <= 3
     _wait_for(lambda: server_count() == 0, 2.0, "no idle server after the burst")
 
 
@@ -175,16 +169,7 @@ def test_pool_heals_after_pg_terminate_backend(
             assert conn.execute("select 1").fetchone() == (1,)
         # An active server is terminated: its client gets the error, another client doesn't.
         with connect(proxy) as victim, connect(proxy) as bystander:
-            failures: list[BaseException] = []
-
-            def sleep_in_victim() -> None:
-                try:
-                    victim.execute("select pg_sleep(30)")
-                except psycopg.Error as exc:
-                    failures.append(exc)
-
-            sleeper = threading.Thread(target=sleep_in_victim)
-            sleeper.start()
+            sleeper = BackgroundQuery(victim, "select pg_sleep(30)")
             _wait_for(
                 lambda: (
                     admin.execute(
@@ -203,8 +188,8 @@ def test_pool_heals_after_pg_terminate_backend(
                 (ROLE,),
             )
             sleeper.join(10)
-            assert len(failures) == 1
-            assert "terminating connection due to administrator command" in str(failures[0])
+            assert len(sleeper.errors) == 1
+            assert "terminating connection due to administrator command" in str(sleeper.errors[0])
             assert bystander.execute("select 2").fetchone() == (2,)
     assert_healthy(proxy)
 
@@ -232,16 +217,7 @@ def test_postgres_outage_backoff_hook_and_recovery(
     try:
         for conn in idle_clients:
             assert conn.execute("select 1").fetchone() == (1,)
-        in_flight_error: list[BaseException] = []
-
-        def sleep_through_the_outage() -> None:
-            try:
-                in_flight.execute("select pg_sleep(30)")
-            except psycopg.Error as exc:
-                in_flight_error.append(exc)
-
-        sleeper = threading.Thread(target=sleep_through_the_outage)
-        sleeper.start()
+        sleeper = BackgroundQuery(in_flight, "select pg_sleep(30)")
         time.sleep(0.5)
         pg.shut_down()
         sleeper.join(10)
@@ -265,7 +241,7 @@ def test_postgres_outage_backoff_hook_and_recovery(
         for conn in [*idle_clients, in_flight]:
             conn.close()
     # Only the transaction in flight at the outage failed; queued clients were served.
-    assert len(in_flight_error) == 1
+    assert len(sleeper.errors) == 1
     assert results == [(42,)] * 10
     _wait_for(lambda: server_count() >= 1, 5.0, "min_pool_size servers after the outage")
     # Attempts backed off: waits 1 s, then doubling, capped at server_login_retry (2 s).
@@ -481,14 +457,6 @@ def test_server_count_never_exceeds_pool_size_under_a_burst(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
 ) -> None:
     proxy = _proxy(pg, proxy_factory, default_pool_size=8, max_client_conn=600)
-    most = 0
-    stop = threading.Event()
-
-    def watch() -> None:
-        nonlocal most
-        while not stop.is_set():
-            most = max(most, server_count())
-            time.sleep(0.01)
 
     async def burst() -> list[int]:
         async def one(index: int) -> int:
@@ -501,12 +469,7 @@ def test_server_count_never_exceeds_pool_size_under_a_burst(
 
         return await asyncio.gather(*(one(index) for index in range(500)))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with Peak(server_count) as servers:
         results = asyncio.run(asyncio.wait_for(burst(), 120))
-    finally:
-        stop.set()
-        watcher.join(10)
     assert sorted(results) == list(range(500))
-    assert 1 <= most <= 8
+    assert 1 <= servers.value <= 8

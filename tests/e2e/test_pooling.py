@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from pgproxy.embedded import EmbeddedPostgres
-from tests.support import ProxyFactory, ProxyProcess, proxy_config, psql
+from tests.support import Peak, ProxyFactory, ProxyProcess, proxy_config, psql
 
 MODES = ["session", "transaction", "statement"]
 
@@ -237,19 +237,6 @@ def test_200_clients_on_pool_of_5(
         )
     )
     tag = _tag()
-    most_servers = 0
-    stop = threading.Event()
-
-    def watch() -> None:
-        nonlocal most_servers
-        with psycopg.connect(pg.superuser_dsn("appdb"), autocommit=True) as admin:
-            while not stop.is_set():
-                row = admin.execute(
-                    "select count(*) from pg_stat_activity where usename = %s", (mux_user,)
-                ).fetchone()
-                assert row is not None
-                most_servers = max(most_servers, row[0])
-                time.sleep(0.01)
 
     async def client(index: int) -> tuple[int, int]:
         async with await psycopg.AsyncConnection.connect(proxy.dsn()) as conn:
@@ -268,18 +255,24 @@ def test_200_clients_on_pool_of_5(
     async def run_all() -> list[tuple[int, int]]:
         return await asyncio.gather(*(client(index) for index in range(200)))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    def servers_now() -> int:
+        row = admin.execute(
+            "select count(*) from pg_stat_activity where usename = %s", (mux_user,)
+        ).fetchone()
+        assert row is not None
+        count: int = row[0]
+        return count
+
+    with (
+        psycopg.connect(pg.superuser_dsn("appdb"), autocommit=True) as admin,
+        Peak(servers_now) as servers,
+    ):
         results = asyncio.run(asyncio.wait_for(run_all(), 90))
-    finally:
-        stop.set()
-        watcher.join(10)
     assert sorted(results) == [(index, 3) for index in range(200)]
     with psycopg.connect(pg.superuser_dsn("appdb")) as admin:
         row = admin.execute("select count(*) from t where v like %s", (tag + "-%",)).fetchone()
     assert row == (600,)
-    assert 1 <= most_servers <= 5
+    assert 1 <= servers.value <= 5
 
 
 def test_uncommitted_insert_is_invisible_to_others(proxy_tx: ProxyProcess) -> None:
