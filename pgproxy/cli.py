@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not settings.databases:
         logging.getLogger("pgproxy").warning("no [databases] configured: every login will fail")
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, config_path=args.config)
     try:
         uvloop.run(daemon.serve())
     except OSError as exc:

@@ -65,6 +65,7 @@ class ClientConn(asyncio.Protocol):
         # pass where it last changed, and when that was).
         self.idle_requests = 0
         self.idle_since = 0.0
+        self.connected_at = 0.0
         self._pending: list[bytes] = []  # bytes received while waiting for a server
         self._pending_size = 0
         self._paused_while_waiting = False
@@ -77,6 +78,7 @@ class ClientConn(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.connected_at = asyncio.get_running_loop().time()
         self.daemon.clients.add(self)
 
     def data_received(self, data: bytes) -> None:

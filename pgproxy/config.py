@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         description="Most clients queued for a server per pool; more get 'too many clients "
         "waiting (max_waiting)'; 0: no limit (beyond PgBouncer).",
     )
+    client_login_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a client has to finish logging in (startup packet, "
+        "authentication, first server login) before FATAL client_login_timeout; 0 disables.",
+    )
     client_idle_timeout: float = Field(
         default=0.0,
         ge=0,

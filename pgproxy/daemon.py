@@ -10,7 +10,7 @@ import signal
 from typing import TYPE_CHECKING
 
 from pgproxy import __version__
-from pgproxy.config import Settings
+from pgproxy.config import ConfigError, DatabaseConfig, Settings, load_settings
 from pgproxy.janitor import Janitor
 from pgproxy.listener import start_listeners
 from pgproxy.pool import Pool, ServerTarget
@@ -25,8 +25,9 @@ log = logging.getLogger("pgproxy")
 class Daemon:
     """The running proxy: settings, pools, clients, cancel keys, listeners."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
         self.settings = settings
+        self.config_path = config_path
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[ClientConn] = set()
         self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
@@ -46,18 +47,35 @@ class Daemon:
         key = (database, server_user)
         pool = self.pools.get(key)
         if pool is None:
-            target = ServerTarget(
-                host=entry.host,
-                port=entry.port,
-                dbname=entry.dbname or database,
-                user=server_user,
-                password=entry.password.get_secret_value() if entry.password else None,
-            )
+            target = _target(entry, database, server_user)
             pool = Pool(
                 database, server_user, target, self.settings.pool_settings(entry, server_user)
             )
             self.pools[key] = pool
         return pool
+
+    def reload(self) -> bool:
+        """Re-read the configuration (SIGHUP); resize and retarget the pools in place.
+
+        Clients stay connected. An invalid file is logged and changes nothing. A pool's
+        mode is fixed at creation: a new pool_mode applies to pools created afterwards.
+        """
+        try:
+            settings = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed, configuration unchanged: %s", exc)
+            return False
+        self.settings = settings
+        for pool in self.pools.values():
+            entry = settings.database(pool.database)
+            if entry is None:
+                log.warning("reload: database %s is no longer configured", pool.database)
+                continue
+            pool.reconfigure(
+                settings.pool_settings(entry, pool.user), _target(entry, pool.database, pool.user)
+            )
+        log.warning("configuration reloaded")
+        return True
 
     def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
         """A fresh random (process id, secret) for ``client``; never a server's key."""
@@ -106,6 +124,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         assert self._stopped is not None
         await self._stopped.wait()
         await self.shutdown()
@@ -127,3 +146,13 @@ class Daemon:
         for pool in self.pools.values():
             pool.close_all()
         await asyncio.sleep(0)  # let transports flush their goodbyes
+
+
+def _target(entry: DatabaseConfig, database: str, server_user: str) -> ServerTarget:
+    return ServerTarget(
+        host=entry.host,
+        port=entry.port,
+        dbname=entry.dbname or database,
+        user=server_user,
+        password=entry.password.get_secret_value() if entry.password else None,
+    )

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from pgproxy.client import READY
+from pgproxy.client import LOGIN, READY
 from pgproxy.protocol import codes
 from pgproxy.protocol.stream import STATUS_IDLE
 
@@ -61,9 +61,13 @@ class Janitor:
     def maintain(self, now: float) -> None:
         """One pass: client timeouts, then each pool's timeouts and life cycle (recycle)."""
         settings = self._settings()
-        if settings.client_idle_timeout > 0:
+        if settings.client_idle_timeout > 0 or settings.client_login_timeout > 0:
             for client in self._clients():
-                expire_idle_client(client, now, settings.client_idle_timeout)
+                if client.state is READY:
+                    if settings.client_idle_timeout > 0:
+                        expire_idle_client(client, now, settings.client_idle_timeout)
+                elif settings.client_login_timeout > 0:
+                    expire_login(client, now, settings.client_login_timeout)
         for pool in self._pools():
             if settings.query_wait_timeout > 0 and pool.waiters:
                 expire_waiters(pool, now, settings.query_wait_timeout)
@@ -81,7 +85,7 @@ def recycle(pool: Pool, now: float) -> None:
     idle = pool.idle
     # Servers past their lifetime that sit idle are closed now (busy ones on release).
     for server in [server for server in idle if now >= server.expires_at]:
-        server.close()
+        pool.retire(server)
     # Above min_pool_size, the server idle longest goes, one per pass (psycopg_pool's
     # ShrinkPool): a burst's servers drain gradually rather than all at once.
     timeout = pool.settings.idle_timeout
@@ -91,7 +95,7 @@ def recycle(pool: Pool, now: float) -> None:
         and len(pool.servers) > pool.min_size
         and now - idle[0].idle_since >= timeout
     ):
-        idle[0].close()
+        pool.retire(idle[0])
     # Background openings: up to min_pool_size, and for waiters whose attempt failed
     # (retried here once the backoff allows).
     if len(pool.servers) + pool.connecting < pool.min_size or pool.connecting < len(pool.waiters):
@@ -167,6 +171,16 @@ def expire_waiters(pool: Pool, now: float, timeout: float) -> None:
     while waiters and waiters[0].wait_started_at <= deadline:
         client = waiters.popleft()
         client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
+
+
+def expire_login(client: ClientConn, now: float, timeout: float) -> None:
+    """client_login_timeout: a client still logging in after ``timeout`` seconds."""
+    if not client.closed and now - client.connected_at >= timeout:
+        # PgBouncer's wording tells a stalled client from one waiting for a dead server.
+        if client.state is LOGIN:
+            client.fatal(codes.PROTOCOL_VIOLATION, "client_login_timeout (server down)")
+        else:
+            client.fatal(codes.PROTOCOL_VIOLATION, "client_login_timeout")
 
 
 def expire_idle_client(client: ClientConn, now: float, timeout: float) -> None:

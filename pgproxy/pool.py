@@ -13,7 +13,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as tracked
@@ -161,8 +161,8 @@ class Pool:
         waits for in a null pool.
         """
         now = self._loop.time()
-        if now >= server.expires_at:
-            server.close()
+        if now >= server.expires_at or len(self.servers) > self.size + self.settings.reserve_size:
+            self.retire(server)  # past its lifetime, or the pool was shrunk by a reload
             return
         while self.waiters:
             client = self.waiters.popleft()
@@ -173,7 +173,7 @@ class Pool:
             client.flush_pending()
             return
         if self.settings.null_pool:
-            server.close()
+            self.retire(server)
             return
         server.state = IDLE
         server.idle_since = now
@@ -205,7 +205,7 @@ class Pool:
             # A client that said Terminate after its last query wants that query to run.
             if client.outstanding > 0 and not client.terminated:
                 self.cancel_running_query(server)
-            server.close()
+            self.retire(server)
         elif self.reset_query:
             server.state = RESET
             server.run_hidden(self.reset_query)
@@ -215,6 +215,14 @@ class Pool:
     def reset_done(self, server: ServerConn) -> None:
         """The reset query finished cleanly: the server is as new."""
         self._hand_over(server)
+
+    def retire(self, server: ServerConn) -> None:
+        """Close a server pgproxy no longer wants. It leaves the pool's lists now, not when
+        the transport reports the close, so that nobody can be handed a closing server."""
+        self.servers.discard(server)
+        if server in self.idle:
+            self.idle.remove(server)
+        server.close()
 
     def server_closed(self, server: ServerConn) -> None:
         """A server connection ended (by us or by PostgreSQL): forget it, replace if needed."""
@@ -304,6 +312,37 @@ class Pool:
                 lambda done: done.cancelled() or done.exception()
             )
         await asyncio.shield(self._welcome_attempt)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reconfigure(self, settings: PoolSettings, target: ServerTarget) -> None:
+        """Apply reloaded settings: sizes, timeouts and limits now; the mode stays.
+
+        A smaller pool closes idle servers now and busy ones as they come free; a larger
+        one opens servers for its waiters at once. Servers of a changed target (host, port,
+        database, user or password) are replaced as they come free.
+        """
+        if settings.mode != self.mode:
+            log.warning("pool %s: pool_mode change applies to new pools only", self.name)
+            settings = replace(settings, mode=self.mode)
+        self.settings = settings
+        self.size = settings.size
+        self.min_size = min(settings.min_size, settings.size)
+        self.reset_query = settings.reset_query if settings.mode == "session" else ""
+        self.connect_timeout = settings.connect_timeout
+        self.reconnect.max_delay = settings.login_retry
+        self.reconnect.timeout = settings.reconnect_timeout
+        self.reconnect.hook = settings.reconnect_failed
+        if target != self.target:
+            self.target = target
+            for server in self.servers:
+                server.expires_at = 0.0  # "database configuration changed"
+        excess = len(self.servers) - self.size - settings.reserve_size
+        for server in list(self.idle):
+            if server.expires_at == 0.0 or excess > 0:
+                excess -= 1
+                self.retire(server)
+        self.grow()
 
     # -- shutdown ------------------------------------------------------------------------
 

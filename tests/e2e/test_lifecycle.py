@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shlex
+import signal
 import socket
 import sys
 import threading
@@ -17,8 +19,10 @@ from typing import Any
 
 import psycopg
 import pytest
+import tomli_w
 
 from pgproxy.embedded import EmbeddedPostgres
+from pgproxy.protocol import messages
 from tests.support import (
     BackgroundQuery,
     Peak,
@@ -473,3 +477,48 @@ def test_server_count_never_exceeds_pool_size_under_a_burst(
         results = asyncio.run(asyncio.wait_for(burst(), 120))
     assert sorted(results) == list(range(500))
     assert 1 <= servers.value <= 8
+
+
+def test_client_login_timeout(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(pg, proxy_factory, client_login_timeout=1)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as silent:
+        silent.sendall(messages.startup_message({"user": ROLE})[:6])  # and then nothing
+        received = b""
+        while chunk := silent.recv(4096):
+            received += chunk
+    assert received[:1] == b"E"
+    assert messages.parse_error_fields(received[5:])["M"] == "client_login_timeout"
+    assert_healthy(proxy)
+
+
+def test_sighup_reload_resizes_pools_without_dropping_clients(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    proxy = _proxy(pg, proxy_factory, default_pool_size=2)
+
+    def reload_with(**changes: Any) -> None:
+        config = {**proxy.config, **changes}
+        with open(proxy.config_path, "wb") as config_file:
+            tomli_w.dump(config, config_file)
+        os.kill(proxy.pid, signal.SIGHUP)
+        time.sleep(0.5)
+
+    with connect(proxy) as survivor:  # connected across every reload below
+        with Peak(server_count) as before:
+            _burst(proxy, clients=6, sleep=0.3)
+        assert before.value == 2
+        reload_with(default_pool_size=4)
+        with Peak(server_count) as grown:
+            _burst(proxy, clients=6, sleep=0.3)
+        assert grown.value == 4
+        assert survivor.execute("select 1").fetchone() == (1,)
+        reload_with(default_pool_size=1)
+        _wait_for(lambda: server_count() <= 1, 3.0, "the pool to shrink to 1")
+        with Peak(server_count) as shrunk:
+            _burst(proxy, clients=4, sleep=0.2)
+        assert shrunk.value == 1
+        reload_with(pool_mode="no-such-mode")  # invalid: logged, nothing changes
+        assert "reload failed, configuration unchanged" in proxy.log_text()
+        assert "pool_mode" in proxy.log_text()
+        assert survivor.execute("select 2").fetchone() == (2,)
+    assert_healthy(proxy)
