@@ -79,6 +79,9 @@ class DatabaseConfig(BaseModel):
     reserve_pool_size: int | None = Field(
         default=None, ge=0, description="Overrides reserve_pool_size for this database."
     )
+    max_db_connections: int | None = Field(
+        default=None, ge=0, description="Overrides max_db_connections for this database."
+    )
     pool_mode: PoolMode | None = Field(default=None, description="Overrides the global pool_mode.")
     min_pool_size: int | None = Field(
         default=None, ge=0, description="Overrides min_pool_size for this database's pools."
@@ -101,6 +104,9 @@ class UserConfig(BaseModel):
     )
     pool_size: int | None = Field(
         default=None, ge=1, description="Overrides the database's and the default pool size."
+    )
+    max_user_connections: int | None = Field(
+        default=None, ge=0, description="Overrides max_user_connections for this user."
     )
 
 
@@ -170,6 +176,16 @@ class Settings(BaseSettings):
     )
     reserve_pool_timeout: float = Field(
         default=5.0, ge=0, description="Seconds a client waits before the reserve is used."
+    )
+    max_db_connections: int = Field(
+        default=0,
+        ge=0,
+        description="Most server connections of all pools of one database; 0: no limit.",
+    )
+    max_user_connections: int = Field(
+        default=0,
+        ge=0,
+        description="Most server connections of all pools of one (server) user; 0: no limit.",
     )
     max_client_conn: int = Field(default=100, ge=1, description="Most client connections at once.")
     max_waiting: int = Field(
@@ -279,6 +295,19 @@ class Settings(BaseSettings):
             reserve_size=pick(database.reserve_pool_size, self.reserve_pool_size),
             reserve_timeout=self.reserve_pool_timeout,
         )
+
+    def max_db_connections_for(self, database: DatabaseConfig) -> int:
+        """The database's own max_db_connections, else the global one (0: no limit)."""
+        if database.max_db_connections is not None:
+            return database.max_db_connections
+        return self.max_db_connections
+
+    def max_user_connections_for(self, user: str) -> int:
+        """The user's own max_user_connections, else the global one (0: no limit)."""
+        entry = self.users.get(user)
+        if entry is not None and entry.max_user_connections is not None:
+            return entry.max_user_connections
+        return self.max_user_connections
 
     def pool_size_for(self, database: DatabaseConfig, user: str) -> int:
         """PgBouncer's precedence: the user's setting, then the database's, then the default."""

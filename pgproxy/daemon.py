@@ -13,7 +13,7 @@ from pgproxy import __version__
 from pgproxy.config import ConfigError, DatabaseConfig, Settings, load_settings
 from pgproxy.janitor import Janitor
 from pgproxy.listener import start_listeners
-from pgproxy.pool import Pool, ServerTarget
+from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
 
 if TYPE_CHECKING:
@@ -29,6 +29,9 @@ class Daemon:
         self.settings = settings
         self.config_path = config_path
         self.pools: dict[tuple[str, str], Pool] = {}
+        # Server budgets shared across pools: per database and per (server) user.
+        self.db_budgets: dict[str, ServerBudget] = {}
+        self.user_budgets: dict[str, ServerBudget] = {}
         self.clients: set[ClientConn] = set()
         self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
         self._listeners: list[asyncio.Server] = []
@@ -48,8 +51,18 @@ class Daemon:
         pool = self.pools.get(key)
         if pool is None:
             target = _target(entry, database, server_user)
+            db_budget = self.db_budgets.setdefault(
+                database, ServerBudget(self.settings.max_db_connections_for(entry))
+            )
+            user_budget = self.user_budgets.setdefault(
+                server_user, ServerBudget(self.settings.max_user_connections_for(server_user))
+            )
             pool = Pool(
-                database, server_user, target, self.settings.pool_settings(entry, server_user)
+                database,
+                server_user,
+                target,
+                self.settings.pool_settings(entry, server_user),
+                (db_budget, user_budget),
             )
             self.pools[key] = pool
         return pool
@@ -71,6 +84,8 @@ class Daemon:
             if entry is None:
                 log.warning("reload: database %s is no longer configured", pool.database)
                 continue
+            self.db_budgets[pool.database].limit = settings.max_db_connections_for(entry)
+            self.user_budgets[pool.user].limit = settings.max_user_connections_for(pool.user)
             pool.reconfigure(
                 settings.pool_settings(entry, pool.user), _target(entry, pool.database, pool.user)
             )

@@ -50,6 +50,29 @@ class ServerTarget:
         return f"ServerTarget({self.user}@{self.host}:{self.port}/{self.dbname})"
 
 
+class ServerBudget:
+    """A cap on server connections shared by several pools: max_db_connections for the
+    pools of one database, max_user_connections for the pools of one user."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: no limit
+        self.used = 0  # servers connecting or open in the pools below
+        self.pools: list[Pool] = []
+
+    @property
+    def full(self) -> bool:
+        """No server may be opened under this budget now."""
+        return 0 < self.limit <= self.used
+
+    def evict_idle(self, needy: Pool) -> bool:
+        """Close one idle server of another pool under this budget to make room."""
+        for pool in self.pools:
+            if pool is not needy and pool.idle:
+                pool.retire(pool.idle[0])
+                return True
+        return False
+
+
 class PoolStats:
     """Plain counters bumped on the hot path; the console and metrics read them."""
 
@@ -82,6 +105,7 @@ class Pool:
         user: str,
         target: ServerTarget,
         settings: PoolSettings,
+        budgets: tuple[ServerBudget, ...] = (),
     ) -> None:
         self.database = database
         self.user = user
@@ -93,6 +117,9 @@ class Pool:
         self.min_size = min(settings.min_size, settings.size)
         self.reset_query = settings.reset_query if settings.mode == "session" else ""
         self.connect_timeout = settings.connect_timeout
+        self.budgets = budgets
+        for budget in budgets:
+            budget.pools.append(self)
         self.statement_mode = settings.mode == "statement"
         self.releases_at_idle = settings.mode != "session"
         self.idle: deque[ServerConn] = deque()
@@ -219,17 +246,21 @@ class Pool:
     def retire(self, server: ServerConn) -> None:
         """Close a server pgproxy no longer wants. It leaves the pool's lists now, not when
         the transport reports the close, so that nobody can be handed a closing server."""
-        self.servers.discard(server)
-        if server in self.idle:
-            self.idle.remove(server)
+        self._forget(server)
         server.close()
 
     def server_closed(self, server: ServerConn) -> None:
         """A server connection ended (by us or by PostgreSQL): forget it, replace if needed."""
-        self.servers.discard(server)
+        self._forget(server)
+        self.grow()
+
+    def _forget(self, server: ServerConn) -> None:
+        if server in self.servers:
+            self.servers.remove(server)
+            for budget in self.budgets:
+                budget.used -= 1
         if server in self.idle:
             self.idle.remove(server)
-        self.grow()
 
     # -- background growth -------------------------------------------------------------
 
@@ -242,7 +273,23 @@ class Pool:
             self.connecting < len(self.waiters)
             or len(self.servers) + self.connecting < self.min_size
         ):
+            if not self.budget_allows():
+                return
             self.open_server()
+
+    def budget_allows(self) -> bool:
+        """Whether max_db/max_user_connections leave room for one more server now."""
+        # Past max_db_connections / max_user_connections, a pool with waiters takes the
+        # place of another pool's idle server (PgBouncer instead waits for that server's
+        # idle timeout); a pool merely below min_pool_size waits.
+        for budget in self.budgets:
+            if budget.full and not (self.waiters and budget.evict_idle(self)):
+                return False
+        return True
+
+    def _give_back_budget(self) -> None:
+        for budget in self.budgets:
+            budget.used -= 1
 
     def cancel_running_query(self, server: ServerConn) -> None:
         """Ask PostgreSQL to cancel what ``server`` runs now (background, best effort)."""
@@ -258,6 +305,8 @@ class Pool:
         """Start a background task that opens one server; its future tells how it went."""
         outcome: asyncio.Future[None] = self._loop.create_future()
         self.connecting += 1
+        for budget in self.budgets:
+            budget.used += 1  # given back by _forget, or below if the attempt fails
         self._track(self._open_server(outcome))
         return outcome
 
@@ -266,15 +315,18 @@ class Pool:
             server = await connect_server(self, self.connect_timeout)
         except ServerLoginError as exc:
             self.connecting -= 1
+            self._give_back_budget()
             self.reconnect.failed(self._loop.time(), exc, exc.message)
             outcome.set_exception(exc)
             return
         except asyncio.CancelledError:
             self.connecting -= 1
+            self._give_back_budget()
             outcome.cancel()
             raise
         except Exception:
             self.connecting -= 1
+            self._give_back_budget()
             log.exception("pool %s: unexpected error opening a server", self.name)
             error = ServerLoginError(codes.INTERNAL_ERROR, "server connection failed")
             self.reconnect.failed(self._loop.time(), error, error.message)

@@ -81,13 +81,13 @@ def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _burst(proxy: ProxyProcess, clients: int, sleep: float) -> None:
+def _burst(proxy: ProxyProcess, clients: int, sleep: float, **dsn: Any) -> None:
     """``clients`` concurrent transactions, each holding its server for ``sleep`` seconds."""
     errors: list[BaseException] = []
 
     def one() -> None:
         try:
-            with connect(proxy) as conn:
+            with connect(proxy, **dsn) as conn:
                 conn.execute("select pg_sleep(%s)", (sleep,))
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
@@ -522,3 +522,40 @@ def test_sighup_reload_resizes_pools_without_dropping_clients(
         assert "pool_mode" in proxy.log_text()
         assert survivor.execute("select 2").fetchone() == (2,)
     assert_healthy(proxy)
+
+
+def test_max_db_connections_shared_by_the_pools_of_a_database(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    pg.create_role("lifeuser2", PASSWORD)
+    # No forced user: each client user has its own pool; both share the database's budget.
+    entry = {"host": "127.0.0.1", "port": pg.port, "password": PASSWORD}
+    proxy = proxy_factory(
+        proxy_config(
+            pg,
+            pool_mode="transaction",
+            default_pool_size=5,
+            max_db_connections=2,
+            databases={"appdb": entry},
+        )
+    )
+
+    def both_roles() -> int:
+        with psycopg.connect(pg.superuser_dsn("appdb"), autocommit=True) as admin:
+            row = admin.execute(
+                "select count(*) from pg_stat_activity where usename in (%s, 'lifeuser2')",
+                (ROLE,),
+            ).fetchone()
+        assert row is not None
+        value: int = row[0]
+        return value
+
+    with Peak(both_roles, interval=0.02) as servers:
+        _burst(proxy, clients=4, sleep=0.3, user=ROLE)  # capped at 2 by the database
+        with connect(proxy, user="lifeuser2") as other:
+            started = time.monotonic()
+            # The budget is full of lifeuser's idle servers: one of them makes room.
+            assert other.execute("select current_user").fetchone() == ("lifeuser2",)
+            assert time.monotonic() - started < 3.0
+    assert servers.value == 2
+    assert_healthy(proxy, user="lifeuser2")
