@@ -44,6 +44,8 @@ class PoolSettings:
     reconnect_timeout: float = 300.0  # 0: never run the hook
     reconnect_failed: str | None = None
     max_waiting: int = 0  # 0: no limit
+    check_query: str = "select 1"
+    check_delay: float = 30.0
     reserve_size: int = 0
     reserve_timeout: float = 5.0
 
@@ -224,6 +226,14 @@ class Settings(BaseSettings):
         description="Seconds a client may sit idle inside a transaction before it is "
         "disconnected (idle transaction timeout) and its server closed; 0 disables.",
     )
+    server_check_query: str = Field(
+        default="select 1",
+        description="Run on a server idle for server_check_delay, in the background; a "
+        "server whose check fails is closed; '' disables checks.",
+    )
+    server_check_delay: float = Field(
+        default=30.0, ge=0, description="Seconds of idleness before a server is checked."
+    )
     query_wait_timeout: float = Field(
         default=120.0, ge=0, description="Seconds a client may wait for a server; 0 disables."
     )
@@ -292,6 +302,8 @@ class Settings(BaseSettings):
             reconnect_timeout=self.reconnect_timeout,
             reconnect_failed=self.reconnect_failed,
             max_waiting=self.max_waiting,
+            check_query=self.server_check_query,
+            check_delay=self.server_check_delay,
             reserve_size=pick(database.reserve_pool_size, self.reserve_pool_size),
             reserve_timeout=self.reserve_pool_timeout,
         )

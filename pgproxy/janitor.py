@@ -96,6 +96,13 @@ def recycle(pool: Pool, now: float) -> None:
         and now - idle[0].idle_since >= timeout
     ):
         pool.retire(idle[0])
+    # server_check_query: test servers idle longer than server_check_delay, in the
+    # background (each leaves the idle list while it runs).
+    check_query = pool.settings.check_query
+    if check_query:
+        deadline = now - pool.settings.check_delay
+        for server in [server for server in idle if server.checked_at <= deadline]:
+            pool.check(server, check_query, now)
     # Background openings: up to min_pool_size, and for waiters whose attempt failed
     # (retried here once the backoff allows).
     if len(pool.servers) + pool.connecting < pool.min_size or pool.connecting < len(pool.waiters):

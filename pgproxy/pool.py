@@ -24,6 +24,7 @@ from pgproxy.server import (
     ACTIVE,
     IDLE,
     RESET,
+    TESTED,
     ServerConn,
     ServerLoginError,
     cancel_backend,
@@ -203,7 +204,7 @@ class Pool:
             self.retire(server)
             return
         server.state = IDLE
-        server.idle_since = now
+        server.idle_since = server.checked_at = now
         self.idle.append(server)
 
     def transaction_done(self, client: ClientConn, server: ServerConn) -> None:
@@ -242,6 +243,21 @@ class Pool:
     def reset_done(self, server: ServerConn) -> None:
         """The reset query finished cleanly: the server is as new."""
         self._hand_over(server)
+
+    def check(self, server: ServerConn, query: str, now: float) -> None:
+        """server_check_query: test an idle server off the idle list (PgBouncer's 'tested')."""
+        self.idle.remove(server)
+        server.state = TESTED
+        server.checked_at = now
+        server.run_hidden(query)
+
+    def check_done(self, server: ServerConn) -> None:
+        """The check passed: to a waiter, or back to the idle list keeping its idle age."""
+        if self.waiters:
+            self._hand_over(server)
+        else:
+            server.state = IDLE
+            self.idle.appendleft(server)  # it has been idle longest: keep the order
 
     def retire(self, server: ServerConn) -> None:
         """Close a server pgproxy no longer wants. It leaves the pool's lists now, not when

@@ -31,6 +31,7 @@ LOGIN = "login"
 IDLE = "idle"
 ACTIVE = "active"
 RESET = "reset"  # running the reset query after a session client left; no client linked
+TESTED = "tested"  # running server_check_query after a long idle time; no client linked
 CLOSED = "closed"
 
 CANCEL_TIMEOUT = 5.0  # seconds to deliver a CancelRequest to PostgreSQL
@@ -65,6 +66,7 @@ class ServerConn(asyncio.Protocol):
         self.backend_key = b""
         self.connected_at = 0.0
         self.idle_since = 0.0
+        self.checked_at = 0.0  # last server_check_query (or release) time
         self.linked_at = 0.0
         self.expires_at = math.inf  # closed once free after this time (server_lifetime)
         # idle_transaction_timeout / query_timeout bookkeeping, kept by the janitor: the
@@ -191,12 +193,15 @@ class ServerConn(asyncio.Protocol):
 
     def _unlinked_data(self) -> None:
         scan = self.scan
-        if self.state is RESET and scan.hidden == 0:
+        if (self.state is RESET or self.state is TESTED) and scan.hidden == 0:
             if scan.hidden_failed or scan.status != STATUS_IDLE:
-                log.warning("server %s: reset query failed; closing", self.pool.name)
-                self.close()
-            else:
+                query = "server_reset_query" if self.state is RESET else "server_check_query"
+                log.warning("server %s: %s failed; closing", self.pool.name, query)
+                self.pool.retire(self)
+            elif self.state is RESET:
                 self.pool.reset_done(self)
+            else:
+                self.pool.check_done(self)
         # Anything else an unlinked server sends (a NOTICE, a FATAL before it closes) has
         # no reader; connection_lost handles a closing server.
 

@@ -559,3 +559,47 @@ def test_max_db_connections_shared_by_the_pools_of_a_database(
             assert time.monotonic() - started < 3.0
     assert servers.value == 2
     assert_healthy(proxy, user="lifeuser2")
+
+
+def test_server_check_query_tests_idle_servers(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        default_pool_size=1,
+        server_check_delay=0.5,
+        server_check_query="select 'pgproxy-check'",
+    )
+    with connect(proxy) as conn, psycopg.connect(pg.superuser_dsn(), autocommit=True) as admin:
+        row = conn.execute("select pg_backend_pid()").fetchone()
+        assert row is not None
+        backend = row[0]
+        _wait_for(
+            lambda: (
+                admin.execute(
+                    "select query from pg_stat_activity where pid = %s", (backend,)
+                ).fetchone()
+                == ("select 'pgproxy-check'",)
+            ),
+            5.0,
+            "the idle server to be checked",
+        )
+        assert conn.execute("select pg_backend_pid()").fetchone() == (backend,)  # kept
+
+
+def test_a_server_failing_its_check_is_replaced(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        default_pool_size=1,
+        server_check_delay=0.5,
+        server_check_query="select 1/0",
+    )
+    with connect(proxy) as conn:
+        row = conn.execute("select pg_backend_pid()").fetchone()
+        _wait_for(lambda: server_count() == 0, 5.0, "the failing server to be closed")
+        assert "server_check_query failed; closing" in proxy.log_text()
+        assert conn.execute("select pg_backend_pid()").fetchone() != row  # a new server
