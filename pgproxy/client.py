@@ -61,6 +61,7 @@ class ClientConn(asyncio.Protocol):
         self.write_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
         self.terminated = False  # left with a Terminate message rather than vanishing
+        self.admitted = False  # counted in daemon.db_clients / user_clients
         # client_idle_timeout bookkeeping, kept by the janitor (its request count at the
         # pass where it last changed, and when that was).
         self.idle_requests = 0
@@ -124,6 +125,8 @@ class ClientConn(asyncio.Protocol):
         self.closed = True
         self.state = CLOSED
         self.daemon.clients.discard(self)
+        if self.admitted:
+            self.daemon.client_left(self.database, self.user)
         if self.cancel_key is not None:
             self.daemon.cancel_keys.pop(self.cancel_key, None)
         if self._login_task is not None and not self._login_task.done():
@@ -267,6 +270,11 @@ class ClientConn(asyncio.Protocol):
         if pool is None:
             self.fatal(codes.PROTOCOL_VIOLATION, f"no such database: {self.database}")
             return
+        refusal = self.daemon.admit_client(self.database, user)
+        if refusal is not None:
+            self.fatal(codes.PROTOCOL_VIOLATION, refusal)
+            return
+        self.admitted = True
         # auth_type = trust: the client is who it says it is.
         if pool.welcome is not None:
             self._finish_login(pool, startup)

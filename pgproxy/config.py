@@ -84,6 +84,9 @@ class DatabaseConfig(BaseModel):
     max_db_connections: int | None = Field(
         default=None, ge=0, description="Overrides max_db_connections for this database."
     )
+    max_db_client_connections: int | None = Field(
+        default=None, ge=0, description="Overrides max_db_client_connections for this database."
+    )
     pool_mode: PoolMode | None = Field(default=None, description="Overrides the global pool_mode.")
     min_pool_size: int | None = Field(
         default=None, ge=0, description="Overrides min_pool_size for this database's pools."
@@ -109,6 +112,9 @@ class UserConfig(BaseModel):
     )
     max_user_connections: int | None = Field(
         default=None, ge=0, description="Overrides max_user_connections for this user."
+    )
+    max_user_client_connections: int | None = Field(
+        default=None, ge=0, description="Overrides max_user_client_connections for this user."
     )
 
 
@@ -188,6 +194,12 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description="Most server connections of all pools of one (server) user; 0: no limit.",
+    )
+    max_db_client_connections: int = Field(
+        default=0, ge=0, description="Most client connections to one database; 0: no limit."
+    )
+    max_user_client_connections: int = Field(
+        default=0, ge=0, description="Most client connections of one user; 0: no limit."
     )
     max_client_conn: int = Field(default=100, ge=1, description="Most client connections at once.")
     max_waiting: int = Field(
@@ -320,6 +332,16 @@ class Settings(BaseSettings):
         if entry is not None and entry.max_user_connections is not None:
             return entry.max_user_connections
         return self.max_user_connections
+
+    def client_limits_for(self, database: DatabaseConfig, user: str) -> tuple[int, int]:
+        """(max_db_client_connections, max_user_client_connections) for this login."""
+        db_limit = database.max_db_client_connections
+        user_entry = self.users.get(user)
+        user_limit = user_entry.max_user_client_connections if user_entry else None
+        return (
+            self.max_db_client_connections if db_limit is None else db_limit,
+            self.max_user_client_connections if user_limit is None else user_limit,
+        )
 
     def pool_size_for(self, database: DatabaseConfig, user: str) -> int:
         """PgBouncer's precedence: the user's setting, then the database's, then the default."""

@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from pgproxy import __version__
@@ -33,6 +34,9 @@ class Daemon:
         self.db_budgets: dict[str, ServerBudget] = {}
         self.user_budgets: dict[str, ServerBudget] = {}
         self.clients: set[ClientConn] = set()
+        # Logged-in clients per database and per user (max_db/user_client_connections).
+        self.db_clients: Counter[str] = Counter()
+        self.user_clients: Counter[str] = Counter()
         self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
         self._listeners: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
@@ -66,6 +70,24 @@ class Daemon:
             )
             self.pools[key] = pool
         return pool
+
+    def admit_client(self, database: str, user: str) -> str | None:
+        """Count a client in, or say which client cap (PgBouncer's words) refuses it."""
+        entry = self.settings.database(database)
+        if entry is not None:
+            db_limit, user_limit = self.settings.client_limits_for(entry, user)
+            if 0 < db_limit <= self.db_clients[database]:
+                return "client connections exceeded (max_db_client_connections)"
+            if 0 < user_limit <= self.user_clients[user]:
+                return "client connections exceeded (max_user_client_connections)"
+        self.db_clients[database] += 1
+        self.user_clients[user] += 1
+        return None
+
+    def client_left(self, database: str, user: str) -> None:
+        """Count out a client that admit_client counted in."""
+        self.db_clients[database] -= 1
+        self.user_clients[user] -= 1
 
     def reload(self) -> bool:
         """Re-read the configuration (SIGHUP); resize and retarget the pools in place.

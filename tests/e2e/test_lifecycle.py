@@ -603,3 +603,32 @@ def test_a_server_failing_its_check_is_replaced(
         _wait_for(lambda: server_count() == 0, 5.0, "the failing server to be closed")
         assert "server_check_query failed; closing" in proxy.log_text()
         assert conn.execute("select pg_backend_pid()").fetchone() != row  # a new server
+
+
+def test_client_connection_caps_per_database_and_per_user(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        max_db_client_connections=3,
+        users={"app": {"max_user_client_connections": 1}},
+    )
+    first = connect(proxy)
+    try:
+        # users.app allows one client of "app"; the database allows three clients in all.
+        with pytest.raises(psycopg.OperationalError) as refused:
+            connect(proxy)
+        assert "client connections exceeded (max_user_client_connections)" in str(refused.value)
+        others = [connect(proxy, user="trustuser") for _ in range(2)]
+        with pytest.raises(psycopg.OperationalError) as refused:
+            connect(proxy, user="trustuser")
+        assert "client connections exceeded (max_db_client_connections)" in str(refused.value)
+        others.pop().close()
+        time.sleep(0.2)
+        with connect(proxy, user="trustuser") as again:  # a place came free
+            assert again.execute("select 1").fetchone() == (1,)
+        for conn in others:
+            conn.close()
+    finally:
+        first.close()
