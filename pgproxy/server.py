@@ -101,7 +101,7 @@ class ServerConn(asyncio.Protocol):
             self._apply_params(scan.params)
         if scan.error is not None:
             log.error("server %s: %s; closing", self.pool.name, scan.error)
-            self.close()
+            self.pool.retire(self)  # off the idle list now, not when the close is reported
             return
         client = self.client
         if client is None:

@@ -562,7 +562,7 @@ def test_max_db_connections_shared_by_the_pools_of_a_database(
 
 
 def test_server_check_query_tests_idle_servers(
-    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
 ) -> None:
     proxy = _proxy(
         pg,
