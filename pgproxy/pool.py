@@ -57,7 +57,10 @@ class ServerBudget:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # 0: no limit
-        self.used = 0  # servers connecting or open in the pools below
+        # Servers connecting or connected in the pools below, counted until their
+        # connection is really closed: PostgreSQL counts a closing backend too.
+        self.used = 0
+        self.evicting = False  # an idle server is closing to make room
         self.pools: list[Pool] = []
 
     @property
@@ -65,13 +68,24 @@ class ServerBudget:
         """No server may be opened under this budget now."""
         return 0 < self.limit <= self.used
 
-    def evict_idle(self, needy: Pool) -> bool:
-        """Close one idle server of another pool under this budget to make room."""
+    def evict_idle(self, needy: Pool) -> None:
+        """Close one idle server of another pool under this budget to make room; the
+        room exists once that connection has closed (Pool.server_closed wakes ``needy``)."""
+        if self.evicting:
+            return
         for pool in self.pools:
             if pool is not needy and pool.idle:
+                self.evicting = True
                 pool.retire(pool.idle[0])
-                return True
-        return False
+                return
+
+    def release(self) -> None:
+        """A server under this budget has closed: its place is free; wake a waiting pool."""
+        self.used -= 1
+        self.evicting = False
+        for pool in self.pools:
+            if pool.waiters:
+                pool.grow()
 
 
 class PoolStats:
@@ -268,13 +282,14 @@ class Pool:
     def server_closed(self, server: ServerConn) -> None:
         """A server connection ended (by us or by PostgreSQL): forget it, replace if needed."""
         self._forget(server)
+        if server.holds_budget:
+            server.holds_budget = False
+            for budget in self.budgets:
+                budget.release()
         self.grow()
 
     def _forget(self, server: ServerConn) -> None:
-        if server in self.servers:
-            self.servers.remove(server)
-            for budget in self.budgets:
-                budget.used -= 1
+        self.servers.discard(server)
         if server in self.idle:
             self.idle.remove(server)
 
@@ -299,9 +314,26 @@ class Pool:
         # place of another pool's idle server (PgBouncer instead waits for that server's
         # idle timeout); a pool merely below min_pool_size waits.
         for budget in self.budgets:
-            if budget.full and not (self.waiters and budget.evict_idle(self)):
+            if budget.full:
+                if self.waiters:
+                    budget.evict_idle(self)
                 return False
         return True
+
+    async def _wait_for_budget(self) -> None:
+        # A first login needs a server like a waiting client does: under a full
+        # max_db/max_user_connections it takes an idle sibling's place, within the
+        # connect timeout.
+        deadline = self._loop.time() + self.connect_timeout
+        while full := [budget for budget in self.budgets if budget.full]:
+            if self._loop.time() >= deadline:
+                raise ServerLoginError(
+                    codes.TOO_MANY_CONNECTIONS,
+                    "no server connection available (max_db_connections/max_user_connections)",
+                )
+            for budget in full:
+                budget.evict_idle(self)
+            await asyncio.sleep(0.05)
 
     def _give_back_budget(self) -> None:
         for budget in self.budgets:
@@ -322,7 +354,7 @@ class Pool:
         outcome: asyncio.Future[None] = self._loop.create_future()
         self.connecting += 1
         for budget in self.budgets:
-            budget.used += 1  # given back by _forget, or below if the attempt fails
+            budget.used += 1  # given back by server_closed, or below if the attempt fails
         self._track(self._open_server(outcome))
         return outcome
 
@@ -349,6 +381,7 @@ class Pool:
             outcome.set_exception(error)
             return
         self.connecting -= 1
+        server.holds_budget = True
         self.reconnect.succeeded()
         if self.settings.lifetime > 0:
             # Each server's lifetime is cut by up to 10% so that servers opened together
@@ -373,6 +406,8 @@ class Pool:
         last_error = self.reconnect.last_error
         if isinstance(last_error, ServerLoginError) and self.reconnect.waiting(self._loop.time()):
             raise last_error  # server_login_retry: fail fast with the cached error
+        if self._welcome_attempt is None or self._welcome_attempt.done():
+            await self._wait_for_budget()
         if self._welcome_attempt is None or self._welcome_attempt.done():
             self._welcome_attempt = self.open_server()
             # Read the outcome here even if every waiting client leaves early.

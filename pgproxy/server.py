@@ -35,6 +35,7 @@ TESTED = "tested"  # running server_check_query after a long idle time; no clien
 CLOSED = "closed"
 
 CANCEL_TIMEOUT = 5.0  # seconds to deliver a CancelRequest to PostgreSQL
+CLOSE_GRACE = 5.0  # seconds PostgreSQL has to close after Terminate
 
 # Write-buffer marks: past HIGH the peer's reading pauses, under LOW it resumes.
 WRITE_HIGH_WATER = 256 * 1024
@@ -67,6 +68,7 @@ class ServerConn(asyncio.Protocol):
         self.connected_at = 0.0
         self.idle_since = 0.0
         self.checked_at = 0.0  # last server_check_query (or release) time
+        self.holds_budget = False  # counted in its pool's ServerBudgets until it closes
         self.linked_at = 0.0
         self.expires_at = math.inf  # closed once free after this time (server_lifetime)
         # idle_transaction_timeout / query_timeout bookkeeping, kept by the janitor: the
@@ -81,6 +83,7 @@ class ServerConn(asyncio.Protocol):
         self._login_buffer = bytearray()
         self._login_wakeup: asyncio.Future[None] | None = None
         self._lost = False
+        self._closing = False  # Terminate sent; waiting for PostgreSQL to close
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -206,12 +209,18 @@ class ServerConn(asyncio.Protocol):
         # no reader; connection_lost handles a closing server.
 
     def close(self) -> None:
-        """Say goodbye to PostgreSQL and close; the pool forgets it in connection_lost."""
-        if self._lost or self.transport is None:
+        """Say goodbye to PostgreSQL; the pool forgets it in connection_lost.
+
+        PostgreSQL closes the connection when its backend has exited, so waiting for that
+        (rather than closing our end at once) makes connection_lost mean "the backend is
+        gone", which max_db_connections counts on. A backend that does not answer within
+        CLOSE_GRACE seconds is cut off.
+        """
+        if self._lost or self._closing or self.transport is None:
             return
-        if not self.transport.is_closing():
-            self.transport.write(messages.TERMINATE)
-            self.transport.close()
+        self._closing = True
+        self.transport.write(messages.TERMINATE)
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.close)
 
     @property
     def is_clean(self) -> bool:
