@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import struct
+import time
 from typing import TYPE_CHECKING, cast
 
+from pgproxy import __version__
 from pgproxy import params as tracked
+from pgproxy.admin import CONSOLE_DATABASES
+from pgproxy.admin.console import WELCOME_PARAMS, Console
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.startup import (
     CancelRequest,
@@ -23,6 +30,7 @@ from pgproxy.protocol.startup import (
 )
 from pgproxy.protocol.stream import FrontendScanner
 from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
+from pgproxy.stats import next_connection_id
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -34,7 +42,10 @@ log = logging.getLogger("pgproxy.client")
 STARTUP = "startup"  # reading SSLRequest / StartupMessage
 LOGIN = "login"  # authenticating, waiting for the pool's welcome
 READY = "ready"  # logged in: the hot path
+CONSOLE = "console"  # logged in to the admin console
 CLOSED = "closed"
+
+_PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
 # Bytes a waiting client may send before its reading is paused.
 PENDING_LIMIT = 256 * 1024
@@ -47,8 +58,13 @@ class ClientConn(asyncio.Protocol):
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.id = next_connection_id()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = STARTUP
+        self.console: Console | None = None
+        self.peer_pid = 0  # the client's process id, known over a Unix socket
+        self.peer_uid = -1
+        self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
         self.server: ServerConn | None = None
@@ -79,8 +95,23 @@ class ClientConn(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.connected_at = asyncio.get_running_loop().time()
+        self.connected_at = time.monotonic()
         self.daemon.clients.add(self)
+        if not isinstance(transport.get_extra_info("peername"), tuple):
+            self._read_peer_credentials()
+
+    def _read_peer_credentials(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+            self.peer_pid, self.peer_uid, _ = _PEER_CREDENTIALS.unpack(raw)
+        except (OSError, AttributeError, struct.error):
+            pass  # not a Unix socket after all, or no credentials: nobody special
+
+    @property
+    def logged_in(self) -> bool:
+        """Past the login: a pool client (waiting, linked or not) or a console session."""
+        return self.state is READY or self.state is CONSOLE
 
     def data_received(self, data: bytes) -> None:
         """Walk the chunk's headers and forward it to the linked server (the hot path)."""
@@ -95,10 +126,16 @@ class ClientConn(asyncio.Protocol):
         if scan.terminate_at >= 0:
             self._terminate(data, scan.terminate_at, scan.requests)
             return
-        self.outstanding += scan.requests
+        requests = scan.requests
+        owed = self.outstanding
+        self.outstanding = owed + requests
         pool = self.pool
-        pool.stats.received_bytes += len(data)
-        pool.stats.query_count += scan.requests
+        stats = pool.stats
+        stats.received_bytes += len(data)
+        stats.query_count += requests
+        if scan.parses or scan.binds:
+            stats.client_parse_count += scan.parses
+            stats.bind_count += scan.binds
         server = self.server
         if server is None:
             if self.wait_started_at:
@@ -109,6 +146,8 @@ class ClientConn(asyncio.Protocol):
                 if not self.closed:  # queued (not refused by max_waiting)
                     self._keep_pending(data)
                 return
+        elif requests and owed <= 0:
+            server.query_started = server.clock()  # query_time runs from here
         server.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -131,6 +170,8 @@ class ClientConn(asyncio.Protocol):
             self.daemon.cancel_keys.pop(self.cancel_key, None)
         if self._login_task is not None and not self._login_task.done():
             self._login_task.cancel()
+        if self.console is not None:
+            self.console.stop()
         if self.pool is not None:
             self.pool.client_gone(self)
 
@@ -221,6 +262,10 @@ class ClientConn(asyncio.Protocol):
     def _early_data(self, data: bytes) -> None:
         if self.closed or self.terminated:
             return  # input after a FATAL error or a Terminate is dropped
+        if self.state is CONSOLE:
+            assert self.console is not None
+            self.console.feed(data)
+            return
         self._startup_buffer += data
         if self.state is STARTUP:
             self._parse_startup()
@@ -266,9 +311,19 @@ class ClientConn(asyncio.Protocol):
         if len(self.daemon.clients) > settings.max_client_conn:
             self.fatal(codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)")
             return
+        if self.database in CONSOLE_DATABASES:
+            self._console_login()
+            return
+        if self.daemon.shutdown_mode is not None:
+            self.fatal(codes.PROTOCOL_VIOLATION, "pooler is shutting down")
+            return
         pool = self.daemon.pool_for(self.database, user)
         if pool is None:
             self.fatal(codes.PROTOCOL_VIOLATION, f"no such database: {self.database}")
+            return
+        flags = self.daemon.database_flags.get(self.database)
+        if flags is not None and flags.disabled:
+            self.fatal(codes.PROTOCOL_VIOLATION, f'database "{self.database}" is disabled')
             return
         refusal = self.daemon.admit_client(self.database, user)
         if refusal is not None:
@@ -284,6 +339,8 @@ class ClientConn(asyncio.Protocol):
 
     async def _await_welcome(self, pool: Pool, startup: StartupMessage) -> None:
         try:
+            while pool.paused:  # a paused database opens no server, not even for a login
+                await asyncio.sleep(0.05)
             await pool.ensure_welcome()
             if not self.closed:
                 self._finish_login(pool, startup)
@@ -291,6 +348,28 @@ class ClientConn(asyncio.Protocol):
             self.fatal(exc.sqlstate, exc.message)
         except Exception:
             self._internal_error("login")
+
+    def _console_login(self) -> None:
+        # PgBouncer's rule: the user 'pgbouncer' over the Unix socket, from the daemon's
+        # own OS user, is admin without a password.
+        local_admin = self.user == "pgbouncer" and self.peer_uid == os.getuid()
+        if not Console.may_log_in(self.daemon, self.user, local_admin):
+            log.warning("console login refused for user %s", self.user)
+            self.fatal(codes.INVALID_AUTHORIZATION, "not allowed")
+            return
+        self.console = Console(self, self.daemon, local_admin=local_admin)
+        self.cancel_key = self.daemon.register_cancel_key(self)
+        parts = [messages.AUTHENTICATION_OK]
+        parts.append(messages.parameter_status("server_version", f"{__version__}/pgproxy"))
+        parts.extend(messages.parameter_status(name, value) for name, value in WELCOME_PARAMS)
+        parts.append(messages.backend_key_data(*self.cancel_key))
+        parts.append(messages.ready_for_query())
+        self.transport.write(b"".join(parts))
+        self.state = CONSOLE
+        if self._startup_buffer:  # queries pipelined behind the login
+            early = bytes(self._startup_buffer)
+            self._startup_buffer.clear()
+            self.console.feed(early)
 
     def _internal_error(self, during: str) -> None:
         # A bug must end this client only, with an error it can read, never the daemon.
@@ -301,7 +380,7 @@ class ClientConn(asyncio.Protocol):
         self.pool = pool
         self.params = tracked.from_pairs(startup.params, pool.welcome_values)
         self.cancel_key = self.daemon.register_cancel_key(self)
-        self.idle_since = asyncio.get_running_loop().time()
+        self.idle_since = time.monotonic()
         self.transport.write(self._welcome(pool))
         self.state = READY
         if self._startup_buffer:  # the client pipelined its first query behind the login

@@ -10,17 +10,20 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
 )
 
 PoolMode = Literal["session", "transaction", "statement"]
+# A list of names: a TOML array, or PgBouncer's comma-separated string (also from the env).
+NameList = Annotated[list[str], NoDecode]
 
 ENV_PREFIX = "PGPROXY_"
 # PGPROXY_* variables that are not settings: read by the embedded PostgreSQL helper.
@@ -259,6 +262,21 @@ class Settings(BaseSettings):
     server_connect_timeout: float = Field(
         default=15.0, gt=0, description="Seconds allowed for a server connect and login."
     )
+    admin_users: NameList = Field(
+        default_factory=list,
+        description="Users who may run every console command (a list, or names separated "
+        "by commas).",
+    )
+    stats_users: NameList = Field(
+        default_factory=list,
+        description="Users who may run the console's read-only SHOW commands.",
+    )
+    stats_period: float = Field(
+        default=60.0,
+        ge=1,
+        description="Seconds between statistics snapshots; SHOW STATS averages cover the "
+        "last period.",
+    )
     auth_type: Literal["trust"] = Field(
         default="trust", description="How clients authenticate to pgproxy."
     )
@@ -266,6 +284,13 @@ class Settings(BaseSettings):
         default_factory=dict, description="Database entries; the name '*' matches any other."
     )
     users: dict[str, UserConfig] = Field(default_factory=dict, description="Per-user settings.")
+
+    @field_validator("admin_users", "stats_users", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -395,3 +420,27 @@ def load_settings(path: str | None) -> Settings:
             _describe(error) for error in exc.errors(include_url=False, include_input=False)
         ]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+
+# Settings a running daemon cannot change: its sockets are bound once, at start.
+RESTART_ONLY = frozenset({"listen_addr", "listen_port", "unix_socket_dir"})
+
+
+def changed_setting(current: Settings, key: str, value: str) -> Settings:
+    """``current`` with top-level ``key`` set to ``value`` (text, as the console's SET gives
+    it), validated as the file would be; raise ConfigError naming the key."""
+    name = key.lower()
+    field = Settings.model_fields.get(name)
+    if field is None or name in ("databases", "users"):
+        raise ConfigError(f"{key}: unknown setting")
+    if name in RESTART_ONLY:
+        raise ConfigError(f"{name}: cannot be changed without a restart")
+    data = current.model_dump()
+    data[name] = None if value == "" and field.default is None else value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            _describe(error) for error in exc.errors(include_url=False, include_input=False)
+        ]
+        raise ConfigError("; ".join(problems)) from None

@@ -7,20 +7,44 @@ import logging
 import os
 import secrets
 import signal
+import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from pgproxy import __version__
-from pgproxy.config import ConfigError, DatabaseConfig, Settings, load_settings
+from pgproxy.config import (
+    RESTART_ONLY,
+    ConfigError,
+    DatabaseConfig,
+    Settings,
+    changed_setting,
+    load_settings,
+)
 from pgproxy.janitor import Janitor
 from pgproxy.listener import start_listeners
 from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
+from pgproxy.stats import StatsWindow
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
 
 log = logging.getLogger("pgproxy")
+
+PauseMode = Literal["none", "pause", "suspend"]
+# SHUTDOWN's modes: exit now, once no server is linked, once no client is left.
+ShutdownMode = Literal["immediate", "servers", "clients"]
+POLL = 0.05  # seconds between checks while a console command or a shutdown waits
+
+
+@dataclass(slots=True)
+class DatabaseFlags:
+    """What the console set on one database: PAUSE/KILL and DISABLE."""
+
+    paused: bool = False
+    disabled: bool = False
 
 
 class Daemon:
@@ -38,9 +62,23 @@ class Daemon:
         self.db_clients: Counter[str] = Counter()
         self.user_clients: Counter[str] = Counter()
         self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
+        self.pause_mode: PauseMode = "none"
+        self.database_flags: dict[str, DatabaseFlags] = {}
+        self.shutdown_mode: ShutdownMode | None = None
+        self.stats_window = StatsWindow(0.0)  # restarted by start()
         self._listeners: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
         self._janitor: Janitor | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def loop_time(self) -> float:
+        """The clock every timestamp in pgproxy is taken with: time.monotonic (uvloop's
+        loop.time() only has millisecond steps, too coarse for query times)."""
+        return time.monotonic()
+
+    def logged_in_clients(self) -> Iterator[ClientConn]:
+        """Clients past their login: pool clients and console sessions."""
+        return (client for client in self.clients if client.logged_in)
 
     # -- shared objects ----------------------------------------------------------------
 
@@ -68,6 +106,7 @@ class Daemon:
                 self.settings.pool_settings(entry, server_user),
                 (db_budget, user_budget),
             )
+            pool.paused = self.is_paused(database)
             self.pools[key] = pool
         return pool
 
@@ -90,9 +129,11 @@ class Daemon:
         self.user_clients[user] -= 1
 
     def reload(self) -> bool:
-        """Re-read the configuration (SIGHUP); resize and retarget the pools in place.
+        """Re-read the configuration (SIGHUP, RELOAD); resize and retarget pools in place.
 
-        Clients stay connected. An invalid file is logged and changes nothing. A pool's
+        Clients stay connected. An invalid file is logged and changes nothing. Settings
+        bound at start (the listening sockets) keep their running values, with a warning.
+        A removed database refuses new clients while its connected ones finish. A pool's
         mode is fixed at creation: a new pool_mode applies to pools created afterwards.
         """
         try:
@@ -100,19 +141,146 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload failed, configuration unchanged: %s", exc)
             return False
+        kept = {}
+        for name in sorted(RESTART_ONLY):
+            if getattr(settings, name) != getattr(self.settings, name):
+                log.warning("reload: %s changed; it takes effect after a restart", name)
+                kept[name] = getattr(self.settings, name)
+        self._apply_settings(settings.model_copy(update=kept) if kept else settings)
+        log.warning("configuration reloaded")
+        return True
+
+    def set_setting(self, key: str, value: str) -> None:
+        """The console's SET: change one running setting; raise ConfigError."""
+        self._apply_settings(changed_setting(self.settings, key, value))
+
+    def _apply_settings(self, settings: Settings) -> None:
         self.settings = settings
         for pool in self.pools.values():
             entry = settings.database(pool.database)
             if entry is None:
-                log.warning("reload: database %s is no longer configured", pool.database)
+                log.warning("database %s is no longer configured; it drains", pool.database)
                 continue
             self.db_budgets[pool.database].limit = settings.max_db_connections_for(entry)
             self.user_budgets[pool.user].limit = settings.max_user_connections_for(pool.user)
             pool.reconfigure(
                 settings.pool_settings(entry, pool.user), _target(entry, pool.database, pool.user)
             )
-        log.warning("configuration reloaded")
-        return True
+
+    # -- console control ---------------------------------------------------------------
+
+    def db_flags(self, database: str) -> DatabaseFlags:
+        """The console flags of ``database`` (created clear)."""
+        flags = self.database_flags.get(database)
+        if flags is None:
+            flags = self.database_flags[database] = DatabaseFlags()
+        return flags
+
+    def is_paused(self, database: str) -> bool:
+        """Whether pools of ``database`` may hand out servers now."""
+        if self.pause_mode != "none" or self.shutdown_mode == "servers":
+            return True
+        flags = self.database_flags.get(database)
+        return flags is not None and flags.paused
+
+    def _apply_pauses(self) -> None:
+        for pool in self.pools.values():
+            paused = self.is_paused(pool.database)
+            if paused and not pool.paused:
+                pool.pause()
+            elif pool.paused and not paused:
+                pool.resume()
+
+    def pools_of(self, database: str | None) -> list[Pool]:
+        """The pools of ``database``, or every pool."""
+        return [p for p in self.pools.values() if database is None or p.database == database]
+
+    def pause(self, database: str | None, *, suspend: bool = False) -> None:
+        """PAUSE (or SUSPEND): hand out no server; close each once free."""
+        if database is None:
+            self.pause_mode = "suspend" if suspend else "pause"
+        else:
+            self.db_flags(database).paused = True
+        log.warning("paused %s", database or "all databases")
+        self._apply_pauses()
+
+    def resume(self, database: str | None) -> None:
+        """RESUME: clients that waited meanwhile are served."""
+        if database is None:
+            self.pause_mode = "none"
+        else:
+            self.db_flags(database).paused = False
+        log.warning("resumed %s", database or "all databases")
+        self._apply_pauses()
+
+    async def wait_for_no_servers(self, database: str | None) -> None:
+        """Until the pools of ``database`` (or all) have no server left, open or opening."""
+        while any(pool.servers or pool.connecting for pool in self.pools_of(database)):
+            await asyncio.sleep(POLL)
+
+    def reconnect(self, database: str | None) -> None:
+        """RECONNECT: every server is closed once free; new ones open as needed."""
+        for pool in self.pools_of(database):
+            pool.reconnect_all()
+
+    async def wait_close(self, database: str | None) -> None:
+        """WAIT_CLOSE: until the servers RECONNECT or RELOAD marked are closed."""
+        while any(pool.close_needed for pool in self.pools_of(database)):
+            await asyncio.sleep(POLL)
+
+    def kill(self, database: str | None) -> None:
+        """KILL: drop the clients and servers of ``database`` (or all) now; pause it."""
+        if database is None:
+            self.pause_mode = "pause"
+        else:
+            self.db_flags(database).paused = True
+        log.warning("KILL %s", database or "all databases")
+        self._apply_pauses()
+        for client in list(self.clients):
+            if client.console is None and (database is None or client.database == database):
+                client.fatal(codes.PROTOCOL_VIOLATION, "database removed")
+        for pool in self.pools_of(database):
+            for server in list(pool.servers):
+                pool.retire(server)
+
+    def kill_client(self, client_id: int) -> bool:
+        """KILL_CLIENT: drop one client; False if no client has that id."""
+        for client in self.clients:
+            if client.id == client_id and not client.closed:
+                client.fatal(codes.PROTOCOL_VIOLATION, "admin forced disconnect")
+                return True
+        return False
+
+    def begin_shutdown(self, mode: ShutdownMode) -> None:
+        """SHUTDOWN: now, or once servers are free / clients are gone. New clients are
+        refused meanwhile (the console still answers); asked twice, it exits now."""
+        if mode == "immediate" or self.shutdown_mode is not None:
+            log.warning("shutting down now")
+            self.stop()
+            return
+        self.shutdown_mode = mode
+        log.warning(
+            "shutting down once %s",
+            "no server is in use" if mode == "servers" else "every client has left",
+        )
+        self._apply_pauses()
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(mode))
+
+    async def _drain(self, mode: ShutdownMode) -> None:
+        while True:
+            if mode == "servers":
+                done = not any(pool.linked for pool in self.pools.values())
+            else:
+                done = not any(client.console is None for client in self.clients)
+            if done:
+                self.stop()
+                return
+            await asyncio.sleep(POLL)
+
+    def maintain(self, now: float) -> None:
+        """The janitor's pass over the daemon: statistics snapshots."""
+        if self.stats_window.due(now, self.settings.stats_period):
+            self.stats_window.snapshot(now, ((key, p.stats) for key, p in self.pools.items()))
 
     def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
         """A fresh random (process id, secret) for ``client``; never a server's key."""
@@ -135,10 +303,14 @@ class Daemon:
     async def start(self) -> None:
         """Bind the listeners and start maintenance; raise OSError if binding fails."""
         self._stopped = asyncio.Event()
+        self.stats_window = StatsWindow(self.loop_time())
         self._listeners = await start_listeners(self)
         self._prewarm()
         self._janitor = Janitor(
-            lambda: list(self.pools.values()), lambda: list(self.clients), lambda: self.settings
+            lambda: list(self.pools.values()),
+            lambda: list(self.clients),
+            lambda: self.settings,
+            self.maintain,
         )
         self._janitor.start()
         where = [f"{self.settings.listen_addr}:{self.settings.listen_port}"]
@@ -159,12 +331,24 @@ class Daemon:
         """Run until a stop signal, then shut down."""
         await self.start()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self.stop)
+        # PgBouncer's meanings; a second SIGINT/SIGTERM exits at once.
+        loop.add_signal_handler(signal.SIGTERM, self.begin_shutdown, "clients")
+        loop.add_signal_handler(signal.SIGINT, self.begin_shutdown, "servers")
+        loop.add_signal_handler(signal.SIGQUIT, self.begin_shutdown, "immediate")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._signal_pause)
+        loop.add_signal_handler(signal.SIGUSR2, self._signal_resume)
         assert self._stopped is not None
         await self._stopped.wait()
         await self.shutdown()
+
+    def _signal_pause(self) -> None:
+        if self.pause_mode == "none":
+            self.pause(None)
+
+    def _signal_resume(self) -> None:
+        if self.pause_mode != "none" and self.shutdown_mode is None:
+            self.resume(None)
 
     def stop(self) -> None:
         """Ask ``serve`` to shut down."""
@@ -176,6 +360,8 @@ class Daemon:
         log.info("shutting down")
         if self._janitor is not None:
             self._janitor.stop()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
         for listener in self._listeners:
             listener.close()
         for client in list(self.clients):

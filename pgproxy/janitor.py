@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,9 @@ class Janitor:
         pools: Callable[[], Iterable[Pool]],
         clients: Callable[[], Iterable[ClientConn]],
         settings: Callable[[], Settings],
+        every_pass: Callable[[float], None] | None = None,
     ):
+        self._every_pass = every_pass
         self._pools = pools
         self._clients = clients
         self._settings = settings
@@ -54,13 +57,15 @@ class Janitor:
 
     def _tick(self) -> None:
         try:
-            self.maintain(self._loop.time())
+            self.maintain(time.monotonic())
         finally:
             self._handle = self._loop.call_later(INTERVAL, self._tick)
 
     def maintain(self, now: float) -> None:
         """One pass: client timeouts, then each pool's timeouts and life cycle (recycle)."""
         settings = self._settings()
+        if self._every_pass is not None:
+            self._every_pass(now)
         if settings.client_idle_timeout > 0 or settings.client_login_timeout > 0:
             for client in self._clients():
                 if client.state is READY:
@@ -178,6 +183,7 @@ def expire_waiters(pool: Pool, now: float, timeout: float) -> None:
     deadline = now - timeout
     while waiters and waiters[0].wait_started_at <= deadline:
         client = waiters.popleft()
+        pool.stats.requests_errors += 1
         client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
 
 

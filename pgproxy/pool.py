@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from pgproxy.server import (
     cancel_backend,
     connect_server,
 )
+from pgproxy.stats import PoolStats
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -88,29 +90,6 @@ class ServerBudget:
                 pool.grow()
 
 
-class PoolStats:
-    """Plain counters bumped on the hot path; the console and metrics read them."""
-
-    __slots__ = (
-        "query_count",
-        "received_bytes",
-        "sent_bytes",
-        "server_assignment_count",
-        "wait_time",
-        "xact_count",
-        "xact_time",
-    )
-
-    def __init__(self) -> None:
-        self.server_assignment_count = 0
-        self.xact_count = 0
-        self.query_count = 0
-        self.received_bytes = 0
-        self.sent_bytes = 0
-        self.xact_time = 0.0  # seconds
-        self.wait_time = 0.0  # seconds
-
-
 class Pool:
     """Server connections for one (database, user) and the clients that share them."""
 
@@ -141,6 +120,9 @@ class Pool:
         self.waiters: deque[ClientConn] = deque()
         self.servers: set[ServerConn] = set()  # logged-in servers in any state
         self.connecting = 0
+        # PAUSE, KILL, SUSPEND or a waiting shutdown: no server is handed out or opened,
+        # and each one is closed as it comes free.
+        self.paused = False
         self.stats = PoolStats()
         # ParameterStatus values of the first server: what every client is told at login.
         self.welcome: list[tuple[str, str]] | None = None
@@ -162,14 +144,16 @@ class Pool:
 
     def acquire(self, client: ClientConn) -> ServerConn | None:
         """Link an idle server to ``client`` now, or queue the client and return None."""
-        if self.idle:
+        if self.idle and not self.paused:
             server = self.idle.pop()  # LIFO: the warmest server, as PgBouncer does
             self._link(client, server)
             return server
         if 0 < self.settings.max_waiting <= len(self.waiters):
+            self.stats.requests_errors += 1
             client.fatal(codes.TOO_MANY_CONNECTIONS, "too many clients waiting (max_waiting)")
             return None
-        client.wait_started_at = self._loop.time()
+        self.stats.requests_queued += 1
+        client.wait_started_at = time.monotonic()
         self.waiters.append(client)
         self.grow()
         return None
@@ -178,7 +162,7 @@ class Pool:
         client.server = server
         server.client = client
         server.state = ACTIVE
-        server.linked_at = self._loop.time()
+        server.linked_at = server.query_started = time.monotonic()
         self.stats.server_assignment_count += 1
         if client.write_paused:
             server.transport.pause_reading()
@@ -188,6 +172,7 @@ class Pool:
             server.sync_params(client.params)
 
     def _unlink(self, client: ClientConn, server: ServerConn) -> None:
+        client.request_at = server.query_started  # SHOW CLIENTS request_time
         client.server = None
         server.client = None
         if client.write_paused:
@@ -202,15 +187,20 @@ class Pool:
         if a client waits or the pool is under min_pool_size), and so is any server nobody
         waits for in a null pool.
         """
-        now = self._loop.time()
-        if now >= server.expires_at or len(self.servers) > self.size + self.settings.reserve_size:
-            self.retire(server)  # past its lifetime, or the pool was shrunk by a reload
+        now = time.monotonic()
+        if (
+            now >= server.expires_at
+            or len(self.servers) > self.size + self.settings.reserve_size
+            or self.paused
+        ):
+            self.retire(server)  # past its lifetime, the pool was shrunk, or it is paused
             return
         while self.waiters:
             client = self.waiters.popleft()
             if client.closed:
                 continue
             self.stats.wait_time += now - client.wait_started_at
+            self.stats.waiters_served += 1
             self._link(client, server)
             client.flush_pending()
             return
@@ -221,13 +211,13 @@ class Pool:
         server.idle_since = server.checked_at = now
         self.idle.append(server)
 
-    def transaction_done(self, client: ClientConn, server: ServerConn) -> None:
+    def transaction_done(self, client: ClientConn, server: ServerConn, now: float) -> None:
         """ReadyForQuery 'I' with nothing outstanding: count it; free the server if due."""
         stats = self.stats
         stats.xact_count += 1
         if self.releases_at_idle:
             client.outstanding = 0  # never carry a miscount into the next transaction
-            stats.xact_time += self._loop.time() - server.linked_at
+            stats.xact_time += now - server.linked_at
             self._unlink(client, server)
             self._hand_over(server)
 
@@ -247,6 +237,7 @@ class Pool:
             # A client that said Terminate after its last query wants that query to run.
             if client.outstanding > 0 and not client.terminated:
                 self.cancel_running_query(server)
+            self.stats.returns_bad += 1
             self.retire(server)
         elif self.reset_query:
             server.state = RESET
@@ -282,6 +273,8 @@ class Pool:
     def server_closed(self, server: ServerConn) -> None:
         """A server connection ended (by us or by PostgreSQL): forget it, replace if needed."""
         self._forget(server)
+        if not server.closing:
+            self.stats.connections_lost += 1  # PostgreSQL or the network closed it
         if server.holds_budget:
             server.holds_budget = False
             for budget in self.budgets:
@@ -298,7 +291,7 @@ class Pool:
     def grow(self) -> None:
         # One new server per waiting client, and up to min_pool_size, within the pool size;
         # always opened in the background, and not while backing off after failures.
-        if not self.reconnect.may_try(self._loop.time()):
+        if self.paused or not self.reconnect.may_try(time.monotonic()):
             return
         while len(self.servers) + self.connecting < self.size and (
             self.connecting < len(self.waiters)
@@ -324,9 +317,9 @@ class Pool:
         # A first login needs a server like a waiting client does: under a full
         # max_db/max_user_connections it takes an idle sibling's place, within the
         # connect timeout.
-        deadline = self._loop.time() + self.connect_timeout
+        deadline = time.monotonic() + self.connect_timeout
         while full := [budget for budget in self.budgets if budget.full]:
-            if self._loop.time() >= deadline:
+            if time.monotonic() >= deadline:
                 raise ServerLoginError(
                     codes.TOO_MANY_CONNECTIONS,
                     "no server connection available (max_db_connections/max_user_connections)",
@@ -359,12 +352,14 @@ class Pool:
         return outcome
 
     async def _open_server(self, outcome: asyncio.Future[None]) -> None:
+        started = time.monotonic()
         try:
             server = await connect_server(self, self.connect_timeout)
         except ServerLoginError as exc:
+            self.stats.connections_errors += 1
             self.connecting -= 1
             self._give_back_budget()
-            self.reconnect.failed(self._loop.time(), exc, exc.message)
+            self.reconnect.failed(time.monotonic(), exc, exc.message)
             outcome.set_exception(exc)
             return
         except asyncio.CancelledError:
@@ -373,14 +368,17 @@ class Pool:
             outcome.cancel()
             raise
         except Exception:
+            self.stats.connections_errors += 1
             self.connecting -= 1
             self._give_back_budget()
             log.exception("pool %s: unexpected error opening a server", self.name)
             error = ServerLoginError(codes.INTERNAL_ERROR, "server connection failed")
-            self.reconnect.failed(self._loop.time(), error, error.message)
+            self.reconnect.failed(time.monotonic(), error, error.message)
             outcome.set_exception(error)
             return
         self.connecting -= 1
+        self.stats.connections_num += 1
+        self.stats.connections_time += time.monotonic() - started
         server.holds_budget = True
         self.reconnect.succeeded()
         if self.settings.lifetime > 0:
@@ -404,7 +402,7 @@ class Pool:
         if self.welcome is not None:
             return
         last_error = self.reconnect.last_error
-        if isinstance(last_error, ServerLoginError) and self.reconnect.waiting(self._loop.time()):
+        if isinstance(last_error, ServerLoginError) and self.reconnect.waiting(time.monotonic()):
             raise last_error  # server_login_retry: fail fast with the cached error
         if self._welcome_attempt is None or self._welcome_attempt.done():
             await self._wait_for_budget()
@@ -446,6 +444,36 @@ class Pool:
                 excess -= 1
                 self.retire(server)
         self.grow()
+
+    # -- console control -------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Hand out no server and open none; close each as it comes free (idle ones now)."""
+        self.paused = True
+        for server in list(self.idle):
+            self.retire(server)
+
+    def resume(self) -> None:
+        """Serve again: open servers for the clients that waited meanwhile."""
+        self.paused = False
+        self.grow()
+
+    def reconnect_all(self) -> None:
+        """Close every server once it is free (RECONNECT): the idle ones now."""
+        for server in self.servers:
+            server.expires_at = 0.0
+        for server in list(self.idle):
+            self.retire(server)
+
+    @property
+    def close_needed(self) -> int:
+        """Servers marked to be closed once free (RECONNECT, a changed target)."""
+        return sum(1 for server in self.servers if server.expires_at == 0.0)
+
+    @property
+    def linked(self) -> int:
+        """Servers linked to a client now."""
+        return sum(1 for server in self.servers if server.client is not None)
 
     # -- shutdown ------------------------------------------------------------------------
 

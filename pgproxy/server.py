@@ -11,12 +11,14 @@ import asyncio
 import logging
 import math
 import struct
+import time
 from typing import TYPE_CHECKING, cast
 
 from pgproxy import params as tracked
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import ServerAuthenticator, ServerAuthError
 from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
+from pgproxy.stats import next_connection_id
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -70,6 +72,9 @@ class ServerConn(asyncio.Protocol):
         self.checked_at = 0.0  # last server_check_query (or release) time
         self.holds_budget = False  # counted in its pool's ServerBudgets until it closes
         self.linked_at = 0.0
+        self.query_started = 0.0  # when the request now running was sent (query_time)
+        self.clock = time.monotonic
+        self.id = next_connection_id()
         self.expires_at = math.inf  # closed once free after this time (server_lifetime)
         # idle_transaction_timeout / query_timeout bookkeeping, kept by the janitor: the
         # client's request count and our reply count when they last changed, and when.
@@ -83,7 +88,7 @@ class ServerConn(asyncio.Protocol):
         self._login_buffer = bytearray()
         self._login_wakeup: asyncio.Future[None] | None = None
         self._lost = False
-        self._closing = False  # Terminate sent; waiting for PostgreSQL to close
+        self.closing = False  # pgproxy said Terminate: its close is not a loss
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -126,6 +131,10 @@ class ServerConn(asyncio.Protocol):
         if scan.copy_started or scan.copy_finished:
             self._copy_progress(client)
         if scan.ready:
+            now = self.clock()
+            pool = self.pool
+            pool.stats.query_time += now - self.query_started
+            self.query_started = now  # a pipelined request runs from here
             self.replies += scan.ready
             client.outstanding -= scan.ready
             if (
@@ -133,7 +142,7 @@ class ServerConn(asyncio.Protocol):
                 and client.outstanding <= 0
                 and not client.scan.holds_server
             ):
-                self.pool.transaction_done(client, self)
+                pool.transaction_done(client, self, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -216,9 +225,9 @@ class ServerConn(asyncio.Protocol):
         gone", which max_db_connections counts on. A backend that does not answer within
         CLOSE_GRACE seconds is cut off.
         """
-        if self._lost or self._closing or self.transport is None:
+        if self._lost or self.closing or self.transport is None:
             return
-        self._closing = True
+        self.closing = True
         self.transport.write(messages.TERMINATE)
         asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.close)
 
@@ -303,7 +312,7 @@ async def connect_server(pool: Pool, timeout: float) -> ServerConn:
                 _, server = await loop.create_connection(
                     lambda: ServerConn(pool), target.host, target.port
                 )
-            server.connected_at = loop.time()
+            server.connected_at = time.monotonic()
             await server.login(target.user, target.password, target.dbname)
     except TimeoutError:
         if server is not None:

@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: How long start_proxy waits for the listening port.
 PROXY_START_TIMEOUT = 15.0
-#: How long stop() waits after SIGTERM before SIGKILL.
+#: How long stop() waits for the proxy to exit before SIGKILL.
 PROXY_STOP_TIMEOUT = 10.0
 
 # libpq variables that must not leak from the developer's shell into the tests.
@@ -124,16 +124,19 @@ class ProxyProcess:
         return self.popen.poll() is None
 
     def stop(self, timeout: float = PROXY_STOP_TIMEOUT) -> int | None:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent. Returns the exit code."""
+        """SIGINT (shut down once no server is in use), then SIGQUIT (now) after half of
+        ``timeout`` seconds, then SIGKILL. Idempotent. Returns the exit code."""
+        for signum, wait in ((signal.SIGINT, timeout / 2), (signal.SIGQUIT, timeout / 2)):
+            if self.popen.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(wait)
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(10)
+                os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(10)
         self.returncode = self.popen.returncode
         return self.returncode
 

@@ -186,8 +186,13 @@ def test_conninfo_quoting() -> None:
 
 
 def test_proxy_process_stop_escalates(tmp_path: Path) -> None:
-    """ProxyProcess.stop: SIGTERM, then SIGKILL after the timeout; idempotent."""
-    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    """ProxyProcess.stop: SIGINT, SIGQUIT, then SIGKILL after the timeout; idempotent."""
+    script = (
+        "import signal, time\n"
+        "for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):\n"
+        "    signal.signal(s, signal.SIG_IGN)\n"
+        "time.sleep(60)"
+    )
     popen = subprocess.Popen([sys.executable, "-c", script])
     proc = ProxyProcess(
         popen,

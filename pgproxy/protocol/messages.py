@@ -58,9 +58,11 @@ def fatal(sqlstate: str, text: str, *, detail: str | None = None) -> bytes:
     return error_response(sqlstate, text, severity="FATAL", detail=detail)
 
 
-def notice_response(text: str, *, sqlstate: str = "00000", severity: str = "NOTICE") -> bytes:
+def notice_response(
+    text: str, *, sqlstate: str = "00000", severity: str = "NOTICE", detail: str | None = None
+) -> bytes:
     """NoticeResponse ('N')."""
-    return message(b"N", _fields(severity, sqlstate, text, None))
+    return message(b"N", _fields(severity, sqlstate, text, detail))
 
 
 def parameter_status(name: str, value: str) -> bytes:

@@ -22,6 +22,8 @@ _SYNC = 3  # Sync: one ReadyForQuery answers it, and it closes an extended-proto
 _EXTENDED = 4  # Parse / Bind / Execute / Describe / Close / Flush: a batch is open until Sync
 _TERMINATE = 5
 _COPY_END = 6  # CopyDone / CopyFail: the end of the client's COPY data
+_PARSE = 7  # Parse: an extended-protocol message, counted for SHOW STATS
+_BIND = 8  # Bind: likewise
 
 _FRONTEND_KIND = bytearray(256)
 for _type, _kind in (
@@ -31,8 +33,8 @@ for _type, _kind in (
     (b"Q", _REQUEST),
     (b"F", _REQUEST),
     (b"S", _SYNC),
-    (b"P", _EXTENDED),
-    (b"B", _EXTENDED),
+    (b"P", _PARSE),
+    (b"B", _BIND),
     (b"E", _EXTENDED),
     (b"D", _EXTENDED),
     (b"C", _EXTENDED),
@@ -63,6 +65,7 @@ class FrontendScanner:
     """Walks client→server messages: counts requests, tracks open batches, finds Terminate.
 
     After each ``feed``: ``requests`` is how many ReadyForQuery replies the chunk asks for,
+    ``parses`` and ``binds`` count its Parse and Bind messages (for SHOW STATS),
     ``terminate_at`` is the chunk offset of a Terminate message (-1 if none), and ``error``
     describes a malformed message (None if the chunk is well formed) with ``error_at`` its
     offset. ``batch_open`` persists across chunks: extended-protocol messages were sent and
@@ -79,12 +82,14 @@ class FrontendScanner:
 
     __slots__ = (
         "batch_open",
+        "binds",
         "carry",
         "copy_end_seen",
         "error",
         "error_at",
         "holds_server",
         "max_packet_size",
+        "parses",
         "remaining",
         "requests",
         "requests_at_copy_end",
@@ -99,6 +104,8 @@ class FrontendScanner:
         self.batch_open = False
         self.holds_server = False
         self.requests = 0
+        self.parses = 0
+        self.binds = 0
         self.requests_total = 0
         self.requests_at_copy_end = 0
         self.copy_end_seen = False
@@ -108,7 +115,7 @@ class FrontendScanner:
 
     def feed(self, data: bytes) -> None:
         """Walk the headers in ``data``, continuing from where the previous chunk ended."""
-        self.requests = 0
+        self.requests = self.parses = self.binds = 0
         self.terminate_at = -1
         size = len(data)
         position = self.remaining
@@ -125,7 +132,7 @@ class FrontendScanner:
         kinds = _FRONTEND_KIND
         limit = self.max_packet_size
         terminate_split = False
-        requests = 0
+        requests = parses = binds = 0
         batch_open = self.batch_open
         while position + 5 <= size:
             kind = kinds[data[position]]
@@ -140,6 +147,12 @@ class FrontendScanner:
                 batch_open = False
             elif kind == _EXTENDED:
                 batch_open = True
+            elif kind == _PARSE:
+                batch_open = True
+                parses += 1
+            elif kind == _BIND:
+                batch_open = True
+                binds += 1
             elif kind == _TERMINATE:
                 # The header may have begun in the carried bytes, already forwarded: then
                 # the server holds part of a message and must never serve anyone else.
@@ -156,6 +169,8 @@ class FrontendScanner:
                 self.carry = data[position:]
         self.remaining = position - size if position > size else 0
         self.requests = requests
+        self.parses = parses
+        self.binds = binds
         self.requests_total += requests
         self.batch_open = batch_open
         self.holds_server = batch_open or position != size or terminate_split

@@ -1,0 +1,174 @@
+"""Counters per pool, and the snapshots that turn them into PgBouncer's averages.
+
+The hot path bumps plain fields of ``PoolStats``; nothing here runs per query. Every
+``stats_period`` the janitor takes a snapshot of each pool's counters; SHOW STATS reports
+averages over the window from the older of the last two snapshots to now, as PgBouncer does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+USEC = 1_000_000
+
+# Clients and servers share one sequence of ids (SHOW CLIENTS/SERVERS "id", KILL_CLIENT).
+_connection_ids = itertools.count(1)
+
+
+def next_connection_id() -> int:
+    """A new connection id, unique within this process."""
+    return next(_connection_ids)
+
+
+class PoolStats:
+    """Plain counters bumped on the hot path; the console and metrics read them.
+
+    Times are float seconds here; the console reports them in microseconds.
+    """
+
+    __slots__ = (
+        "bind_count",
+        "client_parse_count",
+        "connections_errors",
+        "connections_lost",
+        "connections_num",
+        "connections_time",
+        "query_count",
+        "query_time",
+        "received_bytes",
+        "requests_errors",
+        "requests_queued",
+        "returns_bad",
+        "sent_bytes",
+        "server_assignment_count",
+        "wait_time",
+        "waiters_served",
+        "xact_count",
+        "xact_time",
+    )
+
+    def __init__(self) -> None:
+        # PgBouncer's SHOW STATS figures.
+        self.server_assignment_count = 0
+        self.xact_count = 0
+        self.query_count = 0
+        self.received_bytes = 0
+        self.sent_bytes = 0
+        self.xact_time = 0.0
+        self.query_time = 0.0
+        self.wait_time = 0.0
+        self.client_parse_count = 0
+        self.bind_count = 0
+        # psycopg_pool's figures (SHOW POOL_STATS).
+        self.requests_queued = 0  # requests that had to wait for a server
+        self.waiters_served = 0  # of the assignments, those that went to a waiter
+        self.requests_errors = 0  # waits that ended in an error (timeout, max_waiting)
+        self.returns_bad = 0  # servers given back in a state nobody else may see
+        self.connections_num = 0  # server connections opened
+        self.connections_time = 0.0  # seconds spent opening them
+        self.connections_errors = 0  # failed attempts to open one
+        self.connections_lost = 0  # servers that PostgreSQL (or the network) closed
+
+
+@dataclass(slots=True)
+class Totals:
+    """A snapshot (or a sum) of the SHOW STATS counters; times in seconds."""
+
+    server_assignment_count: int = 0
+    xact_count: int = 0
+    query_count: int = 0
+    received_bytes: int = 0
+    sent_bytes: int = 0
+    xact_time: float = 0.0
+    query_time: float = 0.0
+    wait_time: float = 0.0
+    client_parse_count: int = 0
+    bind_count: int = 0
+
+    @classmethod
+    def of(cls, stats: PoolStats) -> Totals:
+        """The current values of ``stats``."""
+        return cls(**{name: getattr(stats, name) for name in _TOTAL_FIELDS})
+
+    def add(self, other: Totals) -> None:
+        """Add ``other`` into this sum."""
+        for name in _TOTAL_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def figures(self) -> list[int]:
+        """PgBouncer's order: assignments, xacts, queries, received, sent, xact_time,
+        query_time, wait_time (µs), client parses, server parses, binds."""
+        return [
+            self.server_assignment_count,
+            self.xact_count,
+            self.query_count,
+            self.received_bytes,
+            self.sent_bytes,
+            int(self.xact_time * USEC),
+            int(self.query_time * USEC),
+            int(self.wait_time * USEC),
+            self.client_parse_count,
+            # Every Parse reaches the server (no statement cache yet): as many as clients'.
+            self.client_parse_count,
+            self.bind_count,
+        ]
+
+    def averages(self, older: Totals, seconds: float) -> list[int]:
+        """PgBouncer's averages from ``older`` to this: rates per second, and the mean time
+        per transaction, per query and per assignment (µs), in ``figures`` order."""
+        if seconds <= 0:
+            return [0] * 11
+
+        def rate(now: int, then: int) -> int:
+            return int((now - then) / seconds)
+
+        def mean(time_now: float, time_then: float, count: int) -> int:
+            return int((time_now - time_then) * USEC / count) if count > 0 else 0
+
+        xacts = self.xact_count - older.xact_count
+        queries = self.query_count - older.query_count
+        assignments = self.server_assignment_count - older.server_assignment_count
+        parses = rate(self.client_parse_count, older.client_parse_count)
+        return [
+            rate(self.server_assignment_count, older.server_assignment_count),
+            rate(self.xact_count, older.xact_count),
+            rate(self.query_count, older.query_count),
+            rate(self.received_bytes, older.received_bytes),
+            rate(self.sent_bytes, older.sent_bytes),
+            mean(self.xact_time, older.xact_time, xacts),
+            mean(self.query_time, older.query_time, queries),
+            mean(self.wait_time, older.wait_time, assignments),
+            parses,
+            parses,
+            rate(self.bind_count, older.bind_count),
+        ]
+
+
+_TOTAL_FIELDS = tuple(field.name for field in fields(Totals))
+
+
+class StatsWindow:
+    """The two most recent snapshots per pool key, taken every ``stats_period``."""
+
+    def __init__(self, now: float) -> None:
+        # PgBouncer starts with a one-second-old empty snapshot.
+        self.older_at = now - 1.0
+        self.newer_at = now
+        self.older: dict[object, Totals] = {}
+        self.newer: dict[object, Totals] = {}
+
+    def due(self, now: float, period: float) -> bool:
+        """Whether a new snapshot should be taken."""
+        return now - self.newer_at >= period
+
+    def snapshot(self, now: float, pools: Iterable[tuple[object, PoolStats]]) -> None:
+        """Take a snapshot of every pool's counters."""
+        self.older, self.older_at = self.newer, self.newer_at
+        self.newer = {key: Totals.of(stats) for key, stats in pools}
+        self.newer_at = now
+
+    def older_totals(self, key: object) -> Totals:
+        """The older snapshot of a pool (zeros if the pool is newer than it)."""
+        return self.older.get(key) or Totals()
