@@ -71,7 +71,7 @@ class Janitor:
                 if client.state is READY:
                     if settings.client_idle_timeout > 0:
                         expire_idle_client(client, now, settings.client_idle_timeout)
-                elif settings.client_login_timeout > 0:
+                elif not client.logged_in and settings.client_login_timeout > 0:
                     expire_login(client, now, settings.client_login_timeout)
         for pool in self._pools():
             if settings.query_wait_timeout > 0 and pool.waiters:
@@ -117,6 +117,7 @@ def recycle(pool: Pool, now: float) -> None:
     settings = pool.settings
     if (
         settings.reserve_size
+        and not pool.paused
         and pool.waiters
         and now - pool.waiters[0].wait_started_at >= settings.reserve_timeout
         and pool.connecting < len(pool.waiters)

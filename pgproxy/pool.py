@@ -258,7 +258,7 @@ class Pool:
 
     def check_done(self, server: ServerConn) -> None:
         """The check passed: to a waiter, or back to the idle list keeping its idle age."""
-        if self.waiters:
+        if self.waiters or self.paused:  # (_hand_over closes it if the pool is paused)
             self._hand_over(server)
         else:
             server.state = IDLE
