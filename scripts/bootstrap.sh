@@ -62,5 +62,9 @@ fi
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     say "installing the project into .venv (pip install -e '.[dev]')"
     .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+    # Its metadata pins psycopg2 2.8.5 and prometheus-client 0.8.0 (2020); its code runs
+    # on the versions installed above, so install it without its dependencies.
+    .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps \
+        prometheus-pgbouncer-exporter==2.1.2
     touch "$STAMP"
 fi
