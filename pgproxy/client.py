@@ -19,6 +19,7 @@ from pgproxy import __version__
 from pgproxy import params as tracked
 from pgproxy.admin import CONSOLE_DATABASES
 from pgproxy.admin.console import WELCOME_PARAMS, Console
+from pgproxy.config import ClientTimeouts
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.startup import (
     CancelRequest,
@@ -65,6 +66,7 @@ class ClientConn(asyncio.Protocol):
         self.peer_pid = 0  # the client's process id, known over a Unix socket
         self.peer_uid = -1
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
+        self.timeouts = ClientTimeouts()  # resolved for its user and database at login
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
         self.server: ServerConn | None = None
@@ -325,6 +327,9 @@ class ClientConn(asyncio.Protocol):
         if flags is not None and flags.disabled:
             self.fatal(codes.PROTOCOL_VIOLATION, f'database "{self.database}" is disabled')
             return
+        entry = settings.database(self.database)
+        if entry is not None:
+            self.timeouts = settings.client_timeouts(entry, user)
         refusal = self.daemon.admit_client(self.database, user)
         if refusal is not None:
             self.fatal(codes.PROTOCOL_VIOLATION, refusal)

@@ -53,6 +53,18 @@ class PoolSettings:
     reserve_timeout: float = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """A client's timeouts in seconds (0: none), resolved at login: the user's setting,
+    then the database's (query_wait_timeout only), then the global one, as PgBouncer."""
+
+    query_wait: float = 120.0
+    query: float = 0.0
+    idle_transaction: float = 0.0
+    transaction: float = 0.0
+    client_idle: float = 0.0
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names every offending key."""
 
@@ -100,6 +112,9 @@ class DatabaseConfig(BaseModel):
     null_pool: bool | None = Field(
         default=None, description="Overrides null_pool for this database."
     )
+    query_wait_timeout: float | None = Field(
+        default=None, ge=0, description="Overrides query_wait_timeout for this database."
+    )
 
 
 class UserConfig(BaseModel):
@@ -118,6 +133,26 @@ class UserConfig(BaseModel):
     )
     max_user_client_connections: int | None = Field(
         default=None, ge=0, description="Overrides max_user_client_connections for this user."
+    )
+    reserve_pool_size: int | None = Field(
+        default=None, ge=0, description="Overrides the database's and the global reserve."
+    )
+    query_timeout: float | None = Field(
+        default=None, ge=0, description="Overrides query_timeout for this user's clients."
+    )
+    query_wait_timeout: float | None = Field(
+        default=None,
+        ge=0,
+        description="Overrides the database's and the global query_wait_timeout.",
+    )
+    idle_transaction_timeout: float | None = Field(
+        default=None, ge=0, description="Overrides idle_transaction_timeout for this user."
+    )
+    transaction_timeout: float | None = Field(
+        default=None, ge=0, description="Overrides transaction_timeout for this user."
+    )
+    client_idle_timeout: float | None = Field(
+        default=None, ge=0, description="Overrides client_idle_timeout for this user."
     )
 
 
@@ -341,8 +376,34 @@ class Settings(BaseSettings):
             max_waiting=self.max_waiting,
             check_query=self.server_check_query,
             check_delay=self.server_check_delay,
-            reserve_size=pick(database.reserve_pool_size, self.reserve_pool_size),
+            reserve_size=self.reserve_pool_size_for(database, user),
             reserve_timeout=self.reserve_pool_timeout,
+        )
+
+    def reserve_pool_size_for(self, database: DatabaseConfig, user: str) -> int:
+        """reserve_pool_size: the user's, then the database's, then the global one."""
+        user_entry = self.users.get(user)
+        if user_entry is not None and user_entry.reserve_pool_size is not None:
+            return user_entry.reserve_pool_size
+        if database.reserve_pool_size is not None:
+            return database.reserve_pool_size
+        return self.reserve_pool_size
+
+    def client_timeouts(self, database: DatabaseConfig, user: str) -> ClientTimeouts:
+        """The timeouts that apply to a client of ``user`` on ``database``."""
+        entry = self.users.get(user) or UserConfig()
+
+        def pick(*candidates: float | None) -> float:
+            return next(value for value in candidates if value is not None)
+
+        return ClientTimeouts(
+            query_wait=pick(
+                entry.query_wait_timeout, database.query_wait_timeout, self.query_wait_timeout
+            ),
+            query=pick(entry.query_timeout, self.query_timeout),
+            idle_transaction=pick(entry.idle_transaction_timeout, self.idle_transaction_timeout),
+            transaction=pick(entry.transaction_timeout, self.transaction_timeout),
+            client_idle=pick(entry.client_idle_timeout, self.client_idle_timeout),
         )
 
     def max_db_connections_for(self, database: DatabaseConfig) -> int:

@@ -156,6 +156,10 @@ class Daemon:
 
     def _apply_settings(self, settings: Settings) -> None:
         self.settings = settings
+        for client in self.logged_in_clients():
+            entry = settings.database(client.database)
+            if client.console is None and entry is not None:
+                client.timeouts = settings.client_timeouts(entry, client.user)
         for pool in self.pools.values():
             entry = settings.database(pool.database)
             if entry is None:

@@ -62,26 +62,26 @@ class Janitor:
             self._handle = self._loop.call_later(INTERVAL, self._tick)
 
     def maintain(self, now: float) -> None:
-        """One pass: client timeouts, then each pool's timeouts and life cycle (recycle)."""
+        """One pass: client timeouts, then each pool's timeouts and life cycle (recycle).
+
+        Timeouts are each client's own (its user's, database's or the global setting).
+        """
         settings = self._settings()
         if self._every_pass is not None:
             self._every_pass(now)
-        if settings.client_idle_timeout > 0 or settings.client_login_timeout > 0:
-            for client in self._clients():
-                if client.state is READY:
-                    if settings.client_idle_timeout > 0:
-                        expire_idle_client(client, now, settings.client_idle_timeout)
-                elif not client.logged_in and settings.client_login_timeout > 0:
-                    expire_login(client, now, settings.client_login_timeout)
+        for client in self._clients():
+            if client.state is READY:
+                if client.timeouts.client_idle > 0:
+                    expire_idle_client(client, now, client.timeouts.client_idle)
+            elif not client.logged_in and settings.client_login_timeout > 0:
+                expire_login(client, now, settings.client_login_timeout)
         for pool in self._pools():
-            if settings.query_wait_timeout > 0 and pool.waiters:
-                expire_waiters(pool, now, settings.query_wait_timeout)
-            if settings.idle_transaction_timeout > 0:
-                expire_idle_transactions(pool, now, settings.idle_transaction_timeout)
-            if settings.query_timeout > 0:
-                expire_queries(pool, now, settings.query_timeout)
-            if settings.transaction_timeout > 0:
-                expire_transactions(pool, now, settings.transaction_timeout)
+            if pool.waiters:
+                expire_waiters(pool, now)
+            if pool.servers:
+                expire_idle_transactions(pool, now)
+                expire_queries(pool, now)
+                expire_transactions(pool, now)
             recycle(pool, now)
 
 
@@ -129,8 +129,8 @@ def recycle(pool: Pool, now: float) -> None:
         pool.open_server()
 
 
-def expire_idle_transactions(pool: Pool, now: float, timeout: float) -> None:
-    """End clients idle inside a transaction for ``timeout`` seconds.
+def expire_idle_transactions(pool: Pool, now: float) -> None:
+    """End clients idle inside a transaction for their idle_transaction_timeout.
 
     Idle means: the last reply said 'in transaction' and the client has asked nothing
     since. The janitor notices it by comparing the client's request count between passes,
@@ -140,6 +140,9 @@ def expire_idle_transactions(pool: Pool, now: float, timeout: float) -> None:
         client = server.client
         if client is None or client.outstanding > 0 or server.scan.status == STATUS_IDLE:
             continue
+        timeout = client.timeouts.idle_transaction
+        if timeout <= 0:
+            continue
         requests = client.scan.requests_total
         if server.idle_tx_requests != requests:
             server.idle_tx_requests = requests
@@ -148,8 +151,8 @@ def expire_idle_transactions(pool: Pool, now: float, timeout: float) -> None:
             client.fatal(codes.PROTOCOL_VIOLATION, "idle transaction timeout")
 
 
-def expire_queries(pool: Pool, now: float, timeout: float) -> None:
-    """query_timeout: cancel a request that has had no reply for ``timeout`` seconds.
+def expire_queries(pool: Pool, now: float) -> None:
+    """query_timeout: cancel a request that has had no reply for the client's timeout.
 
     Progress is the pair (client's requests, replies forwarded); the janitor notes when
     it last changed. A cancelled request is not cancelled again.
@@ -157,6 +160,9 @@ def expire_queries(pool: Pool, now: float, timeout: float) -> None:
     for server in list(pool.servers):
         client = server.client
         if client is None or client.outstanding <= 0:
+            continue
+        timeout = client.timeouts.query
+        if timeout <= 0:
             continue
         mark = (client.scan.requests_total, server.replies)
         if mark != server.progress_mark:
@@ -168,22 +174,28 @@ def expire_queries(pool: Pool, now: float, timeout: float) -> None:
             pool.cancel_running_query(server)
 
 
-def expire_transactions(pool: Pool, now: float, timeout: float) -> None:
+def expire_transactions(pool: Pool, now: float) -> None:
     """transaction_timeout (transaction/statement mode): end over-long transactions."""
     if not pool.releases_at_idle:
         return
     for server in list(pool.servers):
         client = server.client
-        if client is not None and now - server.linked_at >= timeout:
+        if client is None:
+            continue
+        timeout = client.timeouts.transaction
+        if timeout > 0 and now - server.linked_at >= timeout:
             client.fatal(codes.PROTOCOL_VIOLATION, "transaction timeout")
 
 
-def expire_waiters(pool: Pool, now: float, timeout: float) -> None:
-    """End the waits older than ``timeout`` seconds (query_wait_timeout)."""
-    waiters = pool.waiters
-    deadline = now - timeout
-    while waiters and waiters[0].wait_started_at <= deadline:
-        client = waiters.popleft()
+def expire_waiters(pool: Pool, now: float) -> None:
+    """End the waits older than each client's query_wait_timeout."""
+    expired = [
+        client
+        for client in pool.waiters
+        if 0 < client.timeouts.query_wait <= now - client.wait_started_at
+    ]
+    for client in expired:
+        pool.waiters.remove(client)
         pool.stats.requests_errors += 1
         client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
 

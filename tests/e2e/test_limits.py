@@ -222,3 +222,74 @@ def test_user_pool_mode_overrides_the_database_and_global_mode(
         conn.commit()
     assert_healthy(proxy, user="md5user")
     assert_healthy(proxy, user="trustuser")
+
+
+# -- per-user and per-database timeout overrides ------------------------------------------------
+
+
+def test_a_user_timeout_overrides_the_global_one(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """[users.NAME] query_timeout applies to that user's clients only.
+
+    No forced user here, so each client logs in to PostgreSQL as itself: trustuser (trust)
+    and md5user (the entry's password).
+    """
+    proxy = proxy_factory(
+        proxy_config(
+            pg,
+            default_pool_size=1,
+            databases={"appdb": {"host": "127.0.0.1", "port": pg.port, "password": "md5-secret"}},
+            users={"trustuser": {"query_timeout": 1}},
+        )
+    )
+    # query_timeout: only trustuser has one.
+    with connect(proxy, user="trustuser") as trusted:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            trusted.execute("select pg_sleep(10)")
+        assert trusted.execute("select 1").fetchone() == (1,)  # the session goes on
+    with connect(proxy, user="md5user") as other:
+        assert other.execute("select pg_sleep(1.5), 2").fetchone() == ("", 2)
+    assert_healthy(proxy, user="md5user")
+
+
+def test_database_query_wait_timeout_and_the_user_override(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(
+        proxy_config(
+            pg,
+            default_pool_size=1,
+            query_wait_timeout=120,
+            databases={
+                "appdb": {
+                    "host": "127.0.0.1",
+                    "port": pg.port,
+                    "password": "md5-secret",
+                    "query_wait_timeout": 1,
+                }
+            },
+            users={"trustuser": {"query_wait_timeout": 30}},
+        )
+    )
+    # md5user's pool of one server is held by a transaction: its next client times out
+    # after the database's 1 s, not the global 120 s.
+    with connect(proxy, user="md5user", autocommit=False) as holder:
+        holder.execute("select 1")
+        with connect(proxy, user="md5user") as waiter:
+            started = time.monotonic()
+            with pytest.raises(psycopg.OperationalError, match="query_wait_timeout"):
+                waiter.execute("select 2")
+            assert time.monotonic() - started < 5
+        holder.commit()
+    # trustuser's own setting (30 s) wins over the database's: it waits past 1 s and is
+    # served when the holder commits.
+    with connect(proxy, user="trustuser", autocommit=False) as holder:
+        holder.execute("select 1")
+        with connect(proxy, user="trustuser") as waiter:
+            worker = Worker(lambda: waiter.execute("select 3").fetchone())
+            time.sleep(2.0)
+            assert worker.thread.is_alive()  # still waiting, past the database's 1 s
+            holder.commit()
+            assert worker.join(10) == (3,)
+    assert_healthy(proxy, user="trustuser")
