@@ -31,6 +31,7 @@ from tests.support import (
     assert_healthy,
     connect,
     proxy_config,
+    psql,
 )
 
 ROLE = "lifeuser"
@@ -215,6 +216,7 @@ def test_postgres_outage_backoff_hook_and_recovery(
         reconnect_timeout=3,
         reconnect_failed=hook,
         query_wait_timeout=60,
+        admin_users=["admin"],
     )
     idle_clients = [connect(proxy, prepare_threshold=None) for _ in range(10)]
     in_flight = connect(proxy)
@@ -253,6 +255,18 @@ def test_postgres_outage_backoff_hook_and_recovery(
     assert len(waits) >= 4, proxy.log_text()
     assert 0.85 <= waits[0] <= 1.15
     assert all(1.75 <= wait <= 2.25 for wait in waits[1:]), waits
+    # The failed attempts are counted (the console's SHOW POOL_STATS, psycopg_pool's keys).
+    shown = psql(
+        ["-A", "-F", "|", "-c", "SHOW POOL_STATS"],
+        port=proxy.port,
+        dbname="pgbouncer",
+        user="admin",
+    )
+    assert shown.returncode == 0, shown.stderr
+    header, row = shown.stdout.splitlines()[:2]
+    stats = dict(zip(header.split("|"), row.split("|"), strict=True))
+    assert int(stats["connections_errors"]) >= len(waits)
+    assert int(stats["connections_lost"]) >= 1  # the idle servers PostgreSQL closed
     # The hook ran once for the outage, with the pool in its environment, no password.
     assert proxy.log_text().count("reconnect_failed:") == 1
     _wait_for(hook_output.exists, 5.0, "the reconnect_failed hook's output")
@@ -632,3 +646,59 @@ def test_client_connection_caps_per_database_and_per_user(
             conn.close()
     finally:
         first.close()
+
+
+def test_fifty_clients_ride_through_a_postgres_restart(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, server_count: Callable[[], int]
+) -> None:
+    """50 clients run short transactions while PostgreSQL restarts (pg_ctl restart -m
+    fast). Only transactions in flight at that moment fail (at most one per server); every
+    client then goes on, without restarting pgproxy."""
+    pool_size = 10
+    proxy = _proxy(
+        pg, proxy_factory, default_pool_size=pool_size, server_login_retry=1, max_client_conn=100
+    )
+    stop = threading.Event()
+    restarted = threading.Event()
+    lock = threading.Lock()
+    failures: list[str] = []
+    done_after_restart: list[int] = [0] * 50
+
+    def work(index: int) -> None:
+        conn = connect(proxy, prepare_threshold=None)
+        deadline = time.monotonic() + 60
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    conn.execute("select pg_sleep(0.01)")
+                    if restarted.is_set():
+                        done_after_restart[index] += 1
+                except psycopg.OperationalError as exc:
+                    with lock:
+                        failures.append(str(exc).strip().splitlines()[0])
+                    conn.close()
+                    conn = connect(proxy, prepare_threshold=None)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(50)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        pg.restart()
+        restarted.set()
+        deadline = time.monotonic() + 30
+        while min(done_after_restart) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    # Every client got through transactions after the restart ...
+    assert min(done_after_restart) >= 3, done_after_restart
+    # ... and the only failures were the transactions linked to a server at the restart.
+    assert len(failures) <= pool_size, failures
+    assert server_count() <= pool_size
+    assert_healthy(proxy)
