@@ -56,8 +56,14 @@ PGBOUNCER_OS_USER: Final = "postgres"
 DIRECT: Final = "direct"
 PGBOUNCER: Final = "pgbouncer"
 PGPROXY: Final = "pgproxy"
-TARGETS: Final = (DIRECT, PGBOUNCER, PGPROXY)
-TARGET_LABELS: Final = {DIRECT: "direct", PGBOUNCER: "PgBouncer", PGPROXY: "pgproxy"}
+PGPROXY_NO_METRICS: Final = "pgproxy-nometrics"  # only with --metrics-cost
+TARGETS: Final = (DIRECT, PGBOUNCER, PGPROXY, PGPROXY_NO_METRICS)
+TARGET_LABELS: Final = {
+    DIRECT: "direct",
+    PGBOUNCER: "PgBouncer",
+    PGPROXY: "pgproxy",
+    PGPROXY_NO_METRICS: "pgproxy (metrics off)",
+}
 
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT: Final = 20.0  # seconds for a pooler to accept connections
@@ -335,11 +341,14 @@ log_disconnections = 0
 class PgProxy(Pooler):
     """pgproxy as a child process of this script."""
 
-    def __init__(self, python: str, workdir: Path, pg_port: int) -> None:
-        super().__init__("pgproxy", free_port(), workdir / "pgproxy.log")
+    def __init__(self, python: str, workdir: Path, pg_port: int, *, metrics: bool = True) -> None:
+        name = "pgproxy" if metrics else "pgproxy-nometrics"
+        super().__init__(name, free_port(), workdir / f"{name}.log")
         self.python = python
-        self.config = workdir / "pgproxy.toml"
+        self.config = workdir / f"{name}.toml"
         self.pg_port = pg_port
+        # Metrics on (the default config, histograms observed) or off (metrics_port = 0).
+        self.metrics_port = free_port() if metrics else 0
 
     def start(self) -> None:
         """Write the TOML configuration and start ``python -m pgproxy``."""
@@ -350,6 +359,7 @@ listen_port = {self.port}
 pool_mode = "transaction"
 default_pool_size = {POOL_SIZE}
 max_client_conn = {MAX_CLIENT_CONN}
+metrics_port = {self.metrics_port}
 
 [databases.{DB_NAME}]
 host = "127.0.0.1"
@@ -802,6 +812,15 @@ def build_report(
             f"| {sc.name} | {tps_cell(d)} | {tps_cell(b)} | {tps_cell(p)} "
             f"| {ratio(p_tps, b_tps)} | {ratio(p_tps, d_tps)} | {b_cpu} | {p_cpu} | {p_lat} |"
         )
+    for sc in scenarios:
+        off = summary.get(sc.name, {}).get(PGPROXY_NO_METRICS)
+        on = summary.get(sc.name, {}).get(PGPROXY)
+        if off is not None and on is not None:
+            lines.append(
+                f"\nMetrics cost, {sc.name}: pgproxy with metrics / without = "
+                f"{ratio(on.tps, off.tps)} tps, CPU µs/txn {fmt(on.cpu_us_per_txn, '.1f')} vs "
+                f"{fmt(off.cpu_us_per_txn, '.1f')}"
+            )
     lines += [
         "",
         "Medians over rounds. ⚠ = at least one run had failed transactions, pgbench errors, "
@@ -863,6 +882,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scenarios",
         default=",".join(s.name for s in SCENARIOS),
         help="comma-separated subset of: " + ", ".join(s.name for s in SCENARIOS),
+    )
+    parser.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="also run a pgproxy with metrics off (metrics_port = 0) and report the ratio",
     )
     parser.add_argument(
         "--profile",
@@ -1017,6 +1041,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"starting pgproxy on port {proxy.port}")
             proxy.start()
             pgproxy_status = ""
+            if args.metrics_cost:
+                bare = PgProxy(python, tmp, pg.port, metrics=False)
+                poolers[PGPROXY_NO_METRICS] = bare
+                log(f"starting pgproxy without metrics on port {bare.port}")
+                bare.start()
 
             header = header_lines(started, pg, pgbouncer_version, python)
             header.insert(

@@ -8,7 +8,7 @@ import sys
 
 import uvloop
 
-from pgproxy import __version__
+from pgproxy import __version__, logs
 from pgproxy.config import ConfigError, load_settings
 from pgproxy.daemon import Daemon
 
@@ -30,19 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pgproxy`` console script and ``python -m pgproxy``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG
-        if args.verbose > 1
-        else logging.INFO
-        if args.verbose
-        else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.verbose)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"pgproxy: {exc}", file=sys.stderr)
         return 1
+    logs.configure(args.verbose, settings.log_format)
     if args.check:
         print(f"pgproxy: configuration OK ({len(settings.databases)} database entries)")
         return 0

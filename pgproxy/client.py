@@ -111,6 +111,12 @@ class ClientConn(asyncio.Protocol):
             pass  # not a Unix socket after all, or no credentials: nobody special
 
     @property
+    def application_name(self) -> str:
+        """The client's application_name (from its startup packet or a later SET)."""
+        index = tracked.tracked_index("application_name")
+        return (self.params[index] if index is not None else "") or ""
+
+    @property
     def logged_in(self) -> bool:
         """Past the login: a pool client (waiting, linked or not) or a console session."""
         return self.state is READY or self.state is CONSOLE
@@ -220,6 +226,8 @@ class ClientConn(asyncio.Protocol):
         """Send a FATAL error and end this client; its server is released at once."""
         if self.closed or self.transport.is_closing():
             return
+        if not self.logged_in:
+            self.daemon.login_failures += 1
         log.info("client %s@%s: closing: %s", self.user, self.database, text)
         self._release()
         self.transport.write(messages.fatal(sqlstate, text))
@@ -383,6 +391,7 @@ class ClientConn(asyncio.Protocol):
 
     def _finish_login(self, pool: Pool, startup: StartupMessage) -> None:
         self.pool = pool
+        pool.stats.client_logins += 1
         self.params = tracked.from_pairs(startup.params, pool.welcome_values)
         self.cancel_key = self.daemon.register_cancel_key(self)
         self.idle_since = time.monotonic()

@@ -312,6 +312,30 @@ class Settings(BaseSettings):
         description="Seconds between statistics snapshots; SHOW STATS averages cover the "
         "last period.",
     )
+    metrics_addr: str = Field(
+        default="127.0.0.1",
+        description="Address of the HTTP listener for /metrics, /healthz and /readyz; '*' for all.",
+    )
+    metrics_port: int = Field(
+        default=9433,
+        ge=0,
+        le=65535,
+        description="Port of that listener; 0 turns metrics (and their histograms) off.",
+    )
+    leak_detection_threshold: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a client may hold a server (transaction mode: one transaction; "
+        "session mode: one transaction left open) before a leak is logged, counted and "
+        "listed in SHOW LEAKS; nothing is killed; 0 disables.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text or as one JSON object per line."
+    )
+    log_stats: bool = Field(
+        default=True,
+        description="Log a statistics line (rates and mean times) every stats_period.",
+    )
     auth_type: Literal["trust"] = Field(
         default="trust", description="How clients authenticate to pgproxy."
     )
@@ -484,7 +508,9 @@ def load_settings(path: str | None) -> Settings:
 
 
 # Settings a running daemon cannot change: its sockets are bound once, at start.
-RESTART_ONLY = frozenset({"listen_addr", "listen_port", "unix_socket_dir"})
+RESTART_ONLY = frozenset(
+    {"listen_addr", "listen_port", "unix_socket_dir", "metrics_addr", "metrics_port", "log_format"}
+)
 
 
 def changed_setting(current: Settings, key: str, value: str) -> Settings:

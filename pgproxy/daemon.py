@@ -22,16 +22,21 @@ from pgproxy.config import (
     changed_setting,
     load_settings,
 )
+from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
 from pgproxy.listener import start_listeners
+from pgproxy.metrics import PoolHistograms
 from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
-from pgproxy.stats import StatsWindow
+from pgproxy.stats import StatsWindow, Totals
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
 
 log = logging.getLogger("pgproxy")
+# The periodic stats line is logged at INFO whatever -v says, as PgBouncer's log_stats.
+stats_log = logging.getLogger("pgproxy.stats")
+stats_log.setLevel(logging.INFO)
 
 PauseMode = Literal["none", "pause", "suspend"]
 # SHUTDOWN's modes: exit now, once no server is linked, once no client is left.
@@ -66,6 +71,9 @@ class Daemon:
         self.database_flags: dict[str, DatabaseFlags] = {}
         self.shutdown_mode: ShutdownMode | None = None
         self.stats_window = StatsWindow(0.0)  # restarted by start()
+        self.login_failures = 0  # client logins that ended in an error (metrics)
+        self.login_timeouts = 0  # of which client_login_timeout
+        self._metrics: MetricsServer | None = None
         self._listeners: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
         self._janitor: Janitor | None = None
@@ -107,6 +115,9 @@ class Daemon:
                 (db_budget, user_budget),
             )
             pool.paused = self.is_paused(database)
+            pool.query_wait_timeout = self.settings.client_timeouts(entry, server_user).query_wait
+            if self.settings.metrics_port:
+                pool.histograms = PoolHistograms(pool.query_wait_timeout)
             self.pools[key] = pool
         return pool
 
@@ -165,6 +176,7 @@ class Daemon:
             if entry is None:
                 log.warning("database %s is no longer configured; it drains", pool.database)
                 continue
+            pool.query_wait_timeout = settings.client_timeouts(entry, pool.user).query_wait
             self.db_budgets[pool.database].limit = settings.max_db_connections_for(entry)
             self.user_budgets[pool.user].limit = settings.max_user_connections_for(pool.user)
             pool.reconfigure(
@@ -282,9 +294,49 @@ class Daemon:
             await asyncio.sleep(POLL)
 
     def maintain(self, now: float) -> None:
-        """The janitor's pass over the daemon: statistics snapshots."""
+        """The janitor's pass over the daemon: statistics snapshots and the stats line."""
         if self.stats_window.due(now, self.settings.stats_period):
             self.stats_window.snapshot(now, ((key, p.stats) for key, p in self.pools.items()))
+            if self.settings.log_stats:
+                self._log_stats(now)
+
+    def _log_stats(self, now: float) -> None:
+        # PgBouncer's periodic line: rates and mean times over the last period, all pools.
+        window = self.stats_window
+        live, older = Totals(), Totals()
+        for key, pool in self.pools.items():
+            live.add(Totals.of(pool.stats))
+            older.add(window.older_totals(key))
+        (_, xacts, queries, received, sent, xact_us, query_us, wait_us, *_) = live.averages(
+            older, now - window.older_at
+        )
+        stats_log.info(
+            "stats: %d xacts/s, %d queries/s, in %d B/s, out %d B/s, xact %d us, query %d us, "
+            "wait %d us",
+            xacts, queries, received, sent, xact_us, query_us, wait_us,
+        )  # fmt: skip
+
+    async def readiness_problems(self, reach_timeout: float) -> list[str]:
+        """Why pgproxy should not get traffic now (empty: ready). Each configured database
+        must be reachable: a logged-in server, else no failed login pending and its
+        address accepting TCP connections."""
+        problems = []
+        if self.shutdown_mode is not None:
+            problems.append("shutting down")
+        if not self._listeners:
+            problems.append("not listening")
+        for name, entry in self.settings.databases.items():
+            if name == "*":
+                continue
+            pools = self.pools_of(name)
+            if any(pool.servers for pool in pools):
+                continue
+            failed = next((p.reconnect.last_error for p in pools if p.reconnect.last_error), None)
+            if failed is not None:
+                problems.append(f"database {name}: {failed}")
+            elif not await _reachable(entry.host, entry.port, reach_timeout):
+                problems.append(f"database {name}: {entry.host}:{entry.port} unreachable")
+        return problems
 
     def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
         """A fresh random (process id, secret) for ``client``; never a server's key."""
@@ -309,6 +361,14 @@ class Daemon:
         self._stopped = asyncio.Event()
         self.stats_window = StatsWindow(self.loop_time())
         self._listeners = await start_listeners(self)
+        if self.settings.metrics_port:
+            self._metrics = MetricsServer(self)
+            try:
+                await self._metrics.start()
+            except OSError:
+                for listener in self._listeners:
+                    listener.close()
+                raise
         self._prewarm()
         self._janitor = Janitor(
             lambda: list(self.pools.values()),
@@ -320,6 +380,8 @@ class Daemon:
         where = [f"{self.settings.listen_addr}:{self.settings.listen_port}"]
         if self.settings.unix_socket_dir:
             where.append(f"{self.settings.unix_socket_dir}/.s.PGSQL.{self.settings.listen_port}")
+        if self._metrics is not None:
+            where.append(f"metrics on {self.settings.metrics_addr}:{self.settings.metrics_port}")
         log.info("pgproxy %s listening on %s (pid %d)", __version__, ", ".join(where), os.getpid())
 
     def _prewarm(self) -> None:
@@ -372,7 +434,22 @@ class Daemon:
             client.fatal(codes.ADMIN_SHUTDOWN, "database is shutting down")
         for pool in self.pools.values():
             pool.close_all()
+        if self._metrics is not None:
+            self._metrics.close()  # scrapeable until here, through the drain
         await asyncio.sleep(0)  # let transports flush their goodbyes
+
+
+async def _reachable(host: str, port: int, timeout: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            if host.startswith("/"):
+                _, writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+            else:
+                _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 def _target(entry: DatabaseConfig, database: str, server_user: str) -> ServerTarget:

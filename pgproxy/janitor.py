@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from pgproxy.client import ClientConn
     from pgproxy.config import Settings
     from pgproxy.pool import Pool
+    from pgproxy.server import ServerConn
 
 log = logging.getLogger("pgproxy.janitor")
 
@@ -82,6 +83,8 @@ class Janitor:
                 expire_idle_transactions(pool, now)
                 expire_queries(pool, now)
                 expire_transactions(pool, now)
+            if settings.leak_detection_threshold > 0 and pool.servers:
+                detect_leaks(pool, now, settings.leak_detection_threshold)
             recycle(pool, now)
 
 
@@ -148,6 +151,7 @@ def expire_idle_transactions(pool: Pool, now: float) -> None:
             server.idle_tx_requests = requests
             server.idle_tx_since = now
         elif now - server.idle_tx_since >= timeout:
+            pool.stats.timeouts["idle_transaction"] += 1
             client.fatal(codes.PROTOCOL_VIOLATION, "idle transaction timeout")
 
 
@@ -170,6 +174,7 @@ def expire_queries(pool: Pool, now: float) -> None:
             server.progress_since = now
         elif now - server.progress_since >= timeout and server.cancelled_mark != mark:
             server.cancelled_mark = mark
+            pool.stats.timeouts["query"] += 1
             log.info("pool %s: query_timeout: cancelling a request", pool.name)
             pool.cancel_running_query(server)
 
@@ -184,6 +189,7 @@ def expire_transactions(pool: Pool, now: float) -> None:
             continue
         timeout = client.timeouts.transaction
         if timeout > 0 and now - server.linked_at >= timeout:
+            pool.stats.timeouts["transaction"] += 1
             client.fatal(codes.PROTOCOL_VIOLATION, "transaction timeout")
 
 
@@ -197,6 +203,7 @@ def expire_waiters(pool: Pool, now: float) -> None:
     for client in expired:
         pool.waiters.remove(client)
         pool.stats.requests_errors += 1
+        pool.stats.timeouts["query_wait"] += 1
         client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
 
 
@@ -204,6 +211,7 @@ def expire_login(client: ClientConn, now: float, timeout: float) -> None:
     """client_login_timeout: a client still logging in after ``timeout`` seconds."""
     if not client.closed and now - client.connected_at >= timeout:
         # PgBouncer's wording tells a stalled client from one waiting for a dead server.
+        client.daemon.login_timeouts += 1
         if client.state is LOGIN:
             client.fatal(codes.PROTOCOL_VIOLATION, "client_login_timeout (server down)")
         else:
@@ -219,4 +227,47 @@ def expire_idle_client(client: ClientConn, now: float, timeout: float) -> None:
         client.idle_requests = requests
         client.idle_since = now
     elif now - client.idle_since >= timeout:
+        client.pool.stats.timeouts["client_idle"] += 1
         client.fatal(codes.PROTOCOL_VIOLATION, "client_idle_timeout")
+
+
+def held_for(pool: Pool, server: ServerConn, now: float) -> float:
+    """How long the client linked to ``server`` has held it, as leak detection counts:
+    transaction mode, since the transaction began; session mode, since it was last seen
+    idle inside a transaction (0 when it is not). Kept up to date by ``detect_leaks``."""
+    client = server.client
+    if client is None:
+        return 0.0
+    if pool.releases_at_idle:
+        return now - server.linked_at
+    return now - server.leak_since if server.leak_since else 0.0
+
+
+def detect_leaks(pool: Pool, now: float, threshold: float) -> None:
+    """leak_detection_threshold (HikariCP's idea, for a proxy): log and count a client that
+    holds a server too long, once per episode. Nothing is killed."""
+    for server in list(pool.servers):
+        client = server.client
+        if client is None:
+            server.leak_since = 0.0
+            continue
+        if not pool.releases_at_idle:
+            idle_in_transaction = server.scan.status != STATUS_IDLE and client.outstanding <= 0
+            if not idle_in_transaction:
+                server.leak_since = 0.0
+                continue
+            if not server.leak_since:
+                server.leak_since = now
+        episode = server.linked_at if pool.releases_at_idle else server.leak_since
+        held = held_for(pool, server, now)
+        if held >= threshold and server.leak_mark != episode:
+            server.leak_mark = episode
+            pool.stats.leaks += 1
+            peer = client.transport.get_extra_info("peername")
+            log.warning(
+                "leak: client %d (user %s, database %s, application_name %r, address %s, "
+                "state %s) has held a server for %.1f s (leak_detection_threshold %g s)",
+                client.id, client.user, client.database, client.application_name,
+                peer[0] if isinstance(peer, tuple) else "unix",
+                "active" if client.outstanding > 0 else "idle in transaction", held, threshold,
+            )  # fmt: skip

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as tracked
 from pgproxy.config import PoolMode, PoolSettings
+from pgproxy.metrics import PoolHistograms
 from pgproxy.protocol import codes
 from pgproxy.reconnect import Reconnect
 from pgproxy.server import (
@@ -124,6 +125,9 @@ class Pool:
         # and each one is closed as it comes free.
         self.paused = False
         self.stats = PoolStats()
+        # Histograms for /metrics (None when metrics are off: nothing is observed).
+        self.histograms: PoolHistograms | None = None
+        self.query_wait_timeout = 0.0  # in force for this pool's user (a metrics gauge)
         # ParameterStatus values of the first server: what every client is told at login.
         self.welcome: list[tuple[str, str]] | None = None
         self.welcome_values: tracked.ParamValues = tracked.EMPTY
@@ -147,6 +151,9 @@ class Pool:
         if self.idle and not self.paused:
             server = self.idle.pop()  # LIFO: the warmest server, as PgBouncer does
             self._link(client, server)
+            histograms = self.histograms
+            if histograms is not None:
+                histograms.wait.counts[0] += 1  # no wait: the first bucket
             return server
         if 0 < self.settings.max_waiting <= len(self.waiters):
             self.stats.requests_errors += 1
@@ -199,8 +206,11 @@ class Pool:
             client = self.waiters.popleft()
             if client.closed:
                 continue
-            self.stats.wait_time += now - client.wait_started_at
+            waited = now - client.wait_started_at
+            self.stats.wait_time += waited
             self.stats.waiters_served += 1
+            if self.histograms is not None:
+                self.histograms.wait.observe(waited)
             self._link(client, server)
             client.flush_pending()
             return
@@ -217,7 +227,11 @@ class Pool:
         stats.xact_count += 1
         if self.releases_at_idle:
             client.outstanding = 0  # never carry a miscount into the next transaction
-            stats.xact_time += now - server.linked_at
+            held = now - server.linked_at
+            stats.xact_time += held
+            histograms = self.histograms
+            if histograms is not None:
+                histograms.transaction.observe(held)
             self._unlink(client, server)
             self._hand_over(server)
 
@@ -378,7 +392,10 @@ class Pool:
             return
         self.connecting -= 1
         self.stats.connections_num += 1
-        self.stats.connections_time += time.monotonic() - started
+        took = time.monotonic() - started
+        self.stats.connections_time += took
+        if self.histograms is not None:
+            self.histograms.connect.observe(took)
         server.holds_budget = True
         self.reconnect.succeeded()
         if self.settings.lifetime > 0:

@@ -84,6 +84,10 @@ class ServerConn(asyncio.Protocol):
         self.progress_mark: tuple[int, int] = (-1, -1)
         self.progress_since = 0.0
         self.cancelled_mark: tuple[int, int] | None = None
+        # Leak detection, kept by the janitor: since when a session-mode client has sat
+        # idle in a transaction (0: it has not), and the episode last reported.
+        self.leak_since = 0.0
+        self.leak_mark = -1.0
         self.write_paused = False
         self._login_buffer = bytearray()
         self._login_wakeup: asyncio.Future[None] | None = None
@@ -133,7 +137,11 @@ class ServerConn(asyncio.Protocol):
         if scan.ready:
             now = self.clock()
             pool = self.pool
-            pool.stats.query_time += now - self.query_started
+            took = now - self.query_started
+            pool.stats.query_time += took
+            histograms = pool.histograms
+            if histograms is not None:
+                histograms.query.observe(took)
             self.query_started = now  # a pipelined request runs from here
             self.replies += scan.ready
             client.outstanding -= scan.ready

@@ -8,6 +8,7 @@ averages over the window from the older of the last two snapshots to now, as PgB
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
@@ -30,11 +31,13 @@ class PoolStats:
 
     __slots__ = (
         "bind_count",
+        "client_logins",
         "client_parse_count",
         "connections_errors",
         "connections_lost",
         "connections_num",
         "connections_time",
+        "leaks",
         "query_count",
         "query_time",
         "received_bytes",
@@ -43,6 +46,7 @@ class PoolStats:
         "returns_bad",
         "sent_bytes",
         "server_assignment_count",
+        "timeouts",
         "wait_time",
         "waiters_served",
         "xact_count",
@@ -70,6 +74,10 @@ class PoolStats:
         self.connections_time = 0.0  # seconds spent opening them
         self.connections_errors = 0  # failed attempts to open one
         self.connections_lost = 0  # servers that PostgreSQL (or the network) closed
+        # Slow-path events (metrics).
+        self.client_logins = 0
+        self.leaks = 0  # clients that held a server past leak_detection_threshold
+        self.timeouts: Counter[str] = Counter()  # by kind: query_wait, query, ...
 
 
 @dataclass(slots=True)

@@ -238,6 +238,8 @@ def proxy_config(pg: EmbeddedPostgres, **overrides: Any) -> dict[str, Any]:
         "listen_port": free_port(),
         "pool_mode": "transaction",
         "default_pool_size": 5,
+        # Many proxies run at once: no metrics listener unless a test asks for one.
+        "metrics_port": 0,
         "databases": {
             "appdb": {
                 "host": "127.0.0.1",

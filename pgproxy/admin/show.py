@@ -364,6 +364,35 @@ def show_totals(daemon: Daemon) -> Table:
     return columns("sN", "name", "value"), rows
 
 
+def show_leaks(daemon: Daemon) -> Table:
+    """pgproxy's own: clients holding a server past leak_detection_threshold now."""
+    from pgproxy.janitor import held_for
+
+    cols = columns(
+        "issssisqs", "id", "user", "database", "application_name", "addr", "port", "state",
+        "held_us", "held_since",
+    )  # fmt: skip
+    threshold = daemon.settings.leak_detection_threshold
+    rows: list[list[Value]] = []
+    if threshold <= 0:
+        return cols, rows
+    clock = _clock(daemon)
+    now = clock[0]
+    for pool in daemon.pools.values():
+        for server in pool.servers:
+            client = server.client
+            held = held_for(pool, server, now)
+            if client is None or held < threshold:
+                continue
+            addr, port = _address(client.transport.get_extra_info("peername"))
+            state = "active" if client.outstanding > 0 else "idle in transaction"
+            rows.append([
+                client.id, client.user, client.database, client.application_name, addr, port,
+                state, int(held * USEC), _date(now - held, clock),
+            ])  # fmt: skip
+    return cols, rows
+
+
 def show_pool_stats(daemon: Daemon) -> Table:
     """pgproxy's own: psycopg_pool's get_stats() keys for each pool."""
     names = (
@@ -463,6 +492,7 @@ SHOW_TABLES: dict[str, Callable[[Daemon], Table]] = {
     "databases": show_databases,
     "dns_hosts": show_dns_hosts,
     "dns_zones": show_dns_zones,
+    "leaks": show_leaks,
     "lists": show_lists,
     "mem": show_mem,
     "peer_pools": show_peer_pools,
@@ -485,7 +515,7 @@ HELP = (
     "\tSHOW PEERS|PEER_POOLS\n"
     "\tSHOW SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
     "\tSHOW DNS_HOSTS|DNS_ZONES\n"
-    "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|POOL_STATS\n"
+    "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|POOL_STATS|LEAKS\n"
     "\tSET key = arg\n"
     "\tRELOAD\n"
     "\tPAUSE [<db>]\n"

@@ -1,0 +1,277 @@
+"""Prometheus metrics: histograms the hot path feeds, and a collector read at scrape time.
+
+The hot path only bumps plain counters (``PoolStats``) and calls ``Histogram.observe`` (a
+bisect and two additions). Everything else — gauges of clients and servers per state,
+counters, the histograms' cumulative buckets — is read from the live pools when Prometheus
+scrapes, in the event loop's thread, so no lock is needed. Labels: ``database`` and
+``user`` of a pool, never anything finer (a client, a query).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from pgproxy import __version__
+
+if TYPE_CHECKING:
+    from pgproxy.daemon import Daemon
+    from pgproxy.pool import Pool
+
+# Bucket upper bounds in seconds.
+WAIT_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+CONNECT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0,
+)  # fmt: skip
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 300.0,
+)  # fmt: skip
+TIMEOUT_KINDS = (
+    "query_wait", "query", "idle_transaction", "transaction", "client_idle", "client_login",
+)  # fmt: skip
+POOL_LABELS = ("database", "user")
+
+
+def wait_buckets(query_wait_timeout: float) -> tuple[float, ...]:
+    """WAIT_BUCKETS plus the timeout itself and twice it, so a p99 near the timeout and
+    waits past it (clients that gave up are not observed) both have a bucket."""
+    extra = {query_wait_timeout, 2 * query_wait_timeout} if query_wait_timeout > 0 else set()
+    return tuple(sorted(set(WAIT_BUCKETS) | extra))
+
+
+class Histogram:
+    """A Prometheus histogram as plain lists: ``counts[i]`` observations fell in bucket i
+    (the last one is +Inf). Cumulated only when scraped."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Record one observation (seconds)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (le, count) pairs, +Inf last."""
+        result = []
+        running = 0
+        for bound, count in zip([*map(_le, self.bounds), "+Inf"], self.counts, strict=True):
+            running += count
+            result.append((bound, float(running)))
+        return result
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class PoolHistograms:
+    """A pool's four histograms."""
+
+    __slots__ = ("connect", "query", "transaction", "wait")
+
+    def __init__(self, query_wait_timeout: float) -> None:
+        self.wait = Histogram(wait_buckets(query_wait_timeout))
+        self.connect = Histogram(CONNECT_BUCKETS)
+        self.query = Histogram(DURATION_BUCKETS)
+        self.transaction = Histogram(DURATION_BUCKETS)
+
+
+class PgproxyCollector(Collector):
+    """Reads the daemon's pools at scrape time."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        daemon = self.daemon
+        pools = list(daemon.pools.values())
+        now = daemon.loop_time()
+        yield _gauge("pgproxy_up", "1 while pgproxy serves.", 1)
+        info = GaugeMetricFamily("pgproxy_info", "pgproxy's version.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield _gauge(
+            "pgproxy_shutting_down",
+            "1 while a shutdown waits for servers or clients.",
+            int(daemon.shutdown_mode is not None),
+        )
+        yield _gauge("pgproxy_client_connections", "Client connections.", len(daemon.clients))
+        failures = CounterMetricFamily(
+            "pgproxy_client_login_failures", "Client logins that ended in an error."
+        )
+        failures.add_metric([], daemon.login_failures)
+        yield failures
+        yield from _pool_gauges(daemon, pools, now)
+        yield from _pool_counters(daemon, pools)
+        yield from _pool_histograms(pools)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _labels(pool: Pool) -> list[str]:
+    return [pool.database, pool.user]
+
+
+def _pool_gauges(daemon: Daemon, pools: list[Pool], now: float) -> Iterator[Metric]:
+    clients = GaugeMetricFamily(
+        "pgproxy_pool_clients", "Logged-in clients by state.", labels=[*POOL_LABELS, "state"]
+    )
+    servers = GaugeMetricFamily(
+        "pgproxy_pool_servers", "Server connections by state.", labels=[*POOL_LABELS, "state"]
+    )
+    size = GaugeMetricFamily(
+        "pgproxy_pool_size", "Server connections open or opening.", labels=POOL_LABELS
+    )
+    min_size = GaugeMetricFamily(
+        "pgproxy_pool_min_size", "Configured min_pool_size.", labels=POOL_LABELS
+    )
+    max_size = GaugeMetricFamily(
+        "pgproxy_pool_max_size", "Configured pool size (the cap).", labels=POOL_LABELS
+    )
+    oldest = GaugeMetricFamily(
+        "pgproxy_pool_oldest_wait_seconds",
+        "How long the oldest waiting client has waited.",
+        labels=POOL_LABELS,
+    )
+    paused = GaugeMetricFamily(
+        "pgproxy_pool_paused", "1 while the pool is paused (PAUSE, KILL).", labels=POOL_LABELS
+    )
+    wait_timeout = GaugeMetricFamily(
+        "pgproxy_query_wait_timeout_seconds",
+        "The query_wait_timeout in force for the pool's user and database (0: none).",
+        labels=POOL_LABELS,
+    )
+    by_pool: dict[int, list[int]] = {id(pool): [0, 0, 0] for pool in pools}
+    for client in daemon.logged_in_clients():
+        counts = by_pool.get(id(client.pool)) if client.console is None else None
+        if counts is not None:
+            index = 1 if client.wait_started_at else 0 if client.server is not None else 2
+            counts[index] += 1
+    for pool in pools:
+        labels = _labels(pool)
+        for state, count in zip(("active", "waiting", "idle"), by_pool[id(pool)], strict=True):
+            clients.add_metric([*labels, state], count)
+        states = [server.state for server in pool.servers]
+        for state, count in (
+            ("active", states.count("active")),
+            ("idle", states.count("idle")),
+            ("used", states.count("reset")),
+            ("tested", states.count("tested")),
+            ("login", pool.connecting),
+        ):
+            servers.add_metric([*labels, state], count)
+        size.add_metric(labels, len(pool.servers) + pool.connecting)
+        min_size.add_metric(labels, pool.min_size)
+        max_size.add_metric(labels, pool.size)
+        first = next((client for client in pool.waiters if not client.closed), None)
+        oldest.add_metric(labels, max(now - first.wait_started_at, 0.0) if first else 0.0)
+        paused.add_metric(labels, int(pool.paused))
+        wait_timeout.add_metric(labels, pool.query_wait_timeout)
+    yield from (clients, servers, size, min_size, max_size, oldest, paused, wait_timeout)
+
+
+_COUNTERS = (
+    ("pgproxy_transactions", "Transactions pooled.", "xact_count"),
+    ("pgproxy_queries", "Requests pooled (each answered by one ReadyForQuery).", "query_count"),
+    ("pgproxy_received_bytes", "Bytes received from clients.", "received_bytes"),
+    ("pgproxy_sent_bytes", "Bytes sent to clients.", "sent_bytes"),
+    ("pgproxy_server_assignments", "Times a server was linked to a client.",
+     "server_assignment_count"),
+    ("pgproxy_client_logins", "Client logins.", "client_logins"),
+    ("pgproxy_server_connect_errors", "Failed attempts to open a server connection.",
+     "connections_errors"),
+    ("pgproxy_servers_lost", "Servers closed by PostgreSQL or the network.", "connections_lost"),
+    ("pgproxy_servers_returned_broken", "Servers given back in a state nobody may see.",
+     "returns_bad"),
+    ("pgproxy_leaks", "Clients that held a server past leak_detection_threshold.", "leaks"),
+)  # fmt: skip
+
+
+def _pool_counters(daemon: Daemon, pools: list[Pool]) -> Iterator[Metric]:
+    for name, documentation, field in _COUNTERS:
+        family = CounterMetricFamily(name, documentation, labels=POOL_LABELS)
+        for pool in pools:
+            family.add_metric(_labels(pool), getattr(pool.stats, field))
+        yield family
+    attempts = CounterMetricFamily(
+        "pgproxy_server_connect_attempts",
+        "Attempts to open a server connection.",
+        labels=POOL_LABELS,
+    )
+    hooks = CounterMetricFamily(
+        "pgproxy_reconnect_failed",
+        "Outages that lasted reconnect_timeout (the reconnect_failed hook ran).",
+        labels=POOL_LABELS,
+    )
+    for pool in pools:
+        stats = pool.stats
+        attempts.add_metric(_labels(pool), stats.connections_num + stats.connections_errors)
+        hooks.add_metric(_labels(pool), pool.reconnect.hook_runs)
+    yield attempts
+    yield hooks
+    timeouts = CounterMetricFamily(
+        "pgproxy_timeouts", "Timeouts by kind.", labels=[*POOL_LABELS, "kind"]
+    )
+    for pool in pools:
+        for kind in TIMEOUT_KINDS:
+            if kind != "client_login":
+                timeouts.add_metric([*_labels(pool), kind], pool.stats.timeouts.get(kind, 0))
+    # A login timeout happens before the client has a pool.
+    timeouts.add_metric(["", "", "client_login"], daemon.login_timeouts)
+    yield timeouts
+
+
+_HISTOGRAMS = (
+    ("pgproxy_client_wait_seconds", "Time a client waited for a server (0: one was idle).",
+     "wait"),
+    ("pgproxy_server_connect_seconds", "Time to open and log in a server connection.",
+     "connect"),
+    ("pgproxy_query_duration_seconds", "Time from a request to its ReadyForQuery.", "query"),
+    ("pgproxy_transaction_duration_seconds",
+     "Time a server was linked for one transaction (transaction and statement mode).",
+     "transaction"),
+)  # fmt: skip
+
+
+def _pool_histograms(pools: Iterable[Pool]) -> Iterator[Metric]:
+    measured = [pool for pool in pools if pool.histograms is not None]
+    for name, documentation, field in _HISTOGRAMS:
+        family = HistogramMetricFamily(name, documentation, labels=POOL_LABELS)
+        for pool in measured:
+            assert pool.histograms is not None
+            histogram: Histogram = getattr(pool.histograms, field)
+            family.add_metric(_labels(pool), histogram.buckets(), histogram.sum)
+        yield family
+
+
+def registry_for(daemon: Daemon) -> CollectorRegistry:
+    """A registry holding pgproxy's collector (and nothing global)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PgproxyCollector(daemon))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition format of everything in ``registry``."""
+    return generate_latest(registry)

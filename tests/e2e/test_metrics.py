@@ -1,0 +1,210 @@
+"""/metrics, /healthz, /readyz, leak detection and log output, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pgproxy.embedded import EmbeddedPostgres, free_port
+from tests.support import (
+    ProxyFactory,
+    ProxyProcess,
+    assert_healthy,
+    connect,
+    proxy_config,
+    psql,
+)
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+APP = (("database", "appdb"), ("user", "app"))
+
+
+def _proxy(pg: EmbeddedPostgres, factory: ProxyFactory, **overrides: Any) -> ProxyProcess:
+    overrides.setdefault("metrics_port", free_port())
+    overrides.setdefault("admin_users", ["admin"])
+    return factory(proxy_config(pg, **overrides))
+
+
+def _get(proxy: ProxyProcess, path: str) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{proxy.config['metrics_port']}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def scrape(proxy: ProxyProcess) -> Samples:
+    status, text = _get(proxy, "/metrics")
+    assert status == 200, text
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def _value(samples: Samples, name: str, labels: tuple[tuple[str, str], ...] = APP) -> float:
+    return samples[(name, tuple(sorted(labels)))]
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_metrics_count_a_known_workload(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(pg, proxy_factory)
+    with connect(proxy, prepare_threshold=None) as conn:
+        for _ in range(20):
+            conn.execute("select 1")
+        during = scrape(proxy)
+    after = scrape(proxy)
+    assert _value(after, "pgproxy_up", ()) == 1
+    assert _value(after, "pgproxy_transactions_total") == 20
+    assert _value(after, "pgproxy_queries_total") == 20
+    assert _value(after, "pgproxy_server_assignments_total") == 20
+    assert _value(after, "pgproxy_client_logins_total") == 1
+    assert _value(after, "pgproxy_received_bytes_total") > 0
+    assert _value(after, "pgproxy_sent_bytes_total") > 0
+    # Every assignment was one observed wait (here none: the server was idle after the
+    # first, which waited for its server to open).
+    assert _value(after, "pgproxy_client_wait_seconds_count") == 20
+    assert _value(after, "pgproxy_query_duration_seconds_count") == 20
+    assert _value(after, "pgproxy_transaction_duration_seconds_count") == 20
+    assert _value(after, "pgproxy_server_connect_seconds_count") == 1
+    assert _value(after, "pgproxy_server_connect_attempts_total") == 1
+    assert 0 < _value(after, "pgproxy_server_connect_seconds_sum") < 5
+    inf = (*APP, ("le", "+Inf"))
+    assert _value(after, "pgproxy_client_wait_seconds_bucket", inf) == 20
+    # Buckets reach past query_wait_timeout (120 s by default).
+    wait_le = {dict(labels)["le"] for name, labels in after if name.endswith("wait_seconds_bucket")}
+    assert {"120.0", "240.0", "300.0"} <= wait_le
+    assert _value(after, "pgproxy_pool_max_size") == 5
+    assert _value(after, "pgproxy_pool_min_size") == 0
+    assert _value(after, "pgproxy_pool_size") == 1
+    assert _value(after, "pgproxy_pool_servers", (*APP, ("state", "idle"))) == 1
+    assert _value(after, "pgproxy_pool_servers", (*APP, ("state", "active"))) == 0
+    assert _value(during, "pgproxy_pool_clients", (*APP, ("state", "idle"))) == 1
+    assert _value(after, "pgproxy_pool_clients", (*APP, ("state", "idle"))) == 0
+    assert _value(after, "pgproxy_query_wait_timeout_seconds") == 120
+    # Nothing finer than a pool: the only labels are these.
+    labels = {key for _, pairs in after for key, _ in pairs}
+    assert labels <= {"database", "user", "state", "kind", "le", "version"}
+
+
+def test_health_endpoints(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(pg, proxy_factory)
+    assert _get(proxy, "/healthz") == (200, '{"status": "ok"}\n')
+    status, body = _get(proxy, "/readyz")
+    assert status == 200, body
+    assert json.loads(body) == {"status": "ready"}
+    assert _get(proxy, "/nope")[0] == 404
+
+
+def test_readyz_follows_postgres(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(pg, proxy_factory)
+    assert_healthy(proxy)  # a pool with an idle server
+    pg.shut_down()
+    try:
+        _wait_for(lambda: _get(proxy, "/readyz")[0] == 503, 10, "/readyz to say 503")
+        answer = json.loads(_get(proxy, "/readyz")[1])
+        assert answer["status"] == "not ready"
+        assert any("appdb" in reason for reason in answer["reasons"]), answer
+        assert _get(proxy, "/healthz")[0] == 200  # alive, just not ready
+    finally:
+        pg.start_again()
+    _wait_for(lambda: _get(proxy, "/readyz")[0] == 200, 15, "/readyz to say 200 again")
+    assert_healthy(proxy)
+
+
+def test_timeouts_are_counted_by_kind(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(pg, proxy_factory, default_pool_size=1, query_wait_timeout=1)
+    with connect(proxy, autocommit=False) as holder:
+        holder.execute("select 1")  # holds the only server
+        with connect(proxy) as waiter, pytest.raises(psycopg.OperationalError):
+            waiter.execute("select 2")
+        holder.rollback()
+    samples = scrape(proxy)
+    assert _value(samples, "pgproxy_timeouts_total", (*APP, ("kind", "query_wait"))) == 1
+    assert _value(samples, "pgproxy_timeouts_total", (*APP, ("kind", "query"))) == 0
+
+
+def test_a_leak_is_logged_counted_and_listed(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(pg, proxy_factory, leak_detection_threshold=0.5)
+    with connect(proxy, autocommit=False, application_name="leaky-job") as holder:
+        holder.execute("select 1")  # a transaction left open
+        _wait_for(
+            lambda: _value(scrape(proxy), "pgproxy_leaks_total") == 1, 5, "the leak to be counted"
+        )
+        shown = psql(
+            ["-A", "-F", "|", "-c", "SHOW LEAKS"], port=proxy.port, dbname="pgbouncer", user="admin"
+        )
+        assert shown.returncode == 0, shown.stderr
+        header, row = shown.stdout.splitlines()[:2]
+        leak = dict(zip(header.split("|"), row.split("|"), strict=True))
+        assert leak["application_name"] == "leaky-job"
+        assert leak["state"] == "idle in transaction"
+        assert int(leak["held_us"]) >= 500_000
+        time.sleep(1.0)  # still held: counted once per episode, not once per pass
+        assert _value(scrape(proxy), "pgproxy_leaks_total") == 1
+        holder.rollback()  # nothing was killed: the transaction is still the client's
+    assert "leak: client" in proxy.log_text()
+    assert "leaky-job" in proxy.log_text()
+
+
+def test_one_series_set_per_pool_whatever_the_clients(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(pg, proxy_factory, max_client_conn=200)
+    assert_healthy(proxy)
+    before = set(scrape(proxy))
+
+    async def clients() -> None:
+        gate = asyncio.Semaphore(50)
+
+        async def one(index: int) -> None:
+            async with gate:
+                conn = await psycopg.AsyncConnection.connect(
+                    proxy.dsn(application_name=f"client-{index}"), autocommit=True
+                )
+                async with conn:
+                    await conn.execute("select 1")
+
+        await asyncio.gather(*(one(index) for index in range(500)))
+
+    asyncio.run(asyncio.wait_for(clients(), 120))
+    after = scrape(proxy)
+    assert set(after) == before
+    assert _value(after, "pgproxy_client_logins_total") == 501
+
+
+def test_json_logs_and_the_stats_line(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(pg, proxy_factory, log_format="json", stats_period=1)
+    assert_healthy(proxy)
+
+    def stats_lines() -> list[dict[str, Any]]:
+        entries = [json.loads(line) for line in proxy.log_text().splitlines() if line.strip()]
+        return [entry for entry in entries if entry["message"].startswith("stats: ")]
+
+    _wait_for(lambda: len(stats_lines()) >= 2, 10, "two stats lines")
+    entry = stats_lines()[-1]
+    assert entry["logger"] == "pgproxy.stats"
+    assert entry["level"] == "info"
+    assert "xacts/s" in entry["message"] and "wait" in entry["message"]
+    proxy.popen.send_signal(signal.SIGHUP)
+    _wait_for(lambda: "configuration reloaded" in proxy.log_text(), 10, "the reload")
