@@ -208,3 +208,18 @@ def test_json_logs_and_the_stats_line(pg: EmbeddedPostgres, proxy_factory: Proxy
     assert "xacts/s" in entry["message"] and "wait" in entry["message"]
     proxy.popen.send_signal(signal.SIGHUP)
     _wait_for(lambda: "configuration reloaded" in proxy.log_text(), 10, "the reload")
+
+
+def test_metrics_stay_up_while_a_shutdown_drains(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(pg, proxy_factory)
+    with connect(proxy) as client:
+        client.execute("select 1")
+        proxy.popen.send_signal(signal.SIGTERM)  # waits for this client to leave
+        _wait_for(lambda: _value(scrape(proxy), "pgproxy_shutting_down", ()) == 1, 5, "the drain")
+        status, body = _get(proxy, "/readyz")
+        assert status == 503
+        assert "shutting down" in json.loads(body)["reasons"]
+        assert client.execute("select 2").fetchone() == (2,)
+    assert proxy.popen.wait(10) == 0
