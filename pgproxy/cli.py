@@ -10,7 +10,7 @@ import uvloop
 
 from pgproxy import __version__, logs
 from pgproxy.config import ConfigError, load_settings
-from pgproxy.daemon import Daemon
+from pgproxy.daemon import Daemon, client_secrets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.verbose)
     try:
         settings = load_settings(args.config)
+        secrets = client_secrets(settings)
     except ConfigError as exc:
         print(f"pgproxy: {exc}", file=sys.stderr)
         return 1
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not settings.databases:
         logging.getLogger("pgproxy").warning("no [databases] configured: every login will fail")
+    if settings.auth_type != "trust" and not secrets:
+        logging.getLogger("pgproxy").warning(
+            "auth_type = %s but no user has a secret (auth_file, [users.NAME] password): "
+            "every login will fail",
+            settings.auth_type,
+        )
     daemon = Daemon(settings, config_path=args.config)
     try:
         uvloop.run(daemon.serve())

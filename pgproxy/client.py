@@ -21,6 +21,7 @@ from pgproxy.admin import CONSOLE_DATABASES
 from pgproxy.admin.console import WELCOME_PARAMS, Console
 from pgproxy.config import ClientTimeouts
 from pgproxy.protocol import codes, messages
+from pgproxy.protocol.client_auth import ClientAuthenticator, failure_message
 from pgproxy.protocol.startup import (
     CancelRequest,
     GSSEncRequest,
@@ -47,6 +48,8 @@ CONSOLE = "console"  # logged in to the admin console
 CLOSED = "closed"
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
+_INT32 = struct.Struct("!I")
+MAX_PASSWORD_MESSAGE = 64 * 1024  # a password or SASL message longer than this is not one
 
 # Bytes a waiting client may send before its reading is paused.
 PENDING_LIMIT = 256 * 1024
@@ -67,6 +70,9 @@ class ClientConn(asyncio.Protocol):
         self.peer_uid = -1
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
         self.timeouts = ClientTimeouts()  # resolved for its user and database at login
+        self.local_admin = False  # console user 'pgbouncer' from our own OS user
+        self._auth: ClientAuthenticator | None = None  # the password exchange under way
+        self._authenticated_startup: StartupMessage | None = None
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
         self.server: ServerConn | None = None
@@ -279,6 +285,11 @@ class ClientConn(asyncio.Protocol):
         self._startup_buffer += data
         if self.state is STARTUP:
             self._parse_startup()
+        elif self._auth is not None:
+            try:
+                self._password_messages()
+            except Exception:
+                self._internal_error("authentication")
 
     def _parse_startup(self) -> None:
         while self.state is STARTUP and not self.closed:
@@ -301,6 +312,8 @@ class ClientConn(asyncio.Protocol):
                 self.state = LOGIN
                 try:
                     self._begin_login(packet)
+                    if self._auth is not None and self._startup_buffer:
+                        self._password_messages()
                 except Exception:
                     self._internal_error("login")
 
@@ -321,6 +334,53 @@ class ClientConn(asyncio.Protocol):
         if len(self.daemon.clients) > settings.max_client_conn:
             self.fatal(codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)")
             return
+        # PgBouncer's rule: the user 'pgbouncer' over the Unix socket, from the daemon's
+        # own OS user, reaches the console without a password.
+        self.local_admin = (
+            self.database in CONSOLE_DATABASES
+            and user == "pgbouncer"
+            and self.peer_uid == os.getuid()
+        )
+        if settings.auth_type != "trust" and not self.local_admin:
+            # The password comes before anything about the database is said, so that
+            # neither user nor database names can be probed.
+            secret = self.daemon.secret_for(user)
+            self._auth = ClientAuthenticator(
+                settings.auth_type, user, secret, settings.scram_iterations
+            )
+            self._authenticated_startup = startup
+            self.transport.write(self._auth.start())
+            return
+        self._after_auth(startup)
+
+    def _password_messages(self) -> None:
+        """Run the password exchange over the complete messages received so far."""
+        buffer = self._startup_buffer
+        while self._auth is not None and not self.closed and len(buffer) >= 5:
+            length = _INT32.unpack_from(buffer, 1)[0]
+            if buffer[0] != ord("p") or length < 4 or length > MAX_PASSWORD_MESSAGE:
+                self.fatal(codes.PROTOCOL_VIOLATION, "expected a password response")
+                return
+            if len(buffer) < 1 + length:
+                return
+            payload = bytes(buffer[5 : 1 + length])
+            del buffer[: 1 + length]
+            reply, outcome = self._auth.step(payload)
+            if reply:
+                self.transport.write(reply)
+            if outcome is False:
+                log.warning("client %s: password authentication failed", self.user)
+                self.fatal(codes.INVALID_PASSWORD, failure_message(self.user))
+                return
+            if outcome is True:
+                self._auth = None
+                startup = self._authenticated_startup
+                assert startup is not None
+                self._after_auth(startup)
+
+    def _after_auth(self, startup: StartupMessage) -> None:
+        settings = self.daemon.settings
+        user = self.user
         if self.database in CONSOLE_DATABASES:
             self._console_login()
             return
@@ -343,7 +403,6 @@ class ClientConn(asyncio.Protocol):
             self.fatal(codes.PROTOCOL_VIOLATION, refusal)
             return
         self.admitted = True
-        # auth_type = trust: the client is who it says it is.
         if pool.welcome is not None:
             self._finish_login(pool, startup)
         else:
@@ -363,9 +422,7 @@ class ClientConn(asyncio.Protocol):
             self._internal_error("login")
 
     def _console_login(self) -> None:
-        # PgBouncer's rule: the user 'pgbouncer' over the Unix socket, from the daemon's
-        # own OS user, is admin without a password.
-        local_admin = self.user == "pgbouncer" and self.peer_uid == os.getuid()
+        local_admin = self.local_admin
         if not Console.may_log_in(self.daemon, self.user, local_admin):
             log.warning("console login refused for user %s", self.user)
             self.fatal(codes.INVALID_AUTHORIZATION, "not allowed")

@@ -122,6 +122,12 @@ class UserConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    password: SecretStr | None = Field(
+        default=None,
+        description="The user's secret for client authentication: a password, an md5 hash "
+        "or a SCRAM-SHA-256 verifier (never shown or logged).",
+    )
+
     pool_mode: PoolMode | None = Field(
         default=None, description="Overrides the database's and the global pool_mode."
     )
@@ -336,8 +342,20 @@ class Settings(BaseSettings):
         default=True,
         description="Log a statistics line (rates and mean times) every stats_period.",
     )
-    auth_type: Literal["trust"] = Field(
-        default="trust", description="How clients authenticate to pgproxy."
+    auth_type: Literal["trust", "plain", "md5", "scram-sha-256"] = Field(
+        default="trust",
+        description="How clients authenticate to pgproxy: trust (no password), plain "
+        "(cleartext), md5 (SCRAM for users stored with a SCRAM secret), scram-sha-256.",
+    )
+    auth_file: str | None = Field(
+        default=None,
+        description='PgBouncer\'s userlist.txt: one \'"user" "secret"\' per line; the secret '
+        "is a password, an md5 hash or a SCRAM-SHA-256 verifier.",
+    )
+    scram_iterations: int = Field(
+        default=4096,
+        ge=4096,  # RFC 7677's minimum (and scramp's)
+        description="SCRAM iterations for users whose stored secret is a plain password.",
     )
     databases: dict[str, DatabaseConfig] = Field(
         default_factory=dict, description="Database entries; the name '*' matches any other."

@@ -28,7 +28,9 @@ from pgproxy.listener import start_listeners
 from pgproxy.metrics import PoolHistograms
 from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
+from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.stats import StatsWindow, Totals
+from pgproxy.userlist import read_userlist
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -74,6 +76,8 @@ class Daemon:
         self.login_failures = 0  # client logins that ended in an error (metrics)
         self.login_timeouts = 0  # of which client_login_timeout
         self._metrics: MetricsServer | None = None
+        # Client secrets: the auth_file's, then each [users.NAME] password over them.
+        self.secrets = client_secrets(settings)
         self._listeners: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
         self._janitor: Janitor | None = None
@@ -149,6 +153,7 @@ class Daemon:
         """
         try:
             settings = load_settings(self.config_path)
+            client_secrets(settings)  # a broken auth_file fails the reload as a whole
         except ConfigError as exc:
             log.error("reload failed, configuration unchanged: %s", exc)
             return False
@@ -165,7 +170,12 @@ class Daemon:
         """The console's SET: change one running setting; raise ConfigError."""
         self._apply_settings(changed_setting(self.settings, key, value))
 
+    def secret_for(self, user: str) -> Secret | None:
+        """What ``user``'s password is checked against; None for an unknown user."""
+        return self.secrets.get(user)
+
     def _apply_settings(self, settings: Settings) -> None:
+        self.secrets = client_secrets(settings)  # raises ConfigError before any change
         self.settings = settings
         for client in self.logged_in_clients():
             entry = settings.database(client.database)
@@ -437,6 +447,18 @@ class Daemon:
         if self._metrics is not None:
             self._metrics.close()  # scrapeable until here, through the drain
         await asyncio.sleep(0)  # let transports flush their goodbyes
+
+
+def client_secrets(settings: Settings) -> dict[str, Secret]:
+    """The secrets clients' passwords are checked against; raise ConfigError."""
+    secrets = read_userlist(settings.auth_file) if settings.auth_file else {}
+    for name, entry in settings.users.items():
+        if entry.password is not None:
+            try:
+                secrets[name] = parse_secret(entry.password.get_secret_value())
+            except BadSecret as exc:
+                raise ConfigError(f"users.{name}.password: {exc}") from None
+    return secrets
 
 
 async def _reachable(host: str, port: int, timeout: float) -> bool:

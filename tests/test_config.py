@@ -177,7 +177,7 @@ def test_unknown_keys_are_named(tmp_path: Path) -> None:
         ("query_wait_timeout = -1", "query_wait_timeout"),
         ("max_packet_size = 100", "max_packet_size"),
         ("server_connect_timeout = 0", "server_connect_timeout"),
-        ('auth_type = "md5"', "auth_type"),
+        ('auth_type = "kerberos"', "auth_type"),
         ("[databases.x]\nport = 70000", "databases.x.port"),
         ('[databases.x]\nport = "abc"', "databases.x.port"),
         ("[databases.x]\npool_size = 0", "databases.x.pool_size"),

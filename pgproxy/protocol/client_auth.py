@@ -1,0 +1,262 @@
+"""Clients' side of a login to pgproxy: asking for and checking a password (sans I/O).
+
+``ClientAuthenticator.start`` gives the first Authentication request to send; ``step``
+takes each PasswordMessage payload ('p': a password, an md5 answer, or a SASL message) and
+returns what to send back and whether the exchange succeeded, failed or goes on. SCRAM
+verifiers come from scramp; the server side of the exchange is ``ScramExchange``. An unknown
+user goes through the same exchange with a made-up secret
+and fails the same way as a wrong password, so user names cannot be probed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+import scramp
+
+from pgproxy.protocol import messages
+
+Method = Literal["plain", "md5", "scram-sha-256"]
+SCRAM = "SCRAM-SHA-256"
+_INT32 = struct.Struct("!i")
+# A per-process key for made-up SCRAM salts: the same user gets the same salt each time
+# (as a real one would), but nobody can compute it.
+_MOCK_KEY = secrets.token_bytes(32)
+
+
+class BadSecret(ValueError):
+    """A stored secret is neither a password, an md5 hash nor a SCRAM verifier."""
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """What pgproxy stores for a user: a plain password, PostgreSQL's md5 hash
+    (``md5`` + md5(password + user)), or a SCRAM-SHA-256 verifier."""
+
+    kind: Literal["plain", "md5", "scram"]
+    value: str
+
+    def __repr__(self) -> str:  # never shows the value
+        return f"Secret({self.kind})"
+
+
+def parse_secret(text: str) -> Secret:
+    """Recognise a stored secret's kind as PostgreSQL and PgBouncer do."""
+    if text.startswith("SCRAM-SHA-256$"):
+        _scram_verifier(text)  # validates
+        return Secret("scram", text)
+    if len(text) == 35 and text.startswith("md5") and _is_hex(text[3:]):
+        return Secret("md5", text)
+    return Secret("plain", text)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def _scram_verifier(text: str) -> tuple[bytes, bytes, bytes, int]:
+    """(salt, stored key, server key, iterations) of 'SCRAM-SHA-256$i:salt$stored:server'."""
+    try:
+        _, params, keys = text.split("$")
+        iterations, salt = params.split(":")
+        stored_key, server_key = keys.split(":")
+        return (
+            base64.b64decode(salt, validate=True),
+            base64.b64decode(stored_key, validate=True),
+            base64.b64decode(server_key, validate=True),
+            int(iterations),
+        )
+    except (ValueError, binascii.Error):
+        raise BadSecret("malformed SCRAM-SHA-256 secret") from None
+
+
+def md5_hash(user: str, password: str) -> str:
+    """PostgreSQL's stored md5 secret for ``user``'s ``password``."""
+    return "md5" + hashlib.md5((password + user).encode("utf-8")).hexdigest()
+
+
+def failure_message(user: str) -> str:
+    """PostgreSQL's (and PgBouncer's) words for every failed password login."""
+    return f'password authentication failed for user "{user}"'
+
+
+class ClientAuthenticator:
+    """One client's password exchange under ``method`` (PgBouncer's choice of exchange:
+    md5 asks a user stored with a SCRAM secret for SCRAM instead)."""
+
+    def __init__(self, method: Method, user: str, secret: Secret | None, iterations: int) -> None:
+        self.user = user
+        self._secret = secret
+        self._iterations = iterations
+        self._salt = b""
+        self._scram: ScramExchange | None = None
+        if method == "md5" and (secret is None or secret.kind != "scram"):
+            self.exchange = "md5"
+        elif method == "plain":
+            self.exchange = "plain"
+        else:
+            self.exchange = "scram"
+
+    def start(self) -> bytes:
+        """The first Authentication request."""
+        if self.exchange == "plain":
+            return messages.authentication(messages.AUTH_CLEARTEXT)
+        if self.exchange == "md5":
+            self._salt = secrets.token_bytes(4)
+            return messages.authentication(messages.AUTH_MD5, self._salt)
+        # SCRAM without channel binding: -PLUS needs TLS (issue #4's TLS part).
+        return messages.authentication(messages.AUTH_SASL, messages.cstring(SCRAM) + b"\0")
+
+    def step(self, payload: bytes) -> tuple[bytes, bool | None]:
+        """Check one PasswordMessage payload: (reply, True ok / False failed / None more)."""
+        try:
+            if self.exchange == "plain":
+                return b"", self._check_plain(_cstring(payload))
+            if self.exchange == "md5":
+                return b"", self._check_md5(_cstring(payload))
+            return self._scram_step(payload)
+        except (ValueError, KeyError, UnicodeDecodeError, struct.error, binascii.Error):
+            return b"", False
+
+    # -- the exchanges ----------------------------------------------------------------------
+
+    def _check_plain(self, password: str) -> bool:
+        secret = self._secret
+        if secret is None:
+            return False
+        if secret.kind == "plain":
+            return hmac.compare_digest(password.encode(), secret.value.encode())
+        if secret.kind == "md5":
+            return hmac.compare_digest(md5_hash(self.user, password), secret.value)
+        salt, stored_key, server_key, iterations = _scram_verifier(secret.value)
+        mechanism = scramp.ScramMechanism(SCRAM)
+        _, stored, server, _ = mechanism.make_auth_info(
+            password, iteration_count=iterations, salt=salt
+        )
+        return hmac.compare_digest(stored, stored_key) and hmac.compare_digest(server, server_key)
+
+    def _check_md5(self, answer: str) -> bool:
+        secret = self._secret
+        if secret is None or secret.kind == "scram":
+            return False
+        stored = secret.value if secret.kind == "md5" else md5_hash(self.user, secret.value)
+        expected = "md5" + hashlib.md5(stored[3:].encode("ascii") + self._salt).hexdigest()
+        return hmac.compare_digest(answer, expected)
+
+    def _scram_step(self, payload: bytes) -> tuple[bytes, bool | None]:
+        if self._scram is None:
+            mechanism_name, rest = payload.split(b"\0", 1)
+            if mechanism_name.decode() != SCRAM:
+                return b"", False
+            length = _INT32.unpack_from(rest, 0)[0]
+            self._scram = ScramExchange(*self._verifier())
+            server_first = self._scram.server_first(rest[4 : 4 + length].decode("utf-8"))
+            return messages.authentication(messages.AUTH_SASL_CONTINUE, server_first), None
+        server_final = self._scram.server_final(payload.decode("utf-8"))
+        if server_final is None or self._secret is None or self._secret.kind == "md5":
+            return b"", False  # a wrong proof, or the made-up verifier
+        return messages.authentication(messages.AUTH_SASL_FINAL, server_final), True
+
+    def _verifier(self) -> tuple[bytes, bytes, bytes, int]:
+        """(salt, stored key, server key, iterations) the client's proof is checked with."""
+        secret = self._secret
+        mechanism = scramp.ScramMechanism(SCRAM)
+        if secret is not None and secret.kind == "scram":
+            return _scram_verifier(secret.value)
+        if secret is not None and secret.kind == "plain":
+            salt = secrets.token_bytes(16)
+            return mechanism.make_auth_info(  # type: ignore[no-any-return]
+                secret.value, iteration_count=self._iterations, salt=salt
+            )
+        # Unknown user or an md5 secret (no SCRAM possible): a made-up verifier with a
+        # stable salt, so the exchange looks like a real one and then fails.
+        salt = hmac.new(_MOCK_KEY, self.user.encode(), hashlib.sha256).digest()[:16]
+        return mechanism.make_auth_info(  # type: ignore[no-any-return]
+            secrets.token_urlsafe(24), iteration_count=self._iterations, salt=salt
+        )
+
+
+class ScramExchange:
+    """The server side of SCRAM-SHA-256 (RFC 5802, 7677) without channel binding.
+
+    scramp (used for verifiers and for pgproxy's own server logins) refuses the empty
+    SCRAM user name that libpq sends (PostgreSQL takes the user from the startup packet and
+    ignores it), so this side of the exchange is the RFC's few lines of HMAC here.
+    """
+
+    def __init__(self, salt: bytes, stored_key: bytes, server_key: bytes, iterations: int):
+        self._salt = salt
+        self._stored_key = stored_key
+        self._server_key = server_key
+        self._iterations = iterations
+        self._nonce = ""
+        self._header = ""
+        self._messages = ""
+
+    def server_first(self, client_first: str) -> bytes:
+        """Answer the client-first message; raise ValueError if it is malformed."""
+        header, _, bare = _gs2_split(client_first)
+        if header.startswith("p"):
+            raise ValueError("channel binding was not offered")
+        attributes = _attributes(bare)
+        client_nonce = attributes["r"]
+        if not client_nonce:
+            raise ValueError("empty nonce")
+        self._header = header
+        self._nonce = client_nonce + base64.b64encode(secrets.token_bytes(18)).decode()
+        salt = base64.b64encode(self._salt).decode()
+        first = f"r={self._nonce},s={salt},i={self._iterations}"
+        self._messages = f"{bare},{first}"
+        return first.encode()
+
+    def server_final(self, client_final: str) -> bytes | None:
+        """Check the client's proof: the server-final message, or None if it is wrong."""
+        without_proof, _, proof_attribute = client_final.rpartition(",p=")
+        attributes = _attributes(without_proof)
+        if attributes.get("r") != self._nonce:
+            return None
+        expected_binding = base64.b64encode(self._header.encode()).decode()
+        if attributes.get("c") != expected_binding:
+            return None
+        proof = base64.b64decode(proof_attribute, validate=True)
+        auth_message = f"{self._messages},{without_proof}".encode()
+        signature = hmac.new(self._stored_key, auth_message, hashlib.sha256).digest()
+        if len(proof) != len(signature):
+            return None
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self._stored_key):
+            return None
+        server_signature = hmac.new(self._server_key, auth_message, hashlib.sha256).digest()
+        return b"v=" + base64.b64encode(server_signature)
+
+
+def _gs2_split(client_first: str) -> tuple[str, str, str]:
+    """('n,,' or 'y,,' header, authzid, client-first-bare)."""
+    flag, authzid, bare = client_first.split(",", 2)
+    if flag not in ("n", "y") and not flag.startswith("p="):
+        raise ValueError("bad GS2 header")
+    return f"{flag},{authzid},", authzid, bare
+
+
+def _attributes(message: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for part in message.split(","):
+        key, separator, value = part.partition("=")
+        if not separator or len(key) != 1:
+            raise ValueError("malformed SCRAM attribute")
+        result.setdefault(key, value)
+    return result
+
+
+def _cstring(payload: bytes) -> str:
+    end = payload.find(b"\0")
+    if end < 0:
+        raise ValueError("unterminated string")
+    return payload[:end].decode("utf-8")

@@ -1,0 +1,151 @@
+"""Client authentication to pgproxy (auth_type plain, md5, scram-sha-256) with secrets from
+[users.NAME] and from an auth_file copied from PostgreSQL's own pg_authid, driven by psql and
+psycopg against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgproxy.embedded import EmbeddedPostgres
+from tests.support import ProxyFactory, ProxyProcess, assert_healthy, connect, proxy_config, psql
+
+PASSWORD = "client-secret"
+
+
+def _stored(pg: EmbeddedPostgres, role: str) -> str:
+    """The secret PostgreSQL stores for ``role`` (SCRAM verifier or md5 hash)."""
+    return pg.sql(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'").strip()
+
+
+@pytest.fixture(scope="module")
+def auth_file(pg: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A userlist.txt as PgBouncer users write it: secrets copied from pg_authid."""
+    path = tmp_path_factory.mktemp("auth") / "userlist.txt"
+    path.write_text(
+        "; copied from pg_authid\n"
+        f'"app" "{_stored(pg, "app")}"\n'  # SCRAM verifier of app-secret
+        f'"md5user" "{_stored(pg, "md5user")}"\n'  # md5 hash of md5-secret
+        f'"plainuser" "plain-secret"\n'
+        '"quoted""user" "x"\n'
+    )
+    return path
+
+
+def _proxy(pg: EmbeddedPostgres, factory: ProxyFactory, **overrides: Any) -> ProxyProcess:
+    return factory(proxy_config(pg, **overrides))
+
+
+def _login(proxy: ProxyProcess, user: str, password: str) -> tuple[int, str]:
+    result = psql(
+        ["-A", "-t", "-c", "select current_user"], port=proxy.port, user=user, password=password
+    )
+    return result.returncode, (result.stdout + result.stderr).strip()
+
+
+@pytest.mark.parametrize("auth_type", ["plain", "md5", "scram-sha-256"])
+def test_auth_file_secrets_of_every_kind(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_file: Path, auth_type: str
+) -> None:
+    proxy = _proxy(pg, proxy_factory, auth_type=auth_type, auth_file=str(auth_file))
+    # The server login is the database entry's forced user (app), whoever the client is.
+    cases = [("app", "app-secret"), ("plainuser", "plain-secret")]
+    if auth_type != "scram-sha-256":
+        cases.append(("md5user", "md5-secret"))  # an md5 hash cannot answer SCRAM
+    for user, password in cases:
+        assert _login(proxy, user, password) == (0, "app"), (user, auth_type)
+    # Wrong password, unknown user: the same error after the same kind of exchange.
+    for user, password in [("app", "wrong"), ("nobody", "app-secret"), ("md5user", "bad")]:
+        code, output = _login(proxy, user, password)
+        assert code != 0
+        assert f'password authentication failed for user "{user}"' in output, output
+    if auth_type == "scram-sha-256":
+        code, output = _login(proxy, "md5user", "md5-secret")
+        assert code != 0 and "password authentication failed" in output
+    assert _login(proxy, "app", "app-secret") == (0, "app")  # still serving
+    log = proxy.log_text()
+    for secret in ("app-secret", "plain-secret", "md5-secret", _stored(pg, "app")[20:40]):
+        assert secret not in log
+
+
+def test_psycopg_with_config_passwords(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        auth_type="scram-sha-256",
+        scram_iterations=5000,
+        users={"trustuser": {"password": PASSWORD}, "md5user": {"password": "md5-secret"}},
+    )
+    with connect(proxy, user="trustuser", password=PASSWORD) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError) as failed:
+        connect(proxy, user="trustuser", password="nope")
+    with pytest.raises(psycopg.OperationalError) as unknown:
+        connect(proxy, user="ghost", password="nope")
+    assert 'password authentication failed for user "ghost"' in str(unknown.value)
+    assert 'password authentication failed for user "trustuser"' in str(failed.value)
+    assert_healthy(proxy, user="trustuser", password=PASSWORD)
+
+
+def _cleartext_login_error(proxy: ProxyProcess, user: str, password: str) -> dict[str, str]:
+    """Log in by hand (auth_type plain) and return the ErrorResponse's fields."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        params = f"user\0{user}\0database\0appdb\0\0".encode()
+        sock.sendall(struct.pack("!II", 8 + len(params), 196608) + params)
+        reader = sock.makefile("rb")
+        kind, body = reader.read(1), reader.read(struct.unpack("!I", reader.read(4))[0] - 4)
+        assert (kind, body) == (b"R", struct.pack("!I", 3)), (kind, body)  # cleartext
+        secret = password.encode() + b"\0"
+        sock.sendall(b"p" + struct.pack("!I", 4 + len(secret)) + secret)
+        kind, body = reader.read(1), reader.read(struct.unpack("!I", reader.read(4))[0] - 4)
+        assert kind == b"E"
+        return {field[:1].decode(): field[1:].decode() for field in body.split(b"\0") if field}
+
+
+def test_plain_and_the_error_on_the_wire(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(
+        pg, proxy_factory, auth_type="plain", users={"trustuser": {"password": PASSWORD}}
+    )
+    for user in ("trustuser", "ghost"):
+        fields = _cleartext_login_error(proxy, user, "wrong")
+        assert fields["S"] == "FATAL"
+        assert fields["C"] == "28P01"
+        assert fields["M"] == f'password authentication failed for user "{user}"'
+    assert_healthy(proxy, user="trustuser", password=PASSWORD)
+
+
+def test_the_console_asks_for_a_password_too(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_file: Path
+) -> None:
+    proxy = _proxy(
+        pg, proxy_factory, auth_type="md5", auth_file=str(auth_file), admin_users=["plainuser"]
+    )
+    shown = psql(
+        ["-A", "-t", "-c", "SHOW STATE"],
+        port=proxy.port,
+        dbname="pgbouncer",
+        user="plainuser",
+        password="plain-secret",
+    )
+    assert shown.returncode == 0, shown.stderr
+    refused = psql(
+        ["-c", "SHOW STATE"], port=proxy.port, dbname="pgbouncer", user="plainuser", password="x"
+    )
+    assert refused.returncode != 0
+    assert "password authentication failed" in refused.stderr
+
+
+def test_a_broken_auth_file_fails_fast(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    broken = tmp_path / "userlist.txt"
+    broken.write_text('"app" "SCRAM-SHA-256$not-a-verifier"\n')
+    with pytest.raises(RuntimeError) as failed:
+        _proxy(pg, proxy_factory, auth_type="md5", auth_file=str(broken))
+    assert "line 1: malformed SCRAM-SHA-256 secret" in str(failed.value)
+    assert "not-a-verifier" not in str(failed.value)

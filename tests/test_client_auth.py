@@ -1,0 +1,133 @@
+"""Unit tests for client authentication (sans I/O) and the auth_file reader."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import struct
+from pathlib import Path
+
+import pytest
+import scramp
+
+from pgproxy.config import ConfigError
+from pgproxy.protocol.client_auth import (
+    BadSecret,
+    ClientAuthenticator,
+    md5_hash,
+    parse_secret,
+)
+from pgproxy.userlist import read_userlist
+
+
+def _verifier(password: str) -> str:
+    salt, stored, server, iterations = scramp.ScramMechanism().make_auth_info(
+        password, iteration_count=4096
+    )
+    salt_text, stored_text, server_text = (
+        base64.b64encode(v).decode() for v in (salt, stored, server)
+    )
+    return f"SCRAM-SHA-256${iterations}:{salt_text}${stored_text}:{server_text}"
+
+
+def test_secret_kinds() -> None:
+    assert parse_secret("hunter2").kind == "plain"
+    assert parse_secret(md5_hash("u", "pw")).kind == "md5"
+    assert parse_secret(_verifier("pw")).kind == "scram"
+    assert "pw" not in repr(parse_secret("pw"))
+    with pytest.raises(BadSecret):
+        parse_secret("SCRAM-SHA-256$broken")
+
+
+def _sasl_initial(client_first: str) -> bytes:
+    data = client_first.encode()
+    return b"SCRAM-SHA-256\0" + struct.pack("!i", len(data)) + data
+
+
+@pytest.mark.parametrize("stored", ["plain", "scram"])
+@pytest.mark.parametrize("scram_user", ["u", ""])  # libpq sends an empty SCRAM user name
+def test_scram_exchange(stored: str, scram_user: str) -> None:
+    secret = parse_secret("pw" if stored == "plain" else _verifier("pw"))
+    for password, accepted in (("pw", True), ("wrong", False)):
+        auth = ClientAuthenticator("scram-sha-256", "u", secret, 4096)
+        assert auth.start()[9:].startswith(b"SCRAM-SHA-256\0")
+        nonce = "rOprNGfwEbeRWgbNEkqO"
+        client_first_bare = f"n={scram_user},r={nonce}"
+        reply, outcome = auth.step(_sasl_initial("n,," + client_first_bare))
+        assert outcome is None
+        server_first = reply[9:].decode()
+        # The client's side, computed here from the RFC (scramp refuses an empty name).
+        attributes = dict(part.split("=", 1) for part in server_first.split(","))
+        salted = hashlib.pbkdf2_hmac(
+            "sha256", password.encode(), base64.b64decode(attributes["s"]), int(attributes["i"])
+        )
+        client_key = hashlib_hmac(salted, b"Client Key")
+        without_proof = f"c=biws,r={attributes['r']}"
+        auth_message = f"{client_first_bare},{server_first},{without_proof}".encode()
+        signature = hashlib_hmac(hashlib.sha256(client_key).digest(), auth_message)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        final = f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+        reply, outcome = auth.step(final)
+        assert outcome is accepted
+        if accepted:
+            server_signature = hashlib_hmac(hashlib_hmac(salted, b"Server Key"), auth_message)
+            assert reply[9:] == b"v=" + base64.b64encode(server_signature)
+
+
+def hashlib_hmac(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def test_unknown_user_and_channel_binding_fail() -> None:
+    auth = ClientAuthenticator("scram-sha-256", "ghost", None, 4096)
+    auth.start()
+    reply, outcome = auth.step(_sasl_initial("n,,n=,r=abc"))
+    assert outcome is None and reply  # the exchange looks real ...
+    _, outcome = auth.step(b"c=biws,r=abc,p=AAAA")
+    assert outcome is False  # ... and fails
+    binding = ClientAuthenticator("scram-sha-256", "u", parse_secret("pw"), 4096)
+    binding.start()
+    assert binding.step(_sasl_initial("p=tls-server-end-point,,n=,r=abc"))[1] is False
+
+
+@pytest.mark.parametrize("stored", ["pw", "md5"])
+def test_md5_exchange(stored: str) -> None:
+    secret = parse_secret("pw" if stored == "pw" else md5_hash("u", "pw"))
+    for password, accepted in (("pw", True), ("wrong", False)):
+        auth = ClientAuthenticator("md5", "u", secret, 4096)
+        request = auth.start()
+        assert struct.unpack("!I", request[5:9])[0] == 5
+        salt = request[9:13]
+        inner = hashlib.md5(f"{password}u".encode()).hexdigest()
+        answer = "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
+        assert auth.step(answer.encode() + b"\0") == (b"", accepted)
+
+
+def test_md5_asks_a_scram_user_for_scram_and_plain_checks_every_kind() -> None:
+    assert ClientAuthenticator("md5", "u", parse_secret(_verifier("pw")), 4096).exchange == "scram"
+    for stored in ("pw", md5_hash("u", "pw"), _verifier("pw")):
+        auth = ClientAuthenticator("plain", "u", parse_secret(stored), 4096)
+        auth.start()
+        assert auth.step(b"pw\0") == (b"", True)
+        again = ClientAuthenticator("plain", "u", parse_secret(stored), 4096)
+        again.start()
+        assert again.step(b"pX\0") == (b"", False)
+    garbage = ClientAuthenticator("plain", "u", parse_secret("pw"), 4096)
+    garbage.start()
+    assert garbage.step(b"no terminator") == (b"", False)
+
+
+def test_userlist(tmp_path: Path) -> None:
+    path = tmp_path / "userlist.txt"
+    path.write_text('; comment\n# another\n\n"alice" "pw"\n  "bo""b"   "md5' + "0" * 32 + '"\n')
+    secrets = read_userlist(str(path))
+    assert secrets["alice"].kind == "plain"
+    assert secrets['bo"b'].kind == "md5"
+    for bad in ('"alice"\n', 'alice "pw"\n', '"alice" "pw\n', '"a" "SCRAM-SHA-256$x"\n'):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match="line 1") as error:
+            read_userlist(str(path))
+        assert "pw" not in str(error.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_userlist(str(tmp_path / "missing"))
