@@ -204,6 +204,8 @@ def expire_waiters(pool: Pool, now: float) -> None:
         pool.waiters.remove(client)
         pool.stats.requests_errors += 1
         pool.stats.timeouts["query_wait"] += 1
+        if pool.histograms is not None:  # the wait p99 must show the waits that failed
+            pool.histograms.wait.observe(now - client.wait_started_at)
         client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
 
 

@@ -47,8 +47,8 @@ POOL_LABELS = ("database", "user")
 
 
 def wait_buckets(query_wait_timeout: float) -> tuple[float, ...]:
-    """WAIT_BUCKETS plus the timeout itself and twice it, so a p99 near the timeout and
-    waits past it (clients that gave up are not observed) both have a bucket."""
+    """WAIT_BUCKETS plus the timeout itself and twice it, so that a p99 near the timeout
+    (waits ended by query_wait_timeout are observed too) has buckets around it."""
     extra = {query_wait_timeout, 2 * query_wait_timeout} if query_wait_timeout > 0 else set()
     return tuple(sorted(set(WAIT_BUCKETS) | extra))
 
@@ -243,8 +243,9 @@ def _pool_counters(daemon: Daemon, pools: list[Pool]) -> Iterator[Metric]:
 
 
 _HISTOGRAMS = (
-    ("pgproxy_client_wait_seconds", "Time a client waited for a server (0: one was idle).",
-     "wait"),
+    ("pgproxy_client_wait_seconds",
+     "Time a client waited for a server (0: one was idle; waits ended by "
+     "query_wait_timeout included).", "wait"),
     ("pgproxy_server_connect_seconds", "Time to open and log in a server connection.",
      "connect"),
     ("pgproxy_query_duration_seconds", "Time from a request to its ReadyForQuery.", "query"),

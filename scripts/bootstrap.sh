@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the project needs on this machine; idempotent and fast when all is there.
 #   - PostgreSQL server binaries (initdb, pg_ctl, postgres, psql) from apt if missing
+#   - promtool (Debian package prometheus; its server is not started) if missing
 #   - python3 >= 3.11 with venv support
 #   - .venv at the repo root with `pip install -e '.[dev]'` (redone when pyproject.toml changes)
 set -euo pipefail
@@ -42,6 +43,38 @@ if ! have_postgres; then
     say "installing PostgreSQL"
     apt_install postgresql postgresql-contrib
     have_postgres || die "PostgreSQL installed but initdb still not found"
+fi
+
+# promtool, for the tests of deploy/prometheus, comes with Debian's prometheus package,
+# which also holds the Prometheus server, and its postinst starts that (invoke-rc.d or
+# deb-systemd-invoke). In a container without systemd (CI, these machines) the start is a
+# no-op already: invoke-rc.d finds no runlevel and declines (checked on Debian 12, no
+# process appears). On a host running systemd it would start a server on :9090. A
+# policy-rc.d that answers 101 ("action forbidden"), both tools honour it, prevents that
+# during the install and is removed right after; an existing policy-rc.d is left alone.
+# The unit is also disabled, so it does not start at the next boot either.
+install_promtool() {
+    local policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
+        printf '#!/bin/sh\n# scripts/bootstrap.sh: no service starts while it installs.\nexit 101\n' \
+            | as_root tee "$policy" >/dev/null
+        as_root chmod 755 "$policy"
+        apt_install prometheus
+        as_root rm -f "$policy"
+        trap - EXIT
+    else
+        apt_install prometheus
+    fi
+    if [ -d /run/systemd/system ]; then
+        as_root systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
+}
+
+if ! command -v promtool >/dev/null 2>&1; then
+    say "installing promtool (Debian package prometheus)"
+    install_promtool
+    command -v promtool >/dev/null 2>&1 || die "prometheus installed but promtool still not found"
 fi
 
 command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found; Python >= 3.11 is required"

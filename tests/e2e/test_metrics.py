@@ -139,6 +139,9 @@ def test_timeouts_are_counted_by_kind(pg: EmbeddedPostgres, proxy_factory: Proxy
         holder.rollback()
     samples = scrape(proxy)
     assert _value(samples, "pgproxy_timeouts_total", (*APP, ("kind", "query_wait"))) == 1
+    # The failed wait is in the wait histogram: above 1 s, so past the 1.0 bucket.
+    assert _value(samples, "pgproxy_client_wait_seconds_count") == 2  # holder + waiter
+    assert _value(samples, "pgproxy_client_wait_seconds_bucket", (*APP, ("le", "1.0"))) == 1
     assert _value(samples, "pgproxy_timeouts_total", (*APP, ("kind", "query"))) == 0
 
 
