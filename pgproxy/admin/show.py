@@ -241,6 +241,7 @@ def show_users(daemon: Daemon) -> Table:
     for name in sorted(names):
         entry = settings.users.get(name)
         pool_size = entry.pool_size if entry is not None else None
+        reserve = entry.reserve_pool_size if entry is not None else None
         budget = daemon.user_budgets.get(name)
         client_limit = (
             entry.max_user_client_connections
@@ -248,7 +249,8 @@ def show_users(daemon: Daemon) -> Table:
             else settings.max_user_client_connections
         )
         rows.append([
-            name, f"{pool_size:9d}" if pool_size is not None else None, None,
+            name, f"{pool_size:9d}" if pool_size is not None else None,
+            f"{reserve:9d}" if reserve is not None else None,
             entry.pool_mode if entry is not None else None,
             settings.max_user_connections_for(name), budget.used if budget else 0,
             client_limit, daemon.user_clients[name],
