@@ -237,6 +237,7 @@ def show_users(daemon: Daemon) -> Table:
     settings = daemon.settings
     names = set(settings.users) | {pool.user for pool in daemon.pools.values()}
     names |= {user for user, count in daemon.user_clients.items() if count > 0}
+    names.add(ADMIN_DB)  # PgBouncer's console user, always listed
     rows: list[list[Value]] = []
     for name in sorted(names):
         entry = settings.users.get(name)
@@ -299,7 +300,8 @@ _STAT_NAMES = (
 def _database_totals(daemon: Daemon) -> list[tuple[str, Totals, Totals]]:
     """(database, live totals, totals at the older snapshot) per database, in pool order."""
     window = daemon.stats_window
-    by_db: dict[str, tuple[Totals, Totals]] = {}
+    # The console's own pool comes first, as in PgBouncer (it pools no server traffic).
+    by_db: dict[str, tuple[Totals, Totals]] = {ADMIN_DB: (Totals(), Totals())}
     for key, pool in daemon.pools.items():
         live, older = by_db.setdefault(pool.database, (Totals(), Totals()))
         live.add(Totals.of(pool.stats))
@@ -426,6 +428,8 @@ def show_lists(daemon: Daemon) -> Table:
     clients = list(daemon.clients)
     logged_in = sum(1 for client in daemon.logged_in_clients())
     users = set(daemon.settings.users) | {pool.user for pool in daemon.pools.values()}
+    users |= {user for user, count in daemon.user_clients.items() if count > 0}
+    users.add(ADMIN_DB)
     rows: list[list[Value]] = [
         ["databases", len(show_databases(daemon)[1])],
         ["users", len(users)],
