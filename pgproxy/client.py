@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import struct
 import time
 from typing import TYPE_CHECKING, cast
@@ -45,6 +46,7 @@ STARTUP = "startup"  # reading SSLRequest / StartupMessage
 LOGIN = "login"  # authenticating, waiting for the pool's welcome
 READY = "ready"  # logged in: the hot path
 CONSOLE = "console"  # logged in to the admin console
+TLS = "tls"  # answered 'S' to an SSLRequest; the handshake runs
 CLOSED = "closed"
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
@@ -71,6 +73,7 @@ class ClientConn(asyncio.Protocol):
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
         self.timeouts = ClientTimeouts()  # resolved for its user and database at login
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
+        self.tls = False  # the connection is encrypted
         self._auth: ClientAuthenticator | None = None  # the password exchange under way
         self._authenticated_startup: StartupMessage | None = None
         self.closed = False
@@ -302,6 +305,8 @@ class ClientConn(asyncio.Protocol):
                 return
             packet, used = result
             del self._startup_buffer[:used]
+            if isinstance(packet, SSLRequest) and self._tls_offered():
+                return
             if isinstance(packet, SSLRequest | GSSEncRequest):
                 self.transport.write(b"N")
             elif isinstance(packet, CancelRequest):
@@ -316,6 +321,41 @@ class ClientConn(asyncio.Protocol):
                         self._password_messages()
                 except Exception:
                     self._internal_error("login")
+
+    def _tls_offered(self) -> bool:
+        """Answer an SSLRequest with 'S' and start the handshake, if TLS is configured."""
+        context = self.daemon.client_tls
+        if context is None or self.tls:
+            return False
+        if self._startup_buffer:
+            # Bytes sent before the handshake would be read as if they came through TLS.
+            self.fatal(codes.PROTOCOL_VIOLATION, "unexpected data after SSLRequest")
+            return True
+        self.transport.write(b"S")
+        self.state = TLS
+        loop = asyncio.get_running_loop()
+        self._login_task = loop.create_task(self._start_tls(context))
+        return True
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, context, server_side=True, ssl_handshake_timeout=10
+            )
+        except (OSError, ConnectionError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            log.info("client TLS handshake failed: %s", exc)
+            self.transport.close()
+            self._release()
+            return
+        if transport is None or self.closed:
+            return
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.transport = transport
+        self.tls = True
+        self.state = STARTUP
+        if self._startup_buffer:
+            self._parse_startup()
 
     def _begin_login(self, startup: StartupMessage) -> None:
         """Checks that need no I/O; then finish at once, or in a task if a server must
@@ -333,6 +373,14 @@ class ClientConn(asyncio.Protocol):
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
         if len(self.daemon.clients) > settings.max_client_conn:
             self.fatal(codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)")
+            return
+        if (
+            settings.client_tls_sslmode in ("require", "verify-ca", "verify-full")
+            and not self.tls
+            and isinstance(self.transport.get_extra_info("peername"), tuple)
+        ):
+            # (Unix-socket clients cannot use TLS and need none: PgBouncer lets them in.)
+            self.fatal(codes.INVALID_AUTHORIZATION, "SSL required")
             return
         # PgBouncer's rule: the user 'pgbouncer' over the Unix socket, from the daemon's
         # own OS user, reaches the console without a password.

@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 PoolMode = Literal["session", "transaction", "statement"]
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 # A list of names: a TOML array, or PgBouncer's comma-separated string (also from the env).
 NameList = Annotated[list[str], NoDecode]
 
@@ -318,6 +319,33 @@ class Settings(BaseSettings):
         description="Seconds between statistics snapshots; SHOW STATS averages cover the "
         "last period.",
     )
+    client_tls_sslmode: SslMode = Field(
+        default="disable",
+        description="TLS for clients: disable; allow/prefer (TLS when the client asks); "
+        "require (plain clients refused); verify-ca/verify-full (a client certificate "
+        "signed by client_tls_ca_file is required too).",
+    )
+    client_tls_cert_file: str | None = Field(
+        default=None, description="pgproxy's certificate for clients (PEM)."
+    )
+    client_tls_key_file: str | None = Field(default=None, description="Its private key (PEM).")
+    client_tls_ca_file: str | None = Field(
+        default=None, description="CA that client certificates must be signed by."
+    )
+    server_tls_sslmode: SslMode = Field(
+        default="prefer",
+        description="TLS to PostgreSQL: disable/allow (never asked), prefer (used when the "
+        "server has it), require (no server without it), verify-ca (its certificate "
+        "checked against server_tls_ca_file), verify-full (and its host name).",
+    )
+    server_tls_ca_file: str | None = Field(
+        default=None,
+        description="CA for PostgreSQL's certificate (verify modes; default: the system's).",
+    )
+    server_tls_cert_file: str | None = Field(
+        default=None, description="Client certificate pgproxy presents to PostgreSQL (PEM)."
+    )
+    server_tls_key_file: str | None = Field(default=None, description="Its private key (PEM).")
     metrics_addr: str = Field(
         default="127.0.0.1",
         description="Address of the HTTP listener for /metrics, /healthz and /readyz; '*' for all.",

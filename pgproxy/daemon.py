@@ -30,6 +30,7 @@ from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.stats import StatsWindow, Totals
+from pgproxy.tls import client_context, server_tls
 from pgproxy.userlist import read_userlist
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class Daemon:
         self._metrics: MetricsServer | None = None
         # Client secrets: the auth_file's, then each [users.NAME] password over them.
         self.secrets = client_secrets(settings)
+        self.client_tls = client_context(settings)  # None: clients get no TLS
+        self.server_tls = server_tls(settings)
         self._listeners: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
         self._janitor: Janitor | None = None
@@ -119,6 +122,7 @@ class Daemon:
                 (db_budget, user_budget),
             )
             pool.paused = self.is_paused(database)
+            pool.server_tls = self.server_tls
             pool.query_wait_timeout = self.settings.client_timeouts(entry, server_user).query_wait
             if self.settings.metrics_port:
                 pool.histograms = PoolHistograms(pool.query_wait_timeout)
@@ -154,6 +158,8 @@ class Daemon:
         try:
             settings = load_settings(self.config_path)
             client_secrets(settings)  # a broken auth_file fails the reload as a whole
+            client_context(settings)  # and so does an unreadable certificate
+            server_tls(settings)
         except ConfigError as exc:
             log.error("reload failed, configuration unchanged: %s", exc)
             return False
@@ -175,7 +181,11 @@ class Daemon:
         return self.secrets.get(user)
 
     def _apply_settings(self, settings: Settings) -> None:
-        self.secrets = client_secrets(settings)  # raises ConfigError before any change
+        # Each of these raises ConfigError before anything changes. Certificates are read
+        # again: new connections use them, connected ones keep their session.
+        secrets = client_secrets(settings)
+        tls_for_clients, tls_for_servers = client_context(settings), server_tls(settings)
+        self.secrets, self.client_tls, self.server_tls = secrets, tls_for_clients, tls_for_servers
         self.settings = settings
         for client in self.logged_in_clients():
             entry = settings.database(client.database)
@@ -187,6 +197,7 @@ class Daemon:
                 log.warning("database %s is no longer configured; it drains", pool.database)
                 continue
             pool.query_wait_timeout = settings.client_timeouts(entry, pool.user).query_wait
+            pool.server_tls = self.server_tls
             self.db_budgets[pool.database].limit = settings.max_db_connections_for(entry)
             self.user_budgets[pool.user].limit = settings.max_user_connections_for(pool.user)
             pool.reconfigure(

@@ -33,6 +33,7 @@ from pgproxy.server import (
     connect_server,
 )
 from pgproxy.stats import PoolStats
+from pgproxy.tls import ServerTls
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -128,6 +129,7 @@ class Pool:
         # Histograms for /metrics (None when metrics are off: nothing is observed).
         self.histograms: PoolHistograms | None = None
         self.query_wait_timeout = 0.0  # in force for this pool's user (a metrics gauge)
+        self.server_tls = ServerTls("disable", None)  # set by the daemon
         # ParameterStatus values of the first server: what every client is told at login.
         self.welcome: list[tuple[str, str]] | None = None
         self.welcome_values: tracked.ParamValues = tracked.EMPTY

@@ -23,6 +23,7 @@ from pgproxy.stats import next_connection_id
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
     from pgproxy.pool import Pool, ServerTarget
+    from pgproxy.tls import ServerTls
 
 log = logging.getLogger("pgproxy.server")
 
@@ -93,6 +94,7 @@ class ServerConn(asyncio.Protocol):
         self._login_wakeup: asyncio.Future[None] | None = None
         self._lost = False
         self.closing = False  # pgproxy said Terminate: its close is not a loss
+        self.tls = False
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -273,6 +275,36 @@ class ServerConn(asyncio.Protocol):
             await self._login_wakeup
             self._login_wakeup = None
 
+    async def negotiate_tls(self, tls: ServerTls, host: str) -> None:
+        """SSLRequest, then the TLS handshake if PostgreSQL says 'S'; raise
+        ServerLoginError if TLS is required and the server has none."""
+        self.transport.write(messages.SSL_REQUEST)
+        while not self._login_buffer:
+            if self._lost:
+                raise ServerLoginError(codes.CONNECTION_FAILURE, "server closed the connection")
+            self._login_wakeup = asyncio.get_running_loop().create_future()
+            await self._login_wakeup
+            self._login_wakeup = None
+        answer = bytes(self._login_buffer)
+        self._login_buffer.clear()
+        if answer == b"N":
+            if tls.required:
+                raise ServerLoginError(
+                    codes.CONNECTION_FAILURE,
+                    f"server does not support TLS (server_tls_sslmode = {tls.mode})",
+                )
+            return
+        if answer != b"S":  # also: bytes after the 'S' would be injected, not TLS
+            raise ServerLoginError(codes.PROTOCOL_VIOLATION, "invalid answer to SSLRequest")
+        assert tls.context is not None
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(self.transport, self, tls.context, server_hostname=host)
+        if transport is None:
+            raise ServerLoginError(codes.CONNECTION_FAILURE, "TLS handshake failed")
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.transport = transport
+        self.tls = True
+
     async def login(self, user: str, password: str | None, dbname: str) -> None:
         """Run the startup and authentication exchange; raise ServerLoginError on failure."""
         self.transport.write(messages.startup_message({"user": user, "database": dbname}))
@@ -321,6 +353,9 @@ async def connect_server(pool: Pool, timeout: float) -> ServerConn:
                     lambda: ServerConn(pool), target.host, target.port
                 )
             server.connected_at = time.monotonic()
+            tls = pool.server_tls
+            if tls.context is not None and not target.host.startswith("/"):
+                await server.negotiate_tls(tls, target.host)
             await server.login(target.user, target.password, target.dbname)
     except TimeoutError:
         if server is not None:

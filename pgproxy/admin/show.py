@@ -109,6 +109,16 @@ def _address(info: object) -> tuple[str, int]:
     return "unix", 0
 
 
+def _tls_info(transport: object) -> str:
+    """PgBouncer's tls column: protocol and cipher of an encrypted connection, else ''."""
+    get = getattr(transport, "get_extra_info", None)
+    ssl_object = get("ssl_object") if get is not None else None
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()}/{cipher[0] if cipher else ''}"
+
+
 def client_state(client: ClientConn) -> str:
     """PgBouncer's name for what a client is doing."""
     if client.wait_started_at:
@@ -129,7 +139,7 @@ def _client_row(client: ClientConn, clock: tuple[float, float], now: float) -> l
         "C", client.user, database, "none", client_state(client), addr, port, local_addr,
         local_port, _date(client.connected_at, clock),
         _date(requested or client.connected_at, clock), seconds, micros, 0, _ptr(client),
-        _ptr(server), client.peer_pid, "", app or "", 0, client.id,
+        _ptr(server), client.peer_pid, _tls_info(client.transport), app or "", 0, client.id,
     ]  # fmt: skip
 
 
@@ -144,7 +154,7 @@ def _server_row(server: ServerConn, clock: tuple[float, float], now: float) -> l
         "S", server.pool.user, server.pool.database, "none", state, addr, port, local_addr,
         local_port, _date(server.connected_at, clock), _date(requested, clock), 0, 0,
         1 if server.expires_at == 0.0 else 0, _ptr(server), _ptr(server.client),
-        server.backend_pid, "", app or "", 0, server.id,
+        server.backend_pid, _tls_info(transport), app or "", 0, server.id,
     ]  # fmt: skip
 
 

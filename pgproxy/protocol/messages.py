@@ -111,6 +111,7 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
 
 
 TERMINATE = message(b"X")
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
 
 
 def startup_message(params: dict[str, str], version: int = 196608) -> bytes:

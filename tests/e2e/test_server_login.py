@@ -254,17 +254,21 @@ class FakeServer:
         ("close", "server closed the connection during login", "08006"),
         ("garbage", "invalid message from server during login", "08P01"),
         ("bad-auth", "unsupported authentication method requested by server: 42", "28000"),
+        # With server_tls_sslmode = prefer an SSLRequest goes first: garbage answers it.
+        ("garbage-tls", "invalid answer to SSLRequest", "08P01"),
     ],
-    ids=["silent", "close", "garbage", "bad-auth"],
+    ids=["silent", "close", "garbage", "bad-auth", "garbage-tls"],
 )
 def test_misbehaving_server(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory, behaviour: str, expected: str, sqlstate: str
 ) -> None:
-    fake = FakeServer(behaviour)
+    tls = behaviour.endswith("-tls")
+    fake = FakeServer(behaviour.removesuffix("-tls"))
     try:
         proxy = proxy_factory(
             proxy_config(
                 pg,
+                server_tls_sslmode="prefer" if tls else "disable",
                 server_connect_timeout=1,
                 databases={
                     "fake": {"host": "127.0.0.1", "port": fake.port, "dbname": "appdb"},
