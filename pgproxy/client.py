@@ -20,9 +20,10 @@ from pgproxy import __version__
 from pgproxy import params as tracked
 from pgproxy.admin import CONSOLE_DATABASES
 from pgproxy.admin.console import WELCOME_PARAMS, Console
+from pgproxy.auth_query import AuthQueryError
 from pgproxy.config import ClientTimeouts
 from pgproxy.protocol import codes, messages
-from pgproxy.protocol.client_auth import ClientAuthenticator, failure_message
+from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
 from pgproxy.protocol.startup import (
     CancelRequest,
     GSSEncRequest,
@@ -317,8 +318,6 @@ class ClientConn(asyncio.Protocol):
                 self.state = LOGIN
                 try:
                     self._begin_login(packet)
-                    if self._auth is not None and self._startup_buffer:
-                        self._password_messages()
                 except Exception:
                     self._internal_error("login")
 
@@ -393,13 +392,41 @@ class ClientConn(asyncio.Protocol):
             # The password comes before anything about the database is said, so that
             # neither user nor database names can be probed.
             secret = self.daemon.secret_for(user)
-            self._auth = ClientAuthenticator(
-                settings.auth_type, user, secret, settings.scram_iterations
-            )
-            self._authenticated_startup = startup
-            self.transport.write(self._auth.start())
+            if (
+                secret is None
+                and self.database not in CONSOLE_DATABASES
+                and settings.auth_user_for(self.database) is not None
+            ):
+                loop = asyncio.get_running_loop()
+                self._login_task = loop.create_task(self._look_up_secret(startup))
+                return
+            self._challenge(secret, startup)
             return
         self._after_auth(startup)
+
+    async def _look_up_secret(self, startup: StartupMessage) -> None:
+        """auth_query, then the password exchange."""
+        try:
+            secret = await self.daemon.lookup_secret(self.database, self.user)
+        except AuthQueryError:
+            self.fatal(codes.CONNECTION_FAILURE, "authentication query failed")
+            return
+        except Exception:
+            self._internal_error("auth_query")
+            return
+        if not self.closed:
+            self._challenge(secret, startup)
+
+    def _challenge(self, secret: Secret | None, startup: StartupMessage) -> None:
+        settings = self.daemon.settings
+        assert settings.auth_type != "trust"
+        self._auth = ClientAuthenticator(
+            settings.auth_type, self.user, secret, settings.scram_iterations
+        )
+        self._authenticated_startup = startup
+        self.transport.write(self._auth.start())
+        if self._startup_buffer:
+            self._password_messages()
 
     def _password_messages(self) -> None:
         """Run the password exchange over the complete messages received so far."""

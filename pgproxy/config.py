@@ -23,6 +23,12 @@ from pydantic_settings import (
 
 PoolMode = Literal["session", "transaction", "statement"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+# PgBouncer's default auth_query, schema-qualified so that no search_path can redirect it.
+DEFAULT_AUTH_QUERY = (
+    "SELECT rolname, CASE WHEN rolvaliduntil < pg_catalog.now() THEN NULL ELSE rolpassword "
+    "END FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
+)
 # A list of names: a TOML array, or PgBouncer's comma-separated string (also from the env).
 NameList = Annotated[list[str], NoDecode]
 
@@ -116,6 +122,9 @@ class DatabaseConfig(BaseModel):
     query_wait_timeout: float | None = Field(
         default=None, ge=0, description="Overrides query_wait_timeout for this database."
     )
+    auth_user: str | None = Field(default=None, description="Overrides auth_user.")
+    auth_query: str | None = Field(default=None, description="Overrides auth_query.")
+    auth_dbname: str | None = Field(default=None, description="Overrides auth_dbname.")
 
 
 class UserConfig(BaseModel):
@@ -380,6 +389,22 @@ class Settings(BaseSettings):
         description='PgBouncer\'s userlist.txt: one \'"user" "secret"\' per line; the secret '
         "is a password, an md5 hash or a SCRAM-SHA-256 verifier.",
     )
+    auth_user: str | None = Field(
+        default=None,
+        description="User that runs auth_query for users with no secret in the config or "
+        "auth_file (its own secret must be a plain password there, or it needs none).",
+    )
+    auth_query: str = Field(
+        default=DEFAULT_AUTH_QUERY,
+        description="Query returning (name, secret) for the user name $1; NULL secret: no login.",
+    )
+    auth_dbname: str | None = Field(
+        default=None,
+        description="Database entry auth_query runs in; default: the client's database.",
+    )
+    auth_cache_timeout: float = Field(
+        default=60.0, ge=0, description="Seconds an auth_query answer is reused; 0: never."
+    )
     scram_iterations: int = Field(
         default=4096,
         ge=4096,  # RFC 7677's minimum (and scramp's)
@@ -449,6 +474,20 @@ class Settings(BaseSettings):
             reserve_size=self.reserve_pool_size_for(database, user),
             reserve_timeout=self.reserve_pool_timeout,
         )
+
+    def auth_dbname_for(self, database: str) -> str:
+        """The database entry auth_query runs in for a client of ``database``."""
+        entry = self.database(database)
+        if entry is not None and entry.auth_dbname:
+            return entry.auth_dbname
+        return self.auth_dbname or database
+
+    def auth_user_for(self, database: str) -> str | None:
+        """Who runs auth_query for a client of ``database`` (None: no auth_query)."""
+        entry = self.database(database)
+        if entry is not None and entry.auth_user:
+            return entry.auth_user
+        return self.auth_user
 
     def reserve_pool_size_for(self, database: DatabaseConfig, user: str) -> int:
         """reserve_pool_size: the user's, then the database's, then the global one."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pgproxy import __version__
+from pgproxy.auth_query import AuthQuery
 from pgproxy.config import (
     RESTART_ONLY,
     ConfigError,
@@ -79,6 +80,7 @@ class Daemon:
         self._metrics: MetricsServer | None = None
         # Client secrets: the auth_file's, then each [users.NAME] password over them.
         self.secrets = client_secrets(settings)
+        self.auth_query = AuthQuery()
         self.client_tls = client_context(settings)  # None: clients get no TLS
         self.server_tls = server_tls(settings)
         self._listeners: list[asyncio.Server] = []
@@ -177,8 +179,15 @@ class Daemon:
         self._apply_settings(changed_setting(self.settings, key, value))
 
     def secret_for(self, user: str) -> Secret | None:
-        """What ``user``'s password is checked against; None for an unknown user."""
+        """What ``user``'s password is checked against, from the config or auth_file."""
         return self.secrets.get(user)
+
+    async def lookup_secret(self, database: str, user: str) -> Secret | None:
+        """``user``'s secret through auth_query; None for an unknown or expired user."""
+        auth_user = self.settings.auth_user_for(database)
+        auth_secret = self.secrets.get(auth_user) if auth_user else None
+        password = auth_secret.value if auth_secret and auth_secret.kind == "plain" else None
+        return await self.auth_query.lookup(self.settings, database, user, password)
 
     def _apply_settings(self, settings: Settings) -> None:
         # Each of these raises ConfigError before anything changes. Certificates are read
@@ -186,6 +195,7 @@ class Daemon:
         secrets = client_secrets(settings)
         tls_for_clients, tls_for_servers = client_context(settings), server_tls(settings)
         self.secrets, self.client_tls, self.server_tls = secrets, tls_for_clients, tls_for_servers
+        self.auth_query.clear()
         self.settings = settings
         for client in self.logged_in_clients():
             entry = settings.database(client.database)

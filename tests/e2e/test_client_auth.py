@@ -149,3 +149,94 @@ def test_a_broken_auth_file_fails_fast(
         _proxy(pg, proxy_factory, auth_type="md5", auth_file=str(broken))
     assert "line 1: malformed SCRAM-SHA-256 secret" in str(failed.value)
     assert "not-a-verifier" not in str(failed.value)
+
+
+# -- auth_query -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auth_roles(pg: EmbeddedPostgres) -> None:
+    """authq: a superuser for the default query; authfn: a plain role that may only call a
+    SECURITY DEFINER lookup function; expired: a role whose VALID UNTIL has passed; cached:
+    a role whose password the cache test changes."""
+    pg.create_role("authq", "authq-secret", superuser=True)
+    pg.create_role("authfn", "authfn-secret")
+    pg.create_role("expired", "expired-secret")
+    pg.create_role("cached", "cached-old")
+    pg.sql("ALTER ROLE expired VALID UNTIL '2000-01-01'")
+    pg.sql(
+        "CREATE FUNCTION public.pgproxy_lookup(name text, OUT usename text, OUT passwd text)\n"
+        "  RETURNS record LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS\n"
+        "  $$ SELECT rolname::text, rolpassword FROM pg_authid\n"
+        "     WHERE rolname = name AND rolcanlogin $$;\n"
+        "REVOKE ALL ON FUNCTION public.pgproxy_lookup(text) FROM PUBLIC;\n"
+        "GRANT EXECUTE ON FUNCTION public.pgproxy_lookup(text) TO authfn;\n",
+        dbname="appdb",
+    )
+
+
+def test_auth_query_with_the_default_query(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_roles: None
+) -> None:
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        auth_type="md5",
+        auth_user="authq",
+        users={"authq": {"password": "authq-secret"}},
+    )
+    # SCRAM-stored and md5-stored roles, looked up in pg_authid.
+    assert _login(proxy, "plainuser", "plain-secret") == (0, "app")
+    assert _login(proxy, "md5user", "md5-secret") == (0, "app")
+    for user, password in [("plainuser", "wrong"), ("nobody", "x"), ("expired", "expired-secret")]:
+        code, output = _login(proxy, user, password)
+        assert code != 0
+        assert f'password authentication failed for user "{user}"' in output, output
+    assert "expired-secret" not in proxy.log_text()
+
+
+def test_auth_query_through_a_security_definer_function(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_roles: None
+) -> None:
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        auth_type="scram-sha-256",
+        auth_user="authfn",
+        auth_query="SELECT usename, passwd FROM public.pgproxy_lookup($1)",
+        users={"authfn": {"password": "authfn-secret"}},
+    )
+    with connect(proxy, user="plainuser", password="plain-secret") as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    # The wrong auth_user password: the lookup fails, the client is told so, others go on.
+    broken = _proxy(
+        pg,
+        proxy_factory,
+        auth_type="scram-sha-256",
+        auth_user="authfn",
+        users={"authfn": {"password": "not-it"}, "trustuser": {"password": PASSWORD}},
+    )
+    code, output = _login(broken, "plainuser", "plain-secret")
+    assert code != 0 and "authentication query failed" in output
+    assert "not-it" not in broken.log_text()
+    assert _login(broken, "trustuser", PASSWORD) == (0, "app")
+
+
+@pytest.mark.parametrize("cache", [60, 0])
+def test_auth_query_answers_are_cached(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_roles: None, cache: int
+) -> None:
+    pg.sql("ALTER ROLE cached PASSWORD 'cached-old'")
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        auth_type="scram-sha-256",
+        auth_user="authq",
+        auth_cache_timeout=cache,
+        users={"authq": {"password": "authq-secret"}},
+    )
+    assert _login(proxy, "cached", "cached-old") == (0, "app")
+    pg.sql("ALTER ROLE cached PASSWORD 'cached-new'")
+    old_works = _login(proxy, "cached", "cached-old")[0] == 0
+    new_works = _login(proxy, "cached", "cached-new")[0] == 0
+    assert (old_works, new_works) == ((True, False) if cache else (False, True))

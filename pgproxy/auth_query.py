@@ -1,0 +1,121 @@
+"""auth_query: a client's secret looked up in PostgreSQL itself, as auth_user.
+
+For a user with no secret in the config or the auth_file, pgproxy connects to the database
+(the client's, or ``auth_dbname``) as ``auth_user`` with psycopg and runs ``auth_query``
+with the user name as ``$1``. The default query is PgBouncer's, with schema-qualified names
+so that a search_path cannot redirect it; it returns NULL for a role whose VALID UNTIL has
+passed, which then fails like a wrong password. Answers are cached for
+``auth_cache_timeout`` seconds; concurrent logins of one user share one query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
+
+if TYPE_CHECKING:
+    from pgproxy.config import DatabaseConfig, Settings
+
+log = logging.getLogger("pgproxy.auth")
+
+
+class AuthQueryError(Exception):
+    """The lookup itself failed (server down, bad query, no permission)."""
+
+
+class AuthQuery:
+    """Runs and caches auth_query lookups."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], tuple[float, Secret | None]] = {}
+        self._running: dict[tuple[str, str], asyncio.Future[Secret | None]] = {}
+
+    def clear(self) -> None:
+        """Forget every cached answer (RELOAD)."""
+        self._cache.clear()
+
+    async def lookup(
+        self, settings: Settings, database: str, user: str, auth_password: str | None
+    ) -> Secret | None:
+        """``user``'s secret, or None for an unknown or expired user; raise AuthQueryError."""
+        target = settings.auth_dbname_for(database)
+        key = (target, user)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        running = self._running.get(key)
+        if running is None:
+            running = asyncio.get_running_loop().create_future()
+            self._running[key] = running
+            try:
+                secret = await self._query(settings, target, user, auth_password)
+            except AuthQueryError as exc:
+                running.set_exception(exc)
+                running.exception()  # read: other waiters may have gone
+                raise
+            finally:
+                self._running.pop(key, None)
+            running.set_result(secret)
+            if settings.auth_cache_timeout > 0:
+                self._cache[key] = (time.monotonic() + settings.auth_cache_timeout, secret)
+            return secret
+        return await asyncio.shield(running)
+
+    async def _query(
+        self, settings: Settings, database: str, user: str, auth_password: str | None
+    ) -> Secret | None:
+        entry = settings.database(database)
+        auth_user = settings.auth_user_for(database)
+        if entry is None or auth_user is None:
+            return None
+        query = (entry.auth_query or settings.auth_query).encode()
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                **_conninfo(settings, entry, database, auth_user, auth_password)
+            )
+            async with conn:
+                cursor = psycopg.AsyncRawCursor(conn)
+                await cursor.execute(query, (user,))
+                row = await cursor.fetchone()
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("auth_query for a %s login failed: %s", database, reason)
+            raise AuthQueryError(reason) from None
+        if row is None or len(row) < 2 or row[1] is None:
+            return None
+        try:
+            return parse_secret(str(row[1]))
+        except BadSecret:
+            log.warning("auth_query returned a malformed SCRAM secret for user %s", user)
+            return None
+
+
+def _conninfo(
+    settings: Settings,
+    entry: DatabaseConfig,
+    database: str,
+    user: str,
+    password: str | None,
+) -> dict[str, Any]:
+    mode = settings.server_tls_sslmode
+    params: dict[str, Any] = {
+        "host": entry.host,
+        "port": entry.port,
+        "dbname": entry.dbname or database,
+        "user": user,
+        "autocommit": True,
+        "connect_timeout": max(int(settings.server_connect_timeout), 1),
+        "sslmode": mode,
+        "application_name": "pgproxy auth_query",
+    }
+    if password is not None:
+        params["password"] = password
+    if settings.server_tls_ca_file:
+        params["sslrootcert"] = settings.server_tls_ca_file
+    return params
