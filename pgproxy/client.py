@@ -448,6 +448,8 @@ class ClientConn(asyncio.Protocol):
                 self.fatal(codes.INVALID_PASSWORD, failure_message(self.user))
                 return
             if outcome is True:
+                if self._auth.credential is not None:
+                    self.daemon.passthrough[self.user] = self._auth.credential
                 self._auth = None
                 startup = self._authenticated_startup
                 assert startup is not None

@@ -29,6 +29,7 @@ from pgproxy.listener import start_listeners
 from pgproxy.metrics import PoolHistograms
 from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
+from pgproxy.protocol.auth import Credential, Md5Hash
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.stats import StatsWindow, Totals
 from pgproxy.tls import client_context, server_tls
@@ -81,6 +82,9 @@ class Daemon:
         # Client secrets: the auth_file's, then each [users.NAME] password over them.
         self.secrets = client_secrets(settings)
         self.auth_query = AuthQuery()
+        # Passthrough: what each user's last successful login proved (password, md5 hash
+        # or SCRAM keys), for server logins that have no configured password.
+        self.passthrough: dict[str, Credential] = {}
         self.client_tls = client_context(settings)  # None: clients get no TLS
         self.server_tls = server_tls(settings)
         self._listeners: list[asyncio.Server] = []
@@ -125,6 +129,7 @@ class Daemon:
             )
             pool.paused = self.is_paused(database)
             pool.server_tls = self.server_tls
+            pool.credential_for = self.server_credential
             pool.query_wait_timeout = self.settings.client_timeouts(entry, server_user).query_wait
             if self.settings.metrics_port:
                 pool.histograms = PoolHistograms(pool.query_wait_timeout)
@@ -181,6 +186,17 @@ class Daemon:
     def secret_for(self, user: str) -> Secret | None:
         """What ``user``'s password is checked against, from the config or auth_file."""
         return self.secrets.get(user)
+
+    def server_credential(self, user: str) -> Credential | None:
+        """What pgproxy logs in to PostgreSQL with as ``user`` when the database entry has
+        no password: a client's proven credential, else a plain or md5 stored secret."""
+        credential = self.passthrough.get(user)
+        if credential is not None:
+            return credential
+        secret = self.secrets.get(user)
+        if secret is None or secret.kind == "scram":
+            return None  # a verifier alone cannot log in: a SCRAM client login must come first
+        return secret.value if secret.kind == "plain" else Md5Hash(secret.value)
 
     async def lookup_secret(self, database: str, user: str) -> Secret | None:
         """``user``'s secret through auth_query; None for an unknown or expired user."""

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from pgproxy import params as tracked
 from pgproxy.config import PoolMode, PoolSettings
 from pgproxy.metrics import PoolHistograms
 from pgproxy.protocol import codes
+from pgproxy.protocol.auth import Credential
 from pgproxy.reconnect import Reconnect
 from pgproxy.server import (
     ACTIVE,
@@ -130,6 +131,8 @@ class Pool:
         self.histograms: PoolHistograms | None = None
         self.query_wait_timeout = 0.0  # in force for this pool's user (a metrics gauge)
         self.server_tls = ServerTls("disable", None)  # set by the daemon
+        # Passthrough: the server login's credential when the target has no password.
+        self.credential_for: Callable[[str], Credential | None] | None = None
         # ParameterStatus values of the first server: what every client is told at login.
         self.welcome: list[tuple[str, str]] | None = None
         self.welcome_values: tracked.ParamValues = tracked.EMPTY

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 from pgproxy import params as tracked
 from pgproxy.protocol import codes, messages
-from pgproxy.protocol.auth import ServerAuthenticator, ServerAuthError
+from pgproxy.protocol.auth import Credential, ServerAuthenticator, ServerAuthError
 from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
 from pgproxy.stats import next_connection_id
 
@@ -305,7 +305,7 @@ class ServerConn(asyncio.Protocol):
         self.transport = transport
         self.tls = True
 
-    async def login(self, user: str, password: str | None, dbname: str) -> None:
+    async def login(self, user: str, password: Credential | None, dbname: str) -> None:
         """Run the startup and authentication exchange; raise ServerLoginError on failure."""
         self.transport.write(messages.startup_message({"user": user, "database": dbname}))
         authenticator = ServerAuthenticator(user, password)
@@ -356,7 +356,10 @@ async def connect_server(pool: Pool, timeout: float) -> ServerConn:
             tls = pool.server_tls
             if tls.context is not None and not target.host.startswith("/"):
                 await server.negotiate_tls(tls, target.host)
-            await server.login(target.user, target.password, target.dbname)
+            credential: Credential | None = target.password
+            if credential is None and pool.credential_for is not None:
+                credential = pool.credential_for(target.user)
+            await server.login(target.user, credential, target.dbname)
     except TimeoutError:
         if server is not None:
             server.transport.close()

@@ -7,14 +7,45 @@ uses scramp, which also verifies the server's signature.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import secrets
 import struct
+from dataclasses import dataclass
 
 import scramp
 
 from pgproxy.protocol import messages
 
 _INT32 = struct.Struct("!i")
+
+
+@dataclass(frozen=True, slots=True)
+class ScramKeys:
+    """What passthrough knows of a user without the password: the SCRAM ClientKey
+    recovered from the client's own proof, and the verifier it belongs to."""
+
+    client_key: bytes
+    server_key: bytes
+    salt: bytes
+    iterations: int
+
+    def __repr__(self) -> str:  # never shows a key
+        return "ScramKeys(...)"
+
+
+@dataclass(frozen=True, slots=True)
+class Md5Hash:
+    """PostgreSQL's stored md5 secret: enough to answer an md5 challenge."""
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "Md5Hash(...)"
+
+
+Credential = str | Md5Hash | ScramKeys  # a password, or what passthrough has instead
 
 
 class ServerAuthError(Exception):
@@ -30,10 +61,10 @@ def md5_password(user: str, password: str, salt: bytes) -> str:
 class ServerAuthenticator:
     """Answers one login's Authentication requests with ``user``'s ``password``."""
 
-    def __init__(self, user: str, password: str | None) -> None:
+    def __init__(self, user: str, password: Credential | None) -> None:
         self.user = user
         self._password = password
-        self._scram: scramp.ScramClient | None = None
+        self._scram: scramp.ScramClient | _ScramKeysClient | None = None
         self._server_verified = False  # SCRAM: the server proved it knows the password
         self.done = False
 
@@ -42,6 +73,12 @@ class ServerAuthenticator:
             raise ServerAuthError(
                 f'server asked for {method} authentication for user "{self.user}" '
                 "but no password is configured"
+            )
+        if not isinstance(self._password, str):
+            known = "an md5 hash" if isinstance(self._password, Md5Hash) else "SCRAM keys"
+            raise ServerAuthError(
+                f'server asked for {method} authentication for user "{self.user}" but '
+                f"pgproxy only has {known} for it (passthrough), no password"
             )
         return self._password
 
@@ -65,8 +102,11 @@ class ServerAuthenticator:
             password = self._need_password("password")
             return messages.password_message(messages.cstring(password))
         if code == messages.AUTH_MD5:
-            password = self._need_password("md5")
             salt = payload[4:8]
+            if isinstance(self._password, Md5Hash):  # passthrough: the hash is enough
+                answer = "md5" + hashlib.md5(self._password.value[3:].encode() + salt).hexdigest()
+                return messages.password_message(messages.cstring(answer))
+            password = self._need_password("md5")
             return messages.password_message(
                 messages.cstring(md5_password(self.user, password, salt))
             )
@@ -76,11 +116,17 @@ class ServerAuthenticator:
                 raise ServerAuthError(
                     "server offered no supported SASL mechanism: " + ", ".join(mechanisms)
                 )
+            if isinstance(self._password, ScramKeys):  # passthrough
+                keys_client = _ScramKeysClient(self._password)
+                self._scram = keys_client
+                first = keys_client.client_first().encode("utf-8")
+                return messages.sasl_initial_response("SCRAM-SHA-256", first)
             password = self._need_password("SCRAM-SHA-256")
             # Channel binding (-PLUS) needs TLS; pgproxy offers plain SCRAM-SHA-256 only. The
             # server takes the user from the startup packet; the SCRAM user name is a formality.
-            self._scram = scramp.ScramClient(["SCRAM-SHA-256"], self.user, password)
-            first = self._scram.get_client_first().encode("utf-8")
+            client = scramp.ScramClient(["SCRAM-SHA-256"], self.user, password)
+            self._scram = client
+            first = client.get_client_first().encode("utf-8")
             return messages.sasl_initial_response("SCRAM-SHA-256", first)
         if code == messages.AUTH_SASL_CONTINUE:
             if self._scram is None:
@@ -101,3 +147,44 @@ class ServerAuthenticator:
             self._server_verified = True
             return None
         raise ServerAuthError(f"unsupported authentication method requested by server: {code}")
+
+
+class _ScramKeysClient:
+    """The client side of SCRAM-SHA-256 from a recovered ClientKey instead of a password
+    (RFC 5802: the proof is ClientKey XOR HMAC(H(ClientKey), AuthMessage)). It only works
+    when the server's salt and iterations are those of the verifier the key came from."""
+
+    def __init__(self, keys: ScramKeys) -> None:
+        self._keys = keys
+        self._nonce = base64.b64encode(secrets.token_bytes(18)).decode()
+        self._bare = f"n=,r={self._nonce}"
+        self._auth_message = b""
+
+    def client_first(self) -> str:
+        return "n,," + self._bare
+
+    def set_server_first(self, server_first: str) -> None:
+        attributes = dict(part.split("=", 1) for part in server_first.split(",") if "=" in part)
+        nonce = attributes.get("r", "")
+        if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
+            raise ServerAuthError("SCRAM exchange failed: bad server nonce")
+        salt = base64.b64decode(attributes.get("s", ""))
+        if salt != self._keys.salt or int(attributes.get("i", "0")) != self._keys.iterations:
+            raise ServerAuthError(
+                "SCRAM passthrough impossible: the server's SCRAM secret for this user is not "
+                "the one pgproxy has (another salt or iteration count)"
+            )
+        without_proof = f"c=biws,r={nonce}"
+        self._auth_message = f"{self._bare},{server_first},{without_proof}".encode()
+        self._without_proof = without_proof
+
+    def get_client_final(self) -> str:
+        stored_key = hashlib.sha256(self._keys.client_key).digest()
+        signature = hmac.new(stored_key, self._auth_message, hashlib.sha256).digest()
+        proof = bytes(a ^ b for a, b in zip(self._keys.client_key, signature, strict=True))
+        return f"{self._without_proof},p={base64.b64encode(proof).decode()}"
+
+    def set_server_final(self, server_final: str) -> None:
+        expected = hmac.new(self._keys.server_key, self._auth_message, hashlib.sha256).digest()
+        if not hmac.compare_digest(server_final.encode(), b"v=" + base64.b64encode(expected)):
+            raise ServerAuthError("server SCRAM signature is invalid")

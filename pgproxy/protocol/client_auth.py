@@ -22,6 +22,7 @@ from typing import Literal
 import scramp
 
 from pgproxy.protocol import messages
+from pgproxy.protocol.auth import Credential, Md5Hash, ScramKeys
 
 Method = Literal["plain", "md5", "scram-sha-256"]
 SCRAM = "SCRAM-SHA-256"
@@ -97,6 +98,9 @@ class ClientAuthenticator:
         self._iterations = iterations
         self._salt = b""
         self._scram: ScramExchange | None = None
+        # After a successful exchange: what pgproxy may log in to PostgreSQL with as this
+        # user (passthrough): the password, the md5 hash, or the SCRAM keys.
+        self.credential: Credential | None = None
         if method == "md5" and (secret is None or secret.kind != "scram"):
             self.exchange = "md5"
         elif method == "plain":
@@ -128,6 +132,12 @@ class ClientAuthenticator:
     # -- the exchanges ----------------------------------------------------------------------
 
     def _check_plain(self, password: str) -> bool:
+        ok = self._check_plain_password(password)
+        if ok:
+            self.credential = password
+        return ok
+
+    def _check_plain_password(self, password: str) -> bool:
         secret = self._secret
         if secret is None:
             return False
@@ -148,7 +158,10 @@ class ClientAuthenticator:
             return False
         stored = secret.value if secret.kind == "md5" else md5_hash(self.user, secret.value)
         expected = "md5" + hashlib.md5(stored[3:].encode("ascii") + self._salt).hexdigest()
-        return hmac.compare_digest(answer, expected)
+        ok = hmac.compare_digest(answer, expected)
+        if ok:
+            self.credential = secret.value if secret.kind == "plain" else Md5Hash(secret.value)
+        return ok
 
     def _scram_step(self, payload: bytes) -> tuple[bytes, bool | None]:
         if self._scram is None:
@@ -160,8 +173,14 @@ class ClientAuthenticator:
             server_first = self._scram.server_first(rest[4 : 4 + length].decode("utf-8"))
             return messages.authentication(messages.AUTH_SASL_CONTINUE, server_first), None
         server_final = self._scram.server_final(payload.decode("utf-8"))
-        if server_final is None or self._secret is None or self._secret.kind == "md5":
+        secret = self._secret
+        if server_final is None or secret is None or secret.kind == "md5":
             return b"", False  # a wrong proof, or the made-up verifier
+        if secret.kind == "plain":
+            self.credential = secret.value
+        else:
+            salt, _, server_key, iterations = _scram_verifier(secret.value)
+            self.credential = ScramKeys(self._scram.client_key, server_key, salt, iterations)
         return messages.authentication(messages.AUTH_SASL_FINAL, server_final), True
 
     def _verifier(self) -> tuple[bytes, bytes, bytes, int]:
@@ -199,6 +218,7 @@ class ScramExchange:
         self._nonce = ""
         self._header = ""
         self._messages = ""
+        self.client_key = b""  # recovered from a valid proof (SCRAM passthrough)
 
     def server_first(self, client_first: str) -> bytes:
         """Answer the client-first message; raise ValueError if it is malformed."""
@@ -233,6 +253,7 @@ class ScramExchange:
         client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self._stored_key):
             return None
+        self.client_key = client_key
         server_signature = hmac.new(self._server_key, auth_message, hashlib.sha256).digest()
         return b"v=" + base64.b64encode(server_signature)
 

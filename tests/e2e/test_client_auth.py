@@ -4,6 +4,7 @@ psycopg against a real PostgreSQL."""
 
 from __future__ import annotations
 
+import base64
 import socket
 import struct
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import scramp
 
 from pgproxy.embedded import EmbeddedPostgres
 from tests.support import ProxyFactory, ProxyProcess, assert_healthy, connect, proxy_config, psql
@@ -240,3 +242,76 @@ def test_auth_query_answers_are_cached(
     old_works = _login(proxy, "cached", "cached-old")[0] == 0
     new_works = _login(proxy, "cached", "cached-new")[0] == 0
     assert (old_works, new_works) == ((True, False) if cache else (False, True))
+
+
+# -- passthrough: no plaintext password anywhere ------------------------------------------
+
+
+def _no_forced_user(pg: EmbeddedPostgres) -> dict[str, Any]:
+    return {"appdb": {"host": "127.0.0.1", "port": pg.port}}  # no user, no password
+
+
+def test_scram_and_md5_passthrough_from_an_auth_file(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_file: Path
+) -> None:
+    """The auth_file holds only PostgreSQL's own verifiers; pgproxy logs in to PostgreSQL
+    as the client with the ClientKey recovered from the client's SCRAM proof, or with the
+    md5 hash."""
+    for auth_type, user, password in [
+        ("scram-sha-256", "app", "app-secret"),
+        ("md5", "md5user", "md5-secret"),
+    ]:
+        proxy = _proxy(
+            pg,
+            proxy_factory,
+            auth_type=auth_type,
+            auth_file=str(auth_file),
+            databases=_no_forced_user(pg),
+        )
+        assert _login(proxy, user, password) == (0, user), proxy.log_tail()
+        with connect(proxy, user=user, password=password) as conn:
+            assert conn.execute("select current_user").fetchone() == (user,)
+        proxy.cleanup()
+
+
+def test_scram_passthrough_through_auth_query(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_roles: None
+) -> None:
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        auth_type="scram-sha-256",
+        auth_user="authq",
+        users={"authq": {"password": "authq-secret"}},
+        databases=_no_forced_user(pg),
+    )
+    assert _login(proxy, "app", "app-secret") == (0, "app"), proxy.log_tail()
+
+
+def test_impossible_passthrough_says_why(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    # A verifier of the right password but with another salt than PostgreSQL's, and a
+    # server that asks plainuser for a cleartext password pgproxy does not have.
+    other_salt = tmp_path / "userlist.txt"
+    salt, stored, server, iterations = scramp.ScramMechanism().make_auth_info(
+        "app-secret", iteration_count=4096
+    )
+    b64 = [base64.b64encode(value).decode() for value in (salt, stored, server)]
+    other_salt.write_text(
+        f'"app" "SCRAM-SHA-256${iterations}:{b64[0]}${b64[1]}:{b64[2]}"\n'
+        f'"plainuser" "{_stored(pg, "plainuser")}"\n'
+    )
+    proxy = _proxy(
+        pg,
+        proxy_factory,
+        auth_type="scram-sha-256",
+        auth_file=str(other_salt),
+        databases=_no_forced_user(pg),
+    )
+    code, output = _login(proxy, "app", "app-secret")
+    assert code != 0
+    assert "SCRAM passthrough impossible" in output + proxy.log_text()
+    code, output = _login(proxy, "plainuser", "plain-secret")
+    assert code != 0
+    assert "only has SCRAM keys" in output + proxy.log_text()
