@@ -20,6 +20,7 @@ import pytest
 
 from pgproxy.embedded import EmbeddedPostgres, quote_ident
 from tests.support import (
+    LEAKED_SECRETS,
     ProxyFactory,
     ProxyProcess,
     proxy_config,
@@ -55,6 +56,13 @@ def _setup_cluster(pg: EmbeddedPostgres) -> None:
         "RESET ROLE;\n",
         dbname="appdb",
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_proxy_log() -> Iterator[None]:
+    """After the whole session: no proxy's log held any test password (see TEST_SECRETS)."""
+    yield
+    assert not LEAKED_SECRETS, "passwords in proxy logs:\n" + "\n".join(LEAKED_SECRETS)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,15 @@ from pgproxy.embedded import EmbeddedPostgres, find_pg_bindir, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+#: Every password the tests use: none may ever appear in a proxy's log.
+TEST_SECRETS = (
+    "app-secret", "md5-secret", "plain-secret", "life-secret", "client-secret",
+    "authq-secret", "authfn-secret", "expired-secret", "ctl-secret", "mux-secret",
+    "cached-old", "cached-new",
+)  # fmt: skip
+#: Filled by ProxyProcess.cleanup; conftest fails the session if anything lands here.
+LEAKED_SECRETS: list[str] = []
+
 #: How long start_proxy waits for the listening port.
 PROXY_START_TIMEOUT = 15.0
 #: How long stop() waits for the proxy to exit before SIGKILL.
@@ -141,8 +150,12 @@ class ProxyProcess:
         return self.returncode
 
     def cleanup(self) -> None:
-        """Stop the proxy and remove its temp dir (config and log)."""
+        """Stop the proxy, check its whole log for test passwords, remove its temp dir."""
         self.stop()
+        text = self.log_text()
+        LEAKED_SECRETS.extend(
+            f"{self.workdir}: {secret!r}" for secret in TEST_SECRETS if secret in text
+        )
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

@@ -4,15 +4,18 @@ ssl = on. Clients: psql (sslmode up to verify-full) and psycopg."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -199,3 +202,47 @@ def test_certificates_reload_without_dropping_clients(
         assert kept.execute("select 1").fetchone() == (1,)
         with connect(proxy, sslmode="require") as fresh:
             assert fresh.execute("select 2").fetchone() == (2,)
+
+
+def test_asyncpg_with_scram_over_tls(
+    tls_pg: EmbeddedPostgres, proxy_factory: ProxyFactory, certs: Path
+) -> None:
+    """asyncpg (its own protocol code, not libpq): SCRAM to pgproxy over verified TLS,
+    passthrough SCRAM to a PostgreSQL over TLS."""
+    verifier = tls_pg.sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'").strip()
+    proxy = proxy_factory(
+        proxy_config(
+            tls_pg,
+            pool_mode="session",  # asyncpg's statement cache needs named statements (#8)
+            auth_type="scram-sha-256",
+            users={"app": {"password": verifier}},
+            databases={"appdb": {"host": "127.0.0.1", "port": tls_pg.port}},
+            **_client_tls(certs),
+        )
+    )
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+
+    async def run() -> list[object]:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=proxy.port, user="app", password="app-secret",
+            database="appdb", ssl=context, timeout=10,
+        )  # fmt: skip
+        try:
+            return [
+                await conn.fetchval("select current_user"),
+                await conn.fetchval("select ssl from pg_stat_ssl where pid = pg_backend_pid()"),
+                await conn.fetchval("select $1::int + 1", 41),
+            ]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(asyncio.wait_for(run(), 30)) == ["app", True, 42]
+
+    async def wrong() -> None:
+        await asyncpg.connect(
+            host="127.0.0.1", port=proxy.port, user="app", password="nope",
+            database="appdb", ssl=context, timeout=10,
+        )  # fmt: skip
+
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        asyncio.run(asyncio.wait_for(wrong(), 30))
