@@ -322,6 +322,14 @@ def assert_healthy(proxy: ProxyProcess, **dsn: Any) -> None:
     assert proxy.alive(), f"pgproxy died; log:\n{proxy.log_tail()}"
 
 
+def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll ``condition`` every 50 ms until it holds; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 class Peak:
     """The largest value ``sample()`` returned while the ``with`` block ran.
 

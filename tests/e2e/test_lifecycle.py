@@ -32,6 +32,7 @@ from tests.support import (
     connect,
     proxy_config,
     psql,
+    wait_for,
 )
 
 ROLE = "lifeuser"
@@ -75,13 +76,6 @@ def server_count(pg: EmbeddedPostgres, life_role: str) -> Iterator[Callable[[], 
         conn.close()
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _burst(proxy: ProxyProcess, clients: int, sleep: float, **dsn: Any) -> None:
     """``clients`` concurrent transactions, each holding its server for ``sleep`` seconds."""
     errors: list[BaseException] = []
@@ -106,7 +100,7 @@ def test_min_pool_size_is_prewarmed_at_start(
 ) -> None:
     _proxy(pg, proxy_factory, min_pool_size=3, default_pool_size=5)
     # No client has connected: the servers are opened in the background at start.
-    _wait_for(lambda: server_count() == 3, 2.0, "3 prewarmed servers")
+    wait_for(lambda: server_count() == 3, 2.0, "3 prewarmed servers")
     time.sleep(0.5)
     assert server_count() == 3  # and no more
 
@@ -157,7 +151,7 @@ def test_null_pool_keeps_no_idle_server_but_caps_concurrency(
     with Peak(server_count) as servers:
         _burst(proxy, clients=10, sleep=0.2)
     assert 1 <= servers.value <= 3
-    _wait_for(lambda: server_count() == 0, 2.0, "no idle server after the burst")
+    wait_for(lambda: server_count() == 0, 2.0, "no idle server after the burst")
 
 
 def test_pool_heals_after_pg_terminate_backend(
@@ -170,12 +164,12 @@ def test_pool_heals_after_pg_terminate_backend(
             row = conn.execute("select pg_backend_pid()").fetchone()
             assert row is not None
             admin.execute("select pg_terminate_backend(%s)", (row[0],))
-            _wait_for(lambda: server_count() == 0, 5.0, "the terminated server to go")
+            wait_for(lambda: server_count() == 0, 5.0, "the terminated server to go")
             assert conn.execute("select 1").fetchone() == (1,)
         # An active server is terminated: its client gets the error, another client doesn't.
         with connect(proxy) as victim, connect(proxy) as bystander:
             sleeper = BackgroundQuery(victim, "select pg_sleep(30)")
-            _wait_for(
+            wait_for(
                 lambda: (
                     admin.execute(
                         "select count(*) from pg_stat_activity"
@@ -249,7 +243,7 @@ def test_postgres_outage_backoff_hook_and_recovery(
     # Only the transaction in flight at the outage failed; queued clients were served.
     assert len(sleeper.errors) == 1
     assert results == [(42,)] * 10
-    _wait_for(lambda: server_count() >= 1, 5.0, "min_pool_size servers after the outage")
+    wait_for(lambda: server_count() >= 1, 5.0, "min_pool_size servers after the outage")
     # Attempts backed off: waits 1 s, then doubling, capped at server_login_retry (2 s).
     waits = [float(match) for match in re.findall(r"next attempt in ([0-9.]+) s", proxy.log_text())]
     assert len(waits) >= 4, proxy.log_text()
@@ -269,7 +263,7 @@ def test_postgres_outage_backoff_hook_and_recovery(
     assert int(stats["connections_lost"]) >= 1  # the idle servers PostgreSQL closed
     # The hook ran once for the outage, with the pool in its environment, no password.
     assert proxy.log_text().count("reconnect_failed:") == 1
-    _wait_for(hook_output.exists, 5.0, "the reconnect_failed hook's output")
+    wait_for(hook_output.exists, 5.0, "the reconnect_failed hook's output")
     environment = dict(
         line.split("=", 1) for line in hook_output.read_text().splitlines() if "=" in line
     )
@@ -527,7 +521,7 @@ def test_sighup_reload_resizes_pools_without_dropping_clients(
         assert grown.value == 4
         assert survivor.execute("select 1").fetchone() == (1,)
         reload_with(default_pool_size=1)
-        _wait_for(lambda: server_count() <= 1, 3.0, "the pool to shrink to 1")
+        wait_for(lambda: server_count() <= 1, 3.0, "the pool to shrink to 1")
         with Peak(server_count) as shrunk:
             _burst(proxy, clients=4, sleep=0.2)
         assert shrunk.value == 1
@@ -589,7 +583,7 @@ def test_server_check_query_tests_idle_servers(
         row = conn.execute("select pg_backend_pid()").fetchone()
         assert row is not None
         backend = row[0]
-        _wait_for(
+        wait_for(
             lambda: (
                 admin.execute(
                     "select query from pg_stat_activity where pid = %s", (backend,)
@@ -614,7 +608,7 @@ def test_a_server_failing_its_check_is_replaced(
     )
     with connect(proxy) as conn:
         row = conn.execute("select pg_backend_pid()").fetchone()
-        _wait_for(lambda: server_count() == 0, 5.0, "the failing server to be closed")
+        wait_for(lambda: server_count() == 0, 5.0, "the failing server to be closed")
         assert "server_check_query failed; closing" in proxy.log_text()
         assert conn.execute("select pg_backend_pid()").fetchone() != row  # a new server
 

@@ -8,7 +8,6 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -23,6 +22,7 @@ from tests.support import (
     connect,
     proxy_config,
     psql,
+    wait_for,
 )
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -56,13 +56,6 @@ def scrape(proxy: ProxyProcess) -> Samples:
 
 def _value(samples: Samples, name: str, labels: tuple[tuple[str, str], ...] = APP) -> float:
     return samples[(name, tuple(sorted(labels)))]
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_metrics_count_a_known_workload(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
@@ -119,14 +112,14 @@ def test_readyz_follows_postgres(pg: EmbeddedPostgres, proxy_factory: ProxyFacto
     assert_healthy(proxy)  # a pool with an idle server
     pg.shut_down()
     try:
-        _wait_for(lambda: _get(proxy, "/readyz")[0] == 503, 10, "/readyz to say 503")
+        wait_for(lambda: _get(proxy, "/readyz")[0] == 503, 10, "/readyz to say 503")
         answer = json.loads(_get(proxy, "/readyz")[1])
         assert answer["status"] == "not ready"
         assert any("appdb" in reason for reason in answer["reasons"]), answer
         assert _get(proxy, "/healthz")[0] == 200  # alive, just not ready
     finally:
         pg.start_again()
-    _wait_for(lambda: _get(proxy, "/readyz")[0] == 200, 15, "/readyz to say 200 again")
+    wait_for(lambda: _get(proxy, "/readyz")[0] == 200, 15, "/readyz to say 200 again")
     assert_healthy(proxy)
 
 
@@ -151,7 +144,7 @@ def test_a_leak_is_logged_counted_and_listed(
     proxy = _proxy(pg, proxy_factory, leak_detection_threshold=0.5)
     with connect(proxy, autocommit=False, application_name="leaky-job") as holder:
         holder.execute("select 1")  # a transaction left open
-        _wait_for(
+        wait_for(
             lambda: _value(scrape(proxy), "pgproxy_leaks_total") == 1, 5, "the leak to be counted"
         )
         shown = psql(
@@ -204,13 +197,13 @@ def test_json_logs_and_the_stats_line(pg: EmbeddedPostgres, proxy_factory: Proxy
         entries = [json.loads(line) for line in proxy.log_text().splitlines() if line.strip()]
         return [entry for entry in entries if entry["message"].startswith("stats: ")]
 
-    _wait_for(lambda: len(stats_lines()) >= 2, 10, "two stats lines")
+    wait_for(lambda: len(stats_lines()) >= 2, 10, "two stats lines")
     entry = stats_lines()[-1]
     assert entry["logger"] == "pgproxy.stats"
     assert entry["level"] == "info"
     assert "xacts/s" in entry["message"] and "wait" in entry["message"]
     proxy.popen.send_signal(signal.SIGHUP)
-    _wait_for(lambda: "configuration reloaded" in proxy.log_text(), 10, "the reload")
+    wait_for(lambda: "configuration reloaded" in proxy.log_text(), 10, "the reload")
 
 
 def test_metrics_stay_up_while_a_shutdown_drains(
@@ -220,7 +213,7 @@ def test_metrics_stay_up_while_a_shutdown_drains(
     with connect(proxy) as client:
         client.execute("select 1")
         proxy.popen.send_signal(signal.SIGTERM)  # waits for this client to leave
-        _wait_for(lambda: _value(scrape(proxy), "pgproxy_shutting_down", ()) == 1, 5, "the drain")
+        wait_for(lambda: _value(scrape(proxy), "pgproxy_shutting_down", ()) == 1, 5, "the drain")
         status, body = _get(proxy, "/readyz")
         assert status == 503
         assert "shutting down" in json.loads(body)["reasons"]
