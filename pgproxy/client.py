@@ -421,7 +421,11 @@ class ClientConn(asyncio.Protocol):
         settings = self.daemon.settings
         assert settings.auth_type != "trust"
         self._auth = ClientAuthenticator(
-            settings.auth_type, self.user, secret, settings.scram_iterations
+            settings.auth_type,
+            self.user,
+            secret,
+            settings.scram_iterations,
+            self.daemon.client_tls_binding if self.tls else None,
         )
         self._authenticated_startup = startup
         self.transport.write(self._auth.start())

@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from pgproxy.protocol import codes
 from pgproxy.protocol.auth import Credential, Md5Hash
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.stats import StatsWindow, Totals
-from pgproxy.tls import client_context, server_tls
+from pgproxy.tls import certificate_hash, client_context, server_tls
 from pgproxy.userlist import read_userlist
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class Daemon:
         # or SCRAM keys), for server logins that have no configured password.
         self.passthrough: dict[str, Credential] = {}
         self.client_tls = client_context(settings)  # None: clients get no TLS
+        self.client_tls_binding = _binding(settings, self.client_tls)
         self.server_tls = server_tls(settings)
         self._listeners: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
@@ -211,6 +213,7 @@ class Daemon:
         secrets = client_secrets(settings)
         tls_for_clients, tls_for_servers = client_context(settings), server_tls(settings)
         self.secrets, self.client_tls, self.server_tls = secrets, tls_for_clients, tls_for_servers
+        self.client_tls_binding = _binding(settings, tls_for_clients)
         self.auth_query.clear()
         self.settings = settings
         for client in self.logged_in_clients():
@@ -496,6 +499,13 @@ def client_secrets(settings: Settings) -> dict[str, Secret]:
             except BadSecret as exc:
                 raise ConfigError(f"users.{name}.password: {exc}") from None
     return secrets
+
+
+def _binding(settings: Settings, context: ssl.SSLContext | None) -> bytes | None:
+    """SCRAM-SHA-256-PLUS channel binding data for TLS clients (None without TLS)."""
+    if context is None or not settings.client_tls_cert_file:
+        return None
+    return certificate_hash(settings.client_tls_cert_file)
 
 
 async def _reachable(host: str, port: int, timeout: float) -> bool:

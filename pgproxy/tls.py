@@ -10,6 +10,7 @@ the oldest version either side accepts.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from dataclasses import dataclass
 
@@ -102,3 +103,25 @@ def server_tls(settings: Settings) -> ServerTls:
             settings.server_tls_key_file,
         )
     return ServerTls(mode, context)
+
+
+# Signature algorithms whose hash tls-server-end-point uses as is (RFC 5929 4.1: MD5 and
+# SHA-1 are replaced by SHA-256, which is also the hash of the commonest signatures).
+_SIGNATURE_HASHES = (
+    (bytes.fromhex("06092a864886f70d01010c"), "sha384"),  # sha384WithRSAEncryption
+    (bytes.fromhex("06092a864886f70d01010d"), "sha512"),  # sha512WithRSAEncryption
+    (bytes.fromhex("06082a8648ce3d040303"), "sha384"),  # ecdsa-with-SHA384
+    (bytes.fromhex("06082a8648ce3d040304"), "sha512"),  # ecdsa-with-SHA512
+)
+
+
+def certificate_hash(cert_file: str) -> bytes:
+    """tls-server-end-point channel binding data: the hash of pgproxy's own certificate
+    (the first in the file), for SCRAM-SHA-256-PLUS."""
+    try:
+        with open(cert_file, encoding="ascii") as pem:
+            der = ssl.PEM_cert_to_DER_cert(pem.read())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"client_tls_cert_file: cannot read {cert_file}: {exc}") from None
+    algorithm = next((name for oid, name in _SIGNATURE_HASHES if oid in der), "sha256")
+    return hashlib.new(algorithm, der).digest()

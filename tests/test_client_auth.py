@@ -131,3 +131,49 @@ def test_userlist(tmp_path: Path) -> None:
         assert "pw" not in str(error.value)
     with pytest.raises(ConfigError, match="cannot read"):
         read_userlist(str(tmp_path / "missing"))
+
+
+def _scram_login(
+    auth: ClientAuthenticator, mechanism: bytes, header: str, cbind: bytes
+) -> bool | None:
+    """A whole SCRAM exchange for password 'pw' with the given GS2 header; the outcome."""
+    nonce = "fyko+d2lbbFgONRv9qkxdawL"
+    bare = f"n=,r={nonce}"
+    first = (header + bare).encode()
+    reply, outcome = auth.step(mechanism + b"\0" + struct.pack("!i", len(first)) + first)
+    if outcome is not None:
+        return outcome
+    server_first = reply[9:].decode()
+    attributes = dict(part.split("=", 1) for part in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", b"pw", base64.b64decode(attributes["s"]), int(attributes["i"])
+    )
+    client_key = hashlib_hmac(salted, b"Client Key")
+    binding = base64.b64encode(header.encode() + cbind).decode()
+    without_proof = f"c={binding},r={attributes['r']}"
+    message = f"{bare},{server_first},{without_proof}".encode()
+    signature = hashlib_hmac(hashlib.sha256(client_key).digest(), message)
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    return auth.step(f"{without_proof},p={base64.b64encode(proof).decode()}".encode())[1]
+
+
+def test_channel_binding() -> None:
+    cert_hash = hashlib.sha256(b"pgproxy's certificate").digest()
+    secret = parse_secret("pw")
+
+    def new() -> ClientAuthenticator:
+        auth = ClientAuthenticator("scram-sha-256", "u", secret, 4096, cert_hash)
+        assert auth.start()[9:] == b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"
+        return auth
+
+    plus = b"SCRAM-SHA-256-PLUS"
+    assert _scram_login(new(), plus, "p=tls-server-end-point,,", cert_hash) is True
+    # Bound to another certificate (a man in the middle): refused.
+    assert _scram_login(new(), plus, "p=tls-server-end-point,,", b"x" * 32) is False
+    # Plain SCRAM stays possible; 'y' (binding supported, none seen) means a downgrade.
+    assert _scram_login(new(), b"SCRAM-SHA-256", "n,,", b"") is True
+    assert _scram_login(new(), b"SCRAM-SHA-256", "y,,", b"") is False
+    # Without TLS there is no PLUS to choose.
+    plain = ClientAuthenticator("scram-sha-256", "u", secret, 4096)
+    plain.start()
+    assert _scram_login(plain, plus, "p=tls-server-end-point,,", cert_hash) is False

@@ -26,6 +26,8 @@ from pgproxy.protocol.auth import Credential, Md5Hash, ScramKeys
 
 Method = Literal["plain", "md5", "scram-sha-256"]
 SCRAM = "SCRAM-SHA-256"
+SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+CHANNEL_BINDING_TYPE = "tls-server-end-point"
 _INT32 = struct.Struct("!i")
 # A per-process key for made-up SCRAM salts: the same user gets the same salt each time
 # (as a real one would), but nobody can compute it.
@@ -92,8 +94,18 @@ class ClientAuthenticator:
     """One client's password exchange under ``method`` (PgBouncer's choice of exchange:
     md5 asks a user stored with a SCRAM secret for SCRAM instead)."""
 
-    def __init__(self, method: Method, user: str, secret: Secret | None, iterations: int) -> None:
+    def __init__(
+        self,
+        method: Method,
+        user: str,
+        secret: Secret | None,
+        iterations: int,
+        channel_binding: bytes | None = None,
+    ) -> None:
         self.user = user
+        # tls-server-end-point data (the hash of pgproxy's certificate) when the client
+        # came over TLS: SCRAM-SHA-256-PLUS is offered then.
+        self._channel_binding = channel_binding
         self._secret = secret
         self._iterations = iterations
         self._salt = b""
@@ -116,7 +128,9 @@ class ClientAuthenticator:
             self._salt = secrets.token_bytes(4)
             return messages.authentication(messages.AUTH_MD5, self._salt)
         # SCRAM without channel binding: -PLUS needs TLS (issue #4's TLS part).
-        return messages.authentication(messages.AUTH_SASL, messages.cstring(SCRAM) + b"\0")
+        offered = [SCRAM_PLUS, SCRAM] if self._channel_binding is not None else [SCRAM]
+        names = b"".join(messages.cstring(name) for name in offered)
+        return messages.authentication(messages.AUTH_SASL, names + b"\0")
 
     def step(self, payload: bytes) -> tuple[bytes, bool | None]:
         """Check one PasswordMessage payload: (reply, True ok / False failed / None more)."""
@@ -166,10 +180,18 @@ class ClientAuthenticator:
     def _scram_step(self, payload: bytes) -> tuple[bytes, bool | None]:
         if self._scram is None:
             mechanism_name, rest = payload.split(b"\0", 1)
-            if mechanism_name.decode() != SCRAM:
+            mechanism = mechanism_name.decode()
+            if mechanism == SCRAM_PLUS and self._channel_binding is None:
+                return b"", False
+            if mechanism not in (SCRAM, SCRAM_PLUS):
                 return b"", False
             length = _INT32.unpack_from(rest, 0)[0]
-            self._scram = ScramExchange(*self._verifier())
+            binding = self._channel_binding if mechanism == SCRAM_PLUS else None
+            # A client that could bind ('y') but saw no PLUS offered when we did offer it
+            # was downgraded by someone in between (RFC 5802 5.1).
+            self._scram = ScramExchange(
+                *self._verifier(), binding=binding, plus_offered=self._channel_binding is not None
+            )
             server_first = self._scram.server_first(rest[4 : 4 + length].decode("utf-8"))
             return messages.authentication(messages.AUTH_SASL_CONTINUE, server_first), None
         server_final = self._scram.server_final(payload.decode("utf-8"))
@@ -210,7 +232,18 @@ class ScramExchange:
     ignores it), so this side of the exchange is the RFC's few lines of HMAC here.
     """
 
-    def __init__(self, salt: bytes, stored_key: bytes, server_key: bytes, iterations: int):
+    def __init__(
+        self,
+        salt: bytes,
+        stored_key: bytes,
+        server_key: bytes,
+        iterations: int,
+        *,
+        binding: bytes | None = None,
+        plus_offered: bool = False,
+    ):
+        self._binding = binding  # SCRAM-SHA-256-PLUS: the tls-server-end-point data
+        self._plus_offered = plus_offered
         self._salt = salt
         self._stored_key = stored_key
         self._server_key = server_key
@@ -223,8 +256,13 @@ class ScramExchange:
     def server_first(self, client_first: str) -> bytes:
         """Answer the client-first message; raise ValueError if it is malformed."""
         header, _, bare = _gs2_split(client_first)
-        if header.startswith("p"):
-            raise ValueError("channel binding was not offered")
+        if self._binding is not None:
+            if header != f"p={CHANNEL_BINDING_TYPE},,":
+                raise ValueError("SCRAM-SHA-256-PLUS needs tls-server-end-point binding")
+        elif header.startswith("p"):
+            raise ValueError("channel binding without SCRAM-SHA-256-PLUS")
+        elif header.startswith("y") and self._plus_offered:
+            raise ValueError("channel binding downgrade")
         attributes = _attributes(bare)
         client_nonce = attributes["r"]
         if not client_nonce:
@@ -242,7 +280,8 @@ class ScramExchange:
         attributes = _attributes(without_proof)
         if attributes.get("r") != self._nonce:
             return None
-        expected_binding = base64.b64encode(self._header.encode()).decode()
+        binding_input = self._header.encode() + (self._binding or b"")
+        expected_binding = base64.b64encode(binding_input).decode()
         if attributes.get("c") != expected_binding:
             return None
         proof = base64.b64decode(proof_attribute, validate=True)

@@ -246,3 +246,41 @@ def test_asyncpg_with_scram_over_tls(
 
     with pytest.raises(asyncpg.InvalidPasswordError):
         asyncio.run(asyncio.wait_for(wrong(), 30))
+
+
+def test_scram_channel_binding(
+    tls_pg: EmbeddedPostgres, proxy_factory: ProxyFactory, certs: Path
+) -> None:
+    """SCRAM-SHA-256-PLUS (tls-server-end-point) over TLS: libpq's channel_binding=require
+    succeeds only when pgproxy binds the exchange to its certificate."""
+    config = proxy_config(
+        tls_pg,
+        auth_type="scram-sha-256",
+        users={"app": {"password": "app-secret"}},
+        **_client_tls(certs, "prefer"),
+    )
+    proxy = proxy_factory(config)
+    bound = psql(
+        ["-A", "-t", "-c", "select 1"],
+        port=proxy.port,
+        password="app-secret",
+        env={"PGSSLMODE": "require", "PGCHANNELBINDING": "require"},
+    )
+    assert bound.returncode == 0, bound.stderr
+    # Without TLS there is nothing to bind to: libpq refuses to go on.
+    unbound = psql(
+        ["-c", "select 1"],
+        port=proxy.port,
+        password="app-secret",
+        env={"PGSSLMODE": "disable", "PGCHANNELBINDING": "require"},
+    )
+    assert unbound.returncode != 0
+    assert "channel binding" in unbound.stderr
+    # A client that does not ask for binding still logs in over TLS.
+    plain = psql(
+        ["-A", "-t", "-c", "select 2"],
+        port=proxy.port,
+        password="app-secret",
+        env={"PGSSLMODE": "require", "PGCHANNELBINDING": "disable"},
+    )
+    assert plain.returncode == 0, plain.stderr
