@@ -14,6 +14,7 @@ import socket
 import ssl
 import struct
 import time
+from asyncio import sslproto
 from typing import TYPE_CHECKING, cast
 
 from pgproxy import __version__
@@ -35,6 +36,7 @@ from pgproxy.protocol.startup import (
 from pgproxy.protocol.stream import FrontendScanner
 from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
 from pgproxy.stats import next_connection_id
+from pgproxy.tls import ALPN
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -47,7 +49,8 @@ STARTUP = "startup"  # reading SSLRequest / StartupMessage
 LOGIN = "login"  # authenticating, waiting for the pool's welcome
 READY = "ready"  # logged in: the hot path
 CONSOLE = "console"  # logged in to the admin console
-TLS = "tls"  # answered 'S' to an SSLRequest; the handshake runs
+TLS = "tls"  # answered 'S' to an SSLRequest, or got a ClientHello: the handshake runs
+TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
 CLOSED = "closed"
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
@@ -296,6 +299,9 @@ class ClientConn(asyncio.Protocol):
                 self._internal_error("authentication")
 
     def _parse_startup(self) -> None:
+        if self._startup_buffer[:1] == TLS_HANDSHAKE and not self.tls:
+            self._direct_tls()
+            return
         while self.state is STARTUP and not self.closed:
             try:
                 result = parse_startup(bytes(self._startup_buffer))
@@ -336,6 +342,63 @@ class ClientConn(asyncio.Protocol):
         self._login_task = loop.create_task(self._start_tls(context))
         return True
 
+    def _direct_tls(self) -> None:
+        """PostgreSQL 17's direct TLS (sslnegotiation=direct): the client opens with a TLS
+        ClientHello instead of an SSLRequest. The hello has already been read, so the TLS
+        protocol is set up by hand (as loop.start_tls does) and fed those bytes first."""
+        context = self.daemon.client_tls
+        if context is None:
+            self._leave()  # it speaks TLS, there is no PostgreSQL error it could read
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        tls = sslproto.SSLProtocol(
+            loop, self, context, waiter, server_side=True, call_connection_made=False,
+            ssl_handshake_timeout=10,
+        )  # fmt: skip
+        raw = self.transport
+        raw.set_protocol(tls)
+        tls.connection_made(raw)
+        hello = memoryview(bytes(self._startup_buffer))
+        self._startup_buffer.clear()
+        while hello:
+            buffer = tls.get_buffer(len(hello))
+            size = min(len(buffer), len(hello))
+            buffer[:size] = hello[:size]
+            tls.buffer_updated(size)
+            hello = hello[size:]
+        self.state = TLS
+        self._login_task = loop.create_task(self._finish_direct_tls(tls, waiter))
+
+    async def _finish_direct_tls(
+        self, tls: sslproto.SSLProtocol, waiter: asyncio.Future[None]
+    ) -> None:
+        try:
+            await waiter
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            log.info("client direct TLS handshake failed: %s", exc)
+            self.transport.close()
+            self._release()
+            return
+        # (What loop.start_tls returns; typeshed does not know the method.)
+        transport = cast(asyncio.Transport, tls._get_app_transport())  # type: ignore[attr-defined]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
+            # PostgreSQL requires ALPN 'postgresql' on direct TLS (no cross-protocol use).
+            log.info("client direct TLS without ALPN %s: closed", ALPN)
+            transport.close()
+            self._release()
+            return
+        self._tls_established(transport)
+
+    def _tls_established(self, transport: asyncio.Transport) -> None:
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.transport = transport
+        self.tls = True
+        self.state = STARTUP
+        if self._startup_buffer:
+            self._parse_startup()
+
     async def _start_tls(self, context: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -349,12 +412,7 @@ class ClientConn(asyncio.Protocol):
             return
         if transport is None or self.closed:
             return
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.transport = transport
-        self.tls = True
-        self.state = STARTUP
-        if self._startup_buffer:
-            self._parse_startup()
+        self._tls_established(transport)
 
     def _begin_login(self, startup: StartupMessage) -> None:
         """Checks that need no I/O; then finish at once, or in a task if a server must

@@ -8,7 +8,9 @@ import asyncio
 import os
 import pwd
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -284,3 +286,43 @@ def test_scram_channel_binding(
         env={"PGSSLMODE": "require", "PGCHANNELBINDING": "disable"},
     )
     assert plain.returncode == 0, plain.stderr
+
+
+def _direct_tls_query(proxy: ProxyProcess, certs: Path, alpn: list[str] | None) -> bytes:
+    """PostgreSQL 17's sslnegotiation=direct by hand (libpq 15 here cannot): a TLS
+    ClientHello first, then the startup packet and a query inside TLS. Returns what
+    came back after the query (b'' if pgproxy closed the connection)."""
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                params = b"user\0app\0database\0appdb\0\0"
+                tls.sendall(struct.pack("!II", 8 + len(params), 196608) + params)
+                reply = b""
+                while not reply.endswith(b"Z\0\0\0\5I"):
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        return b""
+                    reply += chunk
+                query = b"select 42\0"
+                tls.sendall(b"Q" + struct.pack("!I", 4 + len(query)) + query)
+                answer = b""
+                while not answer.endswith(b"Z\0\0\0\5I"):
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return answer
+        except (ssl.SSLError, ConnectionError):
+            return b""
+
+
+def test_direct_tls(tls_pg: EmbeddedPostgres, proxy_factory: ProxyFactory, certs: Path) -> None:
+    proxy = proxy_factory(proxy_config(tls_pg, **_client_tls(certs)))
+    answer = _direct_tls_query(proxy, certs, ["postgresql"])
+    assert b"D\0\0\0\x0c\0\1\0\0\0\x0242" in answer  # the DataRow of "42"
+    # Without ALPN 'postgresql' (PostgreSQL's rule against cross-protocol attacks): closed.
+    assert _direct_tls_query(proxy, certs, None) == b""
+    assert psql(["-A", "-t", "-c", "select 1"], port=proxy.port).stdout.strip() == "1"
