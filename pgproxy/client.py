@@ -8,14 +8,16 @@ server its pool links to it, walking only message headers on the way.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import pwd
 import socket
 import ssl
 import struct
 import time
 from asyncio import sslproto
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from pgproxy import __version__
 from pgproxy import params as tracked
@@ -25,6 +27,7 @@ from pgproxy.auth_query import AuthQueryError
 from pgproxy.config import ClientTimeouts
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
+from pgproxy.protocol.client_auth import Method as PasswordMethod
 from pgproxy.protocol.startup import (
     CancelRequest,
     GSSEncRequest,
@@ -77,6 +80,7 @@ class ClientConn(asyncio.Protocol):
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
         self.timeouts = ClientTimeouts()  # resolved for its user and database at login
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
+        self._method: PasswordMethod = "md5"  # the password exchange chosen at login
         self.tls = False  # the connection is encrypted
         self._auth: ClientAuthenticator | None = None  # the password exchange under way
         self._authenticated_startup: StartupMessage | None = None
@@ -299,9 +303,11 @@ class ClientConn(asyncio.Protocol):
                 self._internal_error("authentication")
 
     def _parse_startup(self) -> None:
-        if self._startup_buffer[:1] == TLS_HANDSHAKE and not self.tls:
-            self._direct_tls()
+        context = self.daemon.client_tls
+        if self._startup_buffer[:1] == TLS_HANDSHAKE and not self.tls and context is not None:
+            self._direct_tls(context)
             return
+        # (Without TLS configured a ClientHello is garbage like any other: 08P01 below.)
         while self.state is STARTUP and not self.closed:
             try:
                 result = parse_startup(bytes(self._startup_buffer))
@@ -342,14 +348,10 @@ class ClientConn(asyncio.Protocol):
         self._login_task = loop.create_task(self._start_tls(context))
         return True
 
-    def _direct_tls(self) -> None:
+    def _direct_tls(self, context: ssl.SSLContext) -> None:
         """PostgreSQL 17's direct TLS (sslnegotiation=direct): the client opens with a TLS
         ClientHello instead of an SSLRequest. The hello has already been read, so the TLS
         protocol is set up by hand (as loop.start_tls does) and fed those bytes first."""
-        context = self.daemon.client_tls
-        if context is None:
-            self._leave()  # it speaks TLS, there is no PostgreSQL error it could read
-            return
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         tls = sslproto.SSLProtocol(
@@ -446,9 +448,19 @@ class ClientConn(asyncio.Protocol):
             and user == "pgbouncer"
             and self.peer_uid == os.getuid()
         )
-        if settings.auth_type != "trust" and not self.local_admin:
+        method: PasswordMethod | Literal["trust"] | None
+        if self.local_admin:
+            method = "trust"
+        elif settings.auth_type == "hba":
+            method = self._hba_method()
+            if method is None:
+                return  # refused
+        else:
+            method = settings.auth_type
+        if method != "trust":
             # The password comes before anything about the database is said, so that
             # neither user nor database names can be probed.
+            self._method = method
             secret = self.daemon.secret_for(user)
             if (
                 secret is None
@@ -475,11 +487,65 @@ class ClientConn(asyncio.Protocol):
         if not self.closed:
             self._challenge(secret, startup)
 
+    def _hba_method(self) -> PasswordMethod | Literal["trust"] | None:
+        """auth_type = hba: the method of the first matching rule, after its own checks
+        (reject, cert, peer); None when the client has been refused."""
+        hba = self.daemon.hba
+        assert hba is not None
+        peer = self.transport.get_extra_info("peername")
+        local = not isinstance(peer, tuple)
+        address = None if local else ipaddress.ip_address(peer[0])
+        rule = hba.match(
+            local=local, tls=self.tls, database=self.database, user=self.user, address=address
+        )
+        where = "local" if local else f'host "{peer[0]}"'
+        encryption = "SSL encryption" if self.tls else "no encryption"
+        if rule is None:
+            self.fatal(
+                codes.INVALID_AUTHORIZATION,
+                f'no pg_hba.conf entry for {where}, user "{self.user}", '
+                f'database "{self.database}", {encryption}',
+            )
+            return None
+        if rule.method == "reject":
+            self.fatal(
+                codes.INVALID_AUTHORIZATION,
+                f'pg_hba.conf rejects connection for {where}, user "{self.user}", '
+                f'database "{self.database}", {encryption}',
+            )
+            return None
+        if rule.method == "cert":
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            cert = ssl_object.getpeercert() if ssl_object is not None else None
+            names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
+                     if key == "commonName"]  # fmt: skip
+            if self.user not in names:
+                self.fatal(
+                    codes.INVALID_AUTHORIZATION,
+                    f'certificate authentication failed for user "{self.user}"',
+                )
+                return None
+            return "trust"
+        if rule.method == "peer":
+            try:
+                os_user = pwd.getpwuid(self.peer_uid).pw_name if local else None
+            except KeyError:
+                os_user = None
+            if os_user != self.user:
+                self.fatal(
+                    codes.INVALID_AUTHORIZATION,
+                    f'Peer authentication failed for user "{self.user}"',
+                )
+                return None
+            return "trust"
+        if rule.method == "trust":
+            return "trust"
+        return "plain" if rule.method == "password" else cast(PasswordMethod, rule.method)
+
     def _challenge(self, secret: Secret | None, startup: StartupMessage) -> None:
         settings = self.daemon.settings
-        assert settings.auth_type != "trust"
         self._auth = ClientAuthenticator(
-            settings.auth_type,
+            self._method,
             self.user,
             secret,
             settings.scram_iterations,

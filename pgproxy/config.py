@@ -379,10 +379,15 @@ class Settings(BaseSettings):
         default=True,
         description="Log a statistics line (rates and mean times) every stats_period.",
     )
-    auth_type: Literal["trust", "plain", "md5", "scram-sha-256"] = Field(
+    auth_type: Literal["trust", "plain", "md5", "scram-sha-256", "hba"] = Field(
         default="trust",
         description="How clients authenticate to pgproxy: trust (no password), plain "
-        "(cleartext), md5 (SCRAM for users stored with a SCRAM secret), scram-sha-256.",
+        "(cleartext), md5 (SCRAM for users stored with a SCRAM secret), scram-sha-256, "
+        "or hba (per connection, from auth_hba_file).",
+    )
+    auth_hba_file: str | None = Field(
+        default=None,
+        description="pg_hba.conf-style rules for auth_type = hba (PgBouncer's subset).",
     )
     auth_file: str | None = Field(
         default=None,

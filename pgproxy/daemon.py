@@ -24,6 +24,7 @@ from pgproxy.config import (
     changed_setting,
     load_settings,
 )
+from pgproxy.hba import HbaRules, load_hba
 from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
 from pgproxy.listener import start_listeners
@@ -83,6 +84,7 @@ class Daemon:
         # Client secrets: the auth_file's, then each [users.NAME] password over them.
         self.secrets = client_secrets(settings)
         self.auth_query = AuthQuery()
+        self.hba = _hba(settings)
         # Passthrough: what each user's last successful login proved (password, md5 hash
         # or SCRAM keys), for server logins that have no configured password.
         self.passthrough: dict[str, Credential] = {}
@@ -169,6 +171,7 @@ class Daemon:
             client_secrets(settings)  # a broken auth_file fails the reload as a whole
             client_context(settings)  # and so does an unreadable certificate
             server_tls(settings)
+            _hba(settings)
         except ConfigError as exc:
             log.error("reload failed, configuration unchanged: %s", exc)
             return False
@@ -212,6 +215,7 @@ class Daemon:
         # again: new connections use them, connected ones keep their session.
         secrets = client_secrets(settings)
         tls_for_clients, tls_for_servers = client_context(settings), server_tls(settings)
+        self.hba = _hba(settings)
         self.secrets, self.client_tls, self.server_tls = secrets, tls_for_clients, tls_for_servers
         self.client_tls_binding = _binding(settings, tls_for_clients)
         self.auth_query.clear()
@@ -499,6 +503,15 @@ def client_secrets(settings: Settings) -> dict[str, Secret]:
             except BadSecret as exc:
                 raise ConfigError(f"users.{name}.password: {exc}") from None
     return secrets
+
+
+def _hba(settings: Settings) -> HbaRules | None:
+    """The auth_hba_file's rules when auth_type = hba; raise ConfigError."""
+    if settings.auth_type != "hba":
+        return None
+    if not settings.auth_hba_file:
+        raise ConfigError("auth_type = hba needs auth_hba_file")
+    return load_hba(settings.auth_hba_file)
 
 
 def _binding(settings: Settings, context: ssl.SSLContext | None) -> bytes | None:

@@ -65,6 +65,9 @@ def client_context(settings: Settings) -> ssl.SSLContext | None:
             context.load_verify_locations,
             settings.client_tls_ca_file,
         )
+        # A client certificate is asked for and, if sent, verified (hba's cert method
+        # reads its name); the verify modes below make it mandatory.
+        context.verify_mode = ssl.CERT_OPTIONAL
     if mode in ("verify-ca", "verify-full"):
         if not settings.client_tls_ca_file:
             raise ConfigError(f"client_tls_sslmode = {mode} needs client_tls_ca_file")

@@ -315,3 +315,48 @@ def test_impossible_passthrough_says_why(
     code, output = _login(proxy, "plainuser", "plain-secret")
     assert code != 0
     assert "only has SCRAM keys" in output + proxy.log_text()
+
+
+# -- auth_type = hba ---------------------------------------------------------------------------
+
+
+def test_hba_rules(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_file: Path, tmp_path: Path
+) -> None:
+    hba = tmp_path / "hba.conf"
+    hba.write_text(
+        "# pgproxy's own pg_hba.conf\n"
+        "hostssl appdb   app        127.0.0.1/32           scram-sha-256\n"
+        "host    appdb   md5user    127.0.0.1 255.255.255.255 md5\n"
+        "host    appdb   plainuser  127.0.0.0/8            password\n"
+        "host    appdb   trustuser  all                    trust\n"
+        "host    all     rejected   all                    reject\n"
+    )
+    proxy = _proxy(
+        pg, proxy_factory, auth_type="hba", auth_hba_file=str(hba), auth_file=str(auth_file)
+    )
+    assert _login(proxy, "trustuser", "")[0] == 0  # trust: no password asked
+    assert _login(proxy, "md5user", "md5-secret") == (0, "app")
+    assert _login(proxy, "plainuser", "plain-secret") == (0, "app")
+    code, output = _login(proxy, "plainuser", "wrong")
+    assert code != 0 and 'password authentication failed for user "plainuser"' in output
+    # app only over TLS (hostssl): this TCP client has none.
+    code, output = _login(proxy, "app", "app-secret")
+    assert code != 0
+    assert (
+        'no pg_hba.conf entry for host "127.0.0.1", user "app", database "appdb", no encryption'
+        in output
+    )
+    code, output = _login(proxy, "rejected", "x")
+    assert code != 0 and "pg_hba.conf rejects connection" in output
+    assert _login(proxy, "nobody", "x")[0] != 0  # no line at all
+    assert proxy.alive()
+
+
+def test_a_broken_hba_file_fails_fast(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    hba = tmp_path / "hba.conf"
+    hba.write_text("host all all samehost trust\n")
+    with pytest.raises(RuntimeError, match="line 1: address 'samehost' not supported"):
+        _proxy(pg, proxy_factory, auth_type="hba", auth_hba_file=str(hba))

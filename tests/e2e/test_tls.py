@@ -326,3 +326,26 @@ def test_direct_tls(tls_pg: EmbeddedPostgres, proxy_factory: ProxyFactory, certs
     # Without ALPN 'postgresql' (PostgreSQL's rule against cross-protocol attacks): closed.
     assert _direct_tls_query(proxy, certs, None) == b""
     assert psql(["-A", "-t", "-c", "select 1"], port=proxy.port).stdout.strip() == "1"
+
+
+def test_hba_cert_method(
+    tls_pg: EmbeddedPostgres, proxy_factory: ProxyFactory, certs: Path, tmp_path: Path
+) -> None:
+    """hostssl ... cert: the client certificate's CN is the user name; no password."""
+    hba = tmp_path / "hba.conf"
+    hba.write_text("hostssl appdb all 127.0.0.1/32 cert\n")
+    proxy = proxy_factory(
+        proxy_config(
+            tls_pg, auth_type="hba", auth_hba_file=str(hba), **_client_tls(certs, "prefer")
+        )
+    )
+    as_app = {
+        "PGSSLMODE": "require",
+        "PGSSLCERT": str(certs / "client.crt"),  # CN=app
+        "PGSSLKEY": str(certs / "client.key"),
+    }
+    result = psql(["-A", "-t", "-c", "select 1"], port=proxy.port, user="app", env=as_app)
+    assert result.returncode == 0, result.stderr
+    other = psql(["-c", "select 1"], port=proxy.port, user="trustuser", env=as_app)
+    assert other.returncode != 0
+    assert 'certificate authentication failed for user "trustuser"' in other.stderr
