@@ -52,6 +52,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  cwd=directory)  # fmt: skip
     _issue(directory, "server", "/CN=localhost", "ca", "IP:127.0.0.1,DNS:localhost")
     _issue(directory, "client", "/CN=app", "ca", None)
+    _issue(directory, "certuser", "/CN=certuser", "ca", None)
     return directory
 
 
@@ -61,20 +62,29 @@ def tls_pg(certs: Path) -> Iterator[EmbeddedPostgres]:
     in a directory that user can reach (pytest's tmp dirs are private to the test's user)."""
     keys = Path(tempfile.mkdtemp(prefix="pgproxy-pgssl-"))
     try:
-        for name in ("server.crt", "server.key"):
+        for name in ("server.crt", "server.key", "ca.crt"):
             shutil.copy(certs / name, keys / name)
         os.chmod(keys / "server.key", 0o600)
         if os.geteuid() == 0:
             owner = pwd.getpwnam("postgres")
-            for path in (keys, keys / "server.crt", keys / "server.key"):
+            for path in (keys, *keys.iterdir()):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
         conf = {
             "ssl": "on",
             "ssl_cert_file": str(keys / "server.crt"),
             "ssl_key_file": str(keys / "server.key"),
+            "ssl_ca_file": str(keys / "ca.crt"),
         }
         with EmbeddedPostgres(extra_conf=conf) as cluster:
             _setup_cluster(cluster)
+            # certuser may only log in with a client certificate (CN=certuser).
+            cluster.create_role("certuser", None)
+            cluster.sql("GRANT ALL ON DATABASE appdb TO certuser")
+            hba = Path(cluster.data_dir) / "pg_hba.conf"
+            rules = hba.read_text()
+            with open(hba, "w", encoding="utf-8") as rewritten:  # keeps the file's owner
+                rewritten.write("hostssl all certuser 127.0.0.1/32 cert\n" + rules)
+            cluster.sql("SELECT pg_reload_conf()")
             yield cluster
     finally:
         shutil.rmtree(keys, ignore_errors=True)
@@ -349,3 +359,27 @@ def test_hba_cert_method(
     other = psql(["-c", "select 1"], port=proxy.port, user="trustuser", env=as_app)
     assert other.returncode != 0
     assert 'certificate authentication failed for user "trustuser"' in other.stderr
+
+
+def test_pgproxy_presents_a_client_certificate_to_postgres(
+    tls_pg: EmbeddedPostgres, proxy_factory: ProxyFactory, certs: Path
+) -> None:
+    """server_tls_cert_file/key_file: PostgreSQL's cert method accepts pgproxy's login."""
+    entry = {"host": "127.0.0.1", "port": tls_pg.port, "user": "certuser"}
+    with_cert = proxy_factory(
+        proxy_config(
+            tls_pg,
+            databases={"appdb": entry},
+            server_tls_sslmode="verify-full",
+            server_tls_ca_file=str(certs / "ca.crt"),
+            server_tls_cert_file=str(certs / "certuser.crt"),
+            server_tls_key_file=str(certs / "certuser.key"),
+        )
+    )
+    with connect(with_cert) as conn:
+        assert conn.execute("select current_user").fetchone() == ("certuser",)
+    without = proxy_factory(
+        proxy_config(tls_pg, databases={"appdb": entry}, server_tls_sslmode="require")
+    )
+    with pytest.raises(psycopg.OperationalError, match="certificate"):
+        connect(without)
