@@ -529,7 +529,7 @@ class ClientConn(asyncio.Protocol):
         if rule.method == "peer":
             try:
                 os_user = pwd.getpwuid(self.peer_uid).pw_name if local else None
-            except KeyError:
+            except (KeyError, OverflowError):  # an unknown uid, or none (-1)
                 os_user = None
             if os_user != self.user:
                 self.fatal(
