@@ -82,6 +82,7 @@ class ClientConn(asyncio.Protocol):
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
         self._method: PasswordMethod = "md5"  # the password exchange chosen at login
         self.tls = False  # the connection is encrypted
+        self._settings: dict[str, str] = {}  # tracked settings from the startup packet
         self._auth: ClientAuthenticator | None = None  # the password exchange under way
         self._authenticated_startup: StartupMessage | None = None
         self.closed = False
@@ -428,6 +429,13 @@ class ClientConn(asyncio.Protocol):
             return
         self.user = user
         self.database = startup.params.get("database") or user
+        if self.database not in CONSOLE_DATABASES:  # (the console keeps no settings)
+            ignored = frozenset(name.lower() for name in settings.ignore_startup_parameters)
+            try:
+                self._settings = tracked.startup_settings(startup.params, ignored)
+            except tracked.UnsupportedParameter as exc:
+                self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
+                return
         if startup.minor_version > 0 or startup.protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
         if len(self.daemon.clients) > settings.max_client_conn:
@@ -654,7 +662,7 @@ class ClientConn(asyncio.Protocol):
     def _finish_login(self, pool: Pool, startup: StartupMessage) -> None:
         self.pool = pool
         pool.stats.client_logins += 1
-        self.params = tracked.from_pairs(startup.params, pool.welcome_values)
+        self.params = tracked.from_pairs(self._settings, pool.welcome_values)
         self.cancel_key = self.daemon.register_cancel_key(self)
         self.idle_since = time.monotonic()
         self.transport.write(self._welcome(pool))

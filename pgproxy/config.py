@@ -313,6 +313,12 @@ class Settings(BaseSettings):
     server_connect_timeout: float = Field(
         default=15.0, gt=0, description="Seconds allowed for a server connect and login."
     )
+    ignore_startup_parameters: NameList = Field(
+        default_factory=list,
+        description="Startup parameters accepted and ignored (e.g. extra_float_digits); any "
+        "other parameter that is not tracked ends the login with 'unsupported startup "
+        "parameter'. 'options' here ignores every unknown option in options.",
+    )
     admin_users: NameList = Field(
         default_factory=list,
         description="Users who may run every console command (a list, or names separated "
@@ -420,7 +426,7 @@ class Settings(BaseSettings):
     )
     users: dict[str, UserConfig] = Field(default_factory=dict, description="Per-user settings.")
 
-    @field_validator("admin_users", "stats_users", mode="before")
+    @field_validator("admin_users", "stats_users", "ignore_startup_parameters", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         if isinstance(value, str):

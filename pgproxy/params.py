@@ -56,3 +56,74 @@ def sync_sql(client_values: ParamValues, server_values: ParamValues) -> str | No
         if wanted != current
     ]
     return ";".join(statements) if statements else None
+
+
+class UnsupportedParameter(Exception):
+    """A startup parameter pgproxy cannot honour; the message is PgBouncer's."""
+
+
+_OPTIONS_ONLY = (
+    "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
+)
+# Startup parameters that are not settings.
+_STARTUP_KEYS = frozenset({"user", "database", "options"})
+
+
+def startup_settings(params: dict[str, str], ignored: frozenset[str]) -> dict[str, str]:
+    """The tracked settings a startup packet asks for, from its parameters and from
+    ``-c name=value`` / ``--name=value`` in ``options`` (PgBouncer's rules). A parameter
+    pgproxy cannot keep across servers raises UnsupportedParameter unless it is listed
+    (lower-cased) in ``ignored`` — ``options`` there ignores every unknown option."""
+    settings: dict[str, str] = {}
+    for name, value in params.items():
+        if name in _STARTUP_KEYS:
+            continue
+        if tracked_index(name) is not None:
+            settings[name] = value
+        elif name.lower() not in ignored:
+            raise UnsupportedParameter(f"unsupported startup parameter: {name}")
+    options = params.get("options", "")
+    for name, value in _parse_options(options):
+        if tracked_index(name) is not None:
+            settings[name] = value
+        elif name.lower() not in ignored and "options" not in ignored:
+            raise UnsupportedParameter(f"unsupported startup parameter in options: {name}")
+    return settings
+
+
+def _parse_options(options: str) -> list[tuple[str, str]]:
+    """``-c a=b --c-d=e`` → [('a', 'b'), ('c_d', 'e')]; a backslash escapes the next
+    character (PostgreSQL's rule for spaces in values)."""
+    words: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in options:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char.isspace():
+            if current:
+                words.append("".join(current))
+                current = []
+        else:
+            current.append(char)
+    if current:
+        words.append("".join(current))
+    pairs = []
+    position = 0
+    while position < len(words):
+        word = words[position]
+        if word == "-c" and position + 1 < len(words):
+            setting = words[position + 1]
+            position += 2
+        elif word[:2] in ("-c", "--") and len(word) > 2:  # -cname=value, --name=value
+            setting, position = word[2:], position + 1
+        else:
+            raise UnsupportedParameter(_OPTIONS_ONLY)
+        name, equals, value = setting.partition("=")
+        if not equals or not name:
+            raise UnsupportedParameter(_OPTIONS_ONLY)
+        pairs.append((name.replace("-", "_"), value))
+    return pairs

@@ -170,3 +170,34 @@ def test_with_value_then_sync_reaches_the_client_values(pairs: list[tuple[str, s
     for index, name in enumerate(TRACKED):
         assert (sql is not None and f"SET {name} TO " in sql) == (client[index] != "")
     assert params.sync_sql(client, client) is None
+
+
+def test_startup_settings_follow_pgbouncer() -> None:
+    from pgproxy.params import UnsupportedParameter, startup_settings
+
+    none: frozenset[str] = frozenset()
+    params = {
+        "user": "u",
+        "database": "d",
+        "application_name": "app",
+        "TimeZone": "UTC",
+        "options": r"-c DateStyle=ISO,\ DMY --intervalstyle=iso_8601 -cclient_encoding=LATIN1",
+    }
+    assert startup_settings(params, none) == {
+        "application_name": "app",
+        "TimeZone": "UTC",
+        "DateStyle": "ISO, DMY",
+        "intervalstyle": "iso_8601",
+        "client_encoding": "LATIN1",
+    }
+    with pytest.raises(
+        UnsupportedParameter, match="unsupported startup parameter: extra_float_digits"
+    ):
+        startup_settings({"extra_float_digits": "3"}, none)
+    assert startup_settings({"Extra_Float_Digits": "3"}, frozenset({"extra_float_digits"})) == {}
+    with pytest.raises(UnsupportedParameter, match="in options: search_path"):
+        startup_settings({"options": "-c search_path=x"}, none)
+    assert startup_settings({"options": "-c search_path=x"}, frozenset({"options"})) == {}
+    for bad in ("-x", "-c", "--nothing", "-c =v"):
+        with pytest.raises(UnsupportedParameter, match="only '-c config=val'"):
+            startup_settings({"options": bad}, frozenset({"options"}))

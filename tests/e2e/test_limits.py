@@ -293,3 +293,25 @@ def test_database_query_wait_timeout_and_the_user_override(
             holder.commit()
             assert worker.join(10) == (3,)
     assert_healthy(proxy, user="trustuser")
+
+
+# -- startup parameters ------------------------------------------------------------------------
+
+
+def test_startup_options_and_unsupported_parameters(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory(proxy_config(pg, ignore_startup_parameters="extra_float_digits"))
+    # A tracked setting through options reaches the server (and follows the client).
+    shown = psql(
+        ["-A", "-t", "-c", "SHOW TimeZone"],
+        port=proxy.port,
+        env={"PGOPTIONS": "-c TimeZone=Pacific/Auckland"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "Pacific/Auckland"
+    # A setting pgproxy cannot carry between servers is refused, not dropped silently.
+    refused = psql(["-c", "select 1"], port=proxy.port, env={"PGOPTIONS": "-c search_path=x"})
+    assert refused.returncode != 0
+    assert "unsupported startup parameter in options: search_path" in refused.stderr
+    assert_healthy(proxy)
