@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pool-mode", default="transaction", choices=["session", "transaction", "statement"]
     )
+    parser.add_argument(
+        "--metrics-port", type=int, default=9433, help="/metrics port (default 9433; 0: off)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             listen_port=args.port,
             pool_mode=args.pool_mode,
             default_pool_size=10,
+            admin_users=["demo"],
+            metrics_port=args.metrics_port,
             databases={
                 "demo": {
                     "host": "127.0.0.1",
@@ -50,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         psql = os.path.join(find_pg_bindir(), "psql")
+        metrics = (
+            f"    curl http://127.0.0.1:{args.metrics_port}/metrics\n" if args.metrics_port else ""
+        )
         print(
             f"\nPostgreSQL {postgres.port} (data in {postgres.data_dir}) requires SCRAM logins;"
             f"\npgproxy ({args.pool_mode} mode) logs in for you. Connect with:\n\n"
-            f"    {psql} -h 127.0.0.1 -p {args.port} -U demo demo\n\n"
-            "Press Ctrl-C to stop and remove everything.\n",
+            f"    {psql} -h 127.0.0.1 -p {args.port} -U demo demo\n"
+            f"    {psql} -h 127.0.0.1 -p {args.port} -U demo pgbouncer   # the admin console\n"
+            f"{metrics}\nPress Ctrl-C to stop and remove everything.\n",
             flush=True,
         )
         try:

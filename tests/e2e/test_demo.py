@@ -16,7 +16,15 @@ from tests.support import psql
 def test_demo_answers_a_query_and_cleans_up() -> None:
     port = free_port()
     demo = subprocess.Popen(
-        [sys.executable, "-m", "pgproxy.demo", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "pgproxy.demo",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(free_port()),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -39,6 +47,9 @@ def test_demo_answers_a_query_and_cleans_up() -> None:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "demo"
+        console = psql(["-A", "-t", "-c", "SHOW STATE"], port=port, dbname="pgbouncer", user="demo")
+        assert console.returncode == 0, console.stderr
+        assert "paused|no" in console.stdout
     finally:
         demo.send_signal(signal.SIGINT)
         rest, _ = demo.communicate(timeout=30)
