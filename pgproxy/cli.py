@@ -11,7 +11,7 @@ import uvloop
 from pgproxy import __version__, logs
 from pgproxy.config import ConfigError, load_settings
 from pgproxy.daemon import Daemon, client_secrets
-from pgproxy.hba import load_hba
+from pgproxy.hba import hba_rules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         secrets = client_secrets(settings)
-        if settings.auth_type == "hba":
-            load_hba(settings.auth_hba_file or "")
+        hba_rules(settings)
     except ConfigError as exc:
         print(f"pgproxy: {exc}", file=sys.stderr)
         return 1

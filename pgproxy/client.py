@@ -135,6 +135,13 @@ class ClientConn(asyncio.Protocol):
         return (self.params[index] if index is not None else "") or ""
 
     @property
+    def pool_state(self) -> str:
+        """PgBouncer's name for what a pool client is doing: waiting, active or idle."""
+        if self.wait_started_at:
+            return "waiting"
+        return "active" if self.server is not None else "idle"
+
+    @property
     def logged_in(self) -> bool:
         """Past the login: a pool client (waiting, linked or not) or a console session."""
         return self.state is READY or self.state is CONSOLE

@@ -24,7 +24,7 @@ from pgproxy.config import (
     changed_setting,
     load_settings,
 )
-from pgproxy.hba import HbaRules, load_hba
+from pgproxy.hba import hba_rules
 from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
 from pgproxy.listener import start_listeners
@@ -81,16 +81,11 @@ class Daemon:
         self.login_failures = 0  # client logins that ended in an error (metrics)
         self.login_timeouts = 0  # of which client_login_timeout
         self._metrics: MetricsServer | None = None
-        # Client secrets: the auth_file's, then each [users.NAME] password over them.
-        self.secrets = client_secrets(settings)
         self.auth_query = AuthQuery()
-        self.hba = _hba(settings)
         # Passthrough: what each user's last successful login proved (password, md5 hash
         # or SCRAM keys), for server logins that have no configured password.
         self.passthrough: dict[str, Credential] = {}
-        self.client_tls = client_context(settings)  # None: clients get no TLS
-        self.client_tls_binding = _binding(settings, self.client_tls)
-        self.server_tls = server_tls(settings)
+        self._read_files(settings)  # secrets, TLS contexts, hba rules
         self._listeners: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
         self._janitor: Janitor | None = None
@@ -104,6 +99,17 @@ class Daemon:
     def logged_in_clients(self) -> Iterator[ClientConn]:
         """Clients past their login: pool clients and console sessions."""
         return (client for client in self.clients if client.logged_in)
+
+    def client_census(self) -> tuple[dict[Pool, Counter[str]], int]:
+        """Logged-in pool clients per pool by ``pool_state``, and console sessions."""
+        by_pool: dict[Pool, Counter[str]] = {pool: Counter() for pool in self.pools.values()}
+        consoles = 0
+        for client in self.logged_in_clients():
+            if client.console is not None:
+                consoles += 1
+            elif client.pool in by_pool:
+                by_pool[client.pool][client.pool_state] += 1
+        return by_pool, consoles
 
     # -- shared objects ----------------------------------------------------------------
 
@@ -168,19 +174,18 @@ class Daemon:
         """
         try:
             settings = load_settings(self.config_path)
-            client_secrets(settings)  # a broken auth_file fails the reload as a whole
-            client_context(settings)  # and so does an unreadable certificate
-            server_tls(settings)
-            _hba(settings)
+            kept = {
+                name: getattr(self.settings, name)
+                for name in sorted(RESTART_ONLY)
+                if getattr(settings, name) != getattr(self.settings, name)
+            }
+            # A broken auth_file, certificate or hba file fails here, before any change.
+            self._apply_settings(settings.model_copy(update=kept) if kept else settings)
         except ConfigError as exc:
             log.error("reload failed, configuration unchanged: %s", exc)
             return False
-        kept = {}
-        for name in sorted(RESTART_ONLY):
-            if getattr(settings, name) != getattr(self.settings, name):
-                log.warning("reload: %s changed; it takes effect after a restart", name)
-                kept[name] = getattr(self.settings, name)
-        self._apply_settings(settings.model_copy(update=kept) if kept else settings)
+        for name in kept:
+            log.warning("reload: %s changed; it takes effect after a restart", name)
         log.warning("configuration reloaded")
         return True
 
@@ -210,14 +215,19 @@ class Daemon:
         password = auth_secret.value if auth_secret and auth_secret.kind == "plain" else None
         return await self.auth_query.lookup(self.settings, database, user, password)
 
-    def _apply_settings(self, settings: Settings) -> None:
-        # Each of these raises ConfigError before anything changes. Certificates are read
-        # again: new connections use them, connected ones keep their session.
+    def _read_files(self, settings: Settings) -> None:
+        """Read what the settings point at: client secrets (the auth_file's, then each
+        [users.NAME] password over them), TLS contexts (None: no TLS for clients) and hba
+        rules. Everything is read before anything is kept, so a ConfigError changes
+        nothing; certificates read again serve new connections only."""
         secrets = client_secrets(settings)
         tls_for_clients, tls_for_servers = client_context(settings), server_tls(settings)
-        self.hba = _hba(settings)
+        binding, hba = _binding(settings, tls_for_clients), hba_rules(settings)
         self.secrets, self.client_tls, self.server_tls = secrets, tls_for_clients, tls_for_servers
-        self.client_tls_binding = _binding(settings, tls_for_clients)
+        self.client_tls_binding, self.hba = binding, hba
+
+    def _apply_settings(self, settings: Settings) -> None:
+        self._read_files(settings)  # raises ConfigError before anything changes
         self.auth_query.clear()
         self.settings = settings
         for client in self.logged_in_clients():
@@ -503,15 +513,6 @@ def client_secrets(settings: Settings) -> dict[str, Secret]:
             except BadSecret as exc:
                 raise ConfigError(f"users.{name}.password: {exc}") from None
     return secrets
-
-
-def _hba(settings: Settings) -> HbaRules | None:
-    """The auth_hba_file's rules when auth_type = hba; raise ConfigError."""
-    if settings.auth_type != "hba":
-        return None
-    if not settings.auth_hba_file:
-        raise ConfigError("auth_type = hba needs auth_hba_file")
-    return load_hba(settings.auth_hba_file)
 
 
 def _binding(settings: Settings, context: ssl.SSLContext | None) -> bytes | None:

@@ -15,7 +15,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from pgproxy.config import ConfigError
+from pgproxy.config import ConfigError, Settings
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -242,3 +242,12 @@ def load_hba(path: str) -> HbaRules:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
         raise ConfigError(f"auth_hba_file: cannot read {path}: {reason}") from None
     return parse_hba(text, path)
+
+
+def hba_rules(settings: Settings) -> HbaRules | None:
+    """The auth_hba_file's rules when auth_type = hba (else None); raise ConfigError."""
+    if settings.auth_type != "hba":
+        return None
+    if not settings.auth_hba_file:
+        raise ConfigError("auth_type = hba needs auth_hba_file")
+    return load_hba(settings.auth_hba_file)

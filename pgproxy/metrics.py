@@ -44,6 +44,11 @@ TIMEOUT_KINDS = (
     "query_wait", "query", "idle_transaction", "transaction", "client_idle", "client_login",
 )  # fmt: skip
 POOL_LABELS = ("database", "user")
+# (ServerConn state, metric label): a server running the session reset is PgBouncer's 'used'.
+SERVER_STATES = (
+    ("active", "active"), ("idle", "idle"), ("reset", "used"), ("tested", "tested"),
+    ("login", "login"),
+)  # fmt: skip
 
 
 def wait_buckets(query_wait_timeout: float) -> tuple[float, ...]:
@@ -162,29 +167,18 @@ def _pool_gauges(daemon: Daemon, pools: list[Pool], now: float) -> Iterator[Metr
         "The query_wait_timeout in force for the pool's user and database (0: none).",
         labels=POOL_LABELS,
     )
-    by_pool: dict[int, list[int]] = {id(pool): [0, 0, 0] for pool in pools}
-    for client in daemon.logged_in_clients():
-        counts = by_pool.get(id(client.pool)) if client.console is None else None
-        if counts is not None:
-            index = 1 if client.wait_started_at else 0 if client.server is not None else 2
-            counts[index] += 1
+    census, _ = daemon.client_census()
     for pool in pools:
         labels = _labels(pool)
-        for state, count in zip(("active", "waiting", "idle"), by_pool[id(pool)], strict=True):
-            clients.add_metric([*labels, state], count)
-        states = [server.state for server in pool.servers]
-        for state, count in (
-            ("active", states.count("active")),
-            ("idle", states.count("idle")),
-            ("used", states.count("reset")),
-            ("tested", states.count("tested")),
-            ("login", pool.connecting),
-        ):
-            servers.add_metric([*labels, state], count)
+        for state in ("active", "waiting", "idle"):
+            clients.add_metric([*labels, state], census[pool][state])
+        states = pool.server_states()
+        for state, name in SERVER_STATES:
+            servers.add_metric([*labels, name], states[state])
         size.add_metric(labels, len(pool.servers) + pool.connecting)
         min_size.add_metric(labels, pool.min_size)
         max_size.add_metric(labels, pool.size)
-        first = next((client for client in pool.waiters if not client.closed), None)
+        first = pool.oldest_waiter()
         oldest.add_metric(labels, max(now - first.wait_started_at, 0.0) if first else 0.0)
         paused.add_metric(labels, int(pool.paused))
         wait_timeout.add_metric(labels, pool.query_wait_timeout)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -491,6 +491,16 @@ class Pool:
     def close_needed(self) -> int:
         """Servers marked to be closed once free (RECONNECT, a changed target)."""
         return sum(1 for server in self.servers if server.expires_at == 0.0)
+
+    def server_states(self) -> Counter[str]:
+        """How many servers are in each state; 'login' counts those being opened."""
+        states = Counter(server.state for server in self.servers)
+        states["login"] = self.connecting
+        return states
+
+    def oldest_waiter(self) -> ClientConn | None:
+        """The client that has waited longest for a server, if any still waits."""
+        return next((client for client in self.waiters if not client.closed), None)
 
     @property
     def linked(self) -> int:

@@ -253,6 +253,15 @@ class ServerConn(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    async def _more_login_data(self, if_lost: str) -> None:
+        """Wait until PostgreSQL sends more during the login; raise ServerLoginError with
+        ``if_lost`` if it has closed the connection."""
+        if self._lost:
+            raise ServerLoginError(codes.CONNECTION_FAILURE, if_lost)
+        self._login_wakeup = asyncio.get_running_loop().create_future()
+        await self._login_wakeup
+        self._login_wakeup = None
+
     async def _read_login_message(self) -> tuple[int, bytes]:
         while True:
             buffer = self._login_buffer
@@ -267,24 +276,14 @@ class ServerConn(asyncio.Protocol):
                     payload = bytes(buffer[5 : 1 + length])
                     del buffer[: 1 + length]
                     return type_byte, payload
-            if self._lost:
-                raise ServerLoginError(
-                    codes.CONNECTION_FAILURE, "server closed the connection during login"
-                )
-            self._login_wakeup = asyncio.get_running_loop().create_future()
-            await self._login_wakeup
-            self._login_wakeup = None
+            await self._more_login_data("server closed the connection during login")
 
     async def negotiate_tls(self, tls: ServerTls, host: str) -> None:
         """SSLRequest, then the TLS handshake if PostgreSQL says 'S'; raise
         ServerLoginError if TLS is required and the server has none."""
         self.transport.write(messages.SSL_REQUEST)
         while not self._login_buffer:
-            if self._lost:
-                raise ServerLoginError(codes.CONNECTION_FAILURE, "server closed the connection")
-            self._login_wakeup = asyncio.get_running_loop().create_future()
-            await self._login_wakeup
-            self._login_wakeup = None
+            await self._more_login_data("server closed the connection")
         answer = bytes(self._login_buffer)
         self._login_buffer.clear()
         if answer == b"N":

@@ -20,7 +20,6 @@ from pgproxy.stats import USEC, Totals
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
     from pgproxy.daemon import Daemon
-    from pgproxy.pool import Pool
     from pgproxy.server import ServerConn
 
 Table = tuple[list[Column], list[list[Value]]]
@@ -58,14 +57,6 @@ def _split_time(seconds: float) -> tuple[int, int]:
 # -- pools and connections ------------------------------------------------------------------
 
 
-def _pool_clients(daemon: Daemon) -> dict[Pool | None, list[ClientConn]]:
-    """Logged-in clients by pool (console clients under None)."""
-    by_pool: dict[Pool | None, list[ClientConn]] = {}
-    for client in daemon.logged_in_clients():
-        by_pool.setdefault(client.pool if client.console is None else None, []).append(client)
-    return by_pool
-
-
 def show_pools(daemon: Daemon) -> Table:
     cols = columns(
         "ssiiiiiiiiiiiiiss",
@@ -75,21 +66,18 @@ def show_pools(daemon: Daemon) -> Table:
         "load_balance_hosts",
     )  # fmt: skip
     now = daemon.loop_time()
-    clients = _pool_clients(daemon)
-    consoles = len(clients.get(None, []))
+    census, consoles = daemon.client_census()
     rows: list[list[Value]] = [
         [ADMIN_DB, ADMIN_DB, consoles, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, "statement", None]
     ]
-    for pool in daemon.pools.values():
-        members = clients.get(pool, [])
-        waiting = sum(1 for client in members if client.wait_started_at)
-        states = [server.state for server in pool.servers]
-        oldest = next((c for c in pool.waiters if not c.closed), None)
+    for pool, clients in census.items():
+        servers = pool.server_states()
+        oldest = pool.oldest_waiter()
         seconds, micros = _split_time(now - oldest.wait_started_at if oldest else 0.0)
         rows.append([
-            pool.database, pool.user, len(members) - waiting, waiting, 0, 0,
-            states.count("active"), 0, 0, states.count("idle"), states.count("reset"),
-            states.count("tested"), pool.connecting, seconds, micros, pool.mode, None,
+            pool.database, pool.user, clients["active"] + clients["idle"], clients["waiting"],
+            0, 0, servers["active"], 0, 0, servers["idle"], servers["reset"], servers["tested"],
+            servers["login"], seconds, micros, pool.mode, None,
         ])  # fmt: skip
     return cols, rows
 
@@ -119,13 +107,6 @@ def _tls_info(transport: object) -> str:
     return f"{ssl_object.version()}/{cipher[0] if cipher else ''}"
 
 
-def client_state(client: ClientConn) -> str:
-    """PgBouncer's name for what a client is doing."""
-    if client.wait_started_at:
-        return "waiting"
-    return "active" if client.server is not None else "idle"
-
-
 def _client_row(client: ClientConn, clock: tuple[float, float], now: float) -> list[Value]:
     addr, port = _address(client.transport.get_extra_info("peername"))
     local_addr, local_port = _address(client.transport.get_extra_info("sockname"))
@@ -134,12 +115,12 @@ def _client_row(client: ClientConn, clock: tuple[float, float], now: float) -> l
     waited = now - client.wait_started_at if client.wait_started_at else 0.0
     seconds, micros = _split_time(waited)
     database = client.database if client.console is None else ADMIN_DB
-    app = client.params[_APPLICATION_NAME] if _APPLICATION_NAME is not None else ""
     return [
-        "C", client.user, database, "none", client_state(client), addr, port, local_addr,
+        "C", client.user, database, "none", client.pool_state, addr, port, local_addr,
         local_port, _date(client.connected_at, clock),
         _date(requested or client.connected_at, clock), seconds, micros, 0, _ptr(client),
-        _ptr(server), client.peer_pid, _tls_info(client.transport), app or "", 0, client.id,
+        _ptr(server), client.peer_pid, _tls_info(client.transport), client.application_name, 0,
+        client.id,
     ]  # fmt: skip
 
 
@@ -415,10 +396,11 @@ def show_pool_stats(daemon: Daemon) -> Table:
         "connections_num", "connections_ms", "connections_errors", "connections_lost",
     )  # fmt: skip
     cols = columns("ss" + "q" * len(names), "database", "user", *names)
+    census, _ = daemon.client_census()
     rows: list[list[Value]] = []
     for pool in daemon.pools.values():
         stats = pool.stats
-        waiting = sum(1 for client in pool.waiters if not client.closed)
+        waiting = census[pool]["waiting"]
         served_at_once = stats.server_assignment_count - stats.waiters_served
         rows.append([
             pool.database, pool.user, pool.min_size, pool.size,
