@@ -28,6 +28,7 @@ from pgproxy.config import ClientTimeouts
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
 from pgproxy.protocol.client_auth import Method as PasswordMethod
+from pgproxy.protocol.prepared import ClientStatements, Plan
 from pgproxy.protocol.startup import (
     CancelRequest,
     GSSEncRequest,
@@ -103,7 +104,8 @@ class ClientConn(asyncio.Protocol):
         self.idle_requests = 0
         self.idle_since = 0.0
         self.connected_at = 0.0
-        self._pending: list[bytes] = []  # bytes received while waiting for a server
+        # What arrived while waiting for a server: chunks, or plans (named statements).
+        self._pending: list[bytes | Plan] = []
         self._pending_size = 0
         self._paused_while_waiting = False
         self._startup_buffer = bytearray()
@@ -166,22 +168,30 @@ class ClientConn(asyncio.Protocol):
         stats = pool.stats
         stats.received_bytes += len(data)
         stats.query_count += requests
-        if scan.parses or scan.binds:
-            stats.client_parse_count += scan.parses
-            stats.bind_count += scan.binds
+        plan = scan.plan  # None unless named prepared statements are in the chunk
         server = self.server
         if server is None:
             if self.wait_started_at:
-                self._keep_pending(data)
+                self._keep_pending(data if plan is None else plan)
                 return
             server = pool.acquire(self)
             if server is None:
                 if not self.closed:  # queued (not refused by max_waiting)
-                    self._keep_pending(data)
+                    self._keep_pending(data if plan is None else plan)
                 return
         elif requests and owed <= 0:
             server.query_started = server.clock()  # query_time runs from here
-        server.transport.write(data)
+        if plan is None:
+            server.transport.write(data)
+        else:
+            self._send_plan(server, plan)
+
+    def _send_plan(self, server: ServerConn, plan: Plan) -> None:
+        statements = self.scan.statements
+        assert server.statements is not None and statements is not None
+        out = server.statements.render(plan, statements)
+        if out:
+            server.transport.write(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
@@ -201,6 +211,9 @@ class ClientConn(asyncio.Protocol):
             self.daemon.client_left(self.database, self.user)
         if self.cancel_key is not None:
             self.daemon.cancel_keys.pop(self.cancel_key, None)
+        if self.scan.statements is not None:
+            unsent = [plan for plan in self._pending if not isinstance(plan, bytes)]
+            self.scan.statements.release(unsent)
         if self._login_task is not None and not self._login_task.done():
             self._login_task.cancel()
         if self.console is not None:
@@ -221,9 +234,12 @@ class ClientConn(asyncio.Protocol):
 
     # -- waiting for a server ----------------------------------------------------------
 
-    def _keep_pending(self, data: bytes) -> None:
+    def _keep_pending(self, data: bytes | Plan) -> None:
         self._pending.append(data)
-        self._pending_size += len(data)
+        if isinstance(data, bytes):
+            self._pending_size += len(data)
+        else:
+            self._pending_size += sum(len(item) for item in data if isinstance(item, bytes))
         if self._pending_size > PENDING_LIMIT and not self._paused_while_waiting:
             self._paused_while_waiting = True
             self.transport.pause_reading()
@@ -234,10 +250,18 @@ class ClientConn(asyncio.Protocol):
         server = self.server
         assert server is not None
         if self._pending:
-            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-            self._pending.clear()
+            pending = self._pending
+            if all(isinstance(item, bytes) for item in pending):
+                data = pending[0] if len(pending) == 1 else b"".join(pending)  # type: ignore[arg-type]
+                server.transport.write(data)  # type: ignore[arg-type]
+            else:
+                for item in pending:
+                    if isinstance(item, bytes):
+                        server.transport.write(item)
+                    else:
+                        self._send_plan(server, item)
+            pending.clear()
             self._pending_size = 0
-            server.transport.write(data)
         if self.terminated:
             self._leave()
         elif self._paused_while_waiting:
@@ -267,9 +291,14 @@ class ClientConn(asyncio.Protocol):
 
     def _bad_message(self, data: bytes, offset: int, reason: str) -> None:
         # Forward the well-formed messages before the bad one, then end this client only.
-        if offset > 0 and self.server is not None:
+        server = self.server
+        if server is not None:
             self.outstanding += self.scan.requests
-            self.server.transport.write(data[:offset])
+            plan = self.scan.plan
+            if plan is not None:
+                self._send_plan(server, plan)
+            elif offset > 0:
+                server.transport.write(data[:offset])
         self.fatal(codes.PROTOCOL_VIOLATION, reason)
 
     def _terminate(self, data: bytes, offset: int, requests: int) -> None:
@@ -277,15 +306,20 @@ class ClientConn(asyncio.Protocol):
         # commit as it would without pgproxy); what follows it is ignored.
         self.terminated = True
         self.state = CLOSED  # input after Terminate is dropped
-        if offset > 0:
+        plan = self.scan.plan
+        if offset > 0 or plan:
             self.outstanding += requests
             server = self.server
             if server is None and not self.wait_started_at:
                 server = self.pool.acquire(self)
+            before = data[:offset] if plan is None else plan
             if server is None:  # queued: flush_pending sends it, then closes
-                self._keep_pending(data[:offset])
+                self._keep_pending(before)
                 return
-            server.transport.write(data[:offset])
+            if plan is None:
+                server.transport.write(data[:offset])
+            else:
+                self._send_plan(server, plan)
         self._leave()
 
     def _leave(self) -> None:
@@ -670,6 +704,8 @@ class ClientConn(asyncio.Protocol):
         self.pool = pool
         pool.stats.client_logins += 1
         self.params = tracked.from_pairs(self._settings, pool.welcome_values)
+        if pool.settings.max_prepared_statements > 0:
+            self.scan.statements = ClientStatements(pool.statement_registry, pool.stats)
         self.cancel_key = self.daemon.register_cancel_key(self)
         self.idle_since = time.monotonic()
         self.transport.write(self._welcome(pool))

@@ -58,6 +58,8 @@ class PoolSettings:
     check_delay: float = 30.0
     reserve_size: int = 0
     reserve_timeout: float = 5.0
+    # Named prepared statements kept per server (transaction and statement mode; 0: off).
+    max_prepared_statements: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +309,12 @@ class Settings(BaseSettings):
         default="DISCARD ALL",
         description="Run on a server before another client gets it (session mode only); '' skips.",
     )
+    max_prepared_statements: int = Field(
+        default=200,
+        ge=0,
+        description="Protocol-level named prepared statements kept per server in transaction "
+        "and statement mode, where pgproxy maps clients' names to its own; 0 turns that off.",
+    )
     max_packet_size: int = Field(
         default=2147483647, ge=1024, le=2147483647, description="Largest protocol message accepted."
     )
@@ -467,8 +475,9 @@ class Settings(BaseSettings):
         def pick(override: Any, default: Any) -> Any:
             return default if override is None else override
 
+        mode = self.pool_mode_for(database, user)
         return PoolSettings(
-            mode=self.pool_mode_for(database, user),
+            mode=mode,
             size=self.pool_size_for(database, user),
             min_size=pick(database.min_pool_size, self.min_pool_size),
             reset_query=self.server_reset_query,
@@ -484,6 +493,7 @@ class Settings(BaseSettings):
             check_delay=self.server_check_delay,
             reserve_size=self.reserve_pool_size_for(database, user),
             reserve_timeout=self.reserve_pool_timeout,
+            max_prepared_statements=0 if mode == "session" else self.max_prepared_statements,
         )
 
     def auth_dbname_for(self, database: str) -> str:

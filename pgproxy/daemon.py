@@ -33,6 +33,7 @@ from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
 from pgproxy.protocol.auth import Credential, Md5Hash
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
+from pgproxy.protocol.prepared import Registry
 from pgproxy.stats import StatsWindow, Totals
 from pgproxy.tls import certificate_hash, client_context, server_tls
 from pgproxy.userlist import read_userlist
@@ -74,6 +75,7 @@ class Daemon:
         self.db_clients: Counter[str] = Counter()
         self.user_clients: Counter[str] = Counter()
         self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
+        self.statement_registry = Registry()  # named prepared statements, proxy-wide
         self.pause_mode: PauseMode = "none"
         self.database_flags: dict[str, DatabaseFlags] = {}
         self.shutdown_mode: ShutdownMode | None = None
@@ -140,6 +142,7 @@ class Daemon:
             pool.paused = self.is_paused(database)
             pool.server_tls = self.server_tls
             pool.credential_for = self.server_credential
+            pool.statement_registry = self.statement_registry
             pool.query_wait_timeout = self.settings.client_timeouts(entry, server_user).query_wait
             if self.settings.metrics_port:
                 pool.histograms = PoolHistograms(pool.query_wait_timeout)

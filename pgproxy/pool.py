@@ -22,6 +22,7 @@ from pgproxy.config import PoolMode, PoolSettings
 from pgproxy.metrics import PoolHistograms
 from pgproxy.protocol import codes
 from pgproxy.protocol.auth import Credential
+from pgproxy.protocol.prepared import Registry
 from pgproxy.reconnect import Reconnect
 from pgproxy.server import (
     ACTIVE,
@@ -131,6 +132,8 @@ class Pool:
         self.histograms: PoolHistograms | None = None
         self.query_wait_timeout = 0.0  # in force for this pool's user (a metrics gauge)
         self.server_tls = ServerTls("disable", None)  # set by the daemon
+        # Named prepared statements: shared by every pool of the daemon (set by it).
+        self.statement_registry = Registry()
         # Passthrough: the server login's credential when the target has no password.
         self.credential_for: Callable[[str], Credential | None] | None = None
         # ParameterStatus values of the first server: what every client is told at login.
@@ -182,6 +185,8 @@ class Pool:
             client.transport.pause_reading()
         if client.params is not server.params and client.params != server.params:
             server.sync_params(client.params)
+        if client.scan.statements is not None:
+            server.link_statements(client, self.statement_registry, self.settings)
 
     def _unlink(self, client: ClientConn, server: ServerConn) -> None:
         client.request_at = server.query_started  # SHOW CLIENTS request_time
@@ -301,6 +306,9 @@ class Pool:
         self.grow()
 
     def _forget(self, server: ServerConn) -> None:
+        if server.statements is not None:
+            server.statements.release()
+            server.statements = server.scan.statements = server.scan.ledger = None
         self.servers.discard(server)
         if server in self.idle:
             self.idle.remove(server)

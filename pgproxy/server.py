@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, cast
 from pgproxy import params as tracked
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import Credential, ServerAuthenticator, ServerAuthError
+from pgproxy.protocol.prepared import Registry, ServerStatements
 from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
 from pgproxy.stats import next_connection_id
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
+    from pgproxy.config import PoolSettings
     from pgproxy.pool import Pool, ServerTarget
     from pgproxy.tls import ServerTls
 
@@ -95,6 +97,8 @@ class ServerConn(asyncio.Protocol):
         self._lost = False
         self.closing = False  # pgproxy said Terminate: its close is not a loss
         self.tls = False
+        # Named prepared statements: set at the first link of a client that uses them.
+        self.statements: ServerStatements | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -128,14 +132,20 @@ class ServerConn(asyncio.Protocol):
                 codes.PROTOCOL_VIOLATION, "transaction blocks not allowed in statement pooling mode"
             )
             return
+        out = scan.out
         start = scan.forward_from
-        if start == 0:
+        if out is not None:  # (prepared statements: replies cut out, a split held back)
+            if out:
+                client.transport.write(out)
+        elif start == 0:
             client.transport.write(data)
         elif start < len(data):
             client.transport.write(data[start:])
         self.pool.stats.sent_bytes += len(data)
         if scan.copy_started or scan.copy_finished:
             self._copy_progress(client)
+        if scan.deallocated:
+            self._deallocated(client)
         if scan.ready:
             now = self.clock()
             pool = self.pool
@@ -187,6 +197,42 @@ class ServerConn(asyncio.Protocol):
             client.scan.copy_end_seen = False
         if self.scan.copy_finished:
             client.outstanding = client.scan.requests_after_copy_end()
+            if self.statements is not None:
+                # The Syncs PostgreSQL ignored will get no ReadyForQuery: count again.
+                self.statements.align(
+                    self.scan.batches_done - self.scan.ready, 0,
+                    client.scan.requests_total, client.outstanding,
+                )  # fmt: skip
+
+    def _deallocated(self, client: ClientConn) -> None:
+        # DEALLOCATE ALL or DISCARD ALL ran: nothing is prepared here any more, and the
+        # client's names are gone (PgBouncer clears them too).
+        self.scan.deallocated = False
+        if self.statements is not None:
+            self.statements.forget_all()
+        if client.scan.statements is not None:
+            client.scan.statements.forget_all()
+
+    def link_statements(
+        self, client: ClientConn, registry: Registry, settings: PoolSettings
+    ) -> None:
+        """Linked to a client that uses named prepared statements: close stray names left
+        by an earlier client (replies hidden), and tie its requests to our batches."""
+        statements = self.statements
+        if statements is None:
+            statements = self.statements = ServerStatements(
+                registry, self.pool.stats, settings.max_prepared_statements
+            )
+            self.scan.statements = statements
+            self.scan.ledger = statements.ledger
+        statements.capacity = settings.max_prepared_statements
+        if statements.strays:
+            self.scan.hidden += 1
+            self.transport.write(statements.cleanup())
+        scan = self.scan
+        statements.align(
+            scan.batches_done, scan.hidden, client.scan.requests_total, client.outstanding
+        )
 
     def _apply_params(self, reported: list[tuple[str, str]]) -> None:
         values = self.params

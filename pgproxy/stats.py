@@ -46,6 +46,7 @@ class PoolStats:
         "returns_bad",
         "sent_bytes",
         "server_assignment_count",
+        "server_parse_count",
         "timeouts",
         "wait_time",
         "waiters_served",
@@ -63,7 +64,10 @@ class PoolStats:
         self.xact_time = 0.0
         self.query_time = 0.0
         self.wait_time = 0.0
+        # Named prepared statements (PgBouncer's ps_* counters): the clients' Parse and
+        # Bind messages, and the Parses pgproxy sent to servers for them.
         self.client_parse_count = 0
+        self.server_parse_count = 0
         self.bind_count = 0
         # psycopg_pool's figures (SHOW POOL_STATS).
         self.requests_queued = 0  # requests that had to wait for a server
@@ -93,6 +97,7 @@ class Totals:
     query_time: float = 0.0
     wait_time: float = 0.0
     client_parse_count: int = 0
+    server_parse_count: int = 0
     bind_count: int = 0
 
     @classmethod
@@ -118,8 +123,7 @@ class Totals:
             int(self.query_time * USEC),
             int(self.wait_time * USEC),
             self.client_parse_count,
-            # Every Parse reaches the server (no statement cache yet): as many as clients'.
-            self.client_parse_count,
+            self.server_parse_count,
             self.bind_count,
         ]
 
@@ -138,7 +142,6 @@ class Totals:
         xacts = self.xact_count - older.xact_count
         queries = self.query_count - older.query_count
         assignments = self.server_assignment_count - older.server_assignment_count
-        parses = rate(self.client_parse_count, older.client_parse_count)
         return [
             rate(self.server_assignment_count, older.server_assignment_count),
             rate(self.xact_count, older.xact_count),
@@ -148,8 +151,8 @@ class Totals:
             mean(self.xact_time, older.xact_time, xacts),
             mean(self.query_time, older.query_time, queries),
             mean(self.wait_time, older.wait_time, assignments),
-            parses,
-            parses,
+            rate(self.client_parse_count, older.client_parse_count),
+            rate(self.server_parse_count, older.server_parse_count),
             rate(self.bind_count, older.bind_count),
         ]
 

@@ -101,3 +101,15 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
         prometheus-pgbouncer-exporter==2.1.2
     touch "$STAMP"
 fi
+
+# node-postgres, for the driver tests (tests/e2e/test_drivers.py): Node.js from apt when it
+# is missing, the `pg` package from npm into .venv/node (pinned, so runs are comparable).
+NODE_PG_VERSION=8.23.1
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    say "installing Node.js and npm"
+    apt_install nodejs npm
+fi
+if ! grep -qs "\"version\": \"$NODE_PG_VERSION\"" .venv/node/node_modules/pg/package.json; then
+    say "installing node-postgres $NODE_PG_VERSION into .venv/node"
+    npm install --silent --no-audit --no-fund --prefix .venv/node "pg@$NODE_PG_VERSION"
+fi

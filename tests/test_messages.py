@@ -59,16 +59,16 @@ def test_backend_key_data() -> None:
 
 def test_negotiate_protocol_version() -> None:
     assert messages.negotiate_protocol_version(0, []) == (
-        b"v\x00\x00\x00\x0c" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+        b"v\x00\x00\x00\x0c" + b"\x00\x03\x00\x00" + b"\x00\x00\x00\x00"
     )
     assert messages.negotiate_protocol_version(0, ["_pq_.a", "_pq_.bc"]) == (
         b"v\x00\x00\x00\x1b"
-        + b"\x00\x00\x00\x00"
+        + b"\x00\x03\x00\x00"
         + b"\x00\x00\x00\x02"
         + b"_pq_.a\x00"
         + b"_pq_.bc\x00"
     )
-    assert messages.negotiate_protocol_version(2, [])[5:9] == b"\x00\x00\x00\x02"
+    assert messages.negotiate_protocol_version(2, [])[5:9] == b"\x00\x03\x00\x02"
 
 
 def test_cancel_request() -> None:

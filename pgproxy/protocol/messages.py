@@ -89,8 +89,10 @@ AUTHENTICATION_OK = authentication(AUTH_OK)
 
 
 def negotiate_protocol_version(newest_minor: int, unrecognized: list[str]) -> bytes:
-    """NegotiateProtocolVersion ('v'): newest minor supported, unrecognized ``_pq_.`` options."""
-    payload = _INT32.pack(newest_minor) + _INT32.pack(len(unrecognized))
+    """NegotiateProtocolVersion ('v'): the newest 3.x version supported, unrecognized
+    ``_pq_.`` options. (The protocol docs say "minor version", but PostgreSQL and PgBouncer
+    send the whole version number, 3 << 16 | minor, and libpq 18 reads it so.)"""
+    payload = _INT32.pack(3 << 16 | newest_minor) + _INT32.pack(len(unrecognized))
     payload += b"".join(cstring(option) for option in unrecognized)
     return message(b"v", payload)
 

@@ -11,6 +11,14 @@ nothing per message. The caller forwards the chunk itself; the scanner only repo
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
+
+from pgproxy.protocol.prepared import ClientStatements, Plan, StatementError
+
+if TYPE_CHECKING:
+    from collections import deque
+
+    from pgproxy.protocol.prepared import Pending, ServerStatements
 
 _LENGTH = struct.Struct("!I").unpack_from
 
@@ -19,11 +27,14 @@ _INVALID = 0
 _PLAIN = 1  # CopyData: forwarded, no reply expected by itself
 _REQUEST = 2  # Query / FunctionCall: one ReadyForQuery will answer it
 _SYNC = 3  # Sync: one ReadyForQuery answers it, and it closes an extended-protocol batch
-_EXTENDED = 4  # Parse / Bind / Execute / Describe / Close / Flush: a batch is open until Sync
+_EXTENDED = 4  # Execute / Flush: a batch is open until Sync
 _TERMINATE = 5
 _COPY_END = 6  # CopyDone / CopyFail: the end of the client's COPY data
-_PARSE = 7  # Parse: an extended-protocol message, counted for SHOW STATS
-_BIND = 8  # Bind: likewise
+# Extended-protocol messages that may name a prepared statement (all kinds from _PARSE on).
+_PARSE = 7
+_BIND = 8
+_CLOSE = 9
+_DESCRIBE = 10
 
 _FRONTEND_KIND = bytearray(256)
 for _type, _kind in (
@@ -36,13 +47,14 @@ for _type, _kind in (
     (b"P", _PARSE),
     (b"B", _BIND),
     (b"E", _EXTENDED),
-    (b"D", _EXTENDED),
-    (b"C", _EXTENDED),
+    (b"D", _DESCRIBE),
+    (b"C", _CLOSE),
     (b"H", _EXTENDED),
     (b"X", _TERMINATE),
 ):
     _FRONTEND_KIND[_type[0]] = _kind
 
+_STATEMENT = ord("S")  # Describe/Close of a statement (not a portal)
 _READY_FOR_QUERY = ord("Z")
 _PARAMETER_STATUS = ord("S")
 _ERROR_RESPONSE = ord("E")
@@ -54,6 +66,11 @@ _COPY_BOTH_RESPONSE = ord("W")
 _BACKEND_INTERESTING = bytearray(256)
 for _type_code in b"ZSECGW":
     _BACKEND_INTERESTING[_type_code] = 1
+# In prepared mode ParseComplete, BindComplete and CloseComplete are counted too.
+_COMPLETIONS = frozenset(b"123")
+_BACKEND_PREPARED = bytearray(_BACKEND_INTERESTING)
+for _type_code in _COMPLETIONS:
+    _BACKEND_PREPARED[_type_code] = 1
 # ParameterStatus messages are read whole; a server's are small (names and short values).
 MAX_PARAMETER_STATUS = 64 * 1024
 STATUS_IDLE = ord("I")
@@ -65,13 +82,20 @@ class FrontendScanner:
     """Walks client→server messages: counts requests, tracks open batches, finds Terminate.
 
     After each ``feed``: ``requests`` is how many ReadyForQuery replies the chunk asks for,
-    ``parses`` and ``binds`` count its Parse and Bind messages (for SHOW STATS),
     ``terminate_at`` is the chunk offset of a Terminate message (-1 if none), and ``error``
     describes a malformed message (None if the chunk is well formed) with ``error_at`` its
     offset. ``batch_open`` persists across chunks: extended-protocol messages were sent and
     no Sync closed them yet. ``holds_server`` is true when the server cannot change hands
     even at ReadyForQuery: a batch is open, or a message has only partly been sent (its
     remaining bytes would reach whichever server the client had next).
+
+    Named prepared statements (``statements`` set: transaction and statement mode): a named
+    Parse, Bind, Describe or Close is handed to the client's ClientStatements, and the chunk
+    is then forwarded through ``plan`` (None: forward the chunk as it is) — pieces of it,
+    rewritten messages and ops for the server to render. These four messages are held back
+    until they are complete (``held``), since their names decide how they are sent; the
+    plan of a chunk that completes none of them is empty. ``open_pbc`` counts the
+    Parse/Bind/Close messages since the last request, to place each in the server's replies.
 
     For COPY FROM STDIN: PostgreSQL ignores Syncs that arrive while it is in copy-in mode
     (libpq sends one after Execute and another after CopyDone). ``requests_total`` counts
@@ -82,18 +106,20 @@ class FrontendScanner:
 
     __slots__ = (
         "batch_open",
-        "binds",
         "carry",
         "copy_end_seen",
         "error",
         "error_at",
+        "held",
         "holds_server",
         "max_packet_size",
-        "parses",
+        "open_pbc",
+        "plan",
         "remaining",
         "requests",
         "requests_at_copy_end",
         "requests_total",
+        "statements",
         "terminate_at",
     )
 
@@ -104,60 +130,111 @@ class FrontendScanner:
         self.batch_open = False
         self.holds_server = False
         self.requests = 0
-        self.parses = 0
-        self.binds = 0
         self.requests_total = 0
         self.requests_at_copy_end = 0
         self.copy_end_seen = False
         self.terminate_at = -1
         self.error: str | None = None
         self.error_at = -1
+        self.statements: ClientStatements | None = None
+        self.plan: Plan | None = None
+        self.held: bytearray | None = None
+        self.open_pbc = 0
 
     def feed(self, data: bytes) -> None:
         """Walk the headers in ``data``, continuing from where the previous chunk ended."""
-        self.requests = self.parses = self.binds = 0
+        self.requests = 0
         self.terminate_at = -1
+        plan: Plan | None = None
+        self.plan = None
         size = len(data)
         position = self.remaining
-        if position >= size:  # the whole chunk is payload of a message already walked
+        base = 0
+        if self.held is not None:  # a statement message held back: is it complete now?
+            held = self.held
+            held += data
+            if not self._held_complete(held):
+                self.plan = []
+                self.holds_server = True
+                return
+            data = bytes(held)
+            self.held = None
+            size = len(data)
+            position = 0
+            self.plan = plan = []  # (the held bytes were not forwarded: all of data goes)
+        elif position >= size:  # the whole chunk is payload of a message already walked
             self.remaining = position - size
             self.holds_server = self.batch_open or self.remaining > 0
             return
-        base = 0
-        if self.carry:  # a header was split between chunks: join it (rare, < 5 bytes)
+        elif self.carry:  # a header was split between chunks: join it (rare, < 5 bytes)
             base = len(self.carry)
             data = self.carry + data
             self.carry = b""
             size = len(data)
         kinds = _FRONTEND_KIND
         limit = self.max_packet_size
+        statements = self.statements
         terminate_split = False
-        requests = parses = binds = 0
+        requests = 0
+        open_pbc = self.open_pbc
         batch_open = self.batch_open
+        copied = base  # plan: data before this offset is in the plan already
+        stop = -1  # plan: the offset where forwarding stops (Terminate, an error, a hold)
         while position + 5 <= size:
             kind = kinds[data[position]]
             length = _LENGTH(data, position + 1)[0]
             if kind == _INVALID or length < 4 or length > limit:
                 self._fail(data[position], length, position - base)
+                stop = position
                 break
-            if kind == _REQUEST:
+            if kind >= _PARSE:  # Parse, Bind, Close, Describe
+                batch_open = True
+                if statements is not None:
+                    end = position + 1 + length
+                    if end > size:  # its name decides how it is sent: hold it whole
+                        stop = position
+                        break
+                    if length < 6:
+                        named = 0  # malformed: PostgreSQL will say so
+                    elif kind == _PARSE:
+                        named = data[position + 5]
+                    elif kind == _BIND:
+                        named = data[position + 5] or data[position + 6]
+                    else:
+                        named = data[position + 6] if data[position + 5] == _STATEMENT else 0
+                    if named:
+                        if plan is None:
+                            self.plan = plan = []
+                        if position > copied:
+                            plan.append(data[copied:position])
+                        try:
+                            self._statement(
+                                kind, data, position, end, self.requests_total + requests,
+                                open_pbc, plan,
+                            )  # fmt: skip
+                        except StatementError as exc:
+                            self.error = str(exc)
+                            self.error_at = position - base
+                            stop = position
+                            break
+                        copied = end
+                if kind != _DESCRIBE:
+                    open_pbc += 1
+            elif kind == _REQUEST:
                 requests += 1
+                open_pbc = 0
             elif kind == _SYNC:
                 requests += 1
+                open_pbc = 0
                 batch_open = False
             elif kind == _EXTENDED:
                 batch_open = True
-            elif kind == _PARSE:
-                batch_open = True
-                parses += 1
-            elif kind == _BIND:
-                batch_open = True
-                binds += 1
             elif kind == _TERMINATE:
                 # The header may have begun in the carried bytes, already forwarded: then
                 # the server holds part of a message and must never serve anyone else.
                 terminate_split = position < base
                 self.terminate_at = max(position - base, 0)
+                stop = max(position, base)
                 position = size  # the client is leaving: what follows is ignored
                 break
             elif kind == _COPY_END and not self.copy_end_seen:
@@ -166,14 +243,48 @@ class FrontendScanner:
             position += 1 + length
         else:
             if position < size:
-                self.carry = data[position:]
+                if statements is not None and kinds[data[position]] >= _PARSE:
+                    stop = position  # a statement message's header is split: hold it
+                else:
+                    self.carry = data[position:]
+        if stop >= 0 and statements is not None and self.error is None and self.terminate_at < 0:
+            # Held back: an incomplete statement message, from ``stop`` to the end.
+            self.held = bytearray(data[stop:])
+            if plan is None:
+                self.plan = plan = []
+            position = size
+        if plan is not None:
+            end_of_plan = size if stop < 0 else stop
+            if end_of_plan > copied:
+                plan.append(data[copied:end_of_plan])
         self.remaining = position - size if position > size else 0
         self.requests = requests
-        self.parses = parses
-        self.binds = binds
         self.requests_total += requests
+        self.open_pbc = open_pbc
         self.batch_open = batch_open
-        self.holds_server = batch_open or position != size or terminate_split
+        self.holds_server = (
+            batch_open or position != size or terminate_split or self.held is not None
+        )
+
+    def _held_complete(self, held: bytearray) -> bool:
+        if len(held) < 5:
+            return False
+        length: int = _LENGTH(held, 1)[0]
+        # (A bad length is reported by the walk.)
+        return length < 4 or length > self.max_packet_size or len(held) >= 1 + length
+
+    def _statement(self, kind: int, data: bytes, position: int, end: int, batch: int,
+                   index: int, plan: Plan) -> None:  # fmt: skip
+        statements = self.statements
+        assert statements is not None
+        if kind == _PARSE:
+            statements.parse(data, position, end, batch, index, plan)
+        elif kind == _BIND:
+            statements.bind(data, position, end, batch, index, plan)
+        elif kind == _DESCRIBE:
+            statements.describe(data, position, end, batch, index, plan)
+        else:
+            statements.close(data, position, end, batch, index, plan)
 
     def requests_after_copy_end(self) -> int:
         """Requests sent after the client ended its COPY data (0 if it has not yet)."""
@@ -203,6 +314,14 @@ class BackendScanner:
     messages (None if there were none), ``hidden_failed`` whether an injected query failed,
     and ``error`` a description of a corrupt stream (None normally).
 
+    Named prepared statements (``statements`` set): ``batches_done`` counts every
+    ReadyForQuery and ``replies`` the ParseComplete/BindComplete/CloseComplete messages since
+    the last one, which settle the entries of the server's ledger; a reply pgproxy caused is
+    cut out of the stream. Then the bytes for the client are ``out`` (None: the chunk from
+    ``forward_from`` as before), and a message split between chunks is held back until it
+    is whole (it might be one to cut). ``deallocated`` says a DEALLOCATE ALL or DISCARD ALL
+    completed in the chunk.
+
     COPY FROM STDIN: ``copy_in`` is true from CopyInResponse to the CommandComplete or
     ErrorResponse that ends it. A chunk where a COPY started sets ``copy_started``; one where
     it ended sets ``copy_finished``, and then ``ready`` counts only the ReadyForQuery messages
@@ -211,18 +330,25 @@ class BackendScanner:
     """
 
     __slots__ = (
+        "batches_done",
         "carry",
         "copy_finished",
         "copy_in",
         "copy_started",
+        "deallocated",
         "error",
         "forward_from",
         "hidden",
         "hidden_failed",
+        "ledger",
+        "out",
         "params",
         "ready",
         "remaining",
+        "replies",
+        "statements",
         "status",
+        "withheld",
     )
 
     def __init__(self) -> None:
@@ -238,11 +364,19 @@ class BackendScanner:
         self.forward_from = 0
         self.params: list[tuple[str, str]] | None = None
         self.error: str | None = None
+        self.statements: ServerStatements | None = None
+        self.ledger: deque[Pending] | None = None
+        self.batches_done = 0
+        self.replies = 0
+        self.out: bytes | None = None
+        self.withheld = False  # the carry was not forwarded (prepared mode)
+        self.deallocated = False
 
     def feed(self, data: bytes) -> None:
         """Walk the headers in ``data``, continuing from where the previous chunk ended."""
         self.ready = 0
         self.params = None
+        self.out = None
         self.copy_started = self.copy_finished = False
         original_size = len(data)
         position = self.remaining
@@ -251,15 +385,19 @@ class BackendScanner:
             self.forward_from = original_size if self.hidden else 0
             return
         base = 0
+        withheld = self.withheld
         if self.carry:  # a header or a small message was split between chunks: join it
             base = len(self.carry)
             data = self.carry + data
             self.carry = b""
+            self.withheld = False
         size = len(data)
         hidden = self.hidden
-        forward_from = size if hidden else base
+        forward_from = size if hidden else (0 if withheld else base)
         ready = 0
-        interesting = _BACKEND_INTERESTING
+        statements = self.statements
+        interesting = _BACKEND_INTERESTING if statements is None else _BACKEND_PREPARED
+        cuts: list[int] | None = None  # start, end, start, end... of replies to cut out
         while position + 5 <= size:
             type_byte = data[position]
             length = _LENGTH(data, position + 1)[0]
@@ -283,6 +421,11 @@ class BackendScanner:
                         forward_from = end
                 else:
                     ready += 1
+                if statements is not None:
+                    if self.ledger:
+                        statements.batch_ended(self.batches_done)
+                    self.batches_done += 1
+                    self.replies = 0
             elif type_byte == _PARAMETER_STATUS:
                 if length > MAX_PARAMETER_STATUS:  # it would be carried whole: cap it
                     self.error = f"ParameterStatus of {length} bytes from server"
@@ -290,6 +433,19 @@ class BackendScanner:
                 if end > size:
                     break
                 self._parameter_status(data[position + 5 : end])
+            elif type_byte in _COMPLETIONS:  # (prepared mode only)
+                ledger = self.ledger
+                if ledger:
+                    entry = ledger[0]
+                    if entry.batch == self.batches_done and entry.index == self.replies:
+                        ledger.popleft()
+                        assert statements is not None
+                        statements.settle(entry, True)
+                        if entry.hide:
+                            if cuts is None:
+                                cuts = []
+                            cuts += (position, end)
+                self.replies += 1
             elif type_byte in (_ERROR_RESPONSE, _COMMAND_COMPLETE):
                 if hidden and type_byte == _ERROR_RESPONSE:
                     self.hidden_failed = True
@@ -297,6 +453,12 @@ class BackendScanner:
                     self.copy_in = False
                     self.copy_finished = True
                     ready = 0
+                if statements is not None and (length == 19 or length == 16):
+                    if end > size:
+                        break
+                    tag = data[position + 5 : end]
+                    if tag == b"DEALLOCATE ALL\0" or tag == b"DISCARD ALL\0":
+                        self.deallocated = True
             else:  # CopyInResponse / CopyBothResponse
                 self.copy_in = self.copy_started = True
             position = end
@@ -307,7 +469,26 @@ class BackendScanner:
             self.remaining = position - size
         self.hidden = hidden
         self.ready = ready
-        self.forward_from = min(max(forward_from - base, 0), original_size)
+        if statements is None:
+            self.forward_from = min(max(forward_from - base, 0), original_size)
+            return
+        # Prepared mode: a split message is withheld until whole; replies are cut out.
+        stop = position if self.carry else size
+        self.withheld = bool(self.carry)
+        if cuts is None and not withheld and stop == size:
+            self.forward_from = min(max(forward_from - base, 0), original_size)
+            return
+        pieces = []
+        start = forward_from
+        if cuts is not None:
+            for at in range(0, len(cuts), 2):
+                if cuts[at] > start:
+                    pieces.append(data[start : cuts[at]])
+                start = max(start, cuts[at + 1])
+        if stop > start:
+            pieces.append(data[start:stop])
+        self.out = b"".join(pieces)
+        self.forward_from = 0
 
     def _parameter_status(self, payload: bytes) -> None:
         name, _, rest = payload.partition(b"\0")

@@ -509,10 +509,10 @@ def test_gssenc_then_ssl_then_login(proxy: ProxyProcess) -> None:
 
 
 def _negotiate_fields(payload: bytes) -> tuple[int, list[str]]:
-    newest_minor, count = struct.unpack_from("!ii", payload, 0)
+    newest, count = struct.unpack_from("!ii", payload, 0)
     names = [part.decode() for part in payload[8:].split(b"\0") if part]
     assert len(names) == count, payload
-    return newest_minor, names
+    return newest, names
 
 
 def test_protocol_3_2_with_unknown_option_is_negotiated(proxy: ProxyProcess) -> None:
@@ -521,9 +521,9 @@ def test_protocol_3_2_with_unknown_option_is_negotiated(proxy: ProxyProcess) -> 
         types = [type_byte for type_byte, _ in welcome]
         assert types[0] == b"v", welcome
         assert types.index(b"v") < types.index(b"R")
-        newest_minor, names = _negotiate_fields(welcome[0][1])
+        newest, names = _negotiate_fields(welcome[0][1])
         assert names == ["_pq_.foo"]
-        assert 0 <= newest_minor < 2
+        assert newest == 3 << 16  # 3.0: the whole version number, as PostgreSQL sends it
         auth = [payload for type_byte, payload in welcome if type_byte == b"R"]
         assert auth == [_INT32.pack(0)]  # AuthenticationOk, once
         key_data = [payload for type_byte, payload in welcome if type_byte == b"K"]

@@ -1061,10 +1061,12 @@ def test_counters_after_a_known_workload(
         for index in range(SIMPLE - 1):
             assert _fetch(conn, "select 1") == 1, index
         conn.execute(f"select pg_sleep({SLEEP})")
+        conn.prepare_threshold = 0  # a named prepared statement: one Parse, then Binds
         for index in range(EXTENDED):
             row = conn.execute("select %s::int", [index]).fetchone()
             assert row == (index,)
-        xacts = SIMPLE + EXTENDED
+        conn.prepare_threshold = None
+        xacts = SIMPLE + EXTENDED + 1  # (psycopg prepares in a round trip of its own)
         after = wait_for(
             lambda: (
                 (row := _stats(admin, "statsdb"))["total_xact_count"]
@@ -1076,9 +1078,11 @@ def test_counters_after_a_known_workload(
     delta = {key: after[key] - before[key] for key in after}
     assert delta["total_xact_count"] == xacts
     assert delta["total_query_count"] == xacts
-    assert delta["total_client_parse_count"] == EXTENDED
+    # PgBouncer's prepared-statement counters: the client's one Parse, its Binds, and a
+    # Parse on each server it used (the same one, mostly: the pool hands out the warmest).
+    assert delta["total_client_parse_count"] == 1
     assert delta["total_bind_count"] == EXTENDED
-    assert delta["total_server_parse_count"] == EXTENDED  # no statement cache: one each
+    assert 1 <= delta["total_server_parse_count"] <= 2
     assert 1 <= delta["total_server_assignment_count"] <= xacts
     # Lower bounds: each 'select 1' is a 14-byte Query message, each answer (RowDescription,
     # DataRow, CommandComplete, ReadyForQuery) well over 30 bytes.

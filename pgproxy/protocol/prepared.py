@@ -1,0 +1,418 @@
+"""Named prepared statements across pooled servers (transaction and statement mode).
+
+PgBouncer ≥ 1.21 semantics (``max_prepared_statements``): a client's protocol-level named
+statements live under pgproxy's own names on the servers, one name per distinct query text
+and parameter types (``PGPROXY_n``), and a statement is prepared on whichever server the
+client has when it needs it. Three parts, all free of I/O:
+
+- ``Registry`` (proxy-wide): one ``Statement`` per distinct Parse body, counted by the
+  clients' names and the servers' caches that refer to it, forgotten at zero.
+- ``ClientStatements`` (per client): names → Statements. The FrontendScanner hands it each
+  named Parse/Bind/Describe/Close and it writes the chunk's *plan*: byte pieces to forward
+  (rewritten where a name is) and *ops* whose bytes depend on the server that gets them.
+- ``ServerStatements`` (per server): the statements prepared there (an LRU of at most
+  ``max_prepared_statements``) and the *ledger*: replies in flight that pgproxy must hide,
+  or that decide whether a client's Parse or Close took effect. ``render`` turns a plan into
+  the bytes for this server; the BackendScanner settles ledger entries as replies arrive.
+
+How the ledger finds a reply without tracking every message: ParseComplete, BindComplete and
+CloseComplete answer Parse, Bind and Close one for one, in order, and after an error the
+server skips everything up to the next Sync. So a Parse/Bind/Close is named by (the batch it
+is in, its index among the batch's Parse/Bind/Close messages); the backend side counts
+ReadyForQuery (batches) and those three replies within a batch. An entry whose reply has not
+come when its batch's ReadyForQuery does was skipped after an error: it is undone.
+
+Errors are PostgreSQL's own, from the server, in their place in the pipeline: an unknown
+name is forwarded as the client wrote it (the server has no such statement), and a name
+already in use is made to collide on the server (see ``_DUPLICATE``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pgproxy.stats import PoolStats
+
+_HEADER = struct.Struct("!cI")
+_S = ord("S")
+
+# Plan op kinds.
+_PARSE = 0  # the client prepares a name
+_USE = 1  # a Bind/Describe of the statement follows: prepare it here first if missing
+_CLOSE = 2  # the client's Close of a name follows
+# The name is in use: a Parse of an empty query under the client's own name goes first (its
+# reply hidden), so the client's Parse (``raw``) fails on the server with PostgreSQL's own
+# error, where PostgreSQL would raise it, and aborts the transaction as it would. The
+# stray name is closed at the next link.
+_DUPLICATE = 3
+
+
+class Op:
+    """A plan item whose bytes depend on the server: ``batch`` (the client's request count
+    before it) and ``index`` (its place among the batch's Parse/Bind/Close) name it."""
+
+    __slots__ = ("batch", "index", "kind", "name", "raw", "statement")
+
+    def __init__(self, kind: int, batch: int, index: int, statement: Statement | None,
+                 name: bytes = b"", raw: bytes = b"") -> None:  # fmt: skip
+        self.kind = kind
+        self.batch = batch
+        self.index = index
+        self.statement = statement
+        self.name = name
+        self.raw = raw
+
+
+Plan = list[bytes | Op]
+
+# Ledger entry kinds.
+_CLIENT_PARSE = 0  # a client's Parse: undone (name forgotten) if the server skipped it
+_CLIENT_PARSE_HERE = 6  # likewise, of a statement the server already had (stand-in Parse)
+_INJECTED = 1  # pgproxy's Parse before a Bind/Describe: hidden
+_EVICTED = 2  # pgproxy's Close of the least recently used statement: hidden
+_SKIP_CLOSE = 3  # Close of the stand-in Parse (statement already here): hidden
+_STRAY = 4  # the empty Parse that makes a duplicate name collide: hidden
+_CLIENT_CLOSE = 5  # a client's Close: undone (name restored) if the server skipped it
+
+_HIDDEN_KINDS = frozenset((_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY))
+
+# A client Parse of a statement this server already has is answered by a Parse of an empty
+# query under this name (and its Close right after): the client's ParseComplete then comes
+# from the server in its exact place in the pipeline, and so does any error.
+_STAND_IN = b"PGPROXY_STAND_IN"
+
+
+def parse_message(name: bytes, body: bytes) -> bytes:
+    """A Parse message for statement ``name`` with ``body`` (query, parameter types)."""
+    return _HEADER.pack(b"P", 4 + len(name) + 1 + len(body)) + name + b"\0" + body
+
+
+def close_message(name: bytes) -> bytes:
+    """A Close message for statement ``name``."""
+    return _HEADER.pack(b"C", 4 + 1 + len(name) + 1) + b"S" + name + b"\0"
+
+
+_EMPTY_QUERY = b"\0\0\0"  # query '' and no parameter types
+_STAND_IN_PARSE = parse_message(_STAND_IN, _EMPTY_QUERY) + close_message(_STAND_IN)
+
+
+class StatementError(Exception):
+    """A malformed statement message (PostgreSQL's wording, for a 08P01 error)."""
+
+
+class Statement:
+    """One distinct statement: its name on every server and the Parse that prepares it."""
+
+    __slots__ = ("body", "name", "parse", "refs")
+
+    def __init__(self, name: bytes, body: bytes) -> None:
+        self.name = name
+        self.body = body
+        self.parse = parse_message(name, body)
+        self.refs = 0
+
+
+class Registry:
+    """Proxy-wide: one Statement per distinct Parse body (query text + parameter types)."""
+
+    def __init__(self) -> None:
+        self.by_body: dict[bytes, Statement] = {}
+        self._next = 0
+
+    def acquire(self, body: bytes) -> Statement:
+        """The statement for ``body`` (a new one if none is in use), with one more ref."""
+        statement = self.by_body.get(body)
+        if statement is None:
+            self._next += 1
+            statement = Statement(b"PGPROXY_%d" % self._next, body)
+            self.by_body[body] = statement
+        statement.refs += 1
+        return statement
+
+    def release(self, statement: Statement) -> None:
+        """Drop one ref; a statement nobody refers to is forgotten."""
+        statement.refs -= 1
+        if statement.refs <= 0 and self.by_body.get(statement.body) is statement:
+            del self.by_body[statement.body]
+
+
+def _string_end(data: bytes, start: int, end: int) -> int:
+    position = data.find(b"\0", start, end)
+    if position < 0:
+        raise StatementError("invalid string in message")
+    return position
+
+
+class ClientStatements:
+    """A client's statement names, and the plan pieces for its named statement messages."""
+
+    __slots__ = ("closed", "names", "registry", "stats")
+
+    def __init__(self, registry: Registry, stats: PoolStats) -> None:
+        self.registry = registry
+        self.stats = stats
+        self.names: dict[bytes, Statement] = {}
+        self.closed = False
+
+    # Each method appends to ``plan`` what stands for the message data[position:end];
+    # ``batch`` (the client's request count before it) and ``index`` (its place among the
+    # batch's Parse/Bind/Close) name it in the ledger.
+
+    def parse(self, data: bytes, position: int, end: int, batch: int, index: int,
+              plan: Plan) -> None:  # fmt: skip
+        name_end = _string_end(data, position + 5, end)
+        name = data[position + 5 : name_end]
+        self.stats.client_parse_count += 1
+        if name in self.names:
+            plan.append(Op(_DUPLICATE, batch, index, None, name, data[position:end]))
+            return
+        statement = self.registry.acquire(data[name_end + 1 : end])
+        self.names[name] = statement
+        plan.append(Op(_PARSE, batch, index, statement, name))
+
+    def bind(self, data: bytes, position: int, end: int, batch: int, index: int,
+             plan: Plan) -> None:  # fmt: skip
+        portal_end = _string_end(data, position + 5, end)
+        name_end = _string_end(data, portal_end + 1, end)
+        statement = self.names.get(data[portal_end + 1 : name_end])
+        if statement is None:  # PostgreSQL will say it does not exist
+            plan.append(data[position:end])
+            return
+        self.stats.bind_count += 1
+        plan.append(Op(_USE, batch, index, statement))
+        head = data[position + 5 : portal_end + 1]  # the portal name and its NUL
+        rest = data[name_end:end]  # from the statement name's NUL on
+        length = 4 + len(head) + len(statement.name) + len(rest)
+        plan.append(_HEADER.pack(b"B", length) + head + statement.name + rest)
+
+    def describe(self, data: bytes, position: int, end: int, batch: int, index: int,
+                 plan: Plan) -> None:  # fmt: skip
+        name = data[position + 6 : _string_end(data, position + 6, end)]
+        statement = self.names.get(name)
+        if statement is None:
+            plan.append(data[position:end])
+            return
+        plan.append(Op(_USE, batch, index, statement))
+        plan.append(_HEADER.pack(b"D", 4 + 1 + len(statement.name) + 1)
+                    + b"S" + statement.name + b"\0")  # fmt: skip
+
+    def close(self, data: bytes, position: int, end: int, batch: int, index: int,
+              plan: Plan) -> None:  # fmt: skip
+        name = data[position + 6 : _string_end(data, position + 6, end)]
+        statement = self.names.pop(name, None)
+        if statement is not None:
+            plan.append(Op(_CLOSE, batch, index, statement, name))
+        # Forwarded as written: the server has no statement by the client's name, and
+        # closing one that does not exist is no error, so the client's CloseComplete (or
+        # the skip after an earlier error) comes from the server in its place.
+        plan.append(data[position:end])
+
+    def forget_all(self) -> None:
+        """DEALLOCATE ALL / DISCARD ALL, or the client left: drop every name."""
+        for statement in self.names.values():
+            self.registry.release(statement)
+        self.names.clear()
+
+    def release(self, unsent: list[Plan]) -> None:
+        """The client is gone; ``unsent`` are the plans no server got (their Closes hold
+        the refs their names had)."""
+        self.closed = True
+        self.forget_all()
+        for plan in unsent:
+            for item in plan:
+                if isinstance(item, Op) and item.kind == _CLOSE and item.statement is not None:
+                    self.registry.release(item.statement)
+
+
+class Pending:
+    """A ledger entry: a Parse/Bind/Close in flight whose reply pgproxy must act on."""
+
+    __slots__ = ("batch", "client", "hide", "index", "kind", "name", "statement")
+
+    def __init__(self, kind: int, batch: int, index: int, statement: Statement | None,
+                 client: ClientStatements | None = None, name: bytes = b"") -> None:  # fmt: skip
+        self.kind = kind
+        self.batch = batch
+        self.index = index
+        self.hide = kind in _HIDDEN_KINDS
+        self.statement = statement
+        self.client = client
+        self.name = name
+
+
+class ServerStatements:
+    """What one server has prepared, and the ledger of its replies in flight."""
+
+    __slots__ = (
+        "batch_offset",
+        "cached",
+        "capacity",
+        "extra",
+        "extra_batch",
+        "ledger",
+        "registry",
+        "stats",
+        "strays",
+    )  # fmt: skip
+
+    def __init__(self, registry: Registry, stats: PoolStats, capacity: int) -> None:
+        self.registry = registry
+        self.stats = stats
+        self.capacity = capacity
+        self.cached: dict[Statement, None] = {}  # prepared here, least recently used first
+        self.ledger: deque[Pending] = deque()  # shared with the server's BackendScanner
+        # Server batch number = client request number + batch_offset (see align).
+        self.batch_offset = 0
+        # Parse/Close messages pgproxy added to the batch numbered extra_batch.
+        self.extra = 0
+        self.extra_batch = -1
+        self.strays: list[bytes] = []  # client names left prepared by a duplicate Parse
+
+    def align(self, batches_done: int, hidden: int, client_requests: int,
+              client_owed: int) -> None:  # fmt: skip
+        """Tie the client's request numbers to this server's batches: the next batch the
+        server answers (after ``hidden`` queries of pgproxy's own) is the oldest request
+        the client is still owed a reply for."""
+        self.batch_offset = batches_done + hidden - (client_requests - client_owed)
+
+    def render(self, plan: Plan, client: ClientStatements) -> bytes:
+        """The bytes this server gets for ``plan``; ledger entries for what needs them."""
+        parts: list[bytes] = []
+        for item in plan:
+            if isinstance(item, bytes):
+                parts.append(item)
+                continue
+            kind = item.kind
+            batch = self.batch_offset + item.batch
+            if batch != self.extra_batch:
+                self.extra_batch = batch
+                self.extra = 0
+            index = item.index + self.extra
+            statement = item.statement
+            if kind == _USE:
+                assert statement is not None
+                if statement in self.cached:
+                    self._touch(statement)
+                else:
+                    index = self._make_room(parts, batch, index)
+                    self._prepare(parts, statement)
+                    self._note(_INJECTED, batch, index, statement)
+                    self.extra += 1
+            elif kind == _PARSE:
+                assert statement is not None
+                if statement in self.cached:
+                    self._touch(statement)
+                    parts.append(_STAND_IN_PARSE)
+                    self._note(_CLIENT_PARSE_HERE, batch, index, statement, client, item.name)
+                    self._note(_SKIP_CLOSE, batch, index + 1, None)
+                    self.extra += 1
+                else:
+                    index = self._make_room(parts, batch, index)
+                    self._prepare(parts, statement)
+                    self._note(_CLIENT_PARSE, batch, index, statement, client, item.name)
+            elif kind == _CLOSE:
+                self._note(_CLIENT_CLOSE, batch, index, statement, client, item.name)
+            else:  # _DUPLICATE
+                parts.append(parse_message(item.name, _EMPTY_QUERY))
+                self._note(_STRAY, batch, index, None, None, item.name)
+                self.extra += 1
+                parts.append(item.raw)
+        return b"".join(parts)
+
+    def _note(self, kind: int, batch: int, index: int, statement: Statement | None,
+              client: ClientStatements | None = None, name: bytes = b"") -> None:  # fmt: skip
+        self.ledger.append(Pending(kind, batch, index, statement, client, name))
+
+    def _touch(self, statement: Statement) -> None:
+        del self.cached[statement]
+        self.cached[statement] = None
+
+    def _prepare(self, parts: list[bytes], statement: Statement) -> None:
+        parts.append(statement.parse)
+        self.cached[statement] = None
+        statement.refs += 1
+        self.stats.server_parse_count += 1
+
+    def _make_room(self, parts: list[bytes], batch: int, index: int) -> int:
+        """Close the least recently used statements over capacity; the next index."""
+        while self.cached and len(self.cached) >= max(self.capacity, 1):
+            oldest = next(iter(self.cached))
+            del self.cached[oldest]
+            parts.append(close_message(oldest.name))
+            self._note(_EVICTED, batch, index, oldest)
+            self.extra += 1
+            index += 1
+        return index
+
+    def settle(self, entry: Pending, done: bool) -> None:
+        """The reply to ``entry`` came (``done``) or the server skipped it after an error."""
+        kind = entry.kind
+        statement = entry.statement
+        if kind in (_CLIENT_PARSE, _CLIENT_PARSE_HERE):
+            if not done:
+                client = entry.client
+                if (
+                    client is not None
+                    and not client.closed
+                    and statement is not None
+                    and client.names.get(entry.name) is statement
+                ):
+                    del client.names[entry.name]
+                    self.registry.release(statement)
+                if kind == _CLIENT_PARSE:
+                    self._uncache(statement)
+        elif kind == _INJECTED:
+            if not done:
+                self._uncache(statement)
+        elif kind == _EVICTED:
+            assert statement is not None
+            if done:
+                self.registry.release(statement)
+            else:  # still prepared here: back into the cache, oldest
+                self.cached = {statement: None, **self.cached}
+        elif kind == _STRAY:
+            if done:
+                self.strays.append(entry.name)
+        elif kind == _CLIENT_CLOSE:
+            assert statement is not None
+            client = entry.client
+            if done or client is None or client.closed or entry.name in client.names:
+                self.registry.release(statement)
+            else:
+                client.names[entry.name] = statement
+
+    def _uncache(self, statement: Statement | None) -> None:
+        # Its Parse was skipped: the server does not have it after all.
+        if statement is not None and statement in self.cached:
+            del self.cached[statement]
+            self.registry.release(statement)
+
+    def batch_ended(self, batch: int) -> None:
+        """ReadyForQuery of ``batch``: what is still pending in it was skipped; undo it
+        (latest first, so that a name closed and prepared again comes back right)."""
+        ledger = self.ledger
+        skipped: list[Pending] = []
+        while ledger and ledger[0].batch <= batch:
+            skipped.append(ledger.popleft())
+        for entry in reversed(skipped):
+            self.settle(entry, False)
+
+    def cleanup(self) -> bytes:
+        """Close messages for stray names, and a Sync: sent hidden at the next link."""
+        names, self.strays = self.strays, []
+        return b"".join(close_message(name) for name in names) + b"S\0\0\0\x04"
+
+    def forget_all(self) -> None:
+        """DEALLOCATE ALL / DISCARD ALL ran on this server, or it closed."""
+        for statement in self.cached:
+            self.registry.release(statement)
+        self.cached.clear()
+
+    def release(self) -> None:
+        """The server is gone: settle what was in flight, forget what it had."""
+        while self.ledger:
+            self.settle(self.ledger.popleft(), False)
+        self.forget_all()

@@ -1,0 +1,192 @@
+"""Real drivers with their default settings through transaction mode on small pools.
+
+asyncpg (its statement cache names every statement), pgbench -M prepared, node-postgres
+named queries: each client's named statements must follow it to whichever server it gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from pgproxy.embedded import EmbeddedPostgres
+from tests.support import ProxyFactory, ProxyProcess, proxy_config
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_MODULES = ROOT / ".venv" / "node" / "node_modules"
+
+
+@pytest.fixture(scope="module")
+def proxy_small(pg: EmbeddedPostgres, module_proxy_factory: ProxyFactory) -> ProxyProcess:
+    """Transaction mode, three servers for many clients, default max_prepared_statements."""
+    return module_proxy_factory(proxy_config(pg, default_pool_size=3))
+
+
+def _dsn(proxy: ProxyProcess) -> str:
+    return f"postgresql://app:app-secret@127.0.0.1:{proxy.port}/appdb"
+
+
+# -- asyncpg -------------------------------------------------------------------------------------
+
+
+async def test_asyncpg_default_cache_many_connections(proxy_small: ProxyProcess) -> None:
+    async def worker(number: int) -> set[int]:
+        conn = await asyncpg.connect(_dsn(proxy_small))
+        backends: set[int] = set()
+        try:
+            for index in range(25):
+                # Five distinct statements, each prepared once per connection by asyncpg.
+                query = f"select $1::int + $2::int + {index % 5}"
+                assert await conn.fetchval(query, index, number) == index + number + index % 5
+                backends.add(await conn.fetchval("select pg_backend_pid()"))
+            rows = await conn.fetch("select x from generate_series(1, $1::int) as x", 4)
+            assert [row["x"] for row in rows] == [1, 2, 3, 4]
+            async with conn.transaction():
+                await conn.executemany(
+                    "insert into t (v) values ($1)",
+                    [(f"asyncpg-{number}-{item}",) for item in range(30)],
+                )
+            count = await conn.fetchval(
+                "select count(*) from t where v like $1", f"asyncpg-{number}-%"
+            )
+            assert count == 30
+        finally:
+            await conn.close()
+        return backends
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(worker(number) for number in range(12))), timeout=90
+    )
+    # Twelve connections shared three servers, and their statements went with them.
+    assert len(set().union(*results)) <= 3
+    assert any(len(backends) > 1 for backends in results)
+
+
+async def test_asyncpg_prepared_statement_on_another_server(proxy_small: ProxyProcess) -> None:
+    conn = await asyncpg.connect(_dsn(proxy_small))
+    holder = await asyncpg.connect(_dsn(proxy_small))
+    try:
+        statement = await conn.prepare("select $1::text || '!' as shout, pg_backend_pid()")
+        shout, first = await statement.fetchrow("hey")
+        assert shout == "hey!"
+        # Another client holds the statement's server in a transaction: the statement runs
+        # on a server where pgproxy has to prepare it first.
+        moved = False
+        for attempt in range(20):
+            transaction = holder.transaction()
+            await transaction.start()
+            if await holder.fetchval("select pg_backend_pid()") == first:
+                shout, backend = await statement.fetchrow(f"moved{attempt}")
+                assert shout == f"moved{attempt}!"
+                assert backend != first
+                moved = True
+            await transaction.rollback()
+            if moved:
+                break
+        assert moved, "the other client never got the statement's server"
+        assert (await statement.fetchrow("back"))[0] == "back!"
+    finally:
+        await holder.close()
+        await conn.close()
+
+
+# -- pgbench -M prepared -------------------------------------------------------------------------
+
+
+def _pgbench(pg: EmbeddedPostgres, port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [os.path.join(pg.bindir, "pgbench"), *args, "-h", "127.0.0.1", "-p", str(port)]
+    env = {**os.environ, "PGPASSWORD": "app-secret"}
+    return subprocess.run(
+        [*command, "-U", "app", "appdb"], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+@pytest.mark.parametrize("options", [["-S"], []], ids=["select-only", "tpcb"])
+def test_pgbench_prepared_many_clients_small_pool(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, options: list[str]
+) -> None:
+    proxy = proxy_factory(proxy_config(pg, default_pool_size=3, pool_mode="session"))
+    init = _pgbench(pg, proxy.port, "-i", "-s", "1", "-q", "--foreign-keys")
+    assert init.returncode == 0, init.stderr
+    tx_proxy = proxy_factory(proxy_config(pg, default_pool_size=3))
+    # One thread per client: pgbench prepares each statement with a blocking PQprepare
+    # on first use, which stalls every other client of its thread. With several clients
+    # per thread, the stalled prepare can wait for a server that the thread's own
+    # clients hold mid-transaction, for ever (through any transaction-mode pooler).
+    result = _pgbench(
+        pg, tx_proxy.port, *options, "-M", "prepared", "-c", "12", "-j", "12", "-T", "3"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "number of failed transactions: 0" in result.stdout
+    processed = [line for line in result.stdout.splitlines() if "actually processed" in line]
+    assert processed and int(processed[0].split(":")[1].split("/")[0]) > 100
+
+
+# -- node-postgres -------------------------------------------------------------------------------
+
+NODE_SCRIPT = r"""
+const { Client } = require("pg");
+const port = Number(process.argv[2]);
+
+async function worker(number) {
+  const client = new Client({ host: "127.0.0.1", port, user: "app",
+                              password: "app-secret", database: "appdb" });
+  await client.connect();
+  const backends = new Set();
+  try {
+    for (let index = 0; index < 20; index++) {
+      const result = await client.query({
+        name: `add-${index % 4}`,
+        text: `select $1::int + $2::int + ${index % 4} as v, pg_backend_pid() as pid`,
+        values: [index, number],
+      });
+      if (result.rows[0].v !== index + number + (index % 4)) {
+        throw new Error(`wrong answer ${JSON.stringify(result.rows)}`);
+      }
+      backends.add(result.rows[0].pid);
+    }
+    await client.query("begin");
+    await client.query({ name: "ins", text: "insert into t (v) values ($1)",
+                         values: [`node-${number}`] });
+    await client.query({ name: "ins", text: "insert into t (v) values ($1)",
+                         values: [`node-${number}`] });
+    await client.query("commit");
+    const count = await client.query({
+      name: "count", text: "select count(*)::int as n from t where v = $1",
+      values: [`node-${number}`] });
+    if (count.rows[0].n !== 2) throw new Error(`count ${count.rows[0].n}`);
+  } finally {
+    await client.end();
+  }
+  return [...backends];
+}
+
+Promise.all(Array.from({ length: 10 }, (_, number) => worker(number)))
+  .then((results) => { console.log(JSON.stringify(results)); })
+  .catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_node_postgres_named_queries(proxy_small: ProxyProcess, tmp_path: Path) -> None:
+    node = shutil.which("node")
+    assert node is not None, "Node.js is installed by scripts/bootstrap.sh"
+    assert (NODE_MODULES / "pg").is_dir(), "node-postgres is installed by scripts/bootstrap.sh"
+    script = tmp_path / "named.js"
+    script.write_text(NODE_SCRIPT)
+    result = subprocess.run(
+        [node, str(script), str(proxy_small.port)],
+        capture_output=True, text=True, timeout=90,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    backends: list[list[Any]] = json.loads(result.stdout)
+    assert len(backends) == 10
+    assert len({pid for pids in backends for pid in pids}) <= 3

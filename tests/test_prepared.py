@@ -1,0 +1,192 @@
+"""The sans-I/O side of named prepared statements: plans, rendering, the ledger, splits."""
+
+from __future__ import annotations
+
+import struct
+
+from pgproxy.protocol.prepared import (
+    ClientStatements,
+    Registry,
+    ServerStatements,
+    close_message,
+    parse_message,
+)
+from pgproxy.protocol.stream import BackendScanner, FrontendScanner
+from pgproxy.stats import PoolStats
+
+SYNC = b"S\0\0\0\x04"
+EXECUTE = b"E\0\0\0\x09\0\0\0\0\0"
+PARSE_COMPLETE = b"1\0\0\0\x04"
+BIND_COMPLETE = b"2\0\0\0\x04"
+CLOSE_COMPLETE = b"3\0\0\0\x04"
+READY = b"Z\0\0\0\x05I"
+COMPLETE = b"C\0\0\0\x0bSELECT 1\0"
+
+
+def bind(name: bytes) -> bytes:
+    body = b"\0" + name + b"\0" + b"\0\0" + b"\0\0" + b"\0\0"
+    return b"B" + struct.pack("!I", 4 + len(body)) + body
+
+
+def parse(name: bytes, query: bytes) -> bytes:
+    return parse_message(name, query + b"\0\0\0")
+
+
+def error(code: bytes) -> bytes:
+    body = b"SERROR\0C" + code + b"\0Mboom\0\0"
+    return b"E" + struct.pack("!I", 4 + len(body)) + body
+
+
+class Link:
+    """A client scanner and a server's statements and scanner, as one link ties them."""
+
+    def __init__(self, capacity: int = 10, registry: Registry | None = None) -> None:
+        self.stats = PoolStats()
+        self.registry = registry or Registry()
+        self.client = ClientStatements(self.registry, self.stats)
+        self.front = FrontendScanner(1 << 20)
+        self.front.statements = self.client
+        self.server = ServerStatements(self.registry, self.stats, capacity)
+        self.back = BackendScanner()
+        self.back.statements = self.server
+        self.back.ledger = self.server.ledger
+
+    def move_to_new_server(self) -> None:
+        """Linked to another server (idle, nothing owed), as Pool._link does."""
+        self.server = ServerStatements(self.registry, self.stats, self.server.capacity)
+        self.back = BackendScanner()
+        self.back.statements, self.back.ledger = self.server, self.server.ledger
+        self.server.align(0, 0, self.front.requests_total, 0)
+
+    def send(self, *chunks: bytes) -> bytes:
+        """What the server gets for ``chunks`` sent by the client."""
+        out = []
+        for chunk in chunks:
+            self.front.feed(chunk)
+            assert self.front.error is None, self.front.error
+            plan = self.front.plan
+            out.append(chunk if plan is None else self.server.render(plan, self.client))
+        return b"".join(out)
+
+    def reply(self, *chunks: bytes) -> bytes:
+        """What the client gets for ``chunks`` sent by the server."""
+        out = []
+        for chunk in chunks:
+            self.back.feed(chunk)
+            if self.back.out is not None:
+                out.append(self.back.out)
+            else:
+                out.append(chunk[self.back.forward_from :])
+        return b"".join(out)
+
+
+def test_unnamed_statements_pass_untouched() -> None:
+    link = Link()
+    stream = parse(b"", b"select 1") + bind(b"") + EXECUTE + SYNC
+    assert link.send(stream) == stream
+    assert link.front.plan is None
+    assert link.stats.client_parse_count == 0
+
+
+def test_names_are_mapped_and_prepared_where_missing() -> None:
+    link = Link()
+    sent = link.send(parse(b"a", b"select 1") + bind(b"a") + EXECUTE + SYNC)
+    assert sent == parse(b"PGPROXY_1", b"select 1") + bind(b"PGPROXY_1") + EXECUTE + SYNC
+    assert link.reply(PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY) == (
+        PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY
+    )
+    # The same name on a new server: prepared there first, its ParseComplete hidden.
+    link.move_to_new_server()
+    assert link.send(bind(b"a") + EXECUTE + SYNC) == (
+        parse(b"PGPROXY_1", b"select 1") + bind(b"PGPROXY_1") + EXECUTE + SYNC
+    )
+    replies = PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY
+    assert link.reply(replies) == BIND_COMPLETE + COMPLETE + READY
+    assert link.stats.server_parse_count == 2 and link.stats.bind_count == 2
+
+
+def test_a_second_client_parse_of_a_prepared_statement_uses_a_stand_in() -> None:
+    link = Link()
+    link.send(parse(b"a", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    sent = link.send(parse(b"b", b"select 1") + SYNC)  # same query, another name
+    assert b"PGPROXY_STAND_IN" in sent and b"select 1" not in sent
+    assert link.reply(PARSE_COMPLETE + CLOSE_COMPLETE + READY) == PARSE_COMPLETE + READY
+
+
+def test_a_skipped_parse_is_undone() -> None:
+    link = Link()
+    link.send(parse(b"bad", b"selec 1") + SYNC)
+    assert b"bad" in link.client.names
+    assert link.reply(error(b"42601") + READY) == error(b"42601") + READY
+    assert b"bad" not in link.client.names and not link.server.cached
+    assert not link.registry.by_body
+
+
+def test_a_close_skipped_after_an_error_is_undone() -> None:
+    link = Link()
+    link.send(parse(b"keep", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    link.send(parse(b"", b"selec") + close_message(b"keep") + SYNC)
+    assert b"keep" not in link.client.names
+    link.reply(error(b"42601") + READY)
+    assert b"keep" in link.client.names
+
+
+def test_eviction_closes_the_least_recently_used() -> None:
+    link = Link(capacity=2)
+    for name in (b"a", b"b", b"c"):
+        link.send(parse(name, b"select '" + name + b"'") + SYNC)
+    sent = link.send(bind(b"a") + SYNC)
+    # 'a' was evicted by 'c': 'b' (now the oldest) is closed to make room for 'a' again.
+    assert sent.startswith(close_message(b"PGPROXY_2") + parse(b"PGPROXY_1", b"select 'a'"))
+    replies = (PARSE_COMPLETE + READY) * 2 + CLOSE_COMPLETE + PARSE_COMPLETE + READY
+    replies += CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + READY
+    assert link.reply(replies) == (PARSE_COMPLETE + READY) * 3 + BIND_COMPLETE + READY
+
+
+def test_split_anywhere_gives_the_same_bytes() -> None:
+    client_stream = (
+        parse(b"s1", b"select $1::int") + bind(b"s1") + EXECUTE + SYNC
+        + close_message(b"s1") + parse(b"s1", b"select 2") + bind(b"s1") + EXECUTE + SYNC
+    )  # fmt: skip
+    server_stream = (
+        PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY
+        + CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY
+    )  # fmt: skip
+    whole = Link()
+    expected_sent = whole.send(client_stream)
+    expected_replies = whole.reply(server_stream)
+    assert expected_replies == server_stream
+    for cut in range(1, len(client_stream)):
+        link = Link()
+        sent = link.send(client_stream[:cut], client_stream[cut:])
+        assert sent == expected_sent, cut
+    # A server on which the statement must be prepared first: hidden replies, split.
+    registry = Registry()
+    seed = Link(registry=registry)
+    seed.send(parse(b"x", b"select 9") + SYNC)
+    hidden_stream = PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY
+    for cut in range(1, len(hidden_stream)):
+        link = Link(registry=registry)
+        link.client.names[b"x"] = seed.client.names[b"x"]
+        seed.client.names[b"x"].refs += 1
+        link.send(bind(b"x") + EXECUTE + SYNC)
+        got = link.reply(hidden_stream[:cut], hidden_stream[cut:])
+        assert got == BIND_COMPLETE + COMPLETE + READY, cut
+
+
+def test_deallocate_all_is_reported() -> None:
+    scanner = BackendScanner()
+    scanner.statements = ServerStatements(Registry(), PoolStats(), 10)
+    scanner.ledger = scanner.statements.ledger
+    tag = b"DEALLOCATE ALL\0"
+    scanner.feed(b"C" + struct.pack("!I", 4 + len(tag)) + tag + READY)
+    assert scanner.deallocated
+
+
+def test_a_name_without_its_end_is_a_protocol_error() -> None:
+    front = FrontendScanner(1 << 20)
+    front.statements = ClientStatements(Registry(), PoolStats())
+    front.feed(b"P\0\0\0\x07abc")
+    assert front.error == "invalid string in message"
