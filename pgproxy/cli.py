@@ -1,10 +1,18 @@
-"""Command line: ``pgproxy -c FILE [--check] [-v] [--version]``."""
+"""Command line: ``pgproxy [-c] FILE [--check] [-q] [-v] [-V]``, and
+``pgproxy --from-pgbouncer pgbouncer.ini [-o FILE]``.
+
+FILE is pgproxy's TOML or a PgBouncer ``pgbouncer.ini`` (told apart by its ``[pgbouncer]``
+section); PgBouncer's own flags (-q, -v, -V, -h) mean the same here, so scripts written
+for PgBouncer can start pgproxy unchanged."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+from typing import Any
 
 import uvloop
 
@@ -19,27 +27,116 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgproxy", description="PostgreSQL pooling proxy (PgBouncer-compatible)."
     )
-    parser.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help="TOML configuration file, or a pgbouncer.ini"
+    )
+    parser.add_argument("file", nargs="?", metavar="FILE", help="the same, as PgBouncer takes it")
     parser.add_argument(
         "--check", action="store_true", help="validate the configuration and exit (0 = valid)"
     )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no logging to stderr")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("--version", action="version", version=f"pgproxy {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"pgproxy {__version__}")
+    parser.add_argument(
+        "--from-pgbouncer",
+        metavar="INI",
+        help="convert a PgBouncer configuration to pgproxy TOML and exit "
+        "(warnings on stderr for what cannot be carried over)",
+    )
+    parser.add_argument(
+        "-o", "--output", metavar="FILE", help="with --from-pgbouncer: write here (mode 0600)"
+    )
     return parser
+
+
+def convert_command(ini: str, output: str | None) -> int:
+    """``--from-pgbouncer``: the TOML to a file, or to stdout with passwords left out."""
+    import tomli_w
+
+    from pgproxy.pgbouncer_ini import convert
+
+    conversion = convert(ini)
+    for warning in conversion.warnings:
+        print(f"pgproxy: warning: {warning}", file=sys.stderr)
+    data = conversion.data
+    if output is None:
+        data, hidden = _without_passwords(data)
+        if hidden:
+            print(
+                f"pgproxy: warning: {hidden} password(s) left out of stdout; "
+                "use -o FILE to write them",
+                file=sys.stderr,
+            )
+        sys.stdout.write(tomli_w.dumps(data))
+        return 0
+    descriptor = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+        out.write(tomli_w.dumps(data))
+    print(f"pgproxy: wrote {output}", file=sys.stderr)
+    return 0
+
+
+def _without_passwords(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    hidden = 0
+    copy = dict(data)
+    for section in ("databases", "users"):
+        if section in copy:
+            entries = {}
+            for name, entry in copy[section].items():
+                if "password" in entry:
+                    entry = {key: value for key, value in entry.items() if key != "password"}
+                    hidden += 1
+                entries[name] = entry
+            copy[section] = entries
+    return copy, hidden
+
+
+def _write_pidfile(path: str) -> None:
+    """PgBouncer's rule: refuse to start over a live process's pidfile."""
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        with open(path, encoding="ascii") as existing:
+            pid = int(existing.read().strip())
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pass  # stale: its process is gone
+        except PermissionError:
+            raise ConfigError(f"pidfile {path} exists, another instance running?") from None
+        else:
+            if pid != os.getpid():
+                raise ConfigError(f"pidfile {path} exists, another instance running?")
+    with open(path, "w", encoding="ascii") as pidfile:
+        pidfile.write(f"{os.getpid()}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pgproxy`` console script and ``python -m pgproxy``."""
-    args = build_parser().parse_args(argv)
-    logs.configure(args.verbose)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.from_pgbouncer is not None:
+        try:
+            return convert_command(args.from_pgbouncer, args.output)
+        except (ConfigError, OSError) as exc:
+            print(f"pgproxy: {exc}", file=sys.stderr)
+            return 1
+    if args.config is not None and args.file is not None:
+        parser.error("give the configuration file once (-c FILE or FILE)")
+    config_path = args.config if args.config is not None else args.file
+    logs.hold()  # until the configuration says where logs go
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(config_path)
         secrets = client_secrets(settings)
         hba_rules(settings)
     except ConfigError as exc:
+        logs.configure(args.verbose, quiet=args.quiet)
         print(f"pgproxy: {exc}", file=sys.stderr)
         return 1
-    logs.configure(args.verbose, settings.log_format)
+    try:
+        logs.configure(args.verbose, settings.log_format, settings.logfile, args.quiet)
+    except OSError as exc:
+        logs.configure(args.verbose, quiet=args.quiet)
+        print(f"pgproxy: cannot open logfile {settings.logfile}: {exc.strerror}", file=sys.stderr)
+        return 1
     if args.check:
         print(f"pgproxy: configuration OK ({len(settings.databases)} database entries)")
         return 0
@@ -51,7 +148,13 @@ def main(argv: list[str] | None = None) -> int:
             "every login will fail",
             settings.auth_type,
         )
-    daemon = Daemon(settings, config_path=args.config)
+    daemon = Daemon(settings, config_path=config_path)
+    try:
+        if settings.pidfile:
+            _write_pidfile(settings.pidfile)
+    except (ConfigError, OSError) as exc:
+        print(f"pgproxy: {exc}", file=sys.stderr)
+        return 1
     try:
         uvloop.run(daemon.serve())
     except OSError as exc:
@@ -59,4 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        if settings.pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(settings.pidfile)
     return 0

@@ -7,6 +7,7 @@ the value (it may be a password).
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from dataclasses import dataclass
@@ -186,6 +187,13 @@ class Settings(BaseSettings):
     listen_port: int = Field(default=6432, ge=1, le=65535, description="TCP (and socket) port.")
     unix_socket_dir: str | None = Field(
         default=None, description="Directory for the Unix socket '.s.PGSQL.<port>'; none if unset."
+    )
+    logfile: str | None = Field(
+        default=None,
+        description="Also log to this file (appended; reopened on reload, as PgBouncer).",
+    )
+    pidfile: str | None = Field(
+        default=None, description="Write the process id here at start; removed at exit."
     )
     pool_mode: PoolMode = Field(default="session", description="session, transaction or statement.")
     default_pool_size: int = Field(
@@ -592,12 +600,23 @@ def load_settings(path: str | None) -> Settings:
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            with open(path, "rb") as config_file:
-                data = tomllib.load(config_file)
+            with open(path, encoding="utf-8", errors="replace") as config_file:
+                text = config_file.read()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        # (Imported here: the converter builds on this module's models.)
+        from pgproxy import pgbouncer_ini
+
+        if pgbouncer_ini.is_pgbouncer_ini(text):
+            conversion = pgbouncer_ini.convert(path)
+            for warning in conversion.warnings:
+                logging.getLogger("pgproxy.config").warning("%s", warning)
+            data = conversion.data
+        else:
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     unknown = _unknown_env_keys()
     if unknown:
         raise ConfigError("unknown environment setting(s): " + ", ".join(unknown))
@@ -615,7 +634,10 @@ def load_settings(path: str | None) -> Settings:
 
 # Settings a running daemon cannot change: its sockets are bound once, at start.
 RESTART_ONLY = frozenset(
-    {"listen_addr", "listen_port", "unix_socket_dir", "metrics_addr", "metrics_port", "log_format"}
+    {
+        "listen_addr", "listen_port", "unix_socket_dir", "metrics_addr", "metrics_port",
+        "log_format", "pidfile",
+    }
 )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pgproxy import __version__
+from pgproxy import __version__, logs
 from pgproxy.auth_query import AuthQuery
 from pgproxy.config import (
     RESTART_ONLY,
@@ -187,6 +187,10 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload failed, configuration unchanged: %s", exc)
             return False
+        try:
+            logs.reopen(self.settings.log_format, self.settings.logfile)
+        except OSError as exc:
+            log.error("reload: cannot open logfile %s: %s", self.settings.logfile, exc)
         for name in kept:
             log.warning("reload: %s changed; it takes effect after a restart", name)
         log.warning("configuration reloaded")

@@ -25,13 +25,57 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure(verbosity: int, log_format: str = "text") -> None:
-    """Log to stderr at WARNING, or INFO (-v), or DEBUG (-vv), as text or JSON."""
+def configure(
+    verbosity: int, log_format: str = "text", logfile: str | None = None, quiet: bool = False
+) -> None:
+    """Log at WARNING, or INFO (-v), or DEBUG (-vv), as text or JSON, to stderr (unless
+    ``quiet``, PgBouncer's -q) and to ``logfile`` if set. Called again on reload, which
+    reopens the file (after a rotation, as PgBouncer's HUP does)."""
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    handlers: list[logging.Handler] = [] if quiet else [logging.StreamHandler()]
+    if logfile:
+        handlers.append(logging.FileHandler(logfile, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    if not handlers:
+        handlers.append(logging.NullHandler())  # (else logging's last resort is stderr)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    held: list[logging.LogRecord] = []
+    for old in root.handlers:
+        if isinstance(old, _Holding):
+            held.extend(old.records)
+        if old not in handlers:
+            old.close()
+    root.handlers[:] = handlers
     root.setLevel(level)
+    _current.update(verbosity=verbosity, quiet=quiet)
+    for record in held:  # what was logged before the destination was known
+        if record.levelno >= level:
+            root.handle(record)
+
+
+class _Holding(logging.Handler):
+    """Keeps records until ``configure`` knows where logs go (the config names the file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def hold() -> None:
+    """Keep what is logged (at any level) until the next ``configure``."""
+    root = logging.getLogger()
+    root.handlers[:] = [_Holding()]
+    root.setLevel(logging.DEBUG)
+
+
+_current: dict[str, int | bool] = {"verbosity": 0, "quiet": False}
+
+
+def reopen(log_format: str, logfile: str | None) -> None:
+    """Reload: the same verbosity and stderr choice, the (re)opened ``logfile``."""
+    configure(int(_current["verbosity"]), log_format, logfile, bool(_current["quiet"]))

@@ -174,16 +174,31 @@ def start_proxy(config: dict[str, Any], *, timeout: float = PROXY_START_TIMEOUT)
         RuntimeError: the process exited, or the port did not open within ``timeout`` seconds
             (the message holds the tail of the proxy's output).
     """
-    port = int(config["listen_port"])
     workdir = Path(tempfile.mkdtemp(prefix="pgproxy-test-"))
     config_path = workdir / "pgproxy.toml"
-    log_path = workdir / "pgproxy.log"
     config_path.write_text(tomli_w.dumps(_drop_none(config)), encoding="utf-8")
+    return launch_proxy(
+        workdir, ["-c", str(config_path)], int(config["listen_port"]), config, timeout=timeout
+    )
+
+
+def launch_proxy(
+    workdir: Path,
+    args: list[str],
+    port: int,
+    config: dict[str, Any],
+    *,
+    timeout: float = PROXY_START_TIMEOUT,
+) -> ProxyProcess:
+    """Run ``python -m pgproxy *args`` (output to ``workdir``/pgproxy.log, which the
+    returned process owns) and wait until 127.0.0.1:``port`` accepts TCP."""
+    config_path = workdir / "pgproxy.toml"
+    log_path = workdir / "pgproxy.log"
     env = {k: v for k, v in os.environ.items() if k not in _PG_ENV_VARS}
     env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "pgproxy", "-c", str(config_path)],
+            [sys.executable, "-m", "pgproxy", *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
