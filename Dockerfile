@@ -1,16 +1,39 @@
-# pgproxy container image. Build: docker build -t pgproxy .
-# Run: docker run -p 6432:6432 -v $PWD/pgproxy.toml:/etc/pgproxy/pgproxy.toml:ro pgproxy
-FROM python:3.11-slim
+# pgproxy container image.
+#   Build:  docker build -t pgproxy .
+#   Run:    docker run -p 6432:6432 -p 9433:9433 \
+#             -v $PWD/pgproxy.toml:/etc/pgproxy/pgproxy.toml:ro pgproxy
+#   or with the environment only:
+#           docker run -p 6432:6432 -e PGPROXY_POOL_MODE=transaction \
+#             -e PGPROXY_DATABASES='{"app": {"host": "db", "user": "app"}}' pgproxy
+# Stop with SIGTERM (the runtime's default stop): pgproxy stops accepting and exits once
+# its clients have left; give it a stop timeout long enough for them (docker stop -t 60).
 
-RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgproxy
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+# -- build: a virtualenv with the pinned runtime packages and pgproxy -----------------------
+FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
+COPY deploy/container/requirements.lock ./
+RUN python -m venv /opt/pgproxy \
+    && /opt/pgproxy/bin/pip install --no-cache-dir --disable-pip-version-check \
+        -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY pgproxy ./pgproxy
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN /opt/pgproxy/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps .
 
-USER pgproxy
-EXPOSE 6432
-# Listen on every address inside the container; the config file may say otherwise.
-ENV PGPROXY_LISTEN_ADDR="*"
-ENTRYPOINT ["pgproxy"]
-CMD ["-c", "/etc/pgproxy/pgproxy.toml"]
+# -- final: the virtualenv and the entrypoint, no compiler, no pip cache ---------------------
+FROM ${PYTHON_IMAGE}
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgproxy
+COPY --from=build /opt/pgproxy /opt/pgproxy
+COPY deploy/container/entrypoint.sh /usr/local/bin/pgproxy-entrypoint
+ENV PATH=/opt/pgproxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PGPROXY_LISTEN_ADDR="*" \
+    PGPROXY_METRICS_ADDR="*"
+USER 10001
+# The proxy, and /metrics, /healthz, /readyz.
+EXPOSE 6432 9433
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9433/healthz', timeout=2)"]
+ENTRYPOINT ["pgproxy-entrypoint"]

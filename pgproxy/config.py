@@ -34,8 +34,9 @@ DEFAULT_AUTH_QUERY = (
 NameList = Annotated[list[str], NoDecode]
 
 ENV_PREFIX = "PGPROXY_"
-# PGPROXY_* variables that are not settings: read by the embedded PostgreSQL helper.
-_NOT_SETTINGS = frozenset({"PGPROXY_PG_BINDIR"})
+# PGPROXY_* variables that are not settings: read by the embedded PostgreSQL helper, and
+# by the container's entrypoint (where the config file is).
+_NOT_SETTINGS = frozenset({"PGPROXY_PG_BINDIR", "PGPROXY_CONFIG_FILE"})
 DEFAULT_UNIX_SOCKET_HOST = "/var/run/postgresql"
 
 
@@ -128,6 +129,17 @@ class DatabaseConfig(BaseModel):
     auth_user: str | None = Field(default=None, description="Overrides auth_user.")
     auth_query: str | None = Field(default=None, description="Overrides auth_query.")
     auth_dbname: str | None = Field(default=None, description="Overrides auth_dbname.")
+
+
+class PeerConfig(BaseModel):
+    """One ``[peers.ID]`` entry: where another pgproxy of the group takes cancel requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(
+        description="Its host name or address, or (starting with '/') its unix_socket_dir."
+    )
+    port: int = Field(default=6432, ge=1, le=65535, description="Its listen_port.")
 
 
 class UserConfig(BaseModel):
@@ -441,6 +453,21 @@ class Settings(BaseSettings):
         default_factory=dict, description="Database entries; the name '*' matches any other."
     )
     users: dict[str, UserConfig] = Field(default_factory=dict, description="Per-user settings.")
+    so_reuseport: bool = Field(
+        default=False,
+        description="Set SO_REUSEPORT on the TCP listener: several pgproxy processes share "
+        "the port (each with its own unix_socket_dir and pidfile).",
+    )
+    peer_id: int = Field(
+        default=0,
+        ge=0,
+        le=16383,
+        description="This process's id in a peered group (0: no peering); cancel keys carry "
+        "it, so a cancel request reaching another process of the group is forwarded here.",
+    )
+    peers: dict[int, PeerConfig] = Field(
+        default_factory=dict, description="The group: peer id → where that process listens."
+    )
 
     @field_validator("admin_users", "stats_users", "ignore_startup_parameters", mode="before")
     @classmethod
@@ -636,7 +663,7 @@ def load_settings(path: str | None) -> Settings:
 RESTART_ONLY = frozenset(
     {
         "listen_addr", "listen_port", "unix_socket_dir", "metrics_addr", "metrics_port",
-        "log_format", "pidfile",
+        "log_format", "pidfile", "so_reuseport", "peer_id",
     }
 )
 
@@ -646,7 +673,7 @@ def changed_setting(current: Settings, key: str, value: str) -> Settings:
     it), validated as the file would be; raise ConfigError naming the key."""
     name = key.lower()
     field = Settings.model_fields.get(name)
-    if field is None or name in ("databases", "users"):
+    if field is None or name in ("databases", "users", "peers"):
         raise ConfigError(f"{key}: unknown setting")
     if name in RESTART_ONLY:
         raise ConfigError(f"{name}: cannot be changed without a restart")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
+import socket
 import ssl
 import time
 from collections import Counter
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pgproxy import __version__, logs
+from pgproxy import __version__, cancel, logs
 from pgproxy.auth_query import AuthQuery
 from pgproxy.config import (
     RESTART_ONLY,
@@ -34,6 +34,7 @@ from pgproxy.protocol import codes
 from pgproxy.protocol.auth import Credential, Md5Hash
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.protocol.prepared import Registry
+from pgproxy.server import cancel_backend
 from pgproxy.stats import StatsWindow, Totals
 from pgproxy.tls import certificate_hash, client_context, server_tls
 from pgproxy.userlist import read_userlist
@@ -75,6 +76,7 @@ class Daemon:
         self.db_clients: Counter[str] = Counter()
         self.user_clients: Counter[str] = Counter()
         self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
+        self._cancel_tasks: set[asyncio.Future[None]] = set()  # forwards to peers
         self.statement_registry = Registry()  # named prepared statements, proxy-wide
         self.pause_mode: PauseMode = "none"
         self.database_flags: dict[str, DatabaseFlags] = {}
@@ -350,8 +352,18 @@ class Daemon:
             "shutting down once %s",
             "no server is in use" if mode == "servers" else "every client has left",
         )
+        self._stop_listening_on_tcp()
         self._apply_pauses()
         self._drain_task = asyncio.get_running_loop().create_task(self._drain(mode))
+
+    def _stop_listening_on_tcp(self) -> None:
+        # As PgBouncer: no new TCP connection during a shutdown, so that with so_reuseport
+        # the kernel hands new clients to the other processes on the port (a rolling
+        # restart); the Unix socket stays open for the console (other logins are refused).
+        for listener in list(self._listeners):
+            if any(sock.family != socket.AF_UNIX for sock in listener.sockets):
+                listener.close()
+                self._listeners.remove(listener)
 
     async def _drain(self, mode: ShutdownMode) -> None:
         while True:
@@ -412,14 +424,31 @@ class Daemon:
     def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
         """A fresh random (process id, secret) for ``client``; never a server's key."""
         while True:
-            key = (secrets.randbits(31), secrets.token_bytes(4))
+            key = cancel.new_key(self.settings.peer_id)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
 
     def forward_cancel(self, process_id: int, secret_key: bytes) -> None:
-        """Cancel what the owner of this key is running now, if anything; else nothing."""
-        client = self.cancel_keys.get((process_id, secret_key))
+        """Cancel what the owner of this key is running now, if anything; else nothing.
+        A key another process of the group issued goes to that process (``peers``)."""
+        route = cancel.route(process_id, self.settings.peer_id)
+        if route is None:
+            return
+        if route.peer is not None:
+            peer = self.settings.peers.get(route.peer)
+            if peer is None:
+                log.info("cancel request for unknown peer %d: dropped", route.peer)
+                return
+            target = ServerTarget(peer.host, peer.port, "", "", None)
+            self._cancel_tasks.add(
+                task := asyncio.ensure_future(
+                    cancel_backend(target, route.process_id, secret_key)
+                )
+            )
+            task.add_done_callback(self._cancel_tasks.discard)
+            return
+        client = self.cancel_keys.get((route.process_id, secret_key))
         server = client.server if client is not None else None
         if server is None or not server.backend_key:
             return

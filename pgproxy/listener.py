@@ -42,6 +42,8 @@ async def start_listeners(daemon: Daemon) -> list[asyncio.Server]:
                 port=settings.listen_port,
                 family=socket.AF_UNSPEC,
                 reuse_address=True,
+                # Several processes on one port (each with its own Unix socket).
+                reuse_port=settings.so_reuseport,
                 backlog=BACKLOG,
             )
         )

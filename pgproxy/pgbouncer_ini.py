@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
-from pgproxy.config import ConfigError, DatabaseConfig, Settings, UserConfig
+from pgproxy.config import ConfigError, DatabaseConfig, PeerConfig, Settings, UserConfig
 
 MAX_INCLUDE_DEPTH = 10
 
@@ -42,7 +42,7 @@ _SAME = frozenset({
     "client_tls_cert_file", "client_tls_ca_file", "server_tls_sslmode", "server_tls_ca_file",
     "server_tls_key_file", "server_tls_cert_file", "query_timeout", "query_wait_timeout",
     "client_idle_timeout", "idle_transaction_timeout", "transaction_timeout",
-    "max_packet_size", "logfile", "pidfile",
+    "max_packet_size", "logfile", "pidfile", "so_reuseport", "peer_id",
 })  # fmt: skip
 
 # [pgbouncer] settings pgproxy does not have, and why that is harmless or what to do.
@@ -52,7 +52,6 @@ _NOT_CARRIED = {
     "unix_socket_group": "the socket gets the process group",
     "server_round_robin": "servers are always reused most recently used first",
     "track_extra_parameters": "pgproxy tracks its six parameters only",
-    "peer_id": "peering is not supported",
     "disable_pqexec": "multi-statement simple queries are always allowed",
     "application_name_add_host": "not supported",
     "conffile": "the file given on the command line is the configuration",
@@ -90,7 +89,6 @@ _NOT_CARRIED = {
     "pkt_buf": "pgproxy forwards the chunks as they arrive",
     "listen_backlog": "the system default applies",
     "sbuf_loopcnt": "not needed",
-    "so_reuseport": "not supported yet",
     "tcp_defer_accept": "not supported",
     "tcp_socket_buffer": "the system default applies",
     "tcp_keepalive": "the system default applies",
@@ -260,23 +258,32 @@ def convert(path: str) -> Conversion:
         databases[name] = entry
     if databases:
         data["databases"] = databases
-    users: dict[str, Any] = {}
-    for name, (value, where) in sections.get("users", {}).items():
-        settings: dict[str, Any] = {}
-        for key, setting in parse_connstr(value, where).items():
-            if key in _USER_KEYS:
-                settings[key] = _typed(UserConfig, key, setting, where)
-            else:
-                result.warnings.append(f"{where}: user {name}: {key} not carried over")
-        users[name] = settings
-    if users:
-        data["users"] = users
-    for key, (_, where) in sections.get("peers", {}).items():
-        result.warnings.append(f"{where}: peer {key} not carried over: peering is not supported")
+    for section, model, keys in (
+        ("users", UserConfig, _USER_KEYS),
+        ("peers", PeerConfig, frozenset(PeerConfig.model_fields)),
+    ):
+        entries = _entries(sections.get(section, {}), model, keys, section[:-1], result)
+        if entries:
+            data[section] = entries
     for section in sections:
         if section not in ("pgbouncer", "databases", "users", "peers"):
             result.warnings.append(f"{path}: unknown section [{section}]: ignored")
     return result
+
+
+def _entries(lines: dict[str, tuple[str, str]], model: type[BaseModel], keys: frozenset[str],
+             what: str, result: Conversion) -> dict[str, Any]:  # fmt: skip
+    """[users] or [peers]: each line's key=value options typed by ``model``."""
+    entries: dict[str, Any] = {}
+    for name, (value, where) in lines.items():
+        entry: dict[str, Any] = {}
+        for key, setting in parse_connstr(value, where).items():
+            if key in keys:
+                entry[key] = _typed(model, key, setting, where)
+            else:
+                result.warnings.append(f"{where}: {what} {name}: {key} not carried over")
+        entries[name] = entry
+    return entries
 
 
 def _auth_type(value: str, where: str, result: Conversion) -> str:

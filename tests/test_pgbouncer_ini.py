@@ -60,6 +60,8 @@ client_idle_timeout = 900
 idle_transaction_timeout = 120
 transaction_timeout = 600
 max_packet_size = 1048576
+so_reuseport = 1
+peer_id = 3
 """
 
 APPDB = " ".join((
@@ -141,7 +143,7 @@ def test_every_supported_setting_converts_and_loads(tmp_path: Path) -> None:
         "client_tls_sslmode": "disable", "server_tls_sslmode": "prefer",
         "query_timeout": 60.0, "query_wait_timeout": 30.0, "client_idle_timeout": 900.0,
         "idle_transaction_timeout": 120.0, "transaction_timeout": 600.0,
-        "max_packet_size": 1048576,
+        "max_packet_size": 1048576, "so_reuseport": True, "peer_id": 3,
     }  # fmt: skip
     for key, value in expected.items():
         assert getattr(settings, key) == value, key
@@ -171,7 +173,8 @@ def test_pgbouncer_defaults_and_what_is_not_carried_over(tmp_path: Path) -> None
     path = _ini(
         tmp_path,
         "[pgbouncer]\nauth_type = any\nserver_round_robin = 1\nfrobnicate = 2\n"
-        "[databases]\nappdb = host=a,b\n[peers]\n1 = host=x\n[extra]\nk = v\n",
+        "[databases]\nappdb = host=a,b\n[peers]\n1 = host=x pool_size=3\n2 = host=/run/b port=7\n"
+        "[extra]\nk = v\n",
     )
     conversion = convert(str(path))
     settings = Settings(**conversion.data)
@@ -179,13 +182,15 @@ def test_pgbouncer_defaults_and_what_is_not_carried_over(tmp_path: Path) -> None
     assert settings.unix_socket_dir == "/tmp"
     assert settings.auth_type == "trust"
     assert settings.databases["appdb"].host == "a"
+    assert (settings.peers[1].host, settings.peers[1].port) == ("x", 6432)
+    assert (settings.peers[2].host, settings.peers[2].port) == ("/run/b", 7)
     assert [warning.split(": ", 1)[1] for warning in conversion.warnings] == [
         "auth_type = any: converted to trust (the user name is not ignored)",
         "server_round_robin not carried over: servers are always reused most recently "
         "used first",
         "unknown PgBouncer setting frobnicate: ignored",
         "host list a,b: only a is used",
-        "peer 1 not carried over: peering is not supported",
+        "peer 1: pool_size not carried over",
         "unknown section [extra]: ignored",
     ]
     empty = _ini(tmp_path, "[pgbouncer]\nunix_socket_dir =\n", "empty.ini")

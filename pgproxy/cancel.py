@@ -1,0 +1,48 @@
+"""Cancel keys: what pgproxy gives clients in BackendKeyData, and where a CancelRequest goes.
+
+A key's process id carries the ``peer_id`` of the pgproxy that issued it and how many times
+the request has been forwarded, PgBouncer 1.19's idea: in a group of pgproxy processes
+behind one port (``so_reuseport``) or one load balancer, a CancelRequest that reaches the
+wrong process is forwarded to the one that issued the key (``[peers]``), at most three
+times. The 4-byte secret is random; with the 16 random bits below, 48 bits are unguessable.
+
+    bits 31-30: forwards so far    bits 29-16: peer_id    bits 15-0: random
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+MAX_FORWARDS = 3
+_PEER_SHIFT = 16
+_PEER_MASK = 0x3FFF
+_FORWARD_SHIFT = 30
+_KEY_BITS = (1 << _FORWARD_SHIFT) - 1  # the key without its forward count
+
+
+def new_key(peer_id: int) -> tuple[int, bytes]:
+    """A fresh (process id, secret) issued by the process ``peer_id``."""
+    return (peer_id << _PEER_SHIFT) | secrets.randbits(_PEER_SHIFT), secrets.token_bytes(4)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a CancelRequest goes: ``peer`` None means here, under ``process_id``; else to
+    that peer with ``process_id`` (its forward count raised)."""
+
+    process_id: int
+    peer: int | None
+
+
+def route(process_id: int, own_peer_id: int) -> Route | None:
+    """Where a CancelRequest with ``process_id`` goes from the process ``own_peer_id``;
+    None when it goes nowhere (forwarded too often)."""
+    key = process_id & _KEY_BITS
+    issuer = (key >> _PEER_SHIFT) & _PEER_MASK
+    if issuer == own_peer_id:
+        return Route(key, None)
+    forwards = process_id >> _FORWARD_SHIFT
+    if forwards >= MAX_FORWARDS:
+        return None
+    return Route(key | ((forwards + 1) << _FORWARD_SHIFT), issuer)
