@@ -57,12 +57,14 @@ DIRECT: Final = "direct"
 PGBOUNCER: Final = "pgbouncer"
 PGPROXY: Final = "pgproxy"
 PGPROXY_NO_METRICS: Final = "pgproxy-nometrics"  # only with --metrics-cost
-TARGETS: Final = (DIRECT, PGBOUNCER, PGPROXY, PGPROXY_NO_METRICS)
+PGPROXY_WORKERS: Final = "pgproxy-workers"  # only with --workers N
+TARGETS: Final = (DIRECT, PGBOUNCER, PGPROXY, PGPROXY_NO_METRICS, PGPROXY_WORKERS)
 TARGET_LABELS: Final = {
     DIRECT: "direct",
     PGBOUNCER: "PgBouncer",
     PGPROXY: "pgproxy",
     PGPROXY_NO_METRICS: "pgproxy (metrics off)",
+    PGPROXY_WORKERS: "pgproxy (workers)",
 }
 
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
@@ -149,16 +151,30 @@ def text_tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
-def cpu_times(pid: int) -> tuple[float, float] | None:
-    """(utime, stime) of ``pid`` (all its threads) in seconds, from /proc/PID/stat."""
+def _stat_fields(pid: int | str) -> list[str] | None:
     try:
         data = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    # Fields after the parenthesised command name start at field 3 (state); utime is field
-    # 14 and stime field 15, i.e. indexes 11 and 12 here. Units: clock ticks.
-    fields = data.rpartition(")")[2].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    # Fields after the parenthesised command name start at field 3 (state): the parent
+    # pid is field 4 (index 1), utime field 14 and stime field 15 (indexes 11 and 12).
+    return data.rpartition(")")[2].split()
+
+
+def cpu_times(pid: int) -> tuple[float, float] | None:
+    """(utime, stime) in seconds of ``pid`` and its live children (pgproxy's workers),
+    all their threads, from /proc/PID/stat."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    user, system = int(fields[11]), int(fields[12])
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry != str(pid):
+            child = _stat_fields(entry)
+            if child is not None and child[1] == str(pid):
+                user += int(child[11])
+                system += int(child[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def port_open(port: int) -> bool:
@@ -355,8 +371,13 @@ log_disconnections = 0
 class PgProxy(Pooler):
     """pgproxy as a child process of this script."""
 
-    def __init__(self, python: str, workdir: Path, pg_port: int, *, metrics: bool = True) -> None:
+    def __init__(
+        self, python: str, workdir: Path, pg_port: int, *, metrics: bool = True, workers: int = 1
+    ) -> None:
         name = "pgproxy" if metrics else "pgproxy-nometrics"
+        if workers > 1:
+            name = f"pgproxy-{workers}-workers"
+        self.workers = workers
         super().__init__(name, free_port(), workdir / f"{name}.log")
         self.python = python
         self.config = workdir / f"{name}.toml"
@@ -374,6 +395,7 @@ pool_mode = "transaction"
 default_pool_size = {POOL_SIZE}
 max_client_conn = {MAX_CLIENT_CONN}
 metrics_port = {self.metrics_port}
+workers = {self.workers}
 
 [databases.{DB_NAME}]
 host = "127.0.0.1"
@@ -827,6 +849,15 @@ def build_report(
             f"| {ratio(p_tps, b_tps)} | {ratio(p_tps, d_tps)} | {b_cpu} | {p_cpu} | {p_lat} |"
         )
     for sc in scenarios:
+        several = summary.get(sc.name, {}).get(PGPROXY_WORKERS)
+        b = summary.get(sc.name, {}).get(PGBOUNCER)
+        if several is not None:
+            lines.append(
+                f"\nWorkers, {sc.name}: {fmt(several.tps, ',.0f')} tps = "
+                f"{ratio(several.tps, b.tps if b else None)} PgBouncer, CPU µs/txn "
+                f"{fmt(several.cpu_us_per_txn, '.1f')} (all processes)"
+            )
+    for sc in scenarios:
         off = summary.get(sc.name, {}).get(PGPROXY_NO_METRICS)
         on = summary.get(sc.name, {}).get(PGPROXY)
         if off is not None and on is not None:
@@ -901,6 +932,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--metrics-cost",
         action="store_true",
         help="also run a pgproxy with metrics off (metrics_port = 0) and report the ratio",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run a pgproxy with workers = N (N > 1) and report it against PgBouncer",
     )
     parser.add_argument(
         "--profile",
@@ -1058,6 +1096,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"starting pgproxy on port {proxy.port}")
             proxy.start()
             pgproxy_status = ""
+            if args.workers > 1:
+                several = PgProxy(python, tmp, pg.port, workers=args.workers)
+                poolers[PGPROXY_WORKERS] = several
+                log(f"starting pgproxy with {args.workers} workers on port {several.port}")
+                several.start()
             if args.metrics_cost:
                 bare = PgProxy(python, tmp, pg.port, metrics=False)
                 poolers[PGPROXY_NO_METRICS] = bare

@@ -11,15 +11,17 @@ import argparse
 import contextlib
 import logging
 import os
+import resource
 import sys
 from typing import Any
 
 import uvloop
 
 from pgproxy import __version__, logs
-from pgproxy.config import ConfigError, load_settings
+from pgproxy.config import ConfigError, Settings, load_settings
 from pgproxy.daemon import Daemon, client_secrets
 from pgproxy.hba import hba_rules
+from pgproxy.workers import WorkerContext, supervise, worker_count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="FILE", help="with --from-pgbouncer: write here (mode 0600)"
     )
     return parser
+
+
+def _raise_open_files_limit() -> None:
+    """Every client and server is a file descriptor: use the hard limit, not the (often
+    1024) soft one, as PgBouncer users otherwise have to with ulimit -n."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _serve(settings: Settings, config_path: str | None, worker: WorkerContext | None) -> int:
+    """Run one daemon (the only one, or a worker) until it stops; its exit status."""
+    daemon = Daemon(settings, config_path=config_path, worker=worker)
+    try:
+        uvloop.run(daemon.serve())
+    except OSError as exc:
+        print(f"pgproxy: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def convert_command(ini: str, output: str | None) -> int:
@@ -148,20 +172,24 @@ def main(argv: list[str] | None = None) -> int:
             "every login will fail",
             settings.auth_type,
         )
-    daemon = Daemon(settings, config_path=config_path)
+    if worker_count(settings) > 1 and settings.peer_id:
+        print(
+            "pgproxy: workers: a supervisor's workers are their own peer group; "
+            "peer_id (and peers) cannot be set with workers > 1",
+            file=sys.stderr,
+        )
+        return 1
     try:
         if settings.pidfile:
             _write_pidfile(settings.pidfile)
     except (ConfigError, OSError) as exc:
         print(f"pgproxy: {exc}", file=sys.stderr)
         return 1
+    _raise_open_files_limit()
     try:
-        uvloop.run(daemon.serve())
-    except OSError as exc:
-        print(f"pgproxy: cannot listen: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
+        if worker_count(settings) > 1:
+            return supervise(settings, lambda worker: _serve(settings, config_path, worker))
+        return _serve(settings, config_path, None)
     finally:
         if settings.pidfile:
             with contextlib.suppress(OSError):

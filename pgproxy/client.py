@@ -23,6 +23,7 @@ from pgproxy import __version__
 from pgproxy import params as tracked
 from pgproxy.admin import CONSOLE_DATABASES
 from pgproxy.admin.console import WELCOME_PARAMS, Console
+from pgproxy.admin.gather import PEER_APPLICATION
 from pgproxy.auth_query import AuthQueryError
 from pgproxy.config import ClientTimeouts
 from pgproxy.protocol import codes, messages
@@ -119,6 +120,7 @@ class ClientConn(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.connected_at = time.monotonic()
         self.daemon.clients.add(self)
+        self.daemon.clients_changed()
         if not isinstance(transport.get_extra_info("peername"), tuple):
             self._read_peer_credentials()
 
@@ -207,6 +209,7 @@ class ClientConn(asyncio.Protocol):
         self.closed = True
         self.state = CLOSED
         self.daemon.clients.discard(self)
+        self.daemon.clients_changed()
         if self.admitted:
             self.daemon.client_left(self.database, self.user)
         if self.cancel_key is not None:
@@ -479,7 +482,7 @@ class ClientConn(asyncio.Protocol):
                 return
         if startup.minor_version > 0 or startup.protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
-        if len(self.daemon.clients) > settings.max_client_conn:
+        if self.daemon.client_count() > settings.max_client_conn:
             self.fatal(codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)")
             return
         if (
@@ -636,7 +639,7 @@ class ClientConn(asyncio.Protocol):
         settings = self.daemon.settings
         user = self.user
         if self.database in CONSOLE_DATABASES:
-            self._console_login()
+            self._console_login(startup)
             return
         if self.daemon.shutdown_mode is not None:
             self.fatal(codes.PROTOCOL_VIOLATION, "pooler is shutting down")
@@ -675,13 +678,15 @@ class ClientConn(asyncio.Protocol):
         except Exception:
             self._internal_error("login")
 
-    def _console_login(self) -> None:
+    def _console_login(self, startup: StartupMessage) -> None:
         local_admin = self.local_admin
         if not Console.may_log_in(self.daemon, self.user, local_admin):
             log.warning("console login refused for user %s", self.user)
             self.fatal(codes.INVALID_AUTHORIZATION, "not allowed")
             return
-        self.console = Console(self, self.daemon, local_admin=local_admin)
+        # Another worker of this pgproxy asking for this worker's own rows (workers = N).
+        peer = local_admin and startup.params.get("application_name") == PEER_APPLICATION
+        self.console = Console(self, self.daemon, local_admin=local_admin, peer=peer)
         self.cancel_key = self.daemon.register_cancel_key(self)
         parts = [messages.AUTHENTICATION_OK]
         parts.append(messages.parameter_status("server_version", f"{__version__}/pgproxy"))

@@ -13,7 +13,14 @@ import tomllib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -453,6 +460,11 @@ class Settings(BaseSettings):
         default_factory=dict, description="Database entries; the name '*' matches any other."
     )
     users: dict[str, UserConfig] = Field(default_factory=dict, description="Per-user settings.")
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default=1,
+        description="Worker processes on the port, under one supervisor ('auto': one per "
+        "CPU); limits are shared, each worker's TCP listener uses SO_REUSEPORT.",
+    )
     so_reuseport: bool = Field(
         default=False,
         description="Set SO_REUSEPORT on the TCP listener: several pgproxy processes share "
@@ -663,7 +675,7 @@ def load_settings(path: str | None) -> Settings:
 RESTART_ONLY = frozenset(
     {
         "listen_addr", "listen_port", "unix_socket_dir", "metrics_addr", "metrics_port",
-        "log_format", "pidfile", "so_reuseport", "peer_id",
+        "log_format", "pidfile", "so_reuseport", "peer_id", "workers",
     }
 )
 

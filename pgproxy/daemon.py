@@ -27,7 +27,7 @@ from pgproxy.config import (
 from pgproxy.hba import hba_rules
 from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
-from pgproxy.listener import start_listeners
+from pgproxy.listener import listen_on, start_listeners
 from pgproxy.metrics import PoolHistograms
 from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
@@ -35,9 +35,10 @@ from pgproxy.protocol.auth import Credential, Md5Hash
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.protocol.prepared import Registry
 from pgproxy.server import cancel_backend
-from pgproxy.stats import StatsWindow, Totals
+from pgproxy.stats import StatsWindow, Totals, set_connection_id_base
 from pgproxy.tls import certificate_hash, client_context, server_tls
 from pgproxy.userlist import read_userlist
+from pgproxy.workers import SharedServerBudget, WorkerContext, evict_for_other_workers
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -61,10 +62,21 @@ class DatabaseFlags:
     disabled: bool = False
 
 
+WORKER_ID_RANGE = 1_000_000_000  # connection ids of worker i start at (i + 1) * this
+
+
 class Daemon:
     """The running proxy: settings, pools, clients, cancel keys, listeners."""
 
-    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, config_path: str | None = None,
+        worker: WorkerContext | None = None,
+    ) -> None:  # fmt: skip
+        # With workers = N: this process is one of them (its settings adjusted to it).
+        self.worker = worker
+        if worker is not None:
+            settings = worker.apply(settings)
+            set_connection_id_base((worker.index + 1) * WORKER_ID_RANGE)
         self.settings = settings
         self.config_path = config_path
         self.pools: dict[tuple[str, str], Pool] = {}
@@ -128,19 +140,31 @@ class Daemon:
         pool = self.pools.get(key)
         if pool is None:
             target = _target(entry, database, server_user)
-            db_budget = self.db_budgets.setdefault(
-                database, ServerBudget(self.settings.max_db_connections_for(entry))
-            )
-            user_budget = self.user_budgets.setdefault(
-                server_user, ServerBudget(self.settings.max_user_connections_for(server_user))
-            )
+            db_budget = self.db_budgets.get(database)
+            if db_budget is None:
+                db_budget = self.db_budgets[database] = self._budget(
+                    f"db:{database}", self.settings.max_db_connections_for(entry)
+                )
+            user_budget = self.user_budgets.get(server_user)
+            if user_budget is None:
+                user_budget = self.user_budgets[server_user] = self._budget(
+                    f"user:{server_user}", self.settings.max_user_connections_for(server_user)
+                )
+            budgets: tuple[ServerBudget, ...] = (db_budget, user_budget)
+            pool_budget = None
+            if self.worker is not None:
+                # pool_size caps the sum over workers: a shared budget of its own.
+                pool_budget = self._budget(f"pool:{database}/{server_user}", 0)
+                budgets += (pool_budget,)
             pool = Pool(
                 database,
                 server_user,
                 target,
                 self.settings.pool_settings(entry, server_user),
-                (db_budget, user_budget),
+                budgets,
             )
+            if isinstance(pool_budget, SharedServerBudget):
+                pool_budget.limit_for = pool.size_limit
             pool.paused = self.is_paused(database)
             pool.server_tls = self.server_tls
             pool.credential_for = self.server_credential
@@ -154,8 +178,20 @@ class Daemon:
     def admit_client(self, database: str, user: str) -> str | None:
         """Count a client in, or say which client cap (PgBouncer's words) refuses it."""
         entry = self.settings.database(database)
-        if entry is not None:
-            db_limit, user_limit = self.settings.client_limits_for(entry, user)
+        db_limit, user_limit = (
+            self.settings.client_limits_for(entry, user) if entry is not None else (0, 0)
+        )
+        worker = self.worker
+        if worker is not None:  # the caps hold for the sum over workers
+            shared, index = worker.budgets, worker.index
+            db_slot = shared.slot(f"clients-db:{database}")
+            user_slot = shared.slot(f"clients-user:{user}")
+            if not shared.take(db_slot, index, db_limit):
+                return "client connections exceeded (max_db_client_connections)"
+            if not shared.take(user_slot, index, user_limit):
+                shared.give_back(db_slot, index)
+                return "client connections exceeded (max_user_client_connections)"
+        else:
             if 0 < db_limit <= self.db_clients[database]:
                 return "client connections exceeded (max_db_client_connections)"
             if 0 < user_limit <= self.user_clients[user]:
@@ -168,6 +204,26 @@ class Daemon:
         """Count out a client that admit_client counted in."""
         self.db_clients[database] -= 1
         self.user_clients[user] -= 1
+        worker = self.worker
+        if worker is not None:
+            shared = worker.budgets
+            shared.give_back(shared.slot(f"clients-db:{database}"), worker.index)
+            shared.give_back(shared.slot(f"clients-user:{user}"), worker.index)
+
+    def client_count(self) -> int:
+        """Client connections (max_client_conn): of every worker, with workers = N."""
+        worker = self.worker
+        if worker is None:
+            return len(self.clients)
+        shared = worker.budgets
+        slot = shared.slot("clients")
+        shared.set_mine(slot, worker.index, len(self.clients))
+        return shared.total(slot)
+
+    def clients_changed(self) -> None:
+        """A client connected or left: publish the count the other workers check."""
+        if self.worker is not None:
+            self.client_count()
 
     def reload(self) -> bool:
         """Re-read the configuration (SIGHUP, RELOAD); resize and retarget pools in place.
@@ -179,6 +235,8 @@ class Daemon:
         """
         try:
             settings = load_settings(self.config_path)
+            if self.worker is not None:
+                settings = self.worker.apply(settings)
             kept = {
                 name: getattr(self.settings, name)
                 for name in sorted(RESTART_ONLY)
@@ -378,6 +436,8 @@ class Daemon:
 
     def maintain(self, now: float) -> None:
         """The janitor's pass over the daemon: statistics snapshots and the stats line."""
+        if self.worker is not None:
+            evict_for_other_workers(list(self.pools.values()))
         if self.stats_window.due(now, self.settings.stats_period):
             self.stats_window.snapshot(now, ((key, p.stats) for key, p in self.pools.items()))
             if self.settings.log_stats:
@@ -421,6 +481,12 @@ class Daemon:
                 problems.append(f"database {name}: {entry.host}:{entry.port} unreachable")
         return problems
 
+    def _budget(self, name: str, limit: int) -> ServerBudget:
+        """A server budget: this process's, or with workers one shared by all of them."""
+        if self.worker is None:
+            return ServerBudget(limit)
+        return SharedServerBudget(self.worker.budgets, self.worker.index, name, limit)
+
     def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
         """A fresh random (process id, secret) for ``client``; never a server's key."""
         while True:
@@ -461,7 +527,11 @@ class Daemon:
         self._stopped = asyncio.Event()
         self.stats_window = StatsWindow(self.loop_time())
         self._listeners = await start_listeners(self)
-        if self.settings.metrics_port:
+        if self.worker is not None and self.worker.unix_socket is not None:
+            # The public Unix socket, bound once by the supervisor for every worker.
+            self._listeners.append(await listen_on(self, self.worker.unix_socket))
+        # With workers, one serves /metrics and the health endpoints (see README).
+        if self.settings.metrics_port and (self.worker is None or self.worker.index == 0):
             self._metrics = MetricsServer(self)
             try:
                 await self._metrics.start()

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from pgproxy.metrics import registry_for, render
+from pgproxy.admin.gather import METRICS_TEXT, peer_rows
+from pgproxy.metrics import merge_expositions, registry_for, render
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -84,7 +85,15 @@ class MetricsServer:
         if request.method not in (b"GET", b"HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         if path == b"/metrics":
-            return 200, METRICS_TYPE, render(self.registry)
+            worker = self.daemon.worker
+            if worker is None:
+                return 200, METRICS_TYPE, render(self.registry)
+            # workers = N: every worker's figures, as one process would show them.
+            port = self.daemon.settings.listen_port
+            texts = [render(self.registry).decode()]
+            for rows in await peer_rows(worker, f"SHOW {METRICS_TEXT}", port):
+                texts.extend(str(row[0]) for row in rows)
+            return 200, METRICS_TYPE, merge_expositions(texts)
         if path == b"/healthz":
             return 200, JSON_TYPE, _json({"status": "ok"})
         if path == b"/readyz":

@@ -126,7 +126,7 @@ def recycle(pool: Pool, now: float) -> None:
         and pool.connecting < len(pool.waiters)
         and len(pool.servers) + pool.connecting < pool.size + settings.reserve_size
         and pool.reconnect.may_try(now)
-        and pool.budget_allows()
+        and pool.take_budgets(reserve=True)
     ):
         log.warning("pool %s: taking a connection from reserve_pool", pool.name)
         pool.open_server()

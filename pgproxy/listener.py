@@ -53,3 +53,10 @@ async def start_listeners(daemon: Daemon) -> list[asyncio.Server]:
             os.unlink(path)  # a stale socket from a previous run
         listeners.append(await loop.create_unix_server(factory, path=path, backlog=BACKLOG))
     return listeners
+
+
+async def listen_on(daemon: Daemon, sock: socket.socket) -> asyncio.Server:
+    """Serve clients on a listening socket bound by someone else (the workers'
+    supervisor binds the Unix socket once for all of them)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_unix_server(lambda: ClientConn(daemon), sock=sock, backlog=BACKLOG)

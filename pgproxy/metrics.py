@@ -10,7 +10,7 @@ scrapes, in the event loop's thread, so no lock is needed. Labels: ``database`` 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,6 +20,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pgproxy import __version__
@@ -270,3 +271,58 @@ def registry_for(daemon: Daemon) -> CollectorRegistry:
 def render(registry: CollectorRegistry) -> bytes:
     """The text exposition format of everything in ``registry``."""
     return generate_latest(registry)
+
+
+# -- workers = N: one /metrics for all of them ----------------------------------------------
+
+# Series that describe configuration or state rather than count: not added up over workers.
+_NOT_ADDED: dict[str, Callable[[float, float], float]] = {
+    "pgproxy_up": max,
+    "pgproxy_info": max,
+    "pgproxy_shutting_down": max,
+    "pgproxy_pool_min_size": max,
+    "pgproxy_pool_max_size": max,
+    "pgproxy_pool_paused": max,
+    "pgproxy_query_wait_timeout_seconds": max,
+    "pgproxy_pool_oldest_wait_seconds": max,
+}
+
+
+def merge_expositions(texts: Sequence[str]) -> bytes:
+    """Several workers' text expositions as one: counts, sizes and histograms added up,
+    configuration and state series (``_NOT_ADDED``) combined as listed; the same series
+    names and labels as one process would show, no worker label."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type
+                )
+                values[family.name] = {}
+            combine = _NOT_ADDED.get(family.name)
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in samples:
+                    samples[key] = sample.value
+                elif combine is not None:
+                    samples[key] = combine(samples[key], sample.value)
+                else:
+                    samples[key] = samples[key] + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families

@@ -85,9 +85,20 @@ class ServerBudget:
                 pool.retire(pool.idle[0])
                 return
 
+    def take(self, reserve: bool) -> bool:
+        """Take a place for a server about to be opened (``reserve``: a reserve_pool one)."""
+        if self.full:
+            return False
+        self.used += 1
+        return True
+
+    def give_back(self) -> None:
+        """A place taken for a server that was not opened after all."""
+        self.used -= 1
+
     def release(self) -> None:
         """A server under this budget has closed: its place is free; wake a waiting pool."""
-        self.used -= 1
+        self.give_back()
         self.evicting = False
         for pool in self.pools:
             if pool.waiters:
@@ -151,6 +162,10 @@ class Pool:
             hook=settings.reconnect_failed,
             spawn=self._track,
         )
+
+    def size_limit(self, reserve: bool) -> int:
+        """Servers this pool may have (with its reserve when ``reserve``)."""
+        return self.size + (self.settings.reserve_size if reserve else 0)
 
     # -- the critical section: linking clients and servers ---------------------------
 
@@ -324,40 +339,46 @@ class Pool:
             self.connecting < len(self.waiters)
             or len(self.servers) + self.connecting < self.min_size
         ):
-            if not self.budget_allows():
+            if not self.take_budgets():
                 return
             self.open_server()
 
-    def budget_allows(self) -> bool:
-        """Whether max_db/max_user_connections leave room for one more server now."""
-        # Past max_db_connections / max_user_connections, a pool with waiters takes the
-        # place of another pool's idle server (PgBouncer instead waits for that server's
-        # idle timeout); a pool merely below min_pool_size waits.
+    def take_budgets(self, reserve: bool = False) -> bool:
+        """Take a place in every budget for one more server (all or none); open_server
+        must follow a True. Past max_db_connections / max_user_connections (or, with
+        workers, the shared pool_size), a pool with waiters takes the place of another
+        pool's idle server (PgBouncer instead waits for that server's idle timeout); a pool
+        merely below min_pool_size waits."""
+        taken: list[ServerBudget] = []
         for budget in self.budgets:
-            if budget.full:
+            if not budget.take(reserve):
+                for held in taken:
+                    held.give_back()
                 if self.waiters:
                     budget.evict_idle(self)
                 return False
+            taken.append(budget)
         return True
 
     async def _wait_for_budget(self) -> None:
-        # A first login needs a server like a waiting client does: under a full
-        # max_db/max_user_connections it takes an idle sibling's place, within the
-        # connect timeout.
+        # A first login needs a server like a waiting client does: under a full budget it
+        # takes an idle sibling's place, within the connect timeout. Returns with the
+        # places taken.
         deadline = time.monotonic() + self.connect_timeout
-        while full := [budget for budget in self.budgets if budget.full]:
+        while not self.take_budgets():
             if time.monotonic() >= deadline:
                 raise ServerLoginError(
                     codes.TOO_MANY_CONNECTIONS,
                     "no server connection available (max_db_connections/max_user_connections)",
                 )
-            for budget in full:
-                budget.evict_idle(self)
+            for budget in self.budgets:
+                if budget.full:
+                    budget.evict_idle(self)
             await asyncio.sleep(0.05)
 
     def _give_back_budget(self) -> None:
         for budget in self.budgets:
-            budget.used -= 1
+            budget.give_back()
 
     def cancel_running_query(self, server: ServerConn) -> None:
         """Ask PostgreSQL to cancel what ``server`` runs now (background, best effort)."""
@@ -373,8 +394,8 @@ class Pool:
         """Start a background task that opens one server; its future tells how it went."""
         outcome: asyncio.Future[None] = self._loop.create_future()
         self.connecting += 1
-        for budget in self.budgets:
-            budget.used += 1  # given back by server_closed, or below if the attempt fails
+        # (Its budget places, taken before, are given back by server_closed, or below if
+        # the attempt fails.)
         self._track(self._open_server(outcome))
         return outcome
 
@@ -436,12 +457,14 @@ class Pool:
             raise last_error  # server_login_retry: fail fast with the cached error
         if self._welcome_attempt is None or self._welcome_attempt.done():
             await self._wait_for_budget()
-        if self._welcome_attempt is None or self._welcome_attempt.done():
-            self._welcome_attempt = self.open_server()
-            # Read the outcome here even if every waiting client leaves early.
-            self._welcome_attempt.add_done_callback(
-                lambda done: done.cancelled() or done.exception()
-            )
+            if self._welcome_attempt is None or self._welcome_attempt.done():
+                self._welcome_attempt = self.open_server()
+                # Read the outcome here even if every waiting client leaves early.
+                self._welcome_attempt.add_done_callback(
+                    lambda done: done.cancelled() or done.exception()
+                )
+            else:  # another first login started one meanwhile
+                self._give_back_budget()
         await asyncio.shield(self._welcome_attempt)
 
     # -- reload ----------------------------------------------------------------------------

@@ -18,6 +18,13 @@ USEC = 1_000_000
 _connection_ids = itertools.count(1)
 
 
+def set_connection_id_base(base: int) -> None:
+    """Number connections from ``base`` on (each worker its own range: ids stay unique in
+    a console that shows every worker)."""
+    global _connection_ids
+    _connection_ids = itertools.count(base + 1)
+
+
 def next_connection_id() -> int:
     """A new connection id, unique within this process."""
     return next(_connection_ids)

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import struct
 from typing import TYPE_CHECKING
 
 from pgproxy.admin import show
+from pgproxy.admin.gather import (
+    MERGES,
+    METRICS_TEXT,
+    merge_table,
+    merge_totals,
+    peer_commands,
+    peer_rows,
+)
 from pgproxy.admin.parse import Command, ConsoleSyntaxError, SetCommand, parse_command
 from pgproxy.admin.resultset import columns, result
 from pgproxy.config import ConfigError
+from pgproxy.metrics import registry_for, render
 from pgproxy.protocol import codes, messages
 
 if TYPE_CHECKING:
@@ -60,8 +71,11 @@ class ConsoleError(Exception):
 class Console:
     """The console side of one client connection."""
 
-    def __init__(self, client: ClientConn, daemon: Daemon, *, local_admin: bool) -> None:
+    def __init__(
+        self, client: ClientConn, daemon: Daemon, *, local_admin: bool, peer: bool = False
+    ) -> None:
         self.client = client
+        self.peer = peer  # a worker's peer asking for this worker's rows only
         self.daemon = daemon
         # The 'pgbouncer' user over the Unix socket from our own OS user: always admin.
         self.local_admin = local_admin
@@ -151,7 +165,10 @@ class Console:
             except ConsoleSyntaxError:
                 raise ConsoleError(f"invalid command '{query}', use SHOW HELP;") from None
             if isinstance(command, SetCommand):
-                return self._set(command)
+                answer = self._set(command)
+                if command.key not in FAKE_PARAMS:
+                    await self._on_other_workers(query)
+                return answer
             return await self._command(command, query)
         except ConsoleError as exc:
             log.info("console %s: %s", self.client.user, exc.message)
@@ -160,15 +177,59 @@ class Console:
     async def _command(self, command: Command, query: str) -> bytes:
         verb, arg = command.verb, command.arg
         if verb in ("show", "select"):
-            return self._show(arg.lower(), query)
+            return await self._show(arg.lower(), query)
         handler = _CONTROL.get(verb)
         if handler is None:
             raise ConsoleError(f"invalid command '{query}', use SHOW HELP;")
         self._require_admin()
         log.warning("console %s: %s", self.client.user, query.strip())
-        return await handler(self, arg)
+        if self._fans_out and verb == "shutdown":
+            return self._shutdown_all(arg)
+        if self._fans_out and verb == "kill_client":
+            return await self._kill_client_anywhere(arg, query)
+        answer = await handler(self, arg)
+        await self._on_other_workers(query)
+        return answer
 
-    def _show(self, what: str, query: str) -> bytes:
+    # -- workers = N: one console for all of them ---------------------------------------------
+
+    @property
+    def _fans_out(self) -> bool:
+        """This session speaks for every worker (not a peer asking for its worker only)."""
+        return self.daemon.worker is not None and not self.peer
+
+    async def _on_other_workers(self, query: str) -> None:
+        worker = self.daemon.worker
+        if worker is None or not self._fans_out:
+            return
+        port = self.daemon.settings.listen_port
+        for index, error in enumerate(await peer_commands(worker, query, port)):
+            if error is not None:
+                log.error("console: %r failed on another worker (%d): %s", query, index, error)
+
+    def _shutdown_all(self, arg: str) -> bytes:
+        # The supervisor passes the signal to every worker (this one included).
+        signals = {"": signal.SIGQUIT, "wait_for_servers": signal.SIGINT,
+                   "wait_for_clients": signal.SIGTERM}  # fmt: skip
+        signum = signals.get(arg.lower())
+        if signum is None:
+            raise ConsoleError(f"invalid command 'SHUTDOWN {arg}', use SHOW HELP;")
+        asyncio.get_running_loop().call_soon(os.kill, os.getppid(), signum)
+        return _done("SHUTDOWN")
+
+    async def _kill_client_anywhere(self, arg: str, query: str) -> bytes:
+        if not arg.isdigit():
+            raise ConsoleError("invalid client pointer supplied")
+        if self.daemon.kill_client(int(arg)):
+            return _done("KILL_CLIENT")
+        worker = self.daemon.worker
+        assert worker is not None
+        answers = await peer_commands(worker, query, self.daemon.settings.listen_port)
+        if any(error is None for error in answers):
+            return _done("KILL_CLIENT")
+        raise ConsoleError("client not found")
+
+    async def _show(self, what: str, query: str) -> bytes:
         if what in FAKE_PARAMS:
             return result(columns("s", what), [[FAKE_PARAMS[what]]])
         if what == "help":
@@ -176,10 +237,20 @@ class Console:
             return notice + messages.message(b"C", messages.cstring("SHOW"))
         if what == "fds":
             raise ConsoleError("SHOW FDS is not supported: pgproxy has no online restart")
+        if what == METRICS_TEXT and self.peer:
+            text = render(registry_for(self.daemon)).decode()
+            return result(columns("s", "metrics"), [[text]])
         table = show.SHOW_TABLES.get(what)
         if table is None:
             raise ConsoleError(f"invalid command '{query}', use SHOW HELP;")
         cols, rows = table(self.daemon)
+        worker = self.daemon.worker
+        if worker is not None and self._fans_out and (what in MERGES or what == "totals"):
+            others = await peer_rows(worker, query, self.daemon.settings.listen_port)
+            if what == "totals":
+                rows = merge_totals([rows, *others])
+            else:
+                rows = merge_table(MERGES[what], cols, [rows, *others])
         return result(cols, rows)
 
     def _set(self, command: SetCommand) -> bytes:

@@ -1,0 +1,350 @@
+"""``workers = N``: a supervisor and N worker processes that act as one pgproxy.
+
+The supervisor reads the configuration, binds the Unix socket (the workers inherit it),
+creates the shared budgets, then forks the workers and does nothing else: it restarts a
+worker that dies (logged and counted), passes signals on to every worker (SIGHUP reload,
+SIGTERM/SIGINT drain, SIGQUIT, SIGUSR1/2) and exits once they have all exited after a
+shutdown. It runs no event loop, so forking is safe.
+
+Each worker is an ordinary Daemon with three differences: its TCP listener has
+SO_REUSEPORT (the kernel spreads new connections over the workers); it is peer ``i + 1``
+of a group whose members listen on private Unix sockets, so a cancel request landing on
+the wrong worker reaches the owner (pgproxy/cancel.py); and its server budgets are shared.
+
+Shared budgets keep pool_size, max_db_connections and max_user_connections global: a
+budget is a slot in shared memory holding one count per worker (each worker writes only
+its own cell; the total is their sum), and taking a place is a check-and-increment under
+one lock. That lock is taken only on the slow path (before opening a server), never per
+query. A worker whose clients wait while it holds less than its share of a full budget
+raises the slot's eviction flag; the janitor of a worker with an idle server there closes
+one. A dead worker's cells are zeroed by the supervisor (its servers are gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import RawArray
+from typing import TYPE_CHECKING, Any
+
+from pgproxy.pool import ServerBudget
+
+if TYPE_CHECKING:
+    from pgproxy.config import Settings
+    from pgproxy.pool import Pool
+
+log = logging.getLogger("pgproxy.workers")
+
+SLOTS = 4096  # budgets (pools, databases, users) the shared table can hold
+MAX_WORKERS = 64
+LOCK_TIMEOUT = 2.0  # seconds; a worker that died holding the lock must not stall others
+RESTART_DELAY = 1.0  # seconds before restarting a worker that died within its first second
+FORWARDED_SIGNALS = (
+    signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
+    signal.SIGUSR2,
+)  # fmt: skip
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+class SharedBudgets:
+    """Counters in shared memory, created before the workers are forked."""
+
+    def __init__(self, workers: int) -> None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be between 1 and {MAX_WORKERS}")
+        self.workers = workers
+        self._keys: Any = RawArray(ctypes.c_uint64, SLOTS)  # 0: a free slot
+        self._used: Any = RawArray(ctypes.c_int32, SLOTS * MAX_WORKERS)
+        self._evict: Any = RawArray(ctypes.c_int32, SLOTS)
+        self._lock = multiprocessing.get_context("fork").Lock()
+        self._slots: dict[str, int] = {}  # this process's cache of name → slot
+
+    def slot(self, name: str) -> int:
+        """The slot of budget ``name`` (found, or claimed, in the shared table)."""
+        cached = self._slots.get(name)
+        if cached is not None:
+            return cached
+        key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+        key = key or 1
+        index = key % SLOTS
+        with self._locked():
+            for _ in range(SLOTS):
+                if self._keys[index] in (0, key):
+                    self._keys[index] = key
+                    self._slots[name] = index
+                    return index
+                index = (index + 1) % SLOTS
+        raise RuntimeError("shared budget table full")
+
+    def total(self, slot: int) -> int:
+        """Places taken in ``slot`` by all workers."""
+        base = slot * MAX_WORKERS
+        return int(sum(self._used[base : base + self.workers]))
+
+    def take(self, slot: int, worker: int, limit: int) -> bool:
+        """Take one place for ``worker`` if the total stays within ``limit`` (0: none)."""
+        with self._locked():
+            if 0 < limit <= self.total(slot):
+                return False
+            self._used[slot * MAX_WORKERS + worker] += 1
+            return True
+
+    def give_back(self, slot: int, worker: int, count: int = 1) -> None:
+        """Return places (a single writer per cell: no lock needed)."""
+        self._used[slot * MAX_WORKERS + worker] -= count
+
+    def set_mine(self, slot: int, worker: int, value: int) -> None:
+        """Publish ``worker``'s own count (a single writer per cell: no lock needed)."""
+        self._used[slot * MAX_WORKERS + worker] = value
+
+    def mine(self, slot: int, worker: int) -> int:
+        """Places ``worker`` holds in ``slot``."""
+        return int(self._used[slot * MAX_WORKERS + worker])
+
+    def forget_worker(self, worker: int) -> None:
+        """A worker died: its servers are gone, and so are its places."""
+        with self._locked():
+            for slot in range(SLOTS):
+                self._used[slot * MAX_WORKERS + worker] = 0
+
+    def ask_eviction(self, slot: int) -> None:
+        """Ask whichever worker has an idle server under ``slot`` to close one."""
+        self._evict[slot] = 1
+
+    def take_eviction(self, slot: int) -> bool:
+        """Claim a pending eviction request for ``slot`` (at most one worker gets it)."""
+        if not self._evict[slot]:
+            return False
+        with self._locked():
+            if self._evict[slot]:
+                self._evict[slot] = 0
+                return True
+        return False
+
+    def _locked(self) -> _Held:
+        return _Held(self._lock)
+
+
+class _Held:
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.held = False
+
+    def __enter__(self) -> None:
+        # A worker killed while holding the lock would stall the others for ever: past the
+        # timeout, go on without it (a rare overshoot beats a stuck daemon).
+        self.held = bool(self.lock.acquire(timeout=LOCK_TIMEOUT))
+        if not self.held:
+            log.error("shared budget lock not released in %.0fs; going on", LOCK_TIMEOUT)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.held:
+            self.lock.release()
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a worker needs from its supervisor."""
+
+    index: int
+    count: int
+    budgets: SharedBudgets
+    peer_root: str  # private Unix socket directories: peer_root/worker-<i>
+    unix_socket: socket.socket | None  # the public Unix listener, inherited
+
+    def socket_dir(self, index: int) -> str:
+        return os.path.join(self.peer_root, f"worker-{index}")
+
+    def apply(self, settings: Settings) -> Settings:
+        """``settings`` as this worker runs them: SO_REUSEPORT, its peer id and the group,
+        its private Unix socket (the public one is inherited)."""
+        from pgproxy.config import PeerConfig
+
+        peers = {
+            index + 1: PeerConfig(host=self.socket_dir(index), port=settings.listen_port)
+            for index in range(self.count)
+        }
+        return settings.model_copy(
+            update={
+                "so_reuseport": True,
+                "peer_id": self.index + 1,
+                "peers": peers,
+                "unix_socket_dir": self.socket_dir(self.index),
+                "pidfile": None,
+            }
+        )
+
+
+def worker_count(settings: Settings) -> int:
+    """``workers`` resolved (``auto``: the CPUs this process may use)."""
+    if settings.workers == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return int(settings.workers)
+
+
+def bind_unix_socket(settings: Settings) -> socket.socket | None:
+    """The public Unix listener, bound once for all workers."""
+    from pgproxy.listener import BACKLOG, unix_socket_path
+
+    if not settings.unix_socket_dir:
+        return None
+    path = unix_socket_path(settings.unix_socket_dir, settings.listen_port)
+    if os.path.exists(path):
+        os.unlink(path)  # a stale socket from a previous run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def supervise(
+    settings: Settings, run_worker: Callable[[WorkerContext], int]
+) -> int:
+    """Fork the workers, keep them running, pass signals on; the exit status."""
+    count = worker_count(settings)
+    budgets = SharedBudgets(count)
+    peer_root = tempfile.mkdtemp(prefix="pgproxy-workers-")
+    for index in range(count):
+        os.mkdir(os.path.join(peer_root, f"worker-{index}"), 0o700)
+    unix_socket = bind_unix_socket(settings)
+    children: dict[int, tuple[int, float]] = {}  # pid → (worker index, started at)
+    stopping = False
+    restarts = 0
+
+    def spawn(index: int) -> None:
+        context = WorkerContext(index, count, budgets, peer_root, unix_socket)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            for signum in FORWARDED_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            status = 1
+            try:
+                status = run_worker(context)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        children[pid] = (index, time.monotonic())
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in STOPPING_SIGNALS:
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+    for index in range(count):
+        spawn(index)
+    log.warning(
+        "supervisor %d: %d workers on port %d (their own sockets in %s)",
+        os.getpid(), count, settings.listen_port, peer_root,
+    )  # fmt: skip
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index, started = children.pop(pid, (-1, 0.0))
+        if index < 0:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        budgets.forget_worker(index)
+        if stopping:
+            status = status or (code if code > 0 else 0)
+            continue
+        restarts += 1
+        log.error(
+            "worker %d (pid %d) exited with %s; restarting it (%d restarts so far)",
+            index, pid, code, restarts,
+        )  # fmt: skip
+        if time.monotonic() - started < RESTART_DELAY:
+            time.sleep(RESTART_DELAY)
+        spawn(index)
+    shutil.rmtree(peer_root, ignore_errors=True)
+    if unix_socket is not None and settings.unix_socket_dir:
+        from pgproxy.listener import unix_socket_path
+
+        with contextlib.suppress(OSError):
+            os.unlink(unix_socket_path(settings.unix_socket_dir, settings.listen_port))
+    return status
+
+
+class SharedServerBudget(ServerBudget):
+    """A ServerBudget counted over all workers: max_db_connections, max_user_connections,
+    or (``limit_for`` set) a pool's pool_size, plus its reserve for reserve servers."""
+
+    def __init__(self, shared: SharedBudgets, worker: int, name: str, limit: int) -> None:
+        # (No super().__init__: ``used`` is the shared total here, not a field.)
+        self.shared = shared
+        self.worker = worker
+        self.slot = shared.slot(name)
+        self.limit = limit
+        self.limit_for: Callable[[bool], int] | None = None
+        self.evicting = False
+        self.pools: list[Pool] = []
+
+    @property
+    def used(self) -> int:  # type: ignore[override]
+        """Servers under this budget in every worker."""
+        return self.shared.total(self.slot)
+
+    def _limit(self, reserve: bool) -> int:
+        return self.limit_for(reserve) if self.limit_for is not None else self.limit
+
+    @property
+    def full(self) -> bool:
+        return 0 < self._limit(False) <= self.shared.total(self.slot)
+
+    def take(self, reserve: bool) -> bool:
+        return self.shared.take(self.slot, self.worker, self._limit(reserve))
+
+    def give_back(self) -> None:
+        self.shared.give_back(self.slot, self.worker)
+
+    def evict_idle(self, needy: Pool) -> None:
+        """An idle server of this worker makes room if there is one; else, if this worker
+        holds less than its share of the budget, ask the others to close an idle one.
+        (Under its share only: two busy workers must not close each other's servers.)"""
+        if not self.evicting:
+            for pool in self.pools:
+                if pool is not needy and pool.idle:
+                    self.evicting = True
+                    pool.retire(pool.idle[0])
+                    return
+        share = self._limit(False) // self.shared.workers
+        if self.shared.mine(self.slot, self.worker) < share:
+            self.shared.ask_eviction(self.slot)
+
+
+def evict_for_other_workers(pools: list[Pool]) -> None:
+    """The janitor's share of eviction: close an idle server under a budget another
+    worker asked room in (one per request)."""
+    for pool in pools:
+        if not pool.idle:
+            continue
+        for budget in pool.budgets:
+            if isinstance(budget, SharedServerBudget) and budget.shared.take_eviction(
+                budget.slot
+            ):
+                log.info("pool %s: closing an idle server for another worker", pool.name)
+                pool.retire(pool.idle[0])
+                break

@@ -1,0 +1,97 @@
+"""Shared budgets for workers = N (pgproxy/workers.py): exact across processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pgproxy.cli import main
+from pgproxy.workers import SharedBudgets
+
+
+def test_take_give_back_and_forget() -> None:
+    budgets = SharedBudgets(3)
+    slot = budgets.slot("pool:appdb/app")
+    assert budgets.slot("pool:appdb/app") == slot
+    assert budgets.slot("db:appdb") != slot
+    assert budgets.take(slot, 0, 2) and budgets.take(slot, 1, 2)
+    assert not budgets.take(slot, 2, 2)  # the sum is at the limit
+    assert budgets.take(slot, 2, 0)  # 0: no limit
+    assert budgets.total(slot) == 3 and budgets.mine(slot, 1) == 1
+    budgets.give_back(slot, 0)
+    budgets.forget_worker(2)  # it died: its places are free
+    assert budgets.total(slot) == 1
+
+
+def test_eviction_requests_are_taken_once() -> None:
+    budgets = SharedBudgets(2)
+    slot = budgets.slot("db:appdb")
+    assert not budgets.take_eviction(slot)
+    budgets.ask_eviction(slot)
+    budgets.ask_eviction(slot)
+    assert budgets.take_eviction(slot)
+    assert not budgets.take_eviction(slot)
+
+
+def test_limit_holds_across_processes() -> None:
+    budgets = SharedBudgets(4)
+    slot = budgets.slot("pool:x/y")
+    children = []
+    for worker in range(4):
+        pid = os.fork()
+        if pid == 0:  # each worker tries 50 times to take a place under a limit of 37
+            taken = sum(budgets.take(slot, worker, 37) for _ in range(50))
+            os._exit(0 if taken <= 37 else 1)
+        children.append(pid)
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert budgets.total(slot) == 37
+
+
+def test_peer_id_and_workers_conflict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "pgproxy.toml"
+    config.write_text("workers = 2\npeer_id = 3\n")
+    assert main(["-c", str(config)]) == 1
+    assert "cannot be set with workers > 1" in capsys.readouterr().err
+
+
+def test_metrics_of_several_workers_merge() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pgproxy.metrics import merge_expositions
+
+    def worker(transactions: int, clients: int, bucket: int) -> str:
+        return (
+            "# HELP pgproxy_transactions_total Transactions pooled.\n"
+            "# TYPE pgproxy_transactions_total counter\n"
+            f'pgproxy_transactions_total{{database="a",user="u"}} {transactions}\n'
+            "# HELP pgproxy_pool_max_size Configured pool size (the cap).\n"
+            "# TYPE pgproxy_pool_max_size gauge\n"
+            'pgproxy_pool_max_size{database="a",user="u"} 20\n'
+            "# HELP pgproxy_client_connections Client connections.\n"
+            "# TYPE pgproxy_client_connections gauge\n"
+            f"pgproxy_client_connections {clients}\n"
+            "# HELP pgproxy_wait_seconds Wait.\n"
+            "# TYPE pgproxy_wait_seconds histogram\n"
+            f'pgproxy_wait_seconds_bucket{{le="0.1"}} {bucket}\n'
+            f'pgproxy_wait_seconds_bucket{{le="+Inf"}} {bucket + 1}\n'
+            f"pgproxy_wait_seconds_count {bucket + 1}\n"
+            f"pgproxy_wait_seconds_sum 0.5\n"
+        )
+
+    merged = merge_expositions([worker(3, 2, 4), worker(5, 1, 6)]).decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(merged)
+        for sample in family.samples
+    }
+    pool = (("database", "a"), ("user", "u"))
+    assert samples[("pgproxy_transactions_total", pool)] == 8
+    assert samples[("pgproxy_pool_max_size", pool)] == 20  # configuration: not added up
+    assert samples[("pgproxy_client_connections", ())] == 3
+    assert samples[("pgproxy_wait_seconds_bucket", (("le", "0.1"),))] == 10
+    assert samples[("pgproxy_wait_seconds_count", ())] == 12
+    assert samples[("pgproxy_wait_seconds_sum", ())] == 1.0
