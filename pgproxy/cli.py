@@ -62,6 +62,12 @@ def _raise_open_files_limit() -> None:
 
 def _serve(settings: Settings, config_path: str | None, worker: WorkerContext | None) -> int:
     """Run one daemon (the only one, or a worker) until it stops; its exit status."""
+    if worker is not None and worker.restarted and config_path is not None:
+        # A replacement worker runs what a RELOAD would have given the others by now.
+        try:
+            settings = load_settings(config_path)
+        except ConfigError as exc:
+            logging.getLogger("pgproxy").error("worker %d: %s", worker.index, exc)
     daemon = Daemon(settings, config_path=config_path, worker=worker)
     try:
         uvloop.run(daemon.serve())

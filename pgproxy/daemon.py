@@ -153,9 +153,10 @@ class Daemon:
             budgets: tuple[ServerBudget, ...] = (db_budget, user_budget)
             pool_budget = None
             if self.worker is not None:
-                # pool_size caps the sum over workers: a shared budget of its own.
+                # pool_size caps the sum over workers: a shared budget of its own, asked
+                # first (the one most often full).
                 pool_budget = self._budget(f"pool:{database}/{server_user}", 0)
-                budgets += (pool_budget,)
+                budgets = (pool_budget, *budgets)
             pool = Pool(
                 database,
                 server_user,
@@ -524,7 +525,8 @@ class Daemon:
 
     async def start(self) -> None:
         """Bind the listeners and start maintenance; raise OSError if binding fails."""
-        self._stopped = asyncio.Event()
+        if self._stopped is None:
+            self._stopped = asyncio.Event()
         self.stats_window = StatsWindow(self.loop_time())
         self._listeners = await start_listeners(self)
         if self.worker is not None and self.worker.unix_socket is not None:
@@ -565,16 +567,18 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until a stop signal, then shut down."""
-        await self.start()
         loop = asyncio.get_running_loop()
-        # PgBouncer's meanings; a second SIGINT/SIGTERM exits at once.
+        self._stopped = asyncio.Event()
+        # PgBouncer's meanings; a second SIGINT/SIGTERM exits at once. Installed before
+        # the listeners open, so that anyone who can connect can also signal (a worker's
+        # supervisor passes SIGHUP on as soon as it gets it).
         loop.add_signal_handler(signal.SIGTERM, self.begin_shutdown, "clients")
         loop.add_signal_handler(signal.SIGINT, self.begin_shutdown, "servers")
         loop.add_signal_handler(signal.SIGQUIT, self.begin_shutdown, "immediate")
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self._signal_pause)
         loop.add_signal_handler(signal.SIGUSR2, self._signal_resume)
-        assert self._stopped is not None
+        await self.start()
         await self._stopped.wait()
         await self.shutdown()
 

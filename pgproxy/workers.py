@@ -50,6 +50,7 @@ SLOTS = 4096  # budgets (pools, databases, users) the shared table can hold
 MAX_WORKERS = 64
 LOCK_TIMEOUT = 2.0  # seconds; a worker that died holding the lock must not stall others
 RESTART_DELAY = 1.0  # seconds before restarting a worker that died within its first second
+FULL_BACKOFF = 0.02  # seconds a worker takes a full shared budget's refusal as still true
 FORWARDED_SIGNALS = (
     signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
     signal.SIGUSR2,
@@ -94,10 +95,16 @@ class SharedBudgets:
 
     def take(self, slot: int, worker: int, limit: int) -> bool:
         """Take one place for ``worker`` if the total stays within ``limit`` (0: none)."""
+        cell = slot * MAX_WORKERS + worker
+        if limit <= 0:  # nothing to check: only this worker writes its cell
+            self._used[cell] += 1
+            return True
+        if self.total(slot) >= limit:  # full already: no need for the lock to say so
+            return False
         with self._locked():
-            if 0 < limit <= self.total(slot):
+            if limit <= self.total(slot):
                 return False
-            self._used[slot * MAX_WORKERS + worker] += 1
+            self._used[cell] += 1
             return True
 
     def give_back(self, slot: int, worker: int, count: int = 1) -> None:
@@ -162,6 +169,7 @@ class WorkerContext:
     budgets: SharedBudgets
     peer_root: str  # private Unix socket directories: peer_root/worker-<i>
     unix_socket: socket.socket | None  # the public Unix listener, inherited
+    restarted: bool = False  # replaces a worker that died (reads the config file again)
 
     def socket_dir(self, index: int) -> str:
         return os.path.join(self.peer_root, f"worker-{index}")
@@ -223,8 +231,8 @@ def supervise(
     stopping = False
     restarts = 0
 
-    def spawn(index: int) -> None:
-        context = WorkerContext(index, count, budgets, peer_root, unix_socket)
+    def spawn(index: int, restarted: bool = False) -> None:
+        context = WorkerContext(index, count, budgets, peer_root, unix_socket, restarted)
         pid = os.fork()
         if pid == 0:  # the worker
             for signum in FORWARDED_SIGNALS:
@@ -278,7 +286,7 @@ def supervise(
         )  # fmt: skip
         if time.monotonic() - started < RESTART_DELAY:
             time.sleep(RESTART_DELAY)
-        spawn(index)
+        spawn(index, restarted=True)
     shutil.rmtree(peer_root, ignore_errors=True)
     if unix_socket is not None and settings.unix_socket_dir:
         from pgproxy.listener import unix_socket_path
@@ -299,6 +307,7 @@ class SharedServerBudget(ServerBudget):
         self.slot = shared.slot(name)
         self.limit = limit
         self.limit_for: Callable[[bool], int] | None = None
+        self._full_until = 0.0
         self.evicting = False
         self.pools: list[Pool] = []
 
@@ -315,7 +324,15 @@ class SharedServerBudget(ServerBudget):
         return 0 < self._limit(False) <= self.shared.total(self.slot)
 
     def take(self, reserve: bool) -> bool:
-        return self.shared.take(self.slot, self.worker, self._limit(reserve))
+        # Queued clients ask on every request while the budget is full: after a refusal,
+        # refuse at once for a moment instead of reading the shared cells again.
+        now = time.monotonic()
+        if not reserve and now < self._full_until:
+            return False
+        if self.shared.take(self.slot, self.worker, self._limit(reserve)):
+            return True
+        self._full_until = now + FULL_BACKOFF
+        return False
 
     def give_back(self) -> None:
         self.shared.give_back(self.slot, self.worker)
