@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from pgproxy.admin.gather import METRICS_TEXT, peer_rows
+from pgproxy.admin.gather import METRICS_TEXT, peer_rows, silent_peers
 from pgproxy.metrics import merge_expositions, registry_for, render
 
 if TYPE_CHECKING:
@@ -98,6 +98,11 @@ class MetricsServer:
             return 200, JSON_TYPE, _json({"status": "ok"})
         if path == b"/readyz":
             reasons = await self.daemon.readiness_problems(REACH_TIMEOUT)
+            worker = self.daemon.worker
+            if worker is not None:  # workers = N: ready when every worker answers too
+                port = self.daemon.settings.listen_port
+                reasons += [f"worker {index} not answering"
+                            for index in await silent_peers(worker, port)]  # fmt: skip
             if reasons:
                 return 503, JSON_TYPE, _json({"status": "not ready", "reasons": reasons})
             return 200, JSON_TYPE, _json({"status": "ready"})

@@ -216,6 +216,17 @@ async def peer_rows(worker: WorkerContext, query: str, port: int) -> list[Rows]:
     return rows
 
 
+async def silent_peers(worker: WorkerContext, port: int) -> list[int]:
+    """The other workers that do not answer their console now (dead, restarting, stuck)."""
+    others = [index for index in range(worker.count) if index != worker.index]
+    answers = await asyncio.gather(
+        *(_ask(worker.socket_dir(index), port, "SHOW VERSION") for index in others),
+        return_exceptions=True,
+    )
+    return [index for index, answer in zip(others, answers, strict=True)
+            if isinstance(answer, BaseException)]  # fmt: skip
+
+
 async def peer_commands(worker: WorkerContext, query: str, port: int) -> list[str | None]:
     """Run a control command on every other worker: None where it succeeded, else the
     error message."""

@@ -302,9 +302,30 @@ def test_one_metrics_endpoint_for_all_workers(
         assert samples[("pgproxy_up", ())] == 1
         count = samples[("pgproxy_query_duration_seconds_count", pool)]
         assert count >= 10  # both workers' histograms
+        # /readyz: ready while every worker answers; a stuck worker makes it say so.
+        assert _readyz(metrics_port) == (200, [])
+        stuck = next(pid for pid in _workers(proxy) if _serves(pid, dirs[1], proxy))
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            assert _readyz(metrics_port) == (503, ["worker 1 not answering"])
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        assert _readyz(metrics_port) == (200, [])
     finally:
         for client in clients:
             client.close()
+
+
+def _readyz(port: int) -> tuple[int, list[str]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=20) as answer:
+            return answer.status, json.loads(answer.read()).get("reasons", [])
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read()).get("reasons", [])
 
 
 def test_client_caps_hold_for_the_sum_over_workers(
