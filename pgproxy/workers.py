@@ -50,6 +50,7 @@ SLOTS = 4096  # budgets (pools, databases, users) the shared table can hold
 MAX_WORKERS = 64
 LOCK_TIMEOUT = 2.0  # seconds; a worker that died holding the lock must not stall others
 RESTART_DELAY = 1.0  # seconds before restarting a worker that died within its first second
+MAX_QUICK_FAILURES = 3  # a worker that fails this often right at start is not restarted
 FULL_BACKOFF = 0.02  # seconds a worker takes a full shared budget's refusal as still true
 FORWARDED_SIGNALS = (
     signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
@@ -230,6 +231,7 @@ def supervise(
     children: dict[int, tuple[int, float]] = {}  # pid → (worker index, started at)
     stopping = False
     restarts = 0
+    quick_failures: dict[int, int] = {}  # worker → failures within a second of starting
 
     def spawn(index: int, restarted: bool = False) -> None:
         context = WorkerContext(index, count, budgets, peer_root, unix_socket, restarted)
@@ -279,12 +281,21 @@ def supervise(
         if stopping:
             status = status or (code if code > 0 else 0)
             continue
+        quick = time.monotonic() - started < RESTART_DELAY
+        quick_failures[index] = quick_failures.get(index, 0) + 1 if quick else 0
+        if quick_failures[index] > MAX_QUICK_FAILURES:
+            # It cannot start (the port is taken, say): stop the others and give up.
+            log.error("worker %d keeps failing at start (exit %s); stopping", index, code)
+            stopping = True
+            status = code if code > 0 else 1
+            forward(signal.SIGQUIT, None)
+            continue
         restarts += 1
         log.error(
             "worker %d (pid %d) exited with %s; restarting it (%d restarts so far)",
             index, pid, code, restarts,
         )  # fmt: skip
-        if time.monotonic() - started < RESTART_DELAY:
+        if quick:
             time.sleep(RESTART_DELAY)
         spawn(index, restarted=True)
     shutil.rmtree(peer_root, ignore_errors=True)

@@ -95,3 +95,24 @@ def test_metrics_of_several_workers_merge() -> None:
     assert samples[("pgproxy_wait_seconds_bucket", (("le", "0.1"),))] == 10
     assert samples[("pgproxy_wait_seconds_count", ())] == 12
     assert samples[("pgproxy_wait_seconds_sum", ())] == 1.0
+
+
+def test_workers_that_cannot_start_stop_the_supervisor(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:  # the port is someone else's (no SO_REUSEPORT)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "pgproxy.toml"
+        config.write_text(
+            f'listen_addr = "127.0.0.1"\nlisten_port = {port}\nworkers = 2\nmetrics_port = 0\n'
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "pgproxy", "-c", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert "keeps failing at start" in result.stderr
