@@ -190,8 +190,11 @@ class ClientConn(asyncio.Protocol):
 
     def _send_plan(self, server: ServerConn, plan: Plan) -> None:
         statements = self.scan.statements
-        assert server.statements is not None and statements is not None
-        out = server.statements.render(plan, statements)
+        assert statements is not None
+        server_statements = server.statements
+        if server.statements_client is not self or server_statements is None:
+            server_statements = server.link_statements(self)  # the first named one here
+        out = server_statements.render(plan, statements)
         if out:
             server.transport.write(out)
 

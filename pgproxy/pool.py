@@ -200,8 +200,16 @@ class Pool:
             client.transport.pause_reading()
         if client.params is not server.params and client.params != server.params:
             server.sync_params(client.params)
-        if client.scan.statements is not None:
-            server.link_statements(client, self.statement_registry, self.settings)
+        # Named prepared statements: tied to this link now if the client has any, if the
+        # server has stray names to close first, or at the server's first link (from then
+        # on it counts the replies the ledger needs); else at the client's first named
+        # statement (_send_plan), so that a link is as cheap as before for the rest.
+        server.statements_client = None
+        statements = client.scan.statements
+        if statements is not None and (
+            server.statements is None or statements.names or server.statements.strays
+        ):
+            server.link_statements(client, at_link=True)
 
     def _unlink(self, client: ClientConn, server: ServerConn) -> None:
         client.request_at = server.query_started  # SHOW CLIENTS request_time

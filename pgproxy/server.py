@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, cast
 from pgproxy import params as tracked
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import Credential, ServerAuthenticator, ServerAuthError
-from pgproxy.protocol.prepared import Registry, ServerStatements
+from pgproxy.protocol.prepared import ServerStatements
 from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
 from pgproxy.stats import next_connection_id
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
-    from pgproxy.config import PoolSettings
     from pgproxy.pool import Pool, ServerTarget
     from pgproxy.tls import ServerTls
 
@@ -97,8 +96,10 @@ class ServerConn(asyncio.Protocol):
         self._lost = False
         self.closing = False  # pgproxy said Terminate: its close is not a loss
         self.tls = False
-        # Named prepared statements: set at the first link of a client that uses them.
+        # Named prepared statements: set at the first link of a client that uses them, and
+        # the client they are tied to in the current link (None: not tied yet).
         self.statements: ServerStatements | None = None
+        self.statements_client: ClientConn | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -213,26 +214,29 @@ class ServerConn(asyncio.Protocol):
         if client.scan.statements is not None:
             client.scan.statements.forget_all()
 
-    def link_statements(
-        self, client: ClientConn, registry: Registry, settings: PoolSettings
-    ) -> None:
+    def link_statements(self, client: ClientConn, *, at_link: bool = False) -> ServerStatements:
         """Linked to a client that uses named prepared statements: close stray names left
-        by an earlier client (replies hidden), and tie its requests to our batches."""
+        by an earlier client (replies hidden; only at the link, before any client byte),
+        and tie its requests to our batches (any time during the link: the relation of
+        requests sent to replies received holds throughout)."""
+        pool = self.pool
         statements = self.statements
         if statements is None:
             statements = self.statements = ServerStatements(
-                registry, self.pool.stats, settings.max_prepared_statements
+                pool.statement_registry, pool.stats, pool.settings.max_prepared_statements
             )
             self.scan.statements = statements
             self.scan.ledger = statements.ledger
-        statements.capacity = settings.max_prepared_statements
-        if statements.strays:
+        statements.capacity = pool.settings.max_prepared_statements
+        self.statements_client = client
+        if statements.strays and at_link:
             self.scan.hidden += 1
             self.transport.write(statements.cleanup())
         scan = self.scan
         statements.align(
             scan.batches_done, scan.hidden, client.scan.requests_total, client.outstanding
         )
+        return statements
 
     def _apply_params(self, reported: list[tuple[str, str]]) -> None:
         values = self.params
