@@ -425,7 +425,7 @@ def show_lists(daemon: Daemon) -> Table:
     rows: list[list[Value]] = [
         ["databases", len(show_databases(daemon)[1])],
         ["users", len(users)],
-        ["peers", 0],
+        ["peers", len(show_peers(daemon)[1])],
         ["pools", len(daemon.pools) + 1],
         ["peer_pools", 0],
         ["free_clients", 0],
@@ -464,7 +464,15 @@ def show_mem(daemon: Daemon) -> Table:
 
 
 def show_peers(daemon: Daemon) -> Table:
-    return columns("isii", "peer_id", "host", "port", "pool_size"), []
+    """The peer group cancel requests are forwarded in (PgBouncer's [peers]); with
+    workers = N, the workers themselves. pool_size: no cap on forwards in flight (0)."""
+    settings = daemon.settings
+    rows: list[list[Value]] = [
+        [peer_id, peer.host, peer.port, 0]
+        for peer_id, peer in sorted(settings.peers.items())
+        if peer_id != settings.peer_id
+    ]
+    return columns("isii", "peer_id", "host", "port", "pool_size"), rows
 
 
 def show_peer_pools(daemon: Daemon) -> Table:

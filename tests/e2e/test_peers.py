@@ -121,6 +121,15 @@ def _long_query_cancelled_via(group: Group, owner: int, via: Path | None) -> Non
 def test_cancel_requests_reach_the_issuing_process(group: Group) -> None:
     group.start(1)
     group.start(2)
+    # The console shows the group (the process's own entry left out, as PgBouncer).
+    with psycopg.connect(
+        host=str(group.socket_dir(1)), port=group.port, dbname="pgbouncer", user="pgbouncer",
+        autocommit=True,
+    ) as console:  # fmt: skip
+        peers = console.execute("show peers").fetchall()
+        assert peers == [(2, str(group.socket_dir(2)), group.port, 0)]
+        lists = dict(console.execute("show lists").fetchall())
+        assert lists["peers"] == 1
     for owner, other in ((1, 2), (2, 1)):
         _long_query_cancelled_via(group, owner, group.socket_dir(other))  # forwarded
         _long_query_cancelled_via(group, owner, group.socket_dir(owner))  # direct
