@@ -188,6 +188,14 @@ class ClientConn(asyncio.Protocol):
         else:
             self._send_plan(server, plan)
 
+    def _send(self, server: ServerConn, item: bytes | Plan) -> None:
+        """Forward a chunk as it is, or a plan rendered for ``server`` (slow paths)."""
+        if isinstance(item, bytes):
+            if item:
+                server.transport.write(item)
+        else:
+            self._send_plan(server, item)
+
     def _send_plan(self, server: ServerConn, plan: Plan) -> None:
         statements = self.scan.statements
         assert statements is not None
@@ -256,17 +264,19 @@ class ClientConn(asyncio.Protocol):
         server = self.server
         assert server is not None
         if self._pending:
-            pending = self._pending
-            if all(isinstance(item, bytes) for item in pending):
-                data = pending[0] if len(pending) == 1 else b"".join(pending)  # type: ignore[arg-type]
-                server.transport.write(data)  # type: ignore[arg-type]
-            else:
-                for item in pending:
-                    if isinstance(item, bytes):
-                        server.transport.write(item)
-                    else:
-                        self._send_plan(server, item)
-            pending.clear()
+            # Consecutive chunks in one write; plans rendered for this server in order.
+            chunks: list[bytes] = []
+            for item in self._pending:
+                if isinstance(item, bytes):
+                    chunks.append(item)
+                    continue
+                if chunks:
+                    server.transport.write(b"".join(chunks))
+                    chunks.clear()
+                self._send_plan(server, item)
+            if chunks:
+                server.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            self._pending.clear()
             self._pending_size = 0
         if self.terminated:
             self._leave()
@@ -300,11 +310,7 @@ class ClientConn(asyncio.Protocol):
         server = self.server
         if server is not None:
             self.outstanding += self.scan.requests
-            plan = self.scan.plan
-            if plan is not None:
-                self._send_plan(server, plan)
-            elif offset > 0:
-                server.transport.write(data[:offset])
+            self._send(server, data[:offset] if self.scan.plan is None else self.scan.plan)
         self.fatal(codes.PROTOCOL_VIOLATION, reason)
 
     def _terminate(self, data: bytes, offset: int, requests: int) -> None:
@@ -322,10 +328,7 @@ class ClientConn(asyncio.Protocol):
             if server is None:  # queued: flush_pending sends it, then closes
                 self._keep_pending(before)
                 return
-            if plan is None:
-                server.transport.write(data[:offset])
-            else:
-                self._send_plan(server, plan)
+            self._send(server, before)
         self._leave()
 
     def _leave(self) -> None:

@@ -123,6 +123,8 @@ class ServerConn(asyncio.Protocol):
             self.pool.retire(self)  # off the idle list now, not when the close is reported
             return
         client = self.client
+        if scan.deallocated:
+            self._deallocated(client)
         if client is None:
             self._unlinked_data()
             return
@@ -145,8 +147,6 @@ class ServerConn(asyncio.Protocol):
         self.pool.stats.sent_bytes += len(data)
         if scan.copy_started or scan.copy_finished:
             self._copy_progress(client)
-        if scan.deallocated:
-            self._deallocated(client)
         if scan.ready:
             now = self.clock()
             pool = self.pool
@@ -205,13 +205,14 @@ class ServerConn(asyncio.Protocol):
                     client.scan.requests_total, client.outstanding,
                 )  # fmt: skip
 
-    def _deallocated(self, client: ClientConn) -> None:
+    def _deallocated(self, client: ClientConn | None) -> None:
         # DEALLOCATE ALL or DISCARD ALL ran: nothing is prepared here any more, and the
-        # client's names are gone (PgBouncer clears them too).
+        # linked client's names are gone (PgBouncer clears them too). Handled whether or
+        # not a client is linked (a reset or check query), so that no flag is left over.
         self.scan.deallocated = False
         if self.statements is not None:
             self.statements.forget_all()
-        if client.scan.statements is not None:
+        if client is not None and client.scan.statements is not None:
             client.scan.statements.forget_all()
 
     def link_statements(self, client: ClientConn, *, at_link: bool = False) -> ServerStatements:

@@ -18,8 +18,9 @@ from pgproxy.admin import show
 from pgproxy.admin.gather import (
     MERGES,
     METRICS_TEXT,
+    NAMED_MERGES,
+    merge_named_values,
     merge_table,
-    merge_totals,
     peer_commands,
     peer_rows,
 )
@@ -200,7 +201,7 @@ class Console:
 
     async def _on_other_workers(self, query: str) -> None:
         worker = self.daemon.worker
-        if worker is None or not self._fans_out:
+        if worker is None or self.peer:
             return
         port = self.daemon.settings.listen_port
         for index, error in enumerate(await peer_commands(worker, query, port)):
@@ -245,10 +246,10 @@ class Console:
             raise ConsoleError(f"invalid command '{query}', use SHOW HELP;")
         cols, rows = table(self.daemon)
         worker = self.daemon.worker
-        if worker is not None and self._fans_out and (what in MERGES or what == "totals"):
+        if worker is not None and not self.peer and (what in MERGES or what in NAMED_MERGES):
             others = await peer_rows(worker, query, self.daemon.settings.listen_port)
-            if what == "totals":
-                rows = merge_totals([rows, *others])
+            if what in NAMED_MERGES:
+                rows = merge_named_values(NAMED_MERGES[what], [rows, *others])
             else:
                 rows = merge_table(MERGES[what], cols, [rows, *others])
         return result(cols, rows)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -38,7 +38,7 @@ Rows = list[list[Value]]
 class Merge:
     """How a SHOW table's rows from several workers become one table."""
 
-    keys: tuple[str, ...] = ()  # none: rows are concatenated
+    keys: tuple[str, ...] = ()  # none: rows are concatenated (or name/value rows)
     summed: frozenset[str] = frozenset()
     maxed: frozenset[str] = frozenset()
     weighted: dict[str, str] = field(default_factory=dict)  # mean column → weight column
@@ -121,17 +121,17 @@ MERGES: dict[str, Merge] = {
         ("name",), frozenset({"current_client_connections"}), frozenset({"paused", "disabled"})
     ),
     "users": Merge(("name",), frozenset({"current_client_connections"})),
+}
+
+# Name/value tables (merge_named_values).
+NAMED_MERGES: dict[str, Merge] = {
     "lists": Merge(
-        ("list",),
-        frozenset(
-            {
-                "used_clients",
-                "login_clients",
-                "used_servers",
-                "free_clients",
-                "free_servers",
-            }
-        ),
+        summed=frozenset(
+            {"used_clients", "login_clients", "used_servers", "free_clients", "free_servers"}
+        )
+    ),
+    "totals": Merge(
+        weighted={"avg_" + time: "avg_" + count for time, count in _MEAN_TIMES.items()}
     ),
 }
 
@@ -147,8 +147,6 @@ def merge_table(merge: Merge, cols: Sequence[Column], tables: Sequence[Rows]) ->
     for rows in tables:
         for row in rows:
             key = tuple(row[index] for index in key_at)
-            if merge.keys == ("list",):  # SHOW LISTS: only the per-worker lists add up
-                key = (row[0],)
             current = merged.get(key)
             if current is None:
                 merged[key] = list(row)
@@ -158,10 +156,6 @@ def merge_table(merge: Merge, cols: Sequence[Column], tables: Sequence[Rows]) ->
 
 
 def _combine(merge: Merge, where: dict[str, int], into: list[Value], row: list[Value]) -> None:
-    if merge.keys == ("list",):
-        if into[0] in merge.summed:
-            into[1] = _number(into[1]) + _number(row[1])
-        return
     # Weighted means first, while the weights are still per worker.
     for mean, weight in merge.weighted.items():
         if mean in where and weight in where:
@@ -180,35 +174,44 @@ def _number(value: Value | Decimal) -> int:
     return int(value) if value is not None else 0
 
 
-def merge_totals(rows_by_worker: Sequence[Rows]) -> Rows:
-    """SHOW TOTALS: name/value rows; counts add up, mean times are weighed."""
+def merge_named_values(merge: Merge, rows_by_worker: Sequence[Rows]) -> Rows:
+    """A name/value table (SHOW TOTALS, SHOW LISTS): rows named in ``merge.summed`` add up
+    (every row when it is empty), mean times (``merge.weighted``) are weighed by the row
+    of their count, the rest are this worker's."""
     values: dict[str, list[int]] = {}
     for rows in rows_by_worker:
         for name, value in rows:
             values.setdefault(str(name), []).append(_number(value))
     merged: Rows = []
     for name, per_worker in values.items():
-        short = name.removeprefix("avg_")
-        if name.startswith("avg_") and short in _MEAN_TIMES:
-            weights = values.get("avg_" + _MEAN_TIMES[short], [])
+        weight = merge.weighted.get(name)
+        if weight is not None:
+            weights = values.get(weight, [])
             total = sum(weights)
             mean = sum(v * w for v, w in zip(per_worker, weights, strict=False))
             merged.append([name, int(mean / total) if total else 0])
-        else:
+        elif not merge.summed or name in merge.summed:
             merged.append([name, sum(per_worker)])
+        else:
+            merged.append([name, per_worker[0]])
     return merged
 
 
-async def peer_rows(worker: WorkerContext, query: str, port: int) -> list[Rows]:
-    """The rows ``query`` gives on every other worker (a worker that cannot answer gives
-    none, logged)."""
+async def _ask_others(worker: WorkerContext, port: int, query: str) -> list[tuple[int, Any]]:
+    """(worker index, its rows or the exception it raised) for every other worker."""
     others = [index for index in range(worker.count) if index != worker.index]
     answers = await asyncio.gather(
         *(_ask(worker.socket_dir(index), port, query) for index in others),
         return_exceptions=True,
     )
+    return list(zip(others, answers, strict=True))
+
+
+async def peer_rows(worker: WorkerContext, query: str, port: int) -> list[Rows]:
+    """The rows ``query`` gives on every other worker (a worker that cannot answer gives
+    none, logged)."""
     rows: list[Rows] = []
-    for index, answer in zip(others, answers, strict=True):
+    for index, answer in await _ask_others(worker, port, query):
         if isinstance(answer, BaseException):
             log.warning("console: worker %d did not answer %r: %s", index, query, answer)
         else:
@@ -218,25 +221,16 @@ async def peer_rows(worker: WorkerContext, query: str, port: int) -> list[Rows]:
 
 async def silent_peers(worker: WorkerContext, port: int) -> list[int]:
     """The other workers that do not answer their console now (dead, restarting, stuck)."""
-    others = [index for index in range(worker.count) if index != worker.index]
-    answers = await asyncio.gather(
-        *(_ask(worker.socket_dir(index), port, "SHOW VERSION") for index in others),
-        return_exceptions=True,
-    )
-    return [index for index, answer in zip(others, answers, strict=True)
-            if isinstance(answer, BaseException)]  # fmt: skip
+    answers = await _ask_others(worker, port, "SHOW VERSION")
+    return [index for index, answer in answers if isinstance(answer, BaseException)]
 
 
 async def peer_commands(worker: WorkerContext, query: str, port: int) -> list[str | None]:
     """Run a control command on every other worker: None where it succeeded, else the
     error message."""
-    others = [index for index in range(worker.count) if index != worker.index]
-    answers = await asyncio.gather(
-        *(_ask(worker.socket_dir(index), port, query) for index in others),
-        return_exceptions=True,
-    )
-    return [None if not isinstance(answer, BaseException) else str(answer)
-            for answer in answers]  # fmt: skip
+    answers = await _ask_others(worker, port, query)
+    return [str(answer) if isinstance(answer, BaseException) else None
+            for _, answer in answers]  # fmt: skip
 
 
 async def _ask(socket_dir: str, port: int, query: str) -> Rows:
