@@ -172,7 +172,7 @@ class Daemon:
             pool.statement_registry = self.statement_registry
             pool.query_wait_timeout = self.settings.client_timeouts(entry, server_user).query_wait
             if self.settings.metrics_port:
-                pool.histograms = PoolHistograms(pool.query_wait_timeout)
+                pool.measure(PoolHistograms(pool.query_wait_timeout))
             self.pools[key] = pool
         return pool
 

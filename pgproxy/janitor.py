@@ -86,6 +86,8 @@ class Janitor:
             if settings.leak_detection_threshold > 0 and pool.servers:
                 detect_leaks(pool, now, settings.leak_detection_threshold)
             recycle(pool, now)
+            if pool.histograms is not None:
+                pool.histograms.fold()  # (what the hot path recorded since the last pass)
 
 
 def recycle(pool: Pool, now: float) -> None:

@@ -21,6 +21,22 @@ ParamValues = tuple[str, ...]
 EMPTY: ParamValues = ("",) * len(TRACKED)
 
 
+# One tuple object per distinct set of values, so that the check at link time is most
+# often an identity test: clients and servers with the same settings share it. Bounded:
+# past the limit it starts again (only the sharing is lost).
+_CANONICAL: dict[ParamValues, ParamValues] = {EMPTY: EMPTY}
+_CANONICAL_LIMIT = 4096
+
+
+def _canonical(values: ParamValues) -> ParamValues:
+    found = _CANONICAL.get(values)
+    if found is None:
+        if len(_CANONICAL) >= _CANONICAL_LIMIT:
+            _CANONICAL.clear()
+        _CANONICAL[values] = found = values
+    return found
+
+
 def tracked_index(name: str) -> int | None:
     """Position of ``name`` in TRACKED (GUC names are case-insensitive), or None."""
     return _INDEX.get(name.lower())
@@ -31,7 +47,7 @@ def with_value(values: ParamValues, name: str, value: str) -> ParamValues:
     index = _INDEX.get(name.lower())
     if index is None or values[index] == value:
         return values
-    return (*values[:index], value, *values[index + 1 :])
+    return _canonical((*values[:index], value, *values[index + 1 :]))
 
 
 def from_pairs(pairs: dict[str, str], base: ParamValues = EMPTY) -> ParamValues:
@@ -39,7 +55,7 @@ def from_pairs(pairs: dict[str, str], base: ParamValues = EMPTY) -> ParamValues:
     values = base
     for name, value in pairs.items():
         values = with_value(values, name, value)
-    return values
+    return _canonical(values)
 
 
 def _literal(value: str) -> str:

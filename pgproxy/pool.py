@@ -131,6 +131,8 @@ class Pool:
             budget.pools.append(self)
         self.statement_mode = settings.mode == "statement"
         self.releases_at_idle = settings.mode != "session"
+        self.null_pool = settings.null_pool
+        self.max_servers = settings.size + settings.reserve_size  # more: close when free
         self.idle: deque[ServerConn] = deque()
         self.waiters: deque[ClientConn] = deque()
         self.servers: set[ServerConn] = set()  # logged-in servers in any state
@@ -139,8 +141,11 @@ class Pool:
         # and each one is closed as it comes free.
         self.paused = False
         self.stats = PoolStats()
-        # Histograms for /metrics (None when metrics are off: nothing is observed).
+        # Histograms for /metrics (None when metrics are off: nothing is observed), and the
+        # hot path's shortcuts to two of them (see ``measure``).
         self.histograms: PoolHistograms | None = None
+        self.record_query: Callable[[float], None] | None = None
+        self.record_transaction: Callable[[float], None] | None = None
         self.query_wait_timeout = 0.0  # in force for this pool's user (a metrics gauge)
         self.server_tls = ServerTls("disable", None)  # set by the daemon
         # Named prepared statements: shared by every pool of the daemon (set by it).
@@ -162,6 +167,12 @@ class Pool:
             hook=settings.reconnect_failed,
             spawn=self._track,
         )
+
+    def measure(self, histograms: PoolHistograms) -> None:
+        """Observe this pool's waits, connects, queries and transactions in ``histograms``."""
+        self.histograms = histograms
+        self.record_query = histograms.query.record
+        self.record_transaction = histograms.transaction.record
 
     def size_limit(self, reserve: bool) -> int:
         """Servers this pool may have (with its reserve when ``reserve``)."""
@@ -198,7 +209,7 @@ class Pool:
             server.transport.pause_reading()
         if server.write_paused:
             client.transport.pause_reading()
-        if client.params is not server.params and client.params != server.params:
+        if client.params is not server.params:  # (equal values are one tuple: params.py)
             server.sync_params(client.params)
         # Named prepared statements: tied to this link now if the client has any, if the
         # server has stray names to close first, or at the server's first link (from then
@@ -215,39 +226,44 @@ class Pool:
         client.request_at = server.query_started  # SHOW CLIENTS request_time
         client.server = None
         server.client = None
+        if client.write_paused or server.write_paused:
+            self._resume_unlinked(client, server)
+
+    @staticmethod
+    def _resume_unlinked(client: ClientConn, server: ServerConn) -> None:
+        # Each side was paused for the other's sake only: unlinked, both may read again.
         if client.write_paused:
             server.transport.resume_reading()
         if server.write_paused:
             client.transport.resume_reading()
 
-    def _hand_over(self, server: ServerConn) -> None:
+    def _hand_over(self, server: ServerConn, now: float = 0.0) -> None:
         """A clean, unlinked server: to the first waiter, or onto the idle list.
 
         A server past its lifetime is closed instead (a new one is opened in the background
         if a client waits or the pool is under min_pool_size), and so is any server nobody
         waits for in a null pool.
         """
-        now = time.monotonic()
-        if (
-            now >= server.expires_at
-            or len(self.servers) > self.size + self.settings.reserve_size
-            or self.paused
-        ):
+        if not now:
+            now = time.monotonic()
+        if now >= server.expires_at or len(self.servers) > self.max_servers or self.paused:
             self.retire(server)  # past its lifetime, the pool was shrunk, or it is paused
             return
-        while self.waiters:
-            client = self.waiters.popleft()
+        waiters = self.waiters
+        while waiters:
+            client = waiters.popleft()
             if client.closed:
                 continue
             waited = now - client.wait_started_at
-            self.stats.wait_time += waited
-            self.stats.waiters_served += 1
+            stats = self.stats
+            stats.wait_time += waited
+            stats.waiters_served += 1
             if self.histograms is not None:
-                self.histograms.wait.observe(waited)
+                self.histograms.wait.record(waited)
             self._link(client, server)
             client.flush_pending()
             return
-        if self.settings.null_pool:
+        if self.null_pool:
             self.retire(server)
             return
         server.state = IDLE
@@ -262,11 +278,16 @@ class Pool:
             client.outstanding = 0  # never carry a miscount into the next transaction
             held = now - server.linked_at
             stats.xact_time += held
-            histograms = self.histograms
-            if histograms is not None:
-                histograms.transaction.observe(held)
-            self._unlink(client, server)
-            self._hand_over(server)
+            record = self.record_transaction
+            if record is not None:
+                record(held)
+            # (_unlink, inlined: this runs once per transaction)
+            client.request_at = server.query_started  # SHOW CLIENTS request_time
+            client.server = None
+            server.client = None
+            if client.write_paused or server.write_paused:
+                self._resume_unlinked(client, server)
+            self._hand_over(server, now)
 
     def client_gone(self, client: ClientConn) -> None:
         """``client`` disconnected: leave the queue, and free or close its server."""
@@ -489,6 +510,8 @@ class Pool:
             settings = replace(settings, mode=self.mode)
         self.settings = settings
         self.size = settings.size
+        self.null_pool = settings.null_pool
+        self.max_servers = settings.size + settings.reserve_size
         self.min_size = min(settings.min_size, settings.size)
         self.reset_query = settings.reset_query if settings.mode == "session" else ""
         self.connect_timeout = settings.connect_timeout

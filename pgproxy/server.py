@@ -116,24 +116,37 @@ class ServerConn(asyncio.Protocol):
             return
         scan = self.scan
         scan.feed(data)
+        client = self.client
+        if not scan.quick or client is None:
+            self._chunk(data, client)
+            return
+        # (The scanner's quick walk: the chunk goes to the client as it is.)
+        ready = scan.ready
+        if ready and scan.status != STATUS_IDLE and self.pool.statement_mode:
+            self._transaction_in_statement_mode(client)
+            return
+        client.transport.write(data)
+        self.pool.stats.sent_bytes += len(data)
+        if ready:
+            self._answered(client, ready)
+
+    def _chunk(self, data: bytes, client: ClientConn | None) -> None:
+        # Every other chunk: parameters reported, a corrupt stream, DEALLOCATE ALL, no
+        # client linked, hidden or cut replies, a COPY starting or ending.
+        scan = self.scan
         if scan.params is not None:
             self._apply_params(scan.params)
         if scan.error is not None:
             log.error("server %s: %s; closing", self.pool.name, scan.error)
             self.pool.retire(self)  # off the idle list now, not when the close is reported
             return
-        client = self.client
         if scan.deallocated:
             self._deallocated(client)
         if client is None:
             self._unlinked_data()
             return
         if scan.ready and scan.status != STATUS_IDLE and self.pool.statement_mode:
-            # As PgBouncer: the client never sees this ReadyForQuery, so the error arrives
-            # as the answer to its BEGIN rather than while it is idle.
-            client.fatal(
-                codes.PROTOCOL_VIOLATION, "transaction blocks not allowed in statement pooling mode"
-            )
+            self._transaction_in_statement_mode(client)
             return
         out = scan.out
         start = scan.forward_from
@@ -148,22 +161,35 @@ class ServerConn(asyncio.Protocol):
         if scan.copy_started or scan.copy_finished:
             self._copy_progress(client)
         if scan.ready:
-            now = self.clock()
-            pool = self.pool
-            took = now - self.query_started
-            pool.stats.query_time += took
-            histograms = pool.histograms
-            if histograms is not None:
-                histograms.query.observe(took)
-            self.query_started = now  # a pipelined request runs from here
-            self.replies += scan.ready
-            client.outstanding -= scan.ready
-            if (
-                scan.status == STATUS_IDLE
-                and client.outstanding <= 0
-                and not client.scan.holds_server
-            ):
-                pool.transaction_done(client, self, now)
+            self._answered(client, scan.ready)
+
+    @staticmethod
+    def _transaction_in_statement_mode(client: ClientConn) -> None:
+        # As PgBouncer: the client never sees this ReadyForQuery, so the error arrives
+        # as the answer to its BEGIN rather than while it is idle.
+        client.fatal(
+            codes.PROTOCOL_VIOLATION, "transaction blocks not allowed in statement pooling mode"
+        )
+
+    def _answered(self, client: ClientConn, ready: int) -> None:
+        # ``ready`` ReadyForQuery messages went to the client: time the request, and give
+        # the server back at the end of a transaction with nothing more owed.
+        now = self.clock()
+        pool = self.pool
+        took = now - self.query_started
+        pool.stats.query_time += took
+        record = pool.record_query
+        if record is not None:
+            record(took)
+        self.query_started = now  # a pipelined request runs from here
+        self.replies += ready
+        outstanding = client.outstanding = client.outstanding - ready
+        if (
+            outstanding <= 0
+            and self.scan.status == STATUS_IDLE
+            and not client.scan.holds_server
+        ):
+            pool.transaction_done(client, self, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -257,6 +283,8 @@ class ServerConn(asyncio.Protocol):
         sql = tracked.sync_sql(wanted, self.params)
         if sql is not None:
             self.run_hidden(sql)
+        else:
+            self.params = wanted  # equal values: share the tuple, the next check is `is`
 
     def run_hidden(self, sql: str) -> None:
         """Send a query whose replies, up to its ReadyForQuery, no client will see."""

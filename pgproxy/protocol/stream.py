@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pgproxy.protocol.prepared import Pending, ServerStatements
 
 _LENGTH = struct.Struct("!I").unpack_from
+_HEADER = struct.Struct("!BI").unpack_from  # a message's type byte and length
 
 # What a frontend message type means for routing (indexed by the type byte).
 _INVALID = 0
@@ -55,6 +56,7 @@ for _type, _kind in (
     _FRONTEND_KIND[_type[0]] = _kind
 
 _STATEMENT = ord("S")  # Describe/Close of a statement (not a portal)
+_QUERY = ord("Q")
 _READY_FOR_QUERY = ord("Z")
 _PARAMETER_STATUS = ord("S")
 _ERROR_RESPONSE = ord("E")
@@ -66,6 +68,18 @@ _COPY_BOTH_RESPONSE = ord("W")
 _BACKEND_INTERESTING = bytearray(256)
 for _type_code in b"ZSECGW":
     _BACKEND_INTERESTING[_type_code] = 1
+# What feed's quick walk does with each backend message type (0: skip it).
+_READY = 1  # ReadyForQuery
+_COMPLETION = 2  # ParseComplete, BindComplete, CloseComplete (counted with named statements)
+_TAG = 3  # CommandComplete (looked at with named statements: DEALLOCATE ALL)
+_STOP = 4  # ParameterStatus, CopyInResponse, CopyBothResponse: _walk handles them
+_QUICK_ACTIONS = bytearray(256)
+for _message_type, _action in ((b"Z", _READY), (b"S", _STOP), (b"G", _STOP), (b"W", _STOP)):
+    _QUICK_ACTIONS[_message_type[0]] = _action
+_COUNTING_ACTIONS = bytearray(_QUICK_ACTIONS)
+for _message_type in (b"1", b"2", b"3"):
+    _COUNTING_ACTIONS[_message_type[0]] = _COMPLETION
+_COUNTING_ACTIONS[ord("C")] = _TAG
 # In prepared mode ParseComplete, BindComplete and CloseComplete are counted too.
 _COMPLETIONS = frozenset(b"123")
 _BACKEND_PREPARED = bytearray(_BACKEND_INTERESTING)
@@ -105,6 +119,7 @@ class FrontendScanner:
     """
 
     __slots__ = (
+        "at_boundary",
         "batch_open",
         "carry",
         "copy_end_seen",
@@ -140,9 +155,27 @@ class FrontendScanner:
         self.plan: Plan | None = None
         self.held: bytearray | None = None
         self.open_pbc = 0
+        # The next chunk starts with a message header: nothing carried, held or left over.
+        self.at_boundary = True
 
     def feed(self, data: bytes) -> None:
         """Walk the headers in ``data``, continuing from where the previous chunk ended."""
+        size = len(data)
+        if (
+            self.at_boundary
+            and size > 5
+            and data[0] == _QUERY
+            and _LENGTH(data, 1)[0] == size - 1
+            and size <= self.max_packet_size
+        ):
+            # The most common chunk by far: one whole simple Query. The walk below would
+            # find exactly this; the state it leaves is set directly.
+            self.requests = 1
+            self.requests_total += 1
+            self.plan = None
+            self.open_pbc = 0
+            self.holds_server = self.batch_open
+            return
         self.requests = 0
         self.terminate_at = -1
         plan: Plan | None = None
@@ -165,6 +198,7 @@ class FrontendScanner:
         elif position >= size:  # the whole chunk is payload of a message already walked
             self.remaining = position - size
             self.holds_server = self.batch_open or self.remaining > 0
+            self.at_boundary = not self.remaining
             return
         elif self.carry:  # a header was split between chunks: join it (rare, < 5 bytes)
             base = len(self.carry)
@@ -180,11 +214,12 @@ class FrontendScanner:
         batch_open = self.batch_open
         copied = base  # plan: data before this offset is in the plan already
         stop = -1  # plan: the offset where forwarding stops (Terminate, an error, a hold)
+        header = _HEADER
         while position + 5 <= size:
-            kind = kinds[data[position]]
-            length = _LENGTH(data, position + 1)[0]
+            type_byte, length = header(data, position)
+            kind = kinds[type_byte]
             if kind == _INVALID or length < 4 or length > limit:
-                self._fail(data[position], length, position - base)
+                self._fail(type_byte, length, position - base)
                 stop = position
                 break
             if kind >= _PARSE:  # Parse, Bind, Close, Describe
@@ -265,6 +300,9 @@ class FrontendScanner:
         self.holds_server = (
             batch_open or position != size or terminate_split or self.held is not None
         )
+        self.at_boundary = (
+            position == size and self.terminate_at < 0 and self.held is None and not self.carry
+        )
 
     def _held_complete(self, held: bytearray) -> bool:
         if len(held) < 5:
@@ -312,7 +350,9 @@ class BackendScanner:
     offset where the client's bytes start (0 unless hidden replies led the chunk; the chunk
     length if all of it was hidden), ``params`` the (name, value) pairs of ParameterStatus
     messages (None if there were none), ``hidden_failed`` whether an injected query failed,
-    and ``error`` a description of a corrupt stream (None normally).
+    and ``error`` a description of a corrupt stream (None normally). ``quick`` says the
+    chunk took the common path (a linked server's reply, nothing hidden, cut, withheld or
+    copied, no ParameterStatus): then only ``ready`` and ``status`` need a look.
 
     Named prepared statements (``statements`` set): ``batches_done`` counts every
     ReadyForQuery and ``replies`` the ParseComplete/BindComplete/CloseComplete messages since
@@ -343,6 +383,7 @@ class BackendScanner:
         "ledger",
         "out",
         "params",
+        "quick",
         "ready",
         "remaining",
         "replies",
@@ -371,6 +412,7 @@ class BackendScanner:
         self.out: bytes | None = None
         self.withheld = False  # the carry was not forwarded (prepared mode)
         self.deallocated = False
+        self.quick = False  # the quick walk handled the chunk: only ``ready`` to look at
 
     def feed(self, data: bytes) -> None:
         """Walk the headers in ``data``, continuing from where the previous chunk ended."""
@@ -378,12 +420,57 @@ class BackendScanner:
         self.params = None
         self.out = None
         self.copy_started = self.copy_finished = False
-        original_size = len(data)
+        self.quick = False
+        size = len(data)
         position = self.remaining
-        if position >= original_size:
-            self.remaining = position - original_size
-            self.forward_from = original_size if self.hidden else 0
+        if position >= size:
+            self.remaining = position - size
+            self.forward_from = size if self.hidden else 0
             return
+        statements = self.statements
+        if self.hidden or self.carry or self.copy_in or self.withheld or self.ledger:
+            self._walk(data, position, 0)
+            return
+        # The common case, a linked server's reply with nothing hidden, carried, withheld
+        # or to be cut, and no COPY: a quick walk that reads only ReadyForQuery and, when
+        # named statements are in use, counts the replies the ledger will need and looks
+        # for DEALLOCATE ALL. At anything else that matters (ParameterStatus, a COPY
+        # starting, a bad length, a message split at the end), _walk takes over.
+        header = _HEADER
+        counting = statements is not None
+        actions = _COUNTING_ACTIONS if counting else _QUICK_ACTIONS
+        ready = 0
+        last = size - 5  # the last offset where a whole header fits
+        while position <= last:
+            type_byte, length = header(data, position)
+            action = actions[type_byte]
+            if not action and length > 3:
+                position += 1 + length
+            elif action == _READY and length == 5 and position < last:
+                self.status = data[position + 5]
+                ready += 1
+                position += 6
+                if counting:
+                    self.batches_done += 1
+                    self.replies = 0
+            elif action == _COMPLETION and length == 4:
+                self.replies += 1
+                position += 5
+            elif action == _TAG and length != 19 and length != 16:  # (not DEALLOCATE ALL)
+                position += 1 + length
+            else:
+                break
+        if position < size:
+            self._walk(data, position, ready)
+            return
+        self.remaining = position - size
+        self.ready = ready
+        self.forward_from = 0
+        self.quick = True
+
+    def _walk(self, data: bytes, position: int, ready: int) -> None:
+        # Every case: from ``position`` (``ready`` ReadyForQuery messages counted before it).
+        original_size = len(data)
         base = 0
         withheld = self.withheld
         if self.carry:  # a header or a small message was split between chunks: join it
@@ -394,7 +481,6 @@ class BackendScanner:
         size = len(data)
         hidden = self.hidden
         forward_from = size if hidden else (0 if withheld else base)
-        ready = 0
         statements = self.statements
         interesting = _BACKEND_INTERESTING if statements is None else _BACKEND_PREPARED
         cuts: list[int] | None = None  # start, end, start, end... of replies to cut out
