@@ -263,20 +263,13 @@ class ClientConn(asyncio.Protocol):
         self.wait_started_at = 0.0
         server = self.server
         assert server is not None
-        if self._pending:
-            # Consecutive chunks in one write; plans rendered for this server in order.
-            chunks: list[bytes] = []
-            for item in self._pending:
-                if isinstance(item, bytes):
-                    chunks.append(item)
-                    continue
-                if chunks:
-                    server.transport.write(b"".join(chunks))
-                    chunks.clear()
-                self._send_plan(server, item)
-            if chunks:
-                server.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-            self._pending.clear()
+        pending = self._pending
+        if pending:
+            if len(pending) == 1 and type(pending[0]) is bytes:  # the usual: one chunk
+                server.transport.write(pending[0])
+            else:
+                self._flush_several(server)
+            pending.clear()
             self._pending_size = 0
         if self.terminated:
             self._leave()
@@ -284,6 +277,20 @@ class ClientConn(asyncio.Protocol):
             self._paused_while_waiting = False
             if not server.write_paused:
                 self.transport.resume_reading()
+
+    def _flush_several(self, server: ServerConn) -> None:
+        # Consecutive chunks in one write; plans rendered for this server in order.
+        chunks: list[bytes] = []
+        for item in self._pending:
+            if isinstance(item, bytes):
+                chunks.append(item)
+                continue
+            if chunks:
+                server.transport.write(b"".join(chunks))
+                chunks.clear()
+            self._send_plan(server, item)
+        if chunks:
+            server.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     # -- errors and endings ------------------------------------------------------------
 

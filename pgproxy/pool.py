@@ -196,7 +196,8 @@ class Pool:
         self.stats.requests_queued += 1
         client.wait_started_at = time.monotonic()
         self.waiters.append(client)
-        self.grow()
+        if len(self.servers) + self.connecting < self.size:  # (else grow has nothing to do)
+            self.grow()
         return None
 
     def _link(self, client: ClientConn, server: ServerConn) -> None:

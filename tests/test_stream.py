@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from pgproxy.protocol import messages
 from pgproxy.protocol.messages import message
+from pgproxy.protocol.prepared import ClientStatements, Registry, ServerStatements
 from pgproxy.protocol.stream import (
     STATUS_FAILED,
     STATUS_IDLE,
@@ -26,6 +27,7 @@ from pgproxy.protocol.stream import (
     BackendScanner,
     FrontendScanner,
 )
+from pgproxy.stats import PoolStats
 
 LIMIT = 1 << 16  # max_packet_size used by the property tests
 
@@ -221,6 +223,37 @@ def test_frontend_totals_do_not_depend_on_chunking(
     check_frontend(stream, run_frontend([stream.data]))
     cuts = data.draw(cuts_near(stream.boundaries), label="cuts")
     check_frontend(stream, run_frontend(split(stream.data, cuts)))
+
+
+FRONTEND_STATE = (
+    "requests", "requests_total", "remaining", "carry", "batch_open", "holds_server",
+    "open_pbc", "terminate_at", "error", "error_at", "held", "copy_end_seen",
+    "requests_at_copy_end", "at_boundary",
+)  # fmt: skip
+
+
+@PROPERTY
+@given(stream=frontend_streams(), data=st.data(), named=st.booleans())
+def test_frontend_quick_walk_leaves_the_state_of_the_full_walk(
+    stream: FrontendExpectation, data: st.DataObject, named: bool
+) -> None:
+    """feed's quick walk (taken at a message boundary) either declines or leaves exactly
+    what the full walk would: fed the same chunks, a scanner kept off the quick walk
+    agrees after every chunk, with and without named statements in use."""
+    cuts = data.draw(cuts_near(stream.boundaries), label="cuts")
+    quick, full = FrontendScanner(LIMIT), FrontendScanner(LIMIT)
+    if named:
+        quick.statements = ClientStatements(Registry(), PoolStats())
+        full.statements = ClientStatements(Registry(), PoolStats())
+    for chunk in [stream.data, *split(stream.data, cuts)]:
+        full.at_boundary = False  # (the full walk still computes it)
+        quick.feed(chunk)
+        full.feed(chunk)
+        for name in FRONTEND_STATE:
+            assert getattr(quick, name) == getattr(full, name), name
+        assert (quick.plan is None) == (full.plan is None)
+        if quick.error is not None or quick.terminate_at != -1:
+            break
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -465,7 +498,7 @@ BACKEND_MESSAGE = st.one_of(
     st.sampled_from(["42P01", "57014"]).map(
         lambda code: ("E", messages.error_response(code, "oops"), None)
     ),
-    st.sampled_from(["SELECT 1", "INSERT 0 1", "BEGIN"]).map(
+    st.sampled_from(["SELECT 1", "INSERT 0 1", "BEGIN", "DEALLOCATE ALL", "DISCARD ALL"]).map(
         lambda tag: ("C", message(b"C", messages.cstring(tag)), None)
     ),
     st.integers(0, 20_000).map(lambda n: ("D", data_row(n), None)),
@@ -572,6 +605,57 @@ def check_backend(expected: BackendExpectation, run: BackendRun) -> None:
     assert run.hidden_at == expected.hidden_at
     assert run.hidden_failed == expected.hidden_failed
     assert run.hidden_left == expected.hidden_left
+
+
+BACKEND_STATE = (
+    "ready", "status", "remaining", "carry", "forward_from", "params", "error", "hidden",
+    "hidden_failed", "copy_in", "copy_started", "copy_finished", "batches_done", "replies",
+    "out", "withheld", "deallocated",
+)  # fmt: skip
+
+
+def feed_fully(scan: BackendScanner, chunk: bytes) -> None:
+    """``scan.feed`` kept off its quick walk: the outputs reset, then the full walk."""
+    if scan.remaining >= len(chunk) or scan.hidden or scan.carry or scan.copy_in:
+        scan.feed(chunk)  # (feed takes the full walk, or none, by itself)
+        return
+    scan.ready = 0
+    scan.params = scan.out = None
+    scan.copy_started = scan.copy_finished = False
+    scan._walk(chunk, scan.remaining, 0)
+
+
+@PROPERTY
+@given(
+    msgs=st.lists(BACKEND_MESSAGE.filter(lambda m: m[0] != "S"), max_size=30),
+    data=st.data(),
+    named=st.booleans(),
+)
+def test_backend_quick_walk_leaves_the_state_of_the_full_walk(
+    msgs: list[tuple[str, bytes, object]], data: st.DataObject, named: bool
+) -> None:
+    """feed's quick walk (nothing hidden, carried or copied; it stops at ParameterStatus,
+    left out here so that it goes far) leaves exactly what the full walk would, chunk
+    after chunk, with and without named statements in use (then it also counts
+    ParseComplete/BindComplete/CloseComplete and looks for DEALLOCATE ALL)."""
+    stream = b"".join(raw for _, raw, _ in msgs)
+    boundaries = [0]
+    for _, raw, _ in msgs:
+        boundaries.append(boundaries[-1] + len(raw))
+    cuts = data.draw(cuts_near(boundaries), label="cuts")
+    quick, full = BackendScanner(), BackendScanner()
+    if named:
+        for scan in (quick, full):
+            statements = ServerStatements(Registry(), PoolStats(), 10)
+            scan.statements, scan.ledger = statements, statements.ledger
+    for chunk in [stream, *split(stream, cuts)]:
+        quick.feed(chunk)
+        feed_fully(full, chunk)
+        for name in BACKEND_STATE:
+            assert getattr(quick, name) == getattr(full, name), name
+        if quick.error is not None:
+            break
+        quick.deallocated = full.deallocated = False  # (as ServerConn does after a chunk)
 
 
 @PROPERTY

@@ -160,22 +160,84 @@ class FrontendScanner:
 
     def feed(self, data: bytes) -> None:
         """Walk the headers in ``data``, continuing from where the previous chunk ended."""
+        if self.at_boundary:
+            size = len(data)
+            if (
+                size > 5
+                and data[0] == _QUERY
+                and _LENGTH(data, 1)[0] == size - 1
+                and size <= self.max_packet_size
+            ):
+                # The most common chunk by far: one whole simple Query.
+                self.requests = 1
+                self.requests_total += 1
+                self.plan = None
+                self.open_pbc = 0
+                self.holds_server = self.batch_open
+                return
+            if self._quick_walk(data):
+                return
+        self._walk(data)
+
+    def _quick_walk(self, data: bytes) -> bool:
+        """The common chunk, starting at a header: simple queries, unnamed extended-protocol
+        messages, CopyData. Walks it without changing anything and, if every message was
+        one of those (and none but the last is split), sets the state _walk would have set
+        and says True; else False, and _walk does it all."""
+        header = _HEADER
+        kinds = _FRONTEND_KIND
+        limit = self.max_packet_size
+        statements = self.statements
         size = len(data)
-        if (
-            self.at_boundary
-            and size > 5
-            and data[0] == _QUERY
-            and _LENGTH(data, 1)[0] == size - 1
-            and size <= self.max_packet_size
-        ):
-            # The most common chunk by far: one whole simple Query. The walk below would
-            # find exactly this; the state it leaves is set directly.
-            self.requests = 1
-            self.requests_total += 1
-            self.plan = None
-            self.open_pbc = 0
-            self.holds_server = self.batch_open
-            return
+        position = 0
+        requests = 0
+        open_pbc = self.open_pbc
+        batch_open = self.batch_open
+        while position < size:
+            if position + 5 > size:
+                return False  # a split header: carried by _walk
+            type_byte, length = header(data, position)
+            if length < 4 or length > limit:
+                return False
+            kind = kinds[type_byte]
+            if kind == _REQUEST:
+                requests += 1
+                open_pbc = 0
+            elif kind >= _PARSE:
+                if statements is not None:  # a named statement, or a split one: _walk
+                    if position + 1 + length > size or length < 6:
+                        return False
+                    if kind == _PARSE:
+                        if data[position + 5]:
+                            return False
+                    elif kind == _BIND:
+                        if data[position + 5] or data[position + 6]:
+                            return False
+                    elif data[position + 5] == _STATEMENT and data[position + 6]:
+                        return False
+                batch_open = True
+                if kind != _DESCRIBE:
+                    open_pbc += 1
+            elif kind == _SYNC:
+                requests += 1
+                open_pbc = 0
+                batch_open = False
+            elif kind == _EXTENDED:
+                batch_open = True
+            elif kind != _PLAIN:
+                return False  # Terminate, the end of a COPY, an invalid type: _walk
+            position += 1 + length
+        self.requests = requests
+        self.requests_total += requests
+        self.open_pbc = open_pbc
+        self.batch_open = batch_open
+        self.plan = None
+        self.remaining = position - size
+        self.holds_server = batch_open or position != size
+        self.at_boundary = position == size
+        return True
+
+    def _walk(self, data: bytes) -> None:
         self.requests = 0
         self.terminate_at = -1
         plan: Plan | None = None
