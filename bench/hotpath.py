@@ -1,0 +1,186 @@
+"""Python time per transaction on pgproxy's hot path, without sockets or PostgreSQL.
+
+    .venv/bin/python bench/hotpath.py [--transactions N] [--repeat R] [--profile]
+
+Drives the real ClientConn, ServerConn and Pool objects with in-memory transports: each
+client sends a pgbench-like request (a simple Query, or an unnamed Parse/Bind/Describe/
+Execute/Sync batch), each linked server answers with the reply PostgreSQL would send, and
+the pool links and unlinks them as it does in transaction mode (named prepared statements
+on, metrics histograms on). It prints the microseconds of Python per transaction: what
+pgproxy adds on top of the two reads and two writes any pooler pays (those are measured by
+``bench/run.py``, which splits a pooler's CPU into user and kernel time). Deterministic
+enough to compare two versions of the code on a noisy machine; best of ``--repeat`` runs.
+Another checkout: ``PYTHONPATH=/path/to/it .venv/bin/python bench/hotpath.py``.
+``--profile`` adds a cProfile of select16: each function's share of the time in its own
+code (cProfile inflates calls, so small functions look dearer than they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import struct
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from pgproxy import params as tracked
+from pgproxy.client import READY, ClientConn
+from pgproxy.config import PoolSettings
+from pgproxy.metrics import PoolHistograms
+from pgproxy.pool import Pool, ServerTarget
+from pgproxy.protocol.prepared import ClientStatements
+from pgproxy.server import IDLE, ServerConn
+
+
+def message(type_byte: bytes, payload: bytes = b"") -> bytes:
+    """One protocol message."""
+    return type_byte + struct.pack("!I", len(payload) + 4) + payload
+
+
+SQL = b"SELECT abalance FROM pgbench_accounts WHERE aid = "
+SIMPLE = message(b"Q", SQL + b"4242;\0")
+EXTENDED = (
+    message(b"P", b"\0" + SQL + b"$1;\0\0\0")
+    + message(b"B", b"\0\0\0\0\0\x01\0\0\0\x044242\0\0")
+    + message(b"D", b"P\0")
+    + message(b"E", b"\0\0\0\0\0")
+    + message(b"S")
+)
+ROWS = (
+    message(b"T", b"\0\x01abalance\0" + b"\0" * 18)
+    + message(b"D", b"\0\x01\0\0\0\x010")
+    + message(b"C", b"SELECT 1\0")
+    + message(b"Z", b"I")
+)
+SCENARIOS = {
+    # name: (clients, request, reply)
+    "select16": (16, SIMPLE, ROWS),
+    "select100": (100, SIMPLE, ROWS),
+    "extended16": (16, EXTENDED, message(b"1") + message(b"2") + ROWS),
+}
+SERVERS = 20
+
+
+class MemoryTransport:
+    """Counts writes; flow control is never asked for."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def pause_reading(self) -> None:
+        raise AssertionError("no back-pressure expected")
+
+    def resume_reading(self) -> None:
+        raise AssertionError("no back-pressure expected")
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class DaemonStandIn:
+    """What a logged-in ClientConn asks of its daemon on the hot path."""
+
+    class settings:  # (read as an attribute, like the daemon's Settings)
+        max_packet_size = 1 << 30
+
+    clients: set[Any] = set()
+
+    def clients_changed(self) -> None:
+        pass
+
+
+async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> float:
+    """Seconds of Python per transaction for one scenario."""
+    settings = PoolSettings(mode="transaction", size=SERVERS, max_prepared_statements=200)
+    pool = Pool("bench", "bench", ServerTarget("127.0.0.1", 1, "bench", "bench", None), settings)
+    pool.measure(PoolHistograms(120.0))
+    values = tracked.from_pairs({"client_encoding": "UTF8"})
+    servers = []
+    for _ in range(SERVERS):
+        server = ServerConn(pool)
+        server.transport = MemoryTransport()  # type: ignore[assignment]
+        server.state = IDLE
+        server.params = values
+        pool.servers.add(server)
+        pool.idle.append(server)
+        servers.append(server)
+    linked = []
+    for _ in range(clients):
+        client = ClientConn(DaemonStandIn())  # type: ignore[arg-type]
+        client.transport = MemoryTransport()  # type: ignore[assignment]
+        client.state = READY
+        client.pool = pool
+        client.params = values
+        client.scan.statements = ClientStatements(pool.statement_registry, pool.stats)
+        linked.append(client)
+    done = 0
+    started = time.perf_counter()
+    while done < transactions:
+        # Every client sends its request (the first SERVERS get a server, the rest wait);
+        # then servers answer until every client has had its reply.
+        for client in linked:
+            client.data_received(request)
+        answering = True
+        while answering:
+            answering = False
+            for server in servers:
+                if server.client is not None:
+                    server.data_received(reply)
+                    done += 1
+                    answering = True
+        assert pool.histograms is not None
+        pool.histograms.fold()  # (the janitor's job, a few times a second)
+    took = time.perf_counter() - started
+    assert pool.stats.xact_count == done and not pool.waiters
+    return took / done
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transactions", type=int, default=50_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also a cProfile of select16")
+    args = parser.parse_args()
+    print(f"| scenario | µs of Python per transaction (best of {args.repeat}) |")
+    print("|:--|--:|")
+    for name, (clients, request, reply) in SCENARIOS.items():
+        best = min(
+            uvloop.run(run(clients, request, reply, args.transactions))
+            for _ in range(args.repeat)
+        )
+        print(f"| {name} | {best * 1e6:.2f} |")
+    if args.profile:
+        print()
+        print(profile(args.transactions))
+    return 0
+
+
+def profile(transactions: int) -> str:
+    """select16 under cProfile: the functions by time in their own code (Markdown)."""
+    clients, request, reply = SCENARIOS["select16"]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    uvloop.run(run(clients, request, reply, transactions))
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = stats.stats  # type: ignore[attr-defined]  # (documented, not in the stubs)
+    total = sum(row[2] for row in rows.values())
+    lines = ["| own % | calls per transaction | function |", "|--:|--:|:--|"]
+    top = sorted(rows.items(), key=lambda item: -item[1][2])[:12]
+    for (filename, line, function), (_, calls, own, _, _) in top:
+        where = f"{filename.rsplit('/', 1)[-1]}:{line}" if line else filename
+        share = 100 * own / total
+        lines.append(f"| {share:.1f} | {calls / transactions:.2f} | `{function}` ({where}) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
