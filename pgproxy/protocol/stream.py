@@ -193,19 +193,21 @@ class FrontendScanner:
         requests = 0
         open_pbc = self.open_pbc
         batch_open = self.batch_open
+        last = size - 5  # the last offset where a whole header fits
         while position < size:
-            if position + 5 > size:
+            if position > last:
                 return False  # a split header: carried by _walk
             type_byte, length = header(data, position)
             if length < 4 or length > limit:
                 return False
             kind = kinds[type_byte]
+            end = position + 1 + length
             if kind == _REQUEST:
                 requests += 1
                 open_pbc = 0
             elif kind >= _PARSE:
                 if statements is not None:  # a named statement, or a split one: _walk
-                    if position + 1 + length > size or length < 6:
+                    if end > size or length < 6:
                         return False
                     if kind == _PARSE:
                         if data[position + 5]:
@@ -226,7 +228,7 @@ class FrontendScanner:
                 batch_open = True
             elif kind != _PLAIN:
                 return False  # Terminate, the end of a COPY, an invalid type: _walk
-            position += 1 + length
+            position = end
         self.requests = requests
         self.requests_total += requests
         self.open_pbc = open_pbc
