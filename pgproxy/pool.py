@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgproxy.pool")
 
+# Seconds a queued request does not retry opening a server after a budget refused one. A
+# local budget wakes its pools when a place frees (ServerBudget.release); one shared with
+# other workers cannot, so queued requests poll it, and the janitor retries too.
+BUDGET_RETRY = 0.02
+
 
 @dataclass(frozen=True, slots=True)
 class ServerTarget:
@@ -102,6 +107,7 @@ class ServerBudget:
         self.evicting = False
         for pool in self.pools:
             if pool.waiters:
+                pool.grow_blocked_until = 0.0
                 pool.grow()
 
 
@@ -137,6 +143,7 @@ class Pool:
         self.waiters: deque[ClientConn] = deque()
         self.servers: set[ServerConn] = set()  # logged-in servers in any state
         self.connecting = 0
+        self.grow_blocked_until = 0.0  # (monotonic) see BUDGET_RETRY
         # PAUSE, KILL, SUSPEND or a waiting shutdown: no server is handed out or opened,
         # and each one is closed as it comes free.
         self.paused = False
@@ -194,9 +201,10 @@ class Pool:
             client.fatal(codes.TOO_MANY_CONNECTIONS, "too many clients waiting (max_waiting)")
             return None
         self.stats.requests_queued += 1
-        client.wait_started_at = time.monotonic()
+        client.wait_started_at = now = time.monotonic()
         self.waiters.append(client)
-        if len(self.servers) + self.connecting < self.size:  # (else grow has nothing to do)
+        # (grow has nothing to do in a full pool, nor right after a budget said no.)
+        if len(self.servers) + self.connecting < self.size and now >= self.grow_blocked_until:
             self.grow()
         return None
 
@@ -386,6 +394,7 @@ class Pool:
                     held.give_back()
                 if self.waiters:
                     budget.evict_idle(self)
+                self.grow_blocked_until = time.monotonic() + BUDGET_RETRY
                 return False
             taken.append(budget)
         return True

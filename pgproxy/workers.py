@@ -51,7 +51,6 @@ MAX_WORKERS = 64
 LOCK_TIMEOUT = 2.0  # seconds; a worker that died holding the lock must not stall others
 RESTART_DELAY = 1.0  # seconds before restarting a worker that died within its first second
 MAX_QUICK_FAILURES = 3  # a worker that fails this often right at start is not restarted
-FULL_BACKOFF = 0.02  # seconds a worker takes a full shared budget's refusal as still true
 FORWARDED_SIGNALS = (
     signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
     signal.SIGUSR2,
@@ -318,7 +317,6 @@ class SharedServerBudget(ServerBudget):
         self.slot = shared.slot(name)
         self.limit = limit
         self.limit_for: Callable[[bool], int] | None = None
-        self._full_until = 0.0
         self.evicting = False
         self.pools: list[Pool] = []
 
@@ -335,15 +333,8 @@ class SharedServerBudget(ServerBudget):
         return 0 < self._limit(False) <= self.shared.total(self.slot)
 
     def take(self, reserve: bool) -> bool:
-        # Queued clients ask on every request while the budget is full: after a refusal,
-        # refuse at once for a moment instead of reading the shared cells again.
-        now = time.monotonic()
-        if not reserve and now < self._full_until:
-            return False
-        if self.shared.take(self.slot, self.worker, self._limit(reserve)):
-            return True
-        self._full_until = now + FULL_BACKOFF
-        return False
+        # (Queued requests do not ask again for a moment after a refusal: pool.BUDGET_RETRY.)
+        return self.shared.take(self.slot, self.worker, self._limit(reserve))
 
     def give_back(self) -> None:
         self.shared.give_back(self.slot, self.worker)
