@@ -183,7 +183,8 @@ class FrontendScanner:
         """The common chunk, starting at a header: simple queries, unnamed extended-protocol
         messages, CopyData. Walks it without changing anything and, if every message was
         one of those (and none but the last is split), sets the state _walk would have set
-        and says True; else False, and _walk does it all."""
+        and says True; else False, and _walk does it all. (Its rules for the messages it
+        takes are _walk's, repeated for speed; test_stream checks that the two agree.)"""
         header = _HEADER
         kinds = _FRONTEND_KIND
         limit = self.max_packet_size
