@@ -772,6 +772,9 @@ class Summary:
     bad_runs: int = 0
     tps_per_round: list[float | None] = field(default_factory=list)
     cpu_sys_share: float | None = None  # stime / (utime + stime) over all rounds
+    # Over all rounds: user and kernel CPU microseconds per transaction.
+    cpu_user_us_per_txn: float | None = None
+    cpu_sys_us_per_txn: float | None = None
 
 
 def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, Summary]]:
@@ -795,6 +798,10 @@ def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, Summary]]:
             system = sum(r.cpu_sys_seconds or 0.0 for r in runs)
             if user + system > 0:
                 summary.cpu_sys_share = system / (user + system)
+                transactions = sum(r.transactions or 0 for r in runs if r.cpu_seconds)
+                if transactions:
+                    summary.cpu_user_us_per_txn = user * 1e6 / transactions
+                    summary.cpu_sys_us_per_txn = system * 1e6 / transactions
     return out
 
 
@@ -872,8 +879,8 @@ def build_report(
         "a non-zero exit, a hang or a pooler crash (details below). Direct PostgreSQL has no "
         "pooler CPU column ('-').",
         "",
-        "tps per round (in round order); for the poolers also the kernel (stime) share of "
-        "their CPU time:",
+        "tps per round (in round order); for the poolers also their user and kernel CPU "
+        "time per transaction over all rounds, and the kernel (stime) share:",
         "",
     ]
     for sc in scenarios:
@@ -882,7 +889,15 @@ def build_report(
             if s is None:
                 continue
             rounds = ", ".join(fmt(v, ".0f") for v in s.tps_per_round)
-            share = "" if s.cpu_sys_share is None else f" (sys {100 * s.cpu_sys_share:.0f}%)"
+            share = ""
+            if s.cpu_sys_share is not None:
+                split = ""
+                if s.cpu_user_us_per_txn is not None and s.cpu_sys_us_per_txn is not None:
+                    split = (
+                        f"user {s.cpu_user_us_per_txn:.1f} + kernel "
+                        f"{s.cpu_sys_us_per_txn:.1f} µs/txn, "
+                    )
+                share = f" ({split}sys {100 * s.cpu_sys_share:.0f}%)"
             lines.append(f"- {sc.name} / {TARGET_LABELS[target]}: {rounds}{share}")
     bad = [r for r in results if not r.ok]
     lines += ["", f"## Problems ({len(bad)} of {len(results)} runs)", ""]
@@ -1227,7 +1242,9 @@ def run_profile(runner: Runner, duration: int) -> str:
         f"Extra {PROFILE_SCENARIO} run against pgproxy under `py-spy record` "
         f"(not counted above): tps={fmt(r.tps, '.0f')}"
         f"{'' if r.ok else ' PROBLEM: ' + r.problem()}; raw stacks in {output}. "
-        "Samples are wall-clock: compare with the sys share of pgproxy's CPU time above.\n\n"
+        "Samples are wall-clock (a loopback write(2) runs the receiver's wake-up): compare "
+        "with the user/kernel split of pgproxy's CPU time above, and see bench/hotpath.py "
+        "for its own Python.\n\n"
         f"{table}"
     )
     print(text, file=sys.stderr)
