@@ -235,11 +235,6 @@ class Pool:
         client.request_at = server.query_started  # SHOW CLIENTS request_time
         client.server = None
         server.client = None
-        if client.write_paused or server.write_paused:
-            self._resume_unlinked(client, server)
-
-    @staticmethod
-    def _resume_unlinked(client: ClientConn, server: ServerConn) -> None:
         # Each side was paused for the other's sake only: unlinked, both may read again.
         if client.write_paused:
             server.transport.resume_reading()
@@ -290,12 +285,7 @@ class Pool:
             record = self.record_transaction
             if record is not None:
                 record(held)
-            # (_unlink, inlined: this runs once per transaction)
-            client.request_at = server.query_started  # SHOW CLIENTS request_time
-            client.server = None
-            server.client = None
-            if client.write_paused or server.write_paused:
-                self._resume_unlinked(client, server)
+            self._unlink(client, server)
             self._hand_over(server, now)
 
     def client_gone(self, client: ClientConn) -> None:
