@@ -62,6 +62,7 @@ _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 _INT32 = struct.Struct("!I")
 MAX_PASSWORD_MESSAGE = 64 * 1024  # a password or SASL message longer than this is not one
 
+_READY_IDLE = messages.ready_for_query()
 # Bytes a waiting client may send before its reading is paused.
 PENDING_LIMIT = 256 * 1024
 # Seconds a client has to read its FATAL error before the connection is closed under it.
@@ -734,13 +735,13 @@ class ClientConn(asyncio.Protocol):
             self.data_received(early)
 
     def _welcome(self, pool: Pool) -> bytes:
-        assert pool.welcome is not None and self.cancel_key is not None
-        parts = [messages.AUTHENTICATION_OK]
-        for name, value in pool.welcome:
-            index = tracked.tracked_index(name)
-            shown = self.params[index] if index is not None else value
-            parts.append(messages.parameter_status(name, shown))
+        assert self.cancel_key is not None
         process_id, secret = self.cancel_key
-        parts.append(messages.backend_key_data(process_id, secret))
-        parts.append(messages.ready_for_query())
-        return b"".join(parts)
+        return b"".join(
+            (
+                messages.AUTHENTICATION_OK,
+                pool.parameter_statuses(self.params),
+                messages.backend_key_data(process_id, secret),
+                _READY_IDLE,
+            )
+        )

@@ -568,19 +568,16 @@ class Settings(BaseSettings):
 
     def client_timeouts(self, database: DatabaseConfig, user: str) -> ClientTimeouts:
         """The timeouts that apply to a client of ``user`` on ``database``."""
-        entry = self.users.get(user) or UserConfig()
-
-        def pick(*candidates: float | None) -> float:
-            return next(value for value in candidates if value is not None)
-
+        # (Run at every login: no model built, no generator.)
+        entry = self.users.get(user) or _NO_USER_ENTRY
         return ClientTimeouts(
-            query_wait=pick(
+            query_wait=_first(
                 entry.query_wait_timeout, database.query_wait_timeout, self.query_wait_timeout
             ),
-            query=pick(entry.query_timeout, self.query_timeout),
-            idle_transaction=pick(entry.idle_transaction_timeout, self.idle_transaction_timeout),
-            transaction=pick(entry.transaction_timeout, self.transaction_timeout),
-            client_idle=pick(entry.client_idle_timeout, self.client_idle_timeout),
+            query=_first(entry.query_timeout, self.query_timeout),
+            idle_transaction=_first(entry.idle_transaction_timeout, self.idle_transaction_timeout),
+            transaction=_first(entry.transaction_timeout, self.transaction_timeout),
+            client_idle=_first(entry.client_idle_timeout, self.client_idle_timeout),
         )
 
     def max_db_connections_for(self, database: DatabaseConfig) -> int:
@@ -614,6 +611,17 @@ class Settings(BaseSettings):
         if database.pool_size is not None:
             return database.pool_size
         return self.default_pool_size
+
+
+_NO_USER_ENTRY = UserConfig()  # the settings of a user without a [users] entry
+
+
+def _first(*candidates: float | None) -> float:
+    """The first value that is set (the last candidate always is)."""
+    for value in candidates:
+        if value is not None:
+            return value
+    raise ValueError("no value set")
 
 
 def _describe(error: Any) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pgproxy import params as tracked
 from pgproxy.config import PoolMode, PoolSettings
 from pgproxy.metrics import PoolHistograms
-from pgproxy.protocol import codes
+from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import Credential
 from pgproxy.protocol.prepared import Registry
 from pgproxy.reconnect import Reconnect
@@ -162,6 +162,9 @@ class Pool:
         # ParameterStatus values of the first server: what every client is told at login.
         self.welcome: list[tuple[str, str]] | None = None
         self.welcome_values: tracked.ParamValues = tracked.EMPTY
+        # The ParameterStatus messages of a welcome, per set of client values (logins of
+        # one application mostly share one).
+        self._greetings: dict[tracked.ParamValues, bytes] = {}
         self._welcome_attempt: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
@@ -473,6 +476,23 @@ class Pool:
             self.welcome_values = server.params
         outcome.set_result(None)
         self._hand_over(server)
+
+    def parameter_statuses(self, values: tracked.ParamValues) -> bytes:
+        """The ParameterStatus messages that welcome a client whose tracked settings are
+        ``values``: the first server's parameters, the client's own values for the tracked
+        ones. Built once per set of values (a few hundred kept)."""
+        found = self._greetings.get(values)
+        if found is None:
+            assert self.welcome is not None
+            parts = []
+            for name, value in self.welcome:
+                index = tracked.tracked_index(name)
+                shown = values[index] if index is not None else value
+                parts.append(messages.parameter_status(name, shown))
+            if len(self._greetings) >= 256:
+                self._greetings.clear()
+            found = self._greetings[values] = b"".join(parts)
+        return found
 
     async def ensure_welcome(self) -> None:
         """Make sure the server's welcome parameters are known: log in one server if needed.
