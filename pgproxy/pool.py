@@ -186,7 +186,7 @@ class Pool:
 
     def size_limit(self, reserve: bool) -> int:
         """Servers this pool may have (with its reserve when ``reserve``)."""
-        return self.size + (self.settings.reserve_size if reserve else 0)
+        return self.max_servers if reserve else self.size
 
     # -- the critical section: linking clients and servers ---------------------------
 
