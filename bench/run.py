@@ -58,13 +58,16 @@ PGBOUNCER: Final = "pgbouncer"
 PGPROXY: Final = "pgproxy"
 PGPROXY_NO_METRICS: Final = "pgproxy-nometrics"  # only with --metrics-cost
 PGPROXY_WORKERS: Final = "pgproxy-workers"  # only with --workers N
-TARGETS: Final = (DIRECT, PGBOUNCER, PGPROXY, PGPROXY_NO_METRICS, PGPROXY_WORKERS)
+# Only with --relay N[,M]: bench/relay.py with N processes, the floor for a Python proxy.
+RELAYS: Final = tuple(f"relay-{n}" for n in range(1, 9))
+TARGETS: Final = (DIRECT, PGBOUNCER, PGPROXY, PGPROXY_NO_METRICS, PGPROXY_WORKERS, *RELAYS)
 TARGET_LABELS: Final = {
     DIRECT: "direct",
     PGBOUNCER: "PgBouncer",
     PGPROXY: "pgproxy",
     PGPROXY_NO_METRICS: "pgproxy (metrics off)",
     PGPROXY_WORKERS: "pgproxy (workers)",
+    **{relay: f"zero-logic relay, {relay[6:]} process(es)" for relay in RELAYS},
 }
 
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
@@ -89,6 +92,14 @@ class Scenario:
     # The oldest PgBouncer that can run it (protocol-level prepared statements in
     # transaction mode came in 1.21); an older one is left out of the scenario, said so.
     min_pgbouncer: tuple[int, int] = (0, 0)
+
+    @property
+    def relay_comparable(self) -> bool:
+        """Whether bench/relay.py (a backend per client) loads PostgreSQL as a pooler does:
+        no more clients than the pool has servers, and no new connection per transaction."""
+        args = list(self.args)
+        clients = int(args[args.index("-c") + 1]) if "-c" in args else 1
+        return clients <= POOL_SIZE and "-C" not in args
 
 
 SCENARIOS: Final = (
@@ -408,6 +419,27 @@ password = "{DB_PASSWORD}"
         self._wait_ready()
 
 
+class Relay(Pooler):
+    """bench/relay.py: forwards bytes, one PostgreSQL connection per client."""
+
+    def __init__(self, python: str, workdir: Path, pg_port: int, processes: int) -> None:
+        super().__init__(f"relay-{processes}", free_port(), workdir / f"relay-{processes}.log")
+        self.python = python
+        self.pg_port = pg_port
+        self.processes = processes
+
+    def start(self) -> None:
+        """Start the relay (its CPU time is that of the first process and its forks)."""
+        self._spawn(
+            [
+                self.python, str(BENCH_DIR / "relay.py"), "--port", str(self.port),
+                "--server-port", str(self.pg_port), "--processes", str(self.processes),
+            ],
+            REPO_DIR,
+        )  # fmt: skip
+        self._wait_ready()
+
+
 # --------------------------------------------------------------------------- pgbench runs
 
 
@@ -485,9 +517,9 @@ class Runner:
         return self.pg.port if target == DIRECT else self.poolers[target].port
 
     def env_for(self, target: str) -> dict[str, str]:
-        """pgbench's environment: the password only for the direct target."""
+        """pgbench's environment: the password for the targets that pass authentication on."""
         env = base_env(self.pg.bindir)
-        if target == DIRECT:
+        if target == DIRECT or target in RELAYS:
             env["PGPASSWORD"] = DB_PASSWORD
         return env
 
@@ -857,13 +889,24 @@ def build_report(
         )
     for sc in scenarios:
         several = summary.get(sc.name, {}).get(PGPROXY_WORKERS)
-        b = summary.get(sc.name, {}).get(PGBOUNCER)
+        bouncer = summary.get(sc.name, {}).get(PGBOUNCER)
         if several is not None:
             lines.append(
                 f"\nWorkers, {sc.name}: {fmt(several.tps, ',.0f')} tps = "
-                f"{ratio(several.tps, b.tps if b else None)} PgBouncer, CPU µs/txn "
+                f"{ratio(several.tps, bouncer.tps if bouncer else None)} PgBouncer, CPU µs/txn "
                 f"{fmt(several.cpu_us_per_txn, '.1f')} (all processes)"
             )
+    for sc in scenarios:
+        bouncer = summary.get(sc.name, {}).get(PGBOUNCER)
+        for relay in RELAYS:
+            floor = summary.get(sc.name, {}).get(relay)
+            if floor is not None:
+                lines.append(
+                    f"\nZero-logic relay (bench/relay.py), {relay[6:]} process(es), {sc.name}: "
+                    f"{fmt(floor.tps, ',.0f')} tps = "
+                    f"{ratio(floor.tps, bouncer.tps if bouncer else None)} PgBouncer, CPU µs/txn "
+                    f"{fmt(floor.cpu_us_per_txn, '.1f')} (all processes)"
+                )
     for sc in scenarios:
         off = summary.get(sc.name, {}).get(PGPROXY_NO_METRICS)
         on = summary.get(sc.name, {}).get(PGPROXY)
@@ -956,6 +999,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also run a pgproxy with workers = N (N > 1) and report it against PgBouncer",
     )
     parser.add_argument(
+        "--relay",
+        default="",
+        metavar="N[,M]",
+        help="also run bench/relay.py (a zero-logic uvloop byte relay) with N (and M ...) "
+        "processes, in the scenarios with at most as many clients as the pool has servers",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help=f"after the rounds, one extra {PROFILE_SCENARIO} run against pgproxy under "
@@ -976,6 +1026,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             + ", ".join(SCENARIO_BY_NAME)
         )
     args.scenario_list = [SCENARIO_BY_NAME[n] for n in names]
+    try:
+        args.relay_processes = sorted({int(n) for n in args.relay.split(",") if n.strip()})
+    except ValueError:
+        parser.error(f"--relay takes process counts such as 1,2, not {args.relay!r}")
+    if any(f"relay-{n}" not in RELAYS for n in args.relay_processes):
+        parser.error(f"--relay: process counts from 1 to {len(RELAYS)}")
     return args
 
 
@@ -1116,6 +1172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 poolers[PGPROXY_WORKERS] = several
                 log(f"starting pgproxy with {args.workers} workers on port {several.port}")
                 several.start()
+            for processes in args.relay_processes:
+                relay = Relay(python, tmp, pg.port, processes)
+                poolers[f"relay-{processes}"] = relay
+                log(f"starting the zero-logic relay ({processes} processes) on {relay.port}")
+                relay.start()
             if args.metrics_cost:
                 bare = PgProxy(python, tmp, pg.port, metrics=False)
                 poolers[PGPROXY_NO_METRICS] = bare
@@ -1155,6 +1216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"{'.'.join(map(str, sc.min_pgbouncer))}"
                             )
                             continue
+                        if target in RELAYS and not sc.relay_comparable:
+                            continue  # (a backend per client: not the load a pooler puts)
                         r = runner.run(sc, target, round_no, args.duration)
                         status = "ok" if r.ok else f"PROBLEM: {r.problem()}"
                         log(

@@ -1,0 +1,77 @@
+"""bench/relay.py, the floor the benchmark compares pgproxy with, really relays: several
+processes accept on one port, each session reaches PostgreSQL, SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+from pgproxy.embedded import EmbeddedPostgres, free_port, pid_running
+
+RELAY = Path(__file__).resolve().parents[2] / "bench" / "relay.py"
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if stat.rpartition(")")[2].split()[1] == str(pid):
+                found.add(int(entry))
+    return found
+
+
+def test_relay_serves_sessions_from_every_process(pg: EmbeddedPostgres) -> None:
+    port = free_port()
+    relay = subprocess.Popen(
+        [sys.executable, str(RELAY), "--port", str(port), "--server-port", str(pg.port),
+         "--processes", "2"],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        children: set[int] = set()
+        while time.monotonic() < deadline and len(children) < 1:
+            children = children_of(relay.pid)
+            time.sleep(0.05)
+        assert len(children) == 1, "the relay did not fork its second process"
+        dsn = f"host=127.0.0.1 port={port} dbname=appdb user=app password=app-secret"
+        backends = set()
+        for _ in range(100):  # bounded: until a connection lands on each process
+            try:
+                with psycopg.connect(dsn, connect_timeout=5) as conn:
+                    row = conn.execute("SELECT pg_backend_pid(), 6 * 7").fetchone()
+            except psycopg.OperationalError:
+                time.sleep(0.1)  # the second process may not be listening yet
+                continue
+            assert row is not None and row[1] == 42
+            backends.add(row[0])
+            if len(backends) >= 8:
+                break
+        assert len(backends) >= 8  # a PostgreSQL session per client connection
+        # Which process accepted is the kernel's choice; both must be listening.
+        listening = subprocess.run(
+            ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout
+        assert f"pid={relay.pid}," in listening
+        assert all(f"pid={child}," in listening for child in children), listening
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        try:
+            status = relay.wait(15)
+        except subprocess.TimeoutExpired:
+            for pid in (relay.pid, *children):  # never leave a process behind
+                if pid_running(pid):
+                    os.kill(pid, signal.SIGKILL)
+            relay.wait(5)
+            raise
+    assert status == 0
+    assert not any(pid_running(child) for child in children)
