@@ -837,6 +837,24 @@ def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, Summary]]:
     return out
 
 
+def paired_ratio(
+    results: Sequence[RunResult], scenario: str, target: str, reference: str
+) -> tuple[float | None, list[float]]:
+    """The median over rounds of ``target``'s tps / ``reference``'s in the same round, and
+    the per-round ratios. Runs of one round follow each other within a minute, so their
+    ratio is less moved by the machine's slow drift than a ratio of medians."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in results:
+        if r.scenario == scenario and r.tps is not None and r.ok:
+            by_round.setdefault(r.round, {})[r.target] = r.tps
+    ratios = [
+        tps[target] / tps[reference]
+        for _, tps in sorted(by_round.items())
+        if target in tps and tps.get(reference)
+    ]
+    return (statistics.median(ratios) if ratios else None), ratios
+
+
 def ratio(a: float | None, b: float | None) -> str:
     """a/b with two decimals, '-' if either is missing."""
     if a is None or b is None or b == 0:
@@ -916,6 +934,27 @@ def build_report(
                 f"{ratio(on.tps, off.tps)} tps, CPU µs/txn {fmt(on.cpu_us_per_txn, '.1f')} vs "
                 f"{fmt(off.cpu_us_per_txn, '.1f')}"
             )
+    paired = []
+    for sc in scenarios:
+        for target in TARGETS:
+            if target in (DIRECT, PGBOUNCER):
+                continue
+            middle, ratios = paired_ratio(results, sc.name, target, PGBOUNCER)
+            if middle is not None:
+                each = ", ".join(f"{value:.2f}" for value in ratios)
+                paired.append(
+                    f"| {sc.name} | {TARGET_LABELS[target]} | {middle:.2f} | {each} |"
+                )
+    if paired:
+        lines += [
+            "",
+            "Paired ratios to PgBouncer (tps of the target / PgBouncer's in the same round; "
+            "median over rounds):",
+            "",
+            "| scenario | target | median ratio | per round |",
+            "|:--|:--|--:|:--|",
+            *paired,
+        ]
     lines += [
         "",
         "Medians over rounds. ⚠ = at least one run had failed transactions, pgbench errors, "
