@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import resource
 import struct
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import threading
 import time
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import psycopg
@@ -120,25 +123,31 @@ def start(pg: EmbeddedPostgres, workdir: Path, workers: int, max_clients: int) -
     raise RuntimeError("pgproxy did not start")
 
 
-async def idle_run(pid: int, port: int, count: int) -> None:
-    stop = asyncio.Event()
-    slowest = [0.0]
-    done = [0]
-
-    async def busy() -> None:
-        reader, writer, error = await login(port)
-        assert error is None, error
+def busy_client(
+    port: int, measuring: Event, stop: Event, results: Queue[tuple[int, float]]
+) -> None:
+    """Run `select 1` in a loop (its own process: the logins' load generator must not
+    delay it); from ``measuring`` on, count the transactions and keep the slowest."""
+    with psycopg.connect(host="127.0.0.1", port=port, dbname="appdb", user="app") as conn:
+        conn.autocommit = True
+        done, slowest = 0, 0.0
         while not stop.is_set():
             started = time.monotonic()
-            writer.write(messages.query("select 1"))
-            await until_ready(reader)
-            slowest[0] = max(slowest[0], time.monotonic() - started)
-            done[0] += 1
-        writer.close()
+            conn.execute("select 1")
+            if measuring.is_set():
+                slowest = max(slowest, time.monotonic() - started)
+                done += 1
+    results.put((done, slowest))
 
-    busy_task = asyncio.create_task(busy())
-    await asyncio.sleep(1)
-    slowest[0] = 0.0
+
+async def idle_run(pid: int, port: int, count: int) -> None:
+    context = multiprocessing.get_context("spawn")
+    measuring, stop = context.Event(), context.Event()
+    results: Queue[tuple[int, float]] = context.Queue()
+    busy = context.Process(target=busy_client, args=(port, measuring, stop, results))
+    busy.start()
+    await asyncio.sleep(2)  # (spawned: the interpreter starts and logs in)
+    measuring.set()
     before = rss_bytes(pid)
     started = time.monotonic()
     connections = []
@@ -159,13 +168,14 @@ async def idle_run(pid: int, port: int, count: int) -> None:
     await asyncio.sleep(2)
     after = rss_bytes(pid)
     stop.set()
-    await busy_task
+    done, slowest = results.get(timeout=30)
+    busy.join(30)
     held = len(connections)
     print(f"idle: {held} of {count} clients logged in and held in {took:.1f} s; refused: {refused}")
     print(f"idle: pgproxy RSS {before / 2**20:.1f} MB before, {after / 2**20:.1f} MB with them "
           f"= {(after - before) / max(held, 1):.0f} bytes per idle client")
-    print(f"idle: the running client did {done[0]} transactions meanwhile, the slowest "
-          f"{slowest[0] * 1000:.1f} ms")
+    print(f"idle: the running client (its own process) did {done} transactions meanwhile, "
+          f"the slowest {slowest * 1000:.1f} ms")
     for _, writer, _ in connections:
         writer.close()
 
