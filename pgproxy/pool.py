@@ -392,12 +392,16 @@ class Pool:
             taken.append(budget)
         return True
 
-    async def _wait_for_budget(self) -> None:
+    async def _wait_for_budget(self) -> bool:
         # A first login needs a server like a waiting client does: under a full budget it
-        # takes an idle sibling's place, within the connect timeout. Returns with the
-        # places taken.
+        # takes an idle sibling's place, within the connect timeout. True: it returns with
+        # the places taken; False: without, because another first login started the
+        # attempt meanwhile (its outcome is all this login needs; waiting on for a place
+        # of its own could last the whole timeout while the pool sits full and serving).
         deadline = time.monotonic() + self.connect_timeout
         while not self.take_budgets():
+            if self._attempting_welcome():
+                return False
             if time.monotonic() >= deadline:
                 raise ServerLoginError(
                     codes.TOO_MANY_CONNECTIONS,
@@ -407,6 +411,10 @@ class Pool:
                 if budget.full:
                     budget.evict_idle(self)
             await asyncio.sleep(0.05)
+        return True
+
+    def _attempting_welcome(self) -> bool:
+        return self._welcome_attempt is not None and not self._welcome_attempt.done()
 
     def _give_back_budget(self) -> None:
         for budget in self.budgets:
@@ -504,16 +512,17 @@ class Pool:
         last_error = self.reconnect.last_error
         if isinstance(last_error, ServerLoginError) and self.reconnect.waiting(time.monotonic()):
             raise last_error  # server_login_retry: fail fast with the cached error
-        if self._welcome_attempt is None or self._welcome_attempt.done():
-            await self._wait_for_budget()
-            if self._welcome_attempt is None or self._welcome_attempt.done():
+        if not self._attempting_welcome():
+            placed = await self._wait_for_budget()
+            if placed and not self._attempting_welcome() and self.welcome is None:
                 self._welcome_attempt = self.open_server()
                 # Read the outcome here even if every waiting client leaves early.
                 self._welcome_attempt.add_done_callback(
                     lambda done: done.cancelled() or done.exception()
                 )
-            else:  # another first login started one meanwhile
+            elif placed:  # another first login started one meanwhile: share its outcome
                 self._give_back_budget()
+        assert self._welcome_attempt is not None
         await asyncio.shield(self._welcome_attempt)
 
     # -- reload ----------------------------------------------------------------------------

@@ -569,6 +569,47 @@ def test_max_db_connections_shared_by_the_pools_of_a_database(
     assert_healthy(proxy, user="lifeuser2")
 
 
+def test_first_logins_waiting_together_share_the_one_that_got_a_place(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """Three clients of a new pool log in while max_db_connections is full: when a place
+    frees, one login opens the pool's first server and the other two share its welcome
+    instead of each waiting for a place of its own (which would not come: the pool's one
+    server now holds the only place) until server_connect_timeout."""
+    pg.create_role("lifeuser3", PASSWORD)
+    entry = {"host": "127.0.0.1", "port": pg.port, "password": PASSWORD}
+    proxy = proxy_factory(
+        proxy_config(
+            pg,
+            pool_mode="transaction",
+            max_db_connections=1,
+            server_connect_timeout=3,
+            databases={"appdb": entry},
+        )
+    )
+    results: list[Any] = []
+
+    def first_login() -> None:
+        try:
+            with connect(proxy, user="lifeuser3") as conn:
+                results.append(conn.execute("select current_user").fetchone())
+        except Exception as exc:
+            results.append(exc)
+
+    with connect(proxy, user=ROLE) as holder:
+        holder.execute("begin")
+        holder.execute("select 1")  # holds the database's only place
+        logins = [threading.Thread(target=first_login) for _ in range(3)]
+        for login in logins:
+            login.start()
+        time.sleep(0.5)  # (the three are waiting for a place now)
+        holder.execute("commit")  # its server goes idle and makes room
+        for login in logins:
+            login.join(timeout=30)
+    assert results == [("lifeuser3",)] * 3
+    assert_healthy(proxy, user="lifeuser3")
+
+
 def test_server_check_query_tests_idle_servers(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory
 ) -> None:
