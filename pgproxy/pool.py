@@ -144,6 +144,9 @@ class Pool:
         self.servers: set[ServerConn] = set()  # logged-in servers in any state
         self.connecting = 0
         self.grow_blocked_until = 0.0  # (monotonic) see BUDGET_RETRY
+        # Workers: servers to close at the ends of transactions, their places wanted by
+        # another worker whose clients wait below its share (SharedServerBudget.balance).
+        self.give_back = 0
         # PAUSE, KILL, SUSPEND or a waiting shutdown: no server is handed out or opened,
         # and each one is closed as it comes free.
         self.paused = False
@@ -253,8 +256,17 @@ class Pool:
         """
         if not now:
             now = time.monotonic()
-        if now >= server.expires_at or len(self.servers) > self.max_servers or self.paused:
-            self.retire(server)  # past its lifetime, the pool was shrunk, or it is paused
+        if (
+            now >= server.expires_at
+            or len(self.servers) > self.max_servers
+            or self.paused
+            or self.give_back
+        ):
+            # Past its lifetime, the pool was shrunk or paused, or (workers) its place goes
+            # to another worker's waiting clients.
+            if self.give_back:
+                self.give_back -= 1
+            self.retire(server)
             return
         waiters = self.waiters
         while waiters:

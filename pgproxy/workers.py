@@ -68,6 +68,9 @@ class SharedBudgets:
         self._keys: Any = RawArray(ctypes.c_uint64, SLOTS)  # 0: a free slot
         self._used: Any = RawArray(ctypes.c_int32, SLOTS * MAX_WORKERS)
         self._evict: Any = RawArray(ctypes.c_int32, SLOTS)
+        # Per slot and worker: 1 while that worker has clients waiting and holds less than
+        # its share of the budget. Each worker writes only its own cells.
+        self._needy: Any = RawArray(ctypes.c_int8, SLOTS * MAX_WORKERS)
         self._lock = multiprocessing.get_context("fork").Lock()
         self._slots: dict[str, int] = {}  # this process's cache of name → slot
 
@@ -124,6 +127,20 @@ class SharedBudgets:
         with self._locked():
             for slot in range(SLOTS):
                 self._used[slot * MAX_WORKERS + worker] = 0
+                self._needy[slot * MAX_WORKERS + worker] = 0
+
+    def set_needy(self, slot: int, worker: int, needy: bool) -> None:
+        """Say whether ``worker`` waits for places in ``slot`` below its share."""
+        self._needy[slot * MAX_WORKERS + worker] = needy
+
+    def needy(self, slot: int, worker: int) -> bool:
+        """Whether ``worker`` said it waits for places in ``slot``."""
+        return bool(self._needy[slot * MAX_WORKERS + worker])
+
+    def others_needy(self, slot: int, worker: int) -> bool:
+        """Whether a worker other than ``worker`` waits for places in ``slot``."""
+        base = slot * MAX_WORKERS
+        return any(self._needy[base + other] for other in range(self.workers) if other != worker)
 
     def ask_eviction(self, slot: int) -> None:
         """Ask whichever worker has an idle server under ``slot`` to close one."""
@@ -319,6 +336,7 @@ class SharedServerBudget(ServerBudget):
         self.limit_for: Callable[[bool], int] | None = None
         self.evicting = False
         self.pools: list[Pool] = []
+        self.asked = False  # needy said again since the janitor's last pass
 
     @property
     def used(self) -> int:  # type: ignore[override]
@@ -332,8 +350,21 @@ class SharedServerBudget(ServerBudget):
     def full(self) -> bool:
         return 0 < self._limit(False) <= self.shared.total(self.slot)
 
+    @property
+    def share(self) -> int:
+        """This worker's fair part of the budget (the limit split evenly; 0: no limit)."""
+        return self._limit(False) // self.shared.workers
+
     def take(self, reserve: bool) -> bool:
         # (Queued requests do not ask again for a moment after a refusal: pool.BUDGET_RETRY.)
+        # At or past its share, a worker leaves freed places to one that waits below its
+        # share: else the busier worker would take back every place it gives up.
+        if (
+            self._limit(False) > 0
+            and self.shared.others_needy(self.slot, self.worker)
+            and self.shared.mine(self.slot, self.worker) >= self.share
+        ):
+            return False
         return self.shared.take(self.slot, self.worker, self._limit(reserve))
 
     def give_back(self) -> None:
@@ -349,14 +380,47 @@ class SharedServerBudget(ServerBudget):
                     self.evicting = True
                     pool.retire(pool.idle[0])
                     return
-        share = self._limit(False) // self.shared.workers
-        if self.shared.mine(self.slot, self.worker) < share:
+        if self.shared.mine(self.slot, self.worker) < self.share:
             self.shared.ask_eviction(self.slot)
+            self.shared.set_needy(self.slot, self.worker, True)
+            self.asked = True
+
+    def balance(self) -> int:
+        """The janitor's pass over this budget: stop saying we wait once we hold our share
+        or nothing asked again since the last pass (queued requests ask at every pass, a
+        login waiting for a server every 50 ms); return how many servers to give back (at
+        the ends of transactions): what we hold past our share while another worker waits
+        below its own."""
+        mine = self.shared.mine(self.slot, self.worker)
+        share = self.share
+        if self.shared.needy(self.slot, self.worker) and (mine >= share or not self.asked):
+            self.shared.set_needy(self.slot, self.worker, False)
+        self.asked = False
+        excess = mine - share
+        if share > 0 and excess > 0 and self.shared.others_needy(self.slot, self.worker):
+            return excess
+        return 0
 
 
 def evict_for_other_workers(pools: list[Pool]) -> None:
-    """The janitor's share of eviction: close an idle server under a budget another
-    worker asked room in (one per request)."""
+    """The janitor's share of balancing the workers: how many servers each pool gives
+    back as its transactions end (past this worker's share of a budget another worker
+    waits for), and an idle server closed under a budget another worker asked room in
+    (one per request)."""
+    for pool in pools:
+        pool.give_back = 0
+    balanced: set[int] = set()
+    for pool in pools:
+        for budget in pool.budgets:
+            if isinstance(budget, SharedServerBudget) and id(budget) not in balanced:
+                balanced.add(id(budget))  # (a database's budget covers several pools)
+                excess = budget.balance()
+                for owner in budget.pools:  # spread over this worker's pools under it
+                    if excess <= 0:
+                        break
+                    part = min(excess, len(owner.servers))
+                    owner.give_back = max(owner.give_back, part)
+                    excess -= part
     for pool in pools:
         if not pool.idle:
             continue

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from pgproxy.cli import main
-from pgproxy.workers import SharedBudgets
+from pgproxy.workers import SharedBudgets, SharedServerBudget, evict_for_other_workers
 
 
 def test_take_give_back_and_forget() -> None:
@@ -33,6 +35,43 @@ def test_eviction_requests_are_taken_once() -> None:
     budgets.ask_eviction(slot)
     assert budgets.take_eviction(slot)
     assert not budgets.take_eviction(slot)
+
+
+def test_a_worker_past_its_share_leaves_places_to_a_waiting_one() -> None:
+    shared = SharedBudgets(2)
+    busy = SharedServerBudget(shared, 0, "pool:appdb/app", 4)  # share: 2 each
+    waiting = SharedServerBudget(shared, 1, "pool:appdb/app", 4)
+    assert all(busy.take(False) for _ in range(4))
+    assert not waiting.take(False)
+    assert busy.balance() == 0  # nobody waits yet: worker 0 may hold everything
+    waiting.evict_idle(cast(Any, None))  # its clients wait, it holds less than its share
+    assert busy.balance() == 2  # give back what is past its share
+    busy.give_back()
+    assert not busy.take(False)  # a freed place is not taken back...
+    assert waiting.take(False)  # ...it goes to the waiting worker
+    assert busy.balance() == 1
+    assert waiting.balance() == 0  # asked since the last pass: still waiting
+    assert shared.others_needy(busy.slot, 0)
+    assert waiting.balance() == 0  # asked no more: it says so no longer
+    assert not shared.others_needy(busy.slot, 0)
+    assert busy.balance() == 0 and busy.take(False) is False  # (the pool is full again)
+
+
+def test_the_janitor_spreads_a_give_back_over_the_pools_of_a_budget() -> None:
+    shared = SharedBudgets(2)
+    database = SharedServerBudget(shared, 0, "db:appdb", 6)  # share: 3
+    other = SharedServerBudget(shared, 1, "db:appdb", 6)
+    pools = [
+        SimpleNamespace(budgets=(database,), servers={1, 2, 3}, idle=[], give_back=0),
+        SimpleNamespace(budgets=(database,), servers={4, 5, 6}, idle=[], give_back=0),
+    ]
+    database.pools = cast(Any, pools)
+    assert all(database.take(False) for _ in range(6))
+    other.evict_idle(cast(Any, None))
+    evict_for_other_workers(cast(Any, pools))
+    assert [pool.give_back for pool in pools] == [3, 0]  # 3 past the share, once
+    evict_for_other_workers(cast(Any, pools))  # the next pass counts afresh
+    assert [pool.give_back for pool in pools] == [3, 0]
 
 
 def test_limit_holds_across_processes() -> None:

@@ -362,3 +362,49 @@ def test_client_caps_hold_for_the_sum_over_workers(
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_busy_worker_gives_its_extra_servers_to_a_waiting_one(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """Worker 0 holds the whole pool_size and always has clients waiting, so it never has
+    an idle server to give up; worker 1's clients must still be served while worker 0's
+    keep running (each worker has a fair share, given back at the ends of transactions)."""
+    # (Without the give-back, worker 1's queries would wait until worker 0's clients left:
+    # query_wait_timeout turns that into a failure here.)
+    proxy = proxy_factory(
+        proxy_config(pg, workers=2, default_pool_size=4, query_wait_timeout=5)
+    )
+    dirs = _worker_dirs(proxy, 2)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    busy_queries = [0]
+
+    def busy() -> None:  # 8 clients on 4 servers: worker 0 always has waiters
+        try:
+            with psycopg.connect(**_via(dirs[0], proxy)) as conn:
+                for _ in range(2000):  # bounded: stopped long before
+                    if stop.is_set():
+                        return
+                    conn.execute("select pg_sleep(0.02)")
+                    busy_queries[0] += 1
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=busy) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: busy_queries[0] >= 100, 20, "worker 0 busy on every server")
+        started = busy_queries[0]
+        # Worker 1's clients: each of their queries needs one of worker 0's places.
+        with psycopg.connect(**_via(dirs[1], proxy)) as conn:
+            for _ in range(10):
+                conn.execute("select pg_sleep(0.02)", prepare=False)
+        served_meanwhile = busy_queries[0] - started
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not failures, failures[0]
+    assert served_meanwhile > 0  # worker 0 was still running while worker 1 got served
