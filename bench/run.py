@@ -172,6 +172,17 @@ def _stat_fields(pid: int | str) -> list[str] | None:
     return data.rpartition(")")[2].split()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (pgproxy's workers, the relay's forks), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry != str(pid):
+            fields = _stat_fields(entry)
+            if fields is not None and fields[1] == str(pid):
+                found.append(int(entry))
+    return found
+
+
 def cpu_times(pid: int) -> tuple[float, float] | None:
     """(utime, stime) in seconds of ``pid`` and its live children (pgproxy's workers),
     all their threads, from /proc/PID/stat."""
@@ -179,12 +190,11 @@ def cpu_times(pid: int) -> tuple[float, float] | None:
     if fields is None:
         return None
     user, system = int(fields[11]), int(fields[12])
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and entry != str(pid):
-            child = _stat_fields(entry)
-            if child is not None and child[1] == str(pid):
-                user += int(child[11])
-                system += int(child[12])
+    for child in child_pids(pid):
+        child_fields = _stat_fields(child)
+        if child_fields is not None:
+            user += int(child_fields[11])
+            system += int(child_fields[12])
     return user / CLK_TCK, system / CLK_TCK
 
 

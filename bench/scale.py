@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import resource
 import struct
 import subprocess
@@ -40,6 +39,7 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.run import child_pids  # noqa: E402
 from pgproxy.embedded import EmbeddedPostgres, free_port  # noqa: E402
 from pgproxy.protocol import messages  # noqa: E402
 
@@ -49,16 +49,7 @@ POOL_SIZE = 20
 def rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` and its children (pgproxy's workers)."""
     total = 0
-    pids = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if stat.rpartition(")")[2].split()[1] == str(pid):
-                pids.append(int(entry))
-    for one in pids:
+    for one in [pid, *child_pids(pid)]:
         try:
             for line in Path(f"/proc/{one}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

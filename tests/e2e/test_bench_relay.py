@@ -12,22 +12,10 @@ from pathlib import Path
 
 import psycopg
 
+from bench.run import child_pids
 from pgproxy.embedded import EmbeddedPostgres, free_port, pid_running
 
 RELAY = Path(__file__).resolve().parents[2] / "bench" / "relay.py"
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if stat.rpartition(")")[2].split()[1] == str(pid):
-                found.add(int(entry))
-    return found
 
 
 def test_relay_serves_sessions_from_every_process(pg: EmbeddedPostgres) -> None:
@@ -40,7 +28,7 @@ def test_relay_serves_sessions_from_every_process(pg: EmbeddedPostgres) -> None:
         deadline = time.monotonic() + 20
         children: set[int] = set()
         while time.monotonic() < deadline and len(children) < 1:
-            children = children_of(relay.pid)
+            children = set(child_pids(relay.pid))
             time.sleep(0.05)
         assert len(children) == 1, "the relay did not fork its second process"
         dsn = f"host=127.0.0.1 port={port} dbname=appdb user=app password=app-secret"

@@ -47,8 +47,13 @@ def life_role(pg: EmbeddedPostgres) -> str:
     return ROLE
 
 
-def _proxy(pg: EmbeddedPostgres, factory: ProxyFactory, **overrides: Any) -> ProxyProcess:
-    entry = {"host": "127.0.0.1", "port": pg.port, "user": ROLE, "password": PASSWORD}
+def _proxy(
+    pg: EmbeddedPostgres, factory: ProxyFactory, *, user: str | None = ROLE, **overrides: Any
+) -> ProxyProcess:
+    # user=None: no forced user, each client user has its own pool.
+    entry = {"host": "127.0.0.1", "port": pg.port, "password": PASSWORD}
+    if user is not None:
+        entry["user"] = user
     overrides.setdefault("pool_mode", "transaction")
     return factory(proxy_config(pg, databases={"appdb": entry}, **overrides))
 
@@ -537,16 +542,7 @@ def test_max_db_connections_shared_by_the_pools_of_a_database(
 ) -> None:
     pg.create_role("lifeuser2", PASSWORD)
     # No forced user: each client user has its own pool; both share the database's budget.
-    entry = {"host": "127.0.0.1", "port": pg.port, "password": PASSWORD}
-    proxy = proxy_factory(
-        proxy_config(
-            pg,
-            pool_mode="transaction",
-            default_pool_size=5,
-            max_db_connections=2,
-            databases={"appdb": entry},
-        )
-    )
+    proxy = _proxy(pg, proxy_factory, user=None, default_pool_size=5, max_db_connections=2)
 
     def both_roles() -> int:
         with psycopg.connect(pg.superuser_dsn("appdb"), autocommit=True) as admin:
@@ -577,15 +573,8 @@ def test_first_logins_waiting_together_share_the_one_that_got_a_place(
     instead of each waiting for a place of its own (which would not come: the pool's one
     server now holds the only place) until server_connect_timeout."""
     pg.create_role("lifeuser3", PASSWORD)
-    entry = {"host": "127.0.0.1", "port": pg.port, "password": PASSWORD}
-    proxy = proxy_factory(
-        proxy_config(
-            pg,
-            pool_mode="transaction",
-            max_db_connections=1,
-            server_connect_timeout=3,
-            databases={"appdb": entry},
-        )
+    proxy = _proxy(
+        pg, proxy_factory, user=None, max_db_connections=1, server_connect_timeout=3
     )
     results: list[Any] = []
 
