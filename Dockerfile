@@ -26,10 +26,10 @@ FROM ${PYTHON_IMAGE}
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgproxy
 COPY --from=build /opt/pgproxy /opt/pgproxy
 COPY deploy/container/entrypoint.sh /usr/local/bin/pgproxy-entrypoint
+# (No PGPROXY_* here: they would override a mounted config file. The entrypoint listens on
+# every address only when the environment alone configures pgproxy.)
 ENV PATH=/opt/pgproxy/bin:$PATH \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PGPROXY_LISTEN_ADDR="*" \
-    PGPROXY_METRICS_ADDR="*"
+    PYTHONDONTWRITEBYTECODE=1
 USER 10001
 # The proxy, and /metrics, /healthz, /readyz.
 EXPOSE 6432 9433

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path = args.config if args.config is not None else args.file
     logs.hold()  # until the configuration says where logs go
     try:
-        settings = load_settings(config_path)
+        settings = load_settings(config_path, log_overrides=True)
         secrets = client_secrets(settings)
         hba_rules(settings)
     except ConfigError as exc:

@@ -40,6 +40,7 @@ from pgproxy.protocol.startup import (
 )
 from pgproxy.protocol.stream import FrontendScanner
 from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
+from pgproxy.sockopts import apply_keepalive
 from pgproxy.stats import next_connection_id
 from pgproxy.tls import ALPN
 
@@ -106,6 +107,8 @@ class ClientConn(asyncio.Protocol):
         self.idle_requests = 0
         self.idle_since = 0.0
         self.connected_at = 0.0
+        self.address = ""  # ip:port or unix(pid), for logs
+        self.close_reason = ""  # why pgproxy ended it (log_disconnections)
         # What arrived while waiting for a server: chunks, or plans (named statements).
         self._pending: list[bytes | Plan] = []
         self._pending_size = 0
@@ -122,8 +125,14 @@ class ClientConn(asyncio.Protocol):
         self.connected_at = time.monotonic()
         self.daemon.clients.add(self)
         self.daemon.clients_changed()
-        if not isinstance(transport.get_extra_info("peername"), tuple):
+        peer = transport.get_extra_info("peername")
+        if not isinstance(peer, tuple):
             self._read_peer_credentials()
+            self.address = f"unix({self.peer_pid})" if self.peer_pid else "unix"
+        else:
+            apply_keepalive(transport.get_extra_info("socket"), self.daemon.keepalive)
+            host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+            self.address = f"{host}:{peer[1]}"
 
     def _read_peer_credentials(self) -> None:
         sock = self.transport.get_extra_info("socket")
@@ -214,11 +223,25 @@ class ClientConn(asyncio.Protocol):
         # The client half-closed: nothing more will come; close our side too.
         return False
 
+    def describe(self) -> str:
+        """``C-<id> db/user@address``, as the logs name a client (PgBouncer's form)."""
+        who = f"{self.database or '(nodb)'}/{self.user or '(nouser)'}"
+        return f"C-{self.id} {who}@{self.address or '(unknown)'}"
+
     def _release(self) -> None:
         """Leave every list and give back the server; safe to call more than once."""
         if self.closed:
             return
         self.closed = True
+        internal = self.console is not None and self.console.peer  # another worker
+        if self.user and self.daemon.settings.log_disconnections and not internal:
+            # (Clients that never sent a startup packet, such as port probes, are not
+            # logged: they would drown the rest.)
+            reason = self.close_reason or (
+                "client close request" if self.terminated else "client unexpected eof"
+            )
+            age = time.monotonic() - self.connected_at
+            log.info("%s closing because: %s (age=%ds)", self.describe(), reason, age)
         self.state = CLOSED
         self.daemon.clients.discard(self)
         self.daemon.clients_changed()
@@ -301,7 +324,12 @@ class ClientConn(asyncio.Protocol):
             return
         if not self.logged_in:
             self.daemon.login_failures += 1
-        log.info("client %s@%s: closing: %s", self.user, self.database, text)
+        if self.daemon.settings.log_pooler_errors:
+            # PgBouncer's log_pooler_errors: an error pgproxy itself sends is a problem to
+            # look at, except the goodbye of a shutdown.
+            level = logging.INFO if sqlstate == codes.ADMIN_SHUTDOWN else logging.WARNING
+            log.log(level, "%s pooler error: %s", self.describe(), text)
+        self.close_reason = text
         self._release()
         self.transport.write(messages.fatal(sqlstate, text))
         # Closing with unread input makes the kernel send RST, and the client may then lose
@@ -701,6 +729,8 @@ class ClientConn(asyncio.Protocol):
         # Another worker of this pgproxy asking for this worker's own rows (workers = N).
         peer = local_admin and startup.params.get("application_name") == PEER_APPLICATION
         self.console = Console(self, self.daemon, local_admin=local_admin, peer=peer)
+        if self.daemon.settings.log_connections and not peer:
+            log.info("%s login: console, tls=%s", self.describe(), "yes" if self.tls else "no")
         self.cancel_key = self.daemon.register_cancel_key(self)
         parts = [messages.AUTHENTICATION_OK]
         parts.append(messages.parameter_status("server_version", f"{__version__}/pgproxy"))
@@ -721,6 +751,11 @@ class ClientConn(asyncio.Protocol):
 
     def _finish_login(self, pool: Pool, startup: StartupMessage) -> None:
         self.pool = pool
+        if self.daemon.settings.log_connections:
+            log.info(
+                "%s login: tls=%s application_name=%s",
+                self.describe(), "yes" if self.tls else "no", self.application_name,
+            )  # fmt: skip
         pool.stats.client_logins += 1
         self.params = tracked.from_pairs(self._settings, pool.welcome_values)
         if pool.settings.max_prepared_statements > 0:

@@ -29,6 +29,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from pgproxy.sockopts import TcpKeepalive, keepalive_from
+
 PoolMode = Literal["session", "transaction", "statement"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
@@ -55,6 +57,9 @@ class PoolSettings:
     size: int
     min_size: int = 0
     reset_query: str = "DISCARD ALL"
+    # Whether reset_query runs whenever a server is released (session mode, or
+    # server_reset_query_always), not only when its session client leaves.
+    reset_always: bool = True
     connect_timeout: float = 15.0
     idle_timeout: float = 600.0  # 0: never
     lifetime: float = 3600.0  # 0: never
@@ -69,6 +74,8 @@ class PoolSettings:
     reserve_timeout: float = 5.0
     # Named prepared statements kept per server (transaction and statement mode; 0: off).
     max_prepared_statements: int = 0
+    connect_query: str | None = None  # run on each new server after its login
+    keepalive: TcpKeepalive | None = None  # for TCP server connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +102,7 @@ class DatabaseConfig(BaseModel):
     host: str = Field(
         default=DEFAULT_UNIX_SOCKET_HOST,
         description="Server host name or address; a path starting with '/' is a Unix "
-        "socket directory.",
+        "socket directory; several separated by commas (see load_balance_hosts).",
     )
     port: int = Field(default=5432, ge=1, le=65535, description="Server port.")
     dbname: str | None = Field(
@@ -136,6 +143,16 @@ class DatabaseConfig(BaseModel):
     auth_user: str | None = Field(default=None, description="Overrides auth_user.")
     auth_query: str | None = Field(default=None, description="Overrides auth_query.")
     auth_dbname: str | None = Field(default=None, description="Overrides auth_dbname.")
+    connect_query: str | None = Field(
+        default=None,
+        description="SQL run on each new server connection after its login (its results "
+        "are discarded; an error closes that connection).",
+    )
+    load_balance_hosts: Literal["disable", "round-robin"] = Field(
+        default="round-robin",
+        description="With several hosts in host: round-robin starts each new connection at "
+        "the next host; disable keeps the same host until a connection to it fails.",
+    )
 
 
 class PeerConfig(BaseModel):
@@ -206,6 +223,40 @@ class Settings(BaseSettings):
     listen_port: int = Field(default=6432, ge=1, le=65535, description="TCP (and socket) port.")
     unix_socket_dir: str | None = Field(
         default=None, description="Directory for the Unix socket '.s.PGSQL.<port>'; none if unset."
+    )
+    unix_socket_mode: int = Field(
+        default=0o777,
+        ge=0,
+        le=0o7777,
+        description="Permission bits of the Unix socket (octal in a pgbouncer.ini, e.g. 0777).",
+    )
+    unix_socket_group: str | None = Field(
+        default=None, description="Group name the Unix socket is given; none: the process's."
+    )
+    tcp_keepalive: bool = Field(
+        default=True,
+        description="Turn on TCP keepalive for client and server sockets (the tcp_keep* "
+        "settings tune it; 0 there: the system default).",
+    )
+    tcp_keepcnt: int = Field(default=0, ge=0, description="TCP_KEEPCNT; 0: system default.")
+    tcp_keepidle: int = Field(
+        default=0, ge=0, description="TCP_KEEPIDLE in seconds; 0: system default."
+    )
+    tcp_keepintvl: int = Field(
+        default=0, ge=0, description="TCP_KEEPINTVL in seconds; 0: system default."
+    )
+    tcp_user_timeout: int = Field(
+        default=0, ge=0, description="TCP_USER_TIMEOUT in milliseconds; 0: system default."
+    )
+    log_connections: bool = Field(
+        default=True, description="Log each client login, with the client's address."
+    )
+    log_disconnections: bool = Field(
+        default=True, description="Log each client disconnection, with the reason."
+    )
+    log_pooler_errors: bool = Field(
+        default=True,
+        description="Log at WARNING each error pgproxy itself sends to a client, with its address.",
     )
     logfile: str | None = Field(
         default=None,
@@ -335,6 +386,16 @@ class Settings(BaseSettings):
     server_reset_query: str = Field(
         default="DISCARD ALL",
         description="Run on a server before another client gets it (session mode only); '' skips.",
+    )
+    server_reset_query_always: bool = Field(
+        default=False,
+        description="Run server_reset_query in transaction and statement mode too.",
+    )
+    track_extra_parameters: NameList = Field(
+        default_factory=lambda: ["IntervalStyle"],
+        description="Parameters tracked per client besides client_encoding, DateStyle, "
+        "TimeZone, standard_conforming_strings and application_name (only those PostgreSQL "
+        "reports to clients can be tracked); read at start.",
     )
     max_prepared_statements: int = Field(
         default=200,
@@ -481,7 +542,20 @@ class Settings(BaseSettings):
         default_factory=dict, description="The group: peer id → where that process listens."
     )
 
-    @field_validator("admin_users", "stats_users", "ignore_startup_parameters", mode="before")
+    @field_validator("unix_socket_mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError:
+                raise ValueError("expected an octal mode such as 0777") from None
+        return value
+
+    @field_validator(
+        "admin_users", "stats_users", "ignore_startup_parameters", "track_extra_parameters",
+        mode="before",
+    )
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -528,6 +602,7 @@ class Settings(BaseSettings):
             size=self.pool_size_for(database, user),
             min_size=pick(database.min_pool_size, self.min_pool_size),
             reset_query=self.server_reset_query,
+            reset_always=mode == "session" or self.server_reset_query_always,
             connect_timeout=self.server_connect_timeout,
             idle_timeout=self.server_idle_timeout,
             lifetime=pick(database.server_lifetime, self.server_lifetime),
@@ -541,6 +616,8 @@ class Settings(BaseSettings):
             reserve_size=self.reserve_pool_size_for(database, user),
             reserve_timeout=self.reserve_pool_timeout,
             max_prepared_statements=0 if mode == "session" else self.max_prepared_statements,
+            connect_query=database.connect_query or None,
+            keepalive=keepalive_from(self),
         )
 
     def auth_dbname_for(self, database: str) -> str:
@@ -642,8 +719,22 @@ def _unknown_env_keys() -> list[str]:
     )
 
 
-def load_settings(path: str | None) -> Settings:
-    """Read ``path`` (TOML; None for defaults only) and ``PGPROXY_*``; raise ConfigError."""
+def _log_environment_overrides(file_keys: set[str]) -> None:
+    """Name each setting taken from ``PGPROXY_*`` (never its value: it may be a secret)."""
+    log = logging.getLogger("pgproxy.config")
+    for key in sorted(os.environ):
+        name = key[len(ENV_PREFIX) :].lower() if key.upper().startswith(ENV_PREFIX) else ""
+        if name not in Settings.model_fields:
+            continue
+        if name in file_keys:
+            log.warning("%s: set by %s, overriding the config file", name, key)
+        else:
+            log.info("%s: set by %s", name, key)
+
+
+def load_settings(path: str | None, *, log_overrides: bool = False) -> Settings:
+    """Read ``path`` (TOML; None for defaults only) and ``PGPROXY_*``; raise ConfigError.
+    ``log_overrides``: log which settings the environment sets (done once, at start)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -667,6 +758,8 @@ def load_settings(path: str | None) -> Settings:
     unknown = _unknown_env_keys()
     if unknown:
         raise ConfigError("unknown environment setting(s): " + ", ".join(unknown))
+    if log_overrides:
+        _log_environment_overrides(set(data))
     try:
         return Settings(**data)
     except SettingsError as exc:

@@ -27,7 +27,7 @@ from pgproxy.config import (
 from pgproxy.hba import hba_rules
 from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
-from pgproxy.listener import listen_on, start_listeners
+from pgproxy.listener import listen_on, remove_unix_socket, start_listeners
 from pgproxy.metrics import PoolHistograms
 from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
@@ -35,6 +35,7 @@ from pgproxy.protocol.auth import Credential, Md5Hash
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.protocol.prepared import Registry
 from pgproxy.server import cancel_backend
+from pgproxy.sockopts import keepalive_from
 from pgproxy.stats import StatsWindow, Totals, set_connection_id_base
 from pgproxy.tls import certificate_hash, client_context, server_tls
 from pgproxy.userlist import read_userlist
@@ -78,6 +79,7 @@ class Daemon:
             settings = worker.apply(settings)
             set_connection_id_base((worker.index + 1) * WORKER_ID_RANGE)
         self.settings = settings
+        self.keepalive = keepalive_from(settings)  # for TCP clients
         self.config_path = config_path
         self.pools: dict[tuple[str, str], Pool] = {}
         # Server budgets shared across pools: per database and per (server) user.
@@ -298,6 +300,7 @@ class Daemon:
         self._read_files(settings)  # raises ConfigError before anything changes
         self.auth_query.clear()
         self.settings = settings
+        self.keepalive = keepalive_from(settings)
         for client in self.logged_in_clients():
             entry = settings.database(client.database)
             if client.console is None and entry is not None:
@@ -537,10 +540,25 @@ class Daemon:
             self._metrics = MetricsServer(self)
             try:
                 await self._metrics.start()
-            except OSError:
-                for listener in self._listeners:
-                    listener.close()
-                raise
+            except OSError as exc:
+                self._metrics = None
+                if "metrics_port" in self.settings.model_fields_set:
+                    for listener in self._listeners:
+                        listener.close()
+                    if self.worker is None:
+                        remove_unix_socket(self.settings)
+                    raise OSError(
+                        exc.errno, f"metrics_port {self.settings.metrics_port}: {exc.strerror}"
+                    ) from None
+                # The default port is a convenience: a second pgproxy on the host must start
+                # where a second PgBouncer would, only without its own /metrics.
+                log.warning(
+                    "metrics_port %d (the default) cannot be bound (%s): running without "
+                    "/metrics, /healthz and /readyz; set metrics_port to choose a port or 0 "
+                    "to turn them off",
+                    self.settings.metrics_port,
+                    exc.strerror,
+                )
         self._prewarm()
         self._janitor = Janitor(
             lambda: list(self.pools.values()),
@@ -604,6 +622,8 @@ class Daemon:
             self._drain_task.cancel()
         for listener in self._listeners:
             listener.close()
+        if self.worker is None:  # (workers share the supervisor's socket; it removes it)
+            remove_unix_socket(self.settings)
         for client in list(self.clients):
             client.fatal(codes.ADMIN_SHUTDOWN, "database is shutting down")
         for pool in self.pools.values():
@@ -652,4 +672,5 @@ def _target(entry: DatabaseConfig, database: str, server_user: str) -> ServerTar
         dbname=entry.dbname or database,
         user=server_user,
         password=entry.password.get_secret_value() if entry.password else None,
+        round_robin=entry.load_balance_hosts == "round-robin",
     )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import grp
 import os
 import socket
 from typing import TYPE_CHECKING
@@ -10,6 +13,7 @@ from typing import TYPE_CHECKING
 from pgproxy.client import ClientConn
 
 if TYPE_CHECKING:
+    from pgproxy.config import Settings
     from pgproxy.daemon import Daemon
 
 BACKLOG = 1024
@@ -20,11 +24,72 @@ def unix_socket_path(directory: str, port: int) -> str:
     return os.path.join(directory, f".s.PGSQL.{port}")
 
 
+def claim_unix_socket(path: str) -> None:
+    """Make ``path`` free for a new socket: raise OSError if a live process listens on it
+    (a second pgproxy must not take a running one's socket), remove it if it is stale."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a socket left by a process that is gone
+        return
+    except OSError:
+        pass  # not a socket we can reach: let the bind below say why
+    else:
+        raise OSError(errno.EADDRINUSE, f"unix socket {path} is in use by another process")
+    finally:
+        probe.close()
+
+
+def remove_unix_socket(settings: Settings) -> None:
+    """Remove this process's Unix socket file (at exit, or after a failed start)."""
+    if settings.unix_socket_dir:
+        with contextlib.suppress(OSError):
+            os.unlink(unix_socket_path(settings.unix_socket_dir, settings.listen_port))
+
+
+def set_socket_access(path: str, settings: Settings) -> None:
+    """unix_socket_mode and unix_socket_group on the socket file at ``path``."""
+    os.chmod(path, settings.unix_socket_mode)
+    if settings.unix_socket_group:
+        try:
+            group_id = grp.getgrnam(settings.unix_socket_group).gr_gid
+        except KeyError:
+            raise OSError(
+                errno.EINVAL, f"unix_socket_group {settings.unix_socket_group}: no such group"
+            ) from None
+        os.chown(path, -1, group_id)
+
+
 async def start_listeners(daemon: Daemon) -> list[asyncio.Server]:
-    """Open every configured listener; raise OSError if one cannot be bound."""
-    loop = asyncio.get_running_loop()
+    """Open every configured listener; raise OSError if one cannot be bound (nothing is
+    left open or created then)."""
     settings = daemon.settings
     listeners: list[asyncio.Server] = []
+    socket_path = None
+    if settings.unix_socket_dir:
+        socket_path = unix_socket_path(settings.unix_socket_dir, settings.listen_port)
+        claim_unix_socket(socket_path)
+    try:
+        await _bind(daemon, listeners, socket_path)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        if socket_path is not None:
+            # (claim_unix_socket left no file there: one there now is ours.)
+            with contextlib.suppress(OSError):
+                os.unlink(socket_path)
+        raise
+    return listeners
+
+
+async def _bind(daemon: Daemon, listeners: list[asyncio.Server], socket_path: str | None) -> None:
+    loop = asyncio.get_running_loop()
+    settings = daemon.settings
 
     def factory() -> ClientConn:
         return ClientConn(daemon)
@@ -47,12 +112,9 @@ async def start_listeners(daemon: Daemon) -> list[asyncio.Server]:
                 backlog=BACKLOG,
             )
         )
-    if settings.unix_socket_dir:
-        path = unix_socket_path(settings.unix_socket_dir, settings.listen_port)
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from a previous run
-        listeners.append(await loop.create_unix_server(factory, path=path, backlog=BACKLOG))
-    return listeners
+    if socket_path is not None:
+        listeners.append(await loop.create_unix_server(factory, path=socket_path, backlog=BACKLOG))
+        set_socket_access(socket_path, settings)
 
 
 async def listen_on(daemon: Daemon, sock: socket.socket) -> asyncio.Server:

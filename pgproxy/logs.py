@@ -4,9 +4,37 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Control characters (C0, DEL, C1) and the Unicode line breaks: a client's user name,
+# database or application_name holding one must not start a forged log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as a backslash escape."""
+    return _CONTROL.sub(_escape_char, text) if _CONTROL.search(text) else text
+
+
+class EscapeControls(logging.Filter):
+    """Writes each record's message with control characters escaped (one record is one
+    line; a traceback is added by the formatter afterwards and stays as it is)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = escape_controls(message)
+        if escaped is not message:
+            record.msg = escaped
+            record.args = None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,16 +56,18 @@ class JsonFormatter(logging.Formatter):
 def configure(
     verbosity: int, log_format: str = "text", logfile: str | None = None, quiet: bool = False
 ) -> None:
-    """Log at WARNING, or INFO (-v), or DEBUG (-vv), as text or JSON, to stderr (unless
-    ``quiet``, PgBouncer's -q) and to ``logfile`` if set. Called again on reload, which
-    reopens the file (after a rotation, as PgBouncer's HUP does)."""
-    level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING
+    """Log at INFO (PgBouncer's LOG: logins, disconnections, stats), or DEBUG (-v), as
+    text or JSON, to stderr (unless ``quiet``, PgBouncer's -q) and to ``logfile`` if set.
+    Called again on reload, which reopens the file (after a rotation, as PgBouncer's HUP
+    does)."""
+    level = logging.DEBUG if verbosity > 0 else logging.INFO
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handlers: list[logging.Handler] = [] if quiet else [logging.StreamHandler()]
     if logfile:
         handlers.append(logging.FileHandler(logfile, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(_ESCAPE)
     if not handlers:
         handlers.append(logging.NullHandler())  # (else logging's last resort is stderr)
     root = logging.getLogger()
@@ -53,6 +83,9 @@ def configure(
     for record in held:  # what was logged before the destination was known
         if record.levelno >= level:
             root.handle(record)
+
+
+_ESCAPE = EscapeControls()
 
 
 class _Holding(logging.Handler):

@@ -8,8 +8,8 @@ last wins. Database and user entries are libpq-style ``key=value`` strings.
 ``convert`` returns the settings as pgproxy's TOML would hold them, typed by pgproxy's own
 models, and a warning for every setting that cannot be carried over. Defaults that differ
 between the two are written out so that the result behaves as PgBouncer would: without
-``listen_addr`` PgBouncer listens on its Unix socket only, and ``unix_socket_dir``
-defaults to ``/tmp``.
+``listen_addr`` PgBouncer listens on its Unix socket only, ``unix_socket_dir`` defaults to
+``/tmp`` and ``auth_type`` to ``md5``. An unknown key is an error, as in PgBouncer.
 """
 
 from __future__ import annotations
@@ -28,30 +28,14 @@ MAX_INCLUDE_DEPTH = 10
 _SECTION = re.compile(r"^\[\s*([^\]]*?)\s*\]$")
 _PGBOUNCER_SECTION = re.compile(r"^\s*\[\s*pgbouncer\s*\]\s*$", re.IGNORECASE | re.MULTILINE)
 
-# [pgbouncer] settings pgproxy has under the same name and meaning.
-_SAME = frozenset({
-    "listen_addr", "listen_port", "unix_socket_dir", "pool_mode", "max_client_conn",
-    "default_pool_size", "min_pool_size", "reserve_pool_size", "reserve_pool_timeout",
-    "max_db_connections", "max_db_client_connections", "max_user_connections",
-    "max_user_client_connections", "ignore_startup_parameters", "stats_period",
-    "max_prepared_statements", "scram_iterations", "auth_hba_file", "auth_file",
-    "auth_user", "auth_query", "auth_dbname", "log_stats", "admin_users", "stats_users",
-    "server_reset_query", "server_check_delay", "server_check_query", "server_lifetime",
-    "server_idle_timeout", "server_connect_timeout", "server_login_retry",
-    "client_login_timeout", "client_tls_sslmode", "client_tls_key_file",
-    "client_tls_cert_file", "client_tls_ca_file", "server_tls_sslmode", "server_tls_ca_file",
-    "server_tls_key_file", "server_tls_cert_file", "query_timeout", "query_wait_timeout",
-    "client_idle_timeout", "idle_transaction_timeout", "transaction_timeout",
-    "max_packet_size", "logfile", "pidfile", "so_reuseport", "peer_id",
-})  # fmt: skip
+# [pgbouncer] settings read under their own name: PgBouncer's that pgproxy has with the same
+# meaning, and pgproxy's own (metrics_port, workers, ...), so that an ini can set them too.
+_SAME = frozenset(Settings.model_fields) - {"auth_type", "databases", "users", "peers"}
 
 # [pgbouncer] settings pgproxy does not have, and why that is harmless or what to do.
 _NOT_CARRIED = {
     "user": "run pgproxy as that user instead (systemd User=, or the container's user)",
-    "unix_socket_mode": "the socket gets the process umask",
-    "unix_socket_group": "the socket gets the process group",
     "server_round_robin": "servers are always reused most recently used first",
-    "track_extra_parameters": "pgproxy tracks its six parameters only",
     "disable_pqexec": "multi-statement simple queries are always allowed",
     "application_name_add_host": "not supported",
     "conffile": "the file given on the command line is the configuration",
@@ -62,11 +46,7 @@ _NOT_CARRIED = {
     "syslog": "pgproxy logs to stderr (and logfile)",
     "syslog_ident": "pgproxy logs to stderr (and logfile)",
     "syslog_facility": "pgproxy logs to stderr (and logfile)",
-    "log_connections": "connections are logged at -v",
-    "log_disconnections": "disconnections are logged at -v",
-    "log_pooler_errors": "errors sent to clients are always logged",
     "verbose": "use -v / -vv on the command line",
-    "server_reset_query_always": "the reset query runs in session mode only",
     "server_fast_close": "not supported",
     "autodb_idle_timeout": "pools made for '*' databases are kept",
     "pool_idle_timeout": "not supported",
@@ -91,11 +71,6 @@ _NOT_CARRIED = {
     "sbuf_loopcnt": "not needed",
     "tcp_defer_accept": "not supported",
     "tcp_socket_buffer": "the system default applies",
-    "tcp_keepalive": "the system default applies",
-    "tcp_keepcnt": "the system default applies",
-    "tcp_keepidle": "the system default applies",
-    "tcp_keepintvl": "the system default applies",
-    "tcp_user_timeout": "the system default applies",
 }
 
 # Keys of a [databases] entry, by pgproxy name (None: cannot be carried over, with why).
@@ -104,12 +79,10 @@ _DATABASE_KEYS: dict[str, str | None] = {
     "reserve_pool": "reserve_pool_size",  # PgBouncer's older name
 }
 _DATABASE_NOT_CARRIED = {
-    "connect_query": "not supported",
     "client_encoding": "set it for the role or database in PostgreSQL",
     "datestyle": "set it for the role or database in PostgreSQL",
     "timezone": "set it for the role or database in PostgreSQL",
     "application_name": "not supported",
-    "load_balance_hosts": "one host per database entry",
 }
 _USER_KEYS = frozenset(UserConfig.model_fields) - {"password"}
 
@@ -235,10 +208,17 @@ def convert(path: str) -> Conversion:
     # PgBouncer's defaults where pgproxy's differ.
     data["listen_addr"] = ""
     data["unix_socket_dir"] = "/tmp"
+    data["auth_type"] = "md5"
     for key, (value, where) in general.items():
         if key in _SAME:
             if key == "unix_socket_dir" and value == "":
                 data[key] = None
+                continue
+            if key == "unix_socket_mode":
+                try:
+                    data[key] = int(value, 8)
+                except ValueError:
+                    raise ConfigError(f"{where}: unix_socket_mode = {value!r}: not octal") from None
                 continue
             data[key] = _typed(Settings, key, value, where)
         elif key == "auth_type":
@@ -246,7 +226,9 @@ def convert(path: str) -> Conversion:
         elif key in _NOT_CARRIED:
             result.warnings.append(f"{where}: {key} not carried over: {_NOT_CARRIED[key]}")
         else:
-            result.warnings.append(f"{where}: unknown PgBouncer setting {key}: ignored")
+            # As PgBouncer, which refuses to start on an unknown parameter: a typo must not
+            # leave a setting silently at its default.
+            raise ConfigError(f"{where}: unknown setting {key}")
     if data.get("unix_socket_dir") is None:
         data.pop("unix_socket_dir", None)
     databases: dict[str, Any] = {}
@@ -306,9 +288,5 @@ def _database(value: str, where: str, result: Conversion) -> dict[str, Any]:
             why = _DATABASE_NOT_CARRIED.get(key, "unknown database option")
             result.warnings.append(f"{where}: {key} not carried over: {why}")
             continue
-        if key == "host" and "," in setting:
-            first = setting.split(",")[0]
-            result.warnings.append(f"{where}: host list {setting}: only {first} is used")
-            setting = first
         entry[target] = _typed(DatabaseConfig, target, setting, where)
     return entry

@@ -52,11 +52,17 @@ BUDGET_RETRY = 0.02
 class ServerTarget:
     """Where a pool's servers connect and as whom (the password is never logged)."""
 
-    host: str
+    host: str  # one host, or several separated by commas
     port: int
     dbname: str
     user: str
     password: str | None
+    round_robin: bool = True  # load_balance_hosts = round-robin
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The hosts to try, in order."""
+        return tuple(part.strip() for part in self.host.split(",") if part.strip()) or ("",)
 
     def __repr__(self) -> str:
         return f"ServerTarget({self.user}@{self.host}:{self.port}/{self.dbname})"
@@ -126,11 +132,12 @@ class Pool:
         self.user = user
         self.name = f"{database}/{user}"
         self.target = target
+        self.host_index = 0  # the target's host the next server connection tries first
         self.settings = settings
         self.mode: PoolMode = settings.mode
         self.size = settings.size
         self.min_size = min(settings.min_size, settings.size)
-        self.reset_query = settings.reset_query if settings.mode == "session" else ""
+        self.reset_query = settings.reset_query if settings.reset_always else ""
         self.connect_timeout = settings.connect_timeout
         self.budgets = budgets
         for budget in budgets:
@@ -301,6 +308,10 @@ class Pool:
             if record is not None:
                 record(held)
             self._unlink(client, server)
+            if self.reset_query:  # server_reset_query_always
+                server.state = RESET
+                server.run_hidden(self.reset_query)
+                return
             self._hand_over(server, now)
 
     def client_gone(self, client: ClientConn) -> None:
@@ -435,7 +446,9 @@ class Pool:
     def cancel_running_query(self, server: ServerConn) -> None:
         """Ask PostgreSQL to cancel what ``server`` runs now (background, best effort)."""
         if server.backend_key:
-            self._track(cancel_backend(self.target, server.backend_pid, server.backend_key))
+            self._track(
+                cancel_backend(self.target, server.backend_pid, server.backend_key, server.host)
+            )
 
     def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coroutine)
@@ -554,7 +567,7 @@ class Pool:
         self.null_pool = settings.null_pool
         self.max_servers = settings.size + settings.reserve_size
         self.min_size = min(settings.min_size, settings.size)
-        self.reset_query = settings.reset_query if settings.mode == "session" else ""
+        self.reset_query = settings.reset_query if settings.reset_always else ""
         self.connect_timeout = settings.connect_timeout
         self.reconnect.max_delay = settings.login_retry
         self.reconnect.timeout = settings.reconnect_timeout

@@ -19,6 +19,7 @@ from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import Credential, ServerAuthenticator, ServerAuthError
 from pgproxy.protocol.prepared import ServerStatements
 from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
+from pgproxy.sockopts import apply_keepalive
 from pgproxy.stats import next_connection_id
 
 if TYPE_CHECKING:
@@ -49,10 +50,11 @@ WRITE_LOW_WATER = 64 * 1024
 class ServerLoginError(Exception):
     """Logging in to PostgreSQL failed; ``sqlstate`` and ``message`` are fit for the client."""
 
-    def __init__(self, sqlstate: str, message: str) -> None:
+    def __init__(self, sqlstate: str, message: str, *, unreachable: bool = False) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
         self.message = message
+        self.unreachable = unreachable  # no connection was made: another host may do
 
 
 class ServerConn(asyncio.Protocol):
@@ -96,6 +98,7 @@ class ServerConn(asyncio.Protocol):
         self._lost = False
         self.closing = False  # pgproxy said Terminate: its close is not a loss
         self.tls = False
+        self.host = ""  # which of the target's hosts it is connected to
         # Named prepared statements: set at the first link of a client that uses them, and
         # the client they are tied to in the current link (None: not tied yet).
         self.statements: ServerStatements | None = None
@@ -357,6 +360,30 @@ class ServerConn(asyncio.Protocol):
                     return type_byte, payload
             await self._more_login_data("server closed the connection during login")
 
+    async def _run_connect_query(self, sql: str) -> None:
+        """connect_query, still inside the login: its rows are dropped, its parameter
+        changes kept; an error fails the login (PgBouncer closes that connection too)."""
+        self.transport.write(messages.query(sql))
+        failure: ServerLoginError | None = None
+        while True:
+            type_byte, payload = await self._read_login_message()
+            if type_byte == messages.ERROR_RESPONSE and failure is None:
+                fields = messages.parse_error_fields(payload)
+                failure = ServerLoginError(
+                    fields.get("C", codes.CONNECTION_FAILURE),
+                    "connect_query failed: " + fields.get("M", "error"),
+                )
+            elif type_byte == messages.PARAMETER_STATUS:
+                name, value = messages.parse_parameter_status(payload)
+                self.login_params = [(n, v) for n, v in self.login_params if n != name]
+                self.login_params.append((name, value))
+                self.params = tracked.with_value(self.params, name, value)
+            elif type_byte == messages.READY_FOR_QUERY:
+                self.scan.status = payload[0] if payload else STATUS_IDLE
+                if failure is not None:
+                    raise failure
+                return
+
     async def negotiate_tls(self, tls: ServerTls, host: str) -> None:
         """SSLRequest, then the TLS handshake if PostgreSQL says 'S'; raise
         ServerLoginError if TLS is required and the server has none."""
@@ -405,6 +432,8 @@ class ServerConn(asyncio.Protocol):
                 self.backend_key = payload[4:]
             elif type_byte == messages.READY_FOR_QUERY:
                 self.scan.status = payload[0] if payload else STATUS_IDLE
+                if self.pool.settings.connect_query:
+                    await self._run_connect_query(self.pool.settings.connect_query)
                 self.state = IDLE
                 return
             elif type_byte == messages.ERROR_RESPONSE:
@@ -417,23 +446,52 @@ class ServerConn(asyncio.Protocol):
 
 
 async def connect_server(pool: Pool, timeout: float) -> ServerConn:
-    """Open and log in a new server connection for ``pool``; raise ServerLoginError."""
+    """Open and log in a new server connection for ``pool``; raise ServerLoginError.
+
+    With several hosts in the target, each is tried in turn from the pool's current one
+    (``Pool.host_index``; load_balance_hosts decides whether the next connection starts
+    at the following host or stays on the one that worked)."""
+    target = pool.target
+    hosts = target.hosts
+    error: ServerLoginError | None = None
+    deadline = time.monotonic() + timeout
+    for _ in range(len(hosts)):
+        index = pool.host_index % len(hosts)
+        host = hosts[index]
+        try:
+            server = await _connect_host(pool, host, max(0.001, deadline - time.monotonic()))
+        except ServerLoginError as exc:
+            error = exc
+            if not exc.unreachable:
+                raise
+            pool.host_index = index + 1  # the next attempt starts at the next host
+            continue
+        if target.round_robin:
+            pool.host_index = index + 1
+        return server
+    assert error is not None
+    raise error
+
+
+async def _connect_host(pool: Pool, host: str, timeout: float) -> ServerConn:
     loop = asyncio.get_running_loop()
     target = pool.target
     server: ServerConn | None = None
     try:
         async with asyncio.timeout(timeout):
-            if target.host.startswith("/"):
-                path = f"{target.host}/.s.PGSQL.{target.port}"
+            if host.startswith("/"):
+                path = f"{host}/.s.PGSQL.{target.port}"
                 _, server = await loop.create_unix_connection(lambda: ServerConn(pool), path)
             else:
                 _, server = await loop.create_connection(
-                    lambda: ServerConn(pool), target.host, target.port
+                    lambda: ServerConn(pool), host, target.port
                 )
+                apply_keepalive(server.transport.get_extra_info("socket"), pool.settings.keepalive)
             server.connected_at = time.monotonic()
+            server.host = host
             tls = pool.server_tls
-            if tls.context is not None and not target.host.startswith("/"):
-                await server.negotiate_tls(tls, target.host)
+            if tls.context is not None and not host.startswith("/"):
+                await server.negotiate_tls(tls, host)
             credential: Credential | None = target.password
             if credential is None and pool.credential_for is not None:
                 credential = pool.credential_for(target.user)
@@ -442,12 +500,17 @@ async def connect_server(pool: Pool, timeout: float) -> ServerConn:
         if server is not None:
             server.transport.close()
         raise ServerLoginError(
-            codes.CONNECTION_FAILURE, "server connection timed out (server_connect_timeout)"
+            codes.CONNECTION_FAILURE,
+            "server connection timed out (server_connect_timeout)",
+            unreachable=server is None,
         ) from None
     except OSError as exc:
+        if server is not None:
+            server.transport.close()
         raise ServerLoginError(
             codes.CONNECTION_FAILURE,
-            f"could not connect to server at {target.host}:{target.port}: {exc.strerror or exc}",
+            f"could not connect to server at {host}:{target.port}: {exc.strerror or exc}",
+            unreachable=True,
         ) from None
     except BaseException:
         if server is not None:
@@ -456,15 +519,19 @@ async def connect_server(pool: Pool, timeout: float) -> ServerConn:
     return server
 
 
-async def cancel_backend(target: ServerTarget, process_id: int, secret_key: bytes) -> None:
-    """Deliver a CancelRequest for a server's backend on a fresh connection (best effort)."""
+async def cancel_backend(
+    target: ServerTarget, process_id: int, secret_key: bytes, host: str = ""
+) -> None:
+    """Deliver a CancelRequest for a server's backend on a fresh connection (best effort);
+    ``host``: the one of the target's hosts that backend runs on (default: the first)."""
+    host = host or target.hosts[0]
     try:
         async with asyncio.timeout(CANCEL_TIMEOUT):
-            if target.host.startswith("/"):
-                path = f"{target.host}/.s.PGSQL.{target.port}"
+            if host.startswith("/"):
+                path = f"{host}/.s.PGSQL.{target.port}"
                 reader, writer = await asyncio.open_unix_connection(path)
             else:
-                reader, writer = await asyncio.open_connection(target.host, target.port)
+                reader, writer = await asyncio.open_connection(host, target.port)
             writer.write(messages.cancel_request(process_id, secret_key))
             await writer.drain()
             await reader.read()  # PostgreSQL closes the connection when it is done

@@ -220,16 +220,22 @@ def worker_count(settings: Settings) -> int:
 
 def bind_unix_socket(settings: Settings) -> socket.socket | None:
     """The public Unix listener, bound once for all workers."""
-    from pgproxy.listener import BACKLOG, unix_socket_path
+    from pgproxy.listener import BACKLOG, claim_unix_socket, set_socket_access, unix_socket_path
 
     if not settings.unix_socket_dir:
         return None
     path = unix_socket_path(settings.unix_socket_dir, settings.listen_port)
-    if os.path.exists(path):
-        os.unlink(path)  # a stale socket from a previous run
+    claim_unix_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(BACKLOG)
+    try:
+        sock.bind(path)
+        set_socket_access(path, settings)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     sock.setblocking(False)
     return sock
 

@@ -62,13 +62,26 @@ transaction_timeout = 600
 max_packet_size = 1048576
 so_reuseport = 1
 peer_id = 3
+unix_socket_mode = 0750
+tcp_keepalive = 0
+tcp_keepcnt = 4
+tcp_keepidle = 30
+tcp_keepintvl = 5
+tcp_user_timeout = 9000
+log_connections = 0
+log_disconnections = 0
+log_pooler_errors = 0
+server_reset_query_always = 1
+track_extra_parameters = search_path, IntervalStyle
+metrics_port = 0
+leak_detection_threshold = 2.5
 """
 
 APPDB = " ".join((
     "host=db1.internal port=5433 dbname=app user=app password='it\\'s \"quoted\"'",
     "pool_size=11 min_pool_size=1 reserve_pool=2 pool_mode=session max_db_connections=20",
     "max_db_client_connections=30 server_lifetime=100 query_wait_timeout=5",
-    "auth_user=lookup auth_dbname=postgres connect_query='SET x = 1'",
+    "auth_user=lookup auth_dbname=postgres connect_query='SET x = 1' load_balance_hosts=disable",
 ))  # fmt: skip
 APP_USER = " ".join((
     "pool_mode=statement pool_size=4 max_user_connections=6 query_timeout=7",
@@ -144,6 +157,13 @@ def test_every_supported_setting_converts_and_loads(tmp_path: Path) -> None:
         "query_timeout": 60.0, "query_wait_timeout": 30.0, "client_idle_timeout": 900.0,
         "idle_transaction_timeout": 120.0, "transaction_timeout": 600.0,
         "max_packet_size": 1048576, "so_reuseport": True, "peer_id": 3,
+        "unix_socket_mode": 0o750, "tcp_keepalive": False, "tcp_keepcnt": 4,
+        "tcp_keepidle": 30, "tcp_keepintvl": 5, "tcp_user_timeout": 9000,
+        "log_connections": False, "log_disconnections": False, "log_pooler_errors": False,
+        "server_reset_query_always": True,
+        "track_extra_parameters": ["search_path", "IntervalStyle"],
+        # pgproxy's own settings, in an ini too:
+        "metrics_port": 0, "leak_detection_threshold": 2.5,
     }  # fmt: skip
     for key, value in expected.items():
         assert getattr(settings, key) == value, key
@@ -157,6 +177,7 @@ def test_every_supported_setting_converts_and_loads(tmp_path: Path) -> None:
     )
     assert (app.server_lifetime, app.query_wait_timeout) == (100.0, 5.0)
     assert (app.auth_user, app.auth_dbname) == ("lookup", "postgres")
+    assert (app.connect_query, app.load_balance_hosts) == ("SET x = 1", "disable")
     # No host: PgBouncer's unix_socket_dir, where it would look for the server.
     quoted = settings.databases['quoted "name" ']
     assert (quoted.host, quoted.port) == (str(tmp_path), 5434)
@@ -165,14 +186,13 @@ def test_every_supported_setting_converts_and_loads(tmp_path: Path) -> None:
     assert (user.pool_mode, user.pool_size, user.max_user_connections) == ("statement", 4, 6)
     assert (user.query_timeout, user.idle_transaction_timeout) == (7.0, 8.0)
     assert (user.client_idle_timeout, user.transaction_timeout) == (9.0, 10.0)
-    line = EVERY_SETTING.count("\n") + 2  # (the appdb line)
-    assert conversion.warnings == [f"{path}:{line}: connect_query not carried over: not supported"]
+    assert conversion.warnings == []
 
 
 def test_pgbouncer_defaults_and_what_is_not_carried_over(tmp_path: Path) -> None:
     path = _ini(
         tmp_path,
-        "[pgbouncer]\nauth_type = any\nserver_round_robin = 1\nfrobnicate = 2\n"
+        "[pgbouncer]\nauth_type = any\nserver_round_robin = 1\n"
         "[databases]\nappdb = host=a,b\n[peers]\n1 = host=x pool_size=3\n2 = host=/run/b port=7\n"
         "[extra]\nk = v\n",
     )
@@ -181,24 +201,27 @@ def test_pgbouncer_defaults_and_what_is_not_carried_over(tmp_path: Path) -> None
     assert settings.listen_addr == ""  # PgBouncer without listen_addr: the socket only
     assert settings.unix_socket_dir == "/tmp"
     assert settings.auth_type == "trust"
-    assert settings.databases["appdb"].host == "a"
+    assert settings.databases["appdb"].host == "a,b"  # both, in turn (load_balance_hosts)
     assert (settings.peers[1].host, settings.peers[1].port) == ("x", 6432)
     assert (settings.peers[2].host, settings.peers[2].port) == ("/run/b", 7)
     assert [warning.split(": ", 1)[1] for warning in conversion.warnings] == [
         "auth_type = any: converted to trust (the user name is not ignored)",
         "server_round_robin not carried over: servers are always reused most recently "
         "used first",
-        "unknown PgBouncer setting frobnicate: ignored",
-        "host list a,b: only a is used",
         "peer 1: pool_size not carried over",
         "unknown section [extra]: ignored",
     ]
     empty = _ini(tmp_path, "[pgbouncer]\nunix_socket_dir =\n", "empty.ini")
     assert "unix_socket_dir" not in convert(str(empty)).data
+    # PgBouncer's default auth_type, not pgproxy's: an ini without one asks for passwords.
+    assert Settings(**convert(str(empty)).data).auth_type == "md5"
     for bad, message in (
         ("auth_type = pam", "auth_type = pam: not supported"),
         ("listen_port = many", "listen_port = 'many'"),
         ("no equals sign", "expected 'key = value'"),
+        # An unknown key stops the start, as in PgBouncer (a typo must not go unnoticed).
+        ("frobnicate = 2", "broken.ini:2: unknown setting frobnicate"),
+        ("unix_socket_mode = 999", "unix_socket_mode = '999': not octal"),
     ):
         broken = _ini(tmp_path, f"[pgbouncer]\n{bad}\n", "broken.ini")
         with pytest.raises(ConfigError, match=message):
@@ -219,7 +242,7 @@ def test_from_pgbouncer_command(tmp_path: Path, capsys: pytest.CaptureFixture[st
     printed = tomllib.loads(out)
     assert "password" not in printed["databases"]["appdb"]  # never on stdout
     assert "password" not in out and "1 password(s) left out" in err
-    assert "connect_query not carried over" in err
+    assert "server_round_robin" not in err  # (nothing in EVERY_SETTING is left behind)
     target = tmp_path / "converted.toml"
     assert main(["--from-pgbouncer", str(path), "-o", str(target)]) == 0
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o600

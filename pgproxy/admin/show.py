@@ -119,7 +119,8 @@ def _client_row(client: ClientConn, clock: tuple[float, float], now: float) -> l
         "C", client.user, database, "none", client.pool_state, addr, port, local_addr,
         local_port, _date(client.connected_at, clock),
         _date(requested or client.connected_at, clock), seconds, micros, 0, _ptr(client),
-        _ptr(server), client.peer_pid, _tls_info(client.transport), client.application_name, 0,
+        _ptr(server), client.peer_pid, _tls_info(client.transport), client.application_name,
+        len(client.scan.statements.names) if client.scan.statements is not None else 0,
         client.id,
     ]  # fmt: skip
 
@@ -135,7 +136,8 @@ def _server_row(server: ServerConn, clock: tuple[float, float], now: float) -> l
         "S", server.pool.user, server.pool.database, "none", state, addr, port, local_addr,
         local_port, _date(server.connected_at, clock), _date(requested, clock), 0, 0,
         1 if server.expires_at == 0.0 else 0, _ptr(server), _ptr(server.client),
-        server.backend_pid, _tls_info(transport), app or "", 0, server.id,
+        server.backend_pid, _tls_info(transport), app or "",
+        len(server.statements.cached) if server.statements is not None else 0, server.id,
     ]  # fmt: skip
 
 
@@ -212,7 +214,8 @@ def show_databases(daemon: Daemon) -> Table:
             entry.reserve_pool_size if entry.reserve_pool_size is not None
             else settings.reserve_pool_size,
             int(lifetime if lifetime is not None else settings.server_lifetime),
-            entry.pool_mode, None, settings.max_db_connections_for(entry),
+            entry.pool_mode, entry.load_balance_hosts if "," in entry.host else None,
+            settings.max_db_connections_for(entry),
             budget.used if budget else 0, settings.client_limits_for(entry, "")[0],
             daemon.db_clients[name], int(flags.paused), int(flags.disabled),
         ])  # fmt: skip
