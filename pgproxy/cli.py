@@ -18,7 +18,7 @@ from typing import Any
 
 import uvloop
 
-from pgproxy import __version__, logs
+from pgproxy import VERSION_LINE, logs
 from pgproxy.config import ConfigError, Settings, load_settings
 from pgproxy.daemon import Daemon, client_secrets
 from pgproxy.hba import hba_rules
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no logging to stderr")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-V", "--version", action="version", version=f"pgproxy {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=VERSION_LINE)
     parser.add_argument(
         "--from-pgbouncer",
         metavar="INI",

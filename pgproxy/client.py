@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 from pgproxy import __version__
 from pgproxy import params as tracked
-from pgproxy.admin import CONSOLE_DATABASES
+from pgproxy.admin import CONSOLE_DATABASE, CONSOLE_DATABASES
 from pgproxy.admin.console import WELCOME_PARAMS, Console
 from pgproxy.admin.gather import PEER_APPLICATION
 from pgproxy.auth_query import AuthQueryError
@@ -39,6 +39,7 @@ from pgproxy.protocol.startup import (
     parse_startup,
 )
 from pgproxy.protocol.stream import FrontendScanner
+from pgproxy.replication import ReplicationMode, replication_mode, start_replication
 from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
 from pgproxy.sockopts import apply_keepalive
 from pgproxy.stats import next_connection_id
@@ -58,6 +59,7 @@ CONSOLE = "console"  # logged in to the admin console
 TLS = "tls"  # answered 'S' to an SSLRequest, or got a ClientHello: the handshake runs
 TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
 CLOSED = "closed"
+RELAY = "relay"  # a replication connection: bytes pass both ways untouched
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 _INT32 = struct.Struct("!I")
@@ -108,6 +110,8 @@ class ClientConn(asyncio.Protocol):
         self.idle_since = 0.0
         self.connected_at = 0.0
         self.address = ""  # ip:port or unix(pid), for logs
+        self.replication: ReplicationMode = "none"
+        self.replication_slot: asyncio.Semaphore | None = None  # held while relaying
         self.close_reason = ""  # why pgproxy ended it (log_disconnections)
         # What arrived while waiting for a server: chunks, or plans (named statements).
         self._pending: list[bytes | Plan] = []
@@ -233,6 +237,13 @@ class ClientConn(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if self.replication_slot is not None:
+            self.replication_slot.release()
+            self.replication_slot = None
+        if self.state is RELAY and self.server is not None:
+            relay_server, self.server = self.server, None
+            relay_server.client = None
+            relay_server.transport.close()  # (never pooled: PostgreSQL ends the walsender)
         internal = self.console is not None and self.console.peer  # another worker
         if self.user and self.daemon.settings.log_disconnections and not internal:
             # (Clients that never sent a startup packet, such as port probes, are not
@@ -376,6 +387,10 @@ class ClientConn(asyncio.Protocol):
     def _early_data(self, data: bytes) -> None:
         if self.closed or self.terminated:
             return  # input after a FATAL error or a Terminate is dropped
+        if self.state is RELAY:
+            assert self.server is not None
+            self.server.transport.write(data)
+            return
         if self.state is CONSOLE:
             assert self.console is not None
             self.console.feed(data)
@@ -515,7 +530,14 @@ class ClientConn(asyncio.Protocol):
             return
         self.user = user
         self.database = startup.params.get("database") or user
-        if self.database not in CONSOLE_DATABASES:  # (the console keeps no settings)
+        try:
+            self.replication = replication_mode(startup.params.get("replication"))
+        except ValueError as exc:
+            self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
+            return
+        if self.replication != "none":
+            pass  # (its startup parameters all go to its own server, as the client sent them)
+        elif self.database not in CONSOLE_DATABASES:  # (the console keeps no settings)
             ignored = frozenset(name.lower() for name in settings.ignore_startup_parameters)
             try:
                 self._settings = tracked.startup_settings(startup.params, ignored)
@@ -590,8 +612,9 @@ class ClientConn(asyncio.Protocol):
         local = not isinstance(peer, tuple)
         address = None if local else ipaddress.ip_address(peer[0])
         rule = hba.match(
-            local=local, tls=self.tls, database=self.database, user=self.user, address=address
-        )
+            local=local, tls=self.tls, database=self.database, user=self.user, address=address,
+            replication=self.replication == "physical",
+        )  # fmt: skip
         where = "local" if local else f'host "{peer[0]}"'
         encryption = "SSL encryption" if self.tls else "no encryption"
         if rule is None:
@@ -702,11 +725,34 @@ class ClientConn(asyncio.Protocol):
             self.fatal(codes.PROTOCOL_VIOLATION, refusal)
             return
         self.admitted = True
+        if self.replication != "none":
+            self.cancel_key = self.daemon.register_cancel_key(self)
+            if settings.log_connections:
+                log.info("%s login: replication=%s", self.describe(), self.replication)
+            self._login_task = asyncio.get_running_loop().create_task(
+                self._replicate(pool, startup)
+            )
+            return
         if pool.welcome is not None:
             self._finish_login(pool, startup)
         else:
             loop = asyncio.get_running_loop()
             self._login_task = loop.create_task(self._await_welcome(pool, startup))
+
+    async def _replicate(self, pool: Pool, startup: StartupMessage) -> None:
+        try:
+            await start_replication(self, pool, startup.params)
+        except Exception:
+            self._internal_error("replication login")
+
+    def start_relay(self, server: ServerConn) -> None:
+        """From now on, bytes go between this client and ``server`` untouched."""
+        self.server = server
+        self.state = RELAY
+        if self._startup_buffer:  # sent behind the startup packet
+            early = bytes(self._startup_buffer)
+            self._startup_buffer.clear()
+            server.transport.write(early)
 
     async def _await_welcome(self, pool: Pool, startup: StartupMessage) -> None:
         try:
@@ -728,6 +774,13 @@ class ClientConn(asyncio.Protocol):
             return
         # Another worker of this pgproxy asking for this worker's own rows (workers = N).
         peer = local_admin and startup.params.get("application_name") == PEER_APPLICATION
+        if not peer:
+            refusal = self.daemon.admit_client(CONSOLE_DATABASE, self.user, console=True)
+            if refusal is not None:
+                self.fatal(codes.PROTOCOL_VIOLATION, refusal)
+                return
+            self.database = CONSOLE_DATABASE  # (counted under one name, whichever was used)
+            self.admitted = True
         self.console = Console(self, self.daemon, local_admin=local_admin, peer=peer)
         if self.daemon.settings.log_connections and not peer:
             log.info("%s login: console, tls=%s", self.describe(), "yes" if self.tls else "no")
@@ -751,13 +804,13 @@ class ClientConn(asyncio.Protocol):
 
     def _finish_login(self, pool: Pool, startup: StartupMessage) -> None:
         self.pool = pool
+        pool.stats.client_logins += 1
+        self.params = tracked.from_pairs(self._settings, pool.welcome_values)
         if self.daemon.settings.log_connections:
             log.info(
                 "%s login: tls=%s application_name=%s",
                 self.describe(), "yes" if self.tls else "no", self.application_name,
             )  # fmt: skip
-        pool.stats.client_logins += 1
-        self.params = tracked.from_pairs(self._settings, pool.welcome_values)
         if pool.settings.max_prepared_statements > 0:
             self.scan.statements = ClientStatements(pool.statement_registry, pool.stats)
         self.cancel_key = self.daemon.register_cancel_key(self)

@@ -62,7 +62,7 @@ class PoolSettings:
     reset_always: bool = True
     connect_timeout: float = 15.0
     idle_timeout: float = 600.0  # 0: never
-    lifetime: float = 3600.0  # 0: never
+    lifetime: float = 3600.0  # 0: one client only
     null_pool: bool = False
     login_retry: float = 15.0  # cap of the backoff between failed server logins
     reconnect_timeout: float = 300.0  # 0: never run the hook
@@ -285,7 +285,8 @@ class Settings(BaseSettings):
         default=3600.0,
         ge=0,
         description="Seconds after which a server is closed once free (each server's limit "
-        "is 0-10% earlier, so a pool never recycles all at once); 0 disables.",
+        "is 0-10% earlier, so a pool never recycles all at once); 0: each server is used "
+        "by one client only, then closed (as PgBouncer).",
     )
     null_pool: bool = Field(
         default=False,
@@ -473,6 +474,12 @@ class Settings(BaseSettings):
         description="Seconds a client may hold a server (transaction mode: one transaction; "
         "session mode: one transaction left open) before a leak is logged, counted and "
         "listed in SHOW LEAKS; nothing is killed; 0 disables.",
+    )
+    verbose: int = Field(
+        default=0,
+        ge=0,
+        description="More logging, as -v on the command line (the higher of the two "
+        "applies): 1 or more logs at DEBUG; the console's SET verbose changes it at once.",
     )
     log_format: Literal["text", "json"] = Field(
         default="text", description="Log lines as text or as one JSON object per line."
@@ -776,7 +783,7 @@ def load_settings(path: str | None, *, log_overrides: bool = False) -> Settings:
 RESTART_ONLY = frozenset(
     {
         "listen_addr", "listen_port", "unix_socket_dir", "metrics_addr", "metrics_port",
-        "log_format", "pidfile", "so_reuseport", "peer_id", "workers",
+        "log_format", "pidfile", "so_reuseport", "peer_id", "workers", "track_extra_parameters",
     }
 )
 

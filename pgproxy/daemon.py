@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pgproxy import __version__, cancel, logs
+from pgproxy import __version__, cancel, logs, sdnotify
+from pgproxy import params as tracked
 from pgproxy.auth_query import AuthQuery
 from pgproxy.config import (
     RESTART_ONLY,
@@ -36,7 +37,7 @@ from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.protocol.prepared import Registry
 from pgproxy.server import cancel_backend
 from pgproxy.sockopts import keepalive_from
-from pgproxy.stats import StatsWindow, Totals, set_connection_id_base
+from pgproxy.stats import CONSOLE_STATS_KEY, PoolStats, StatsWindow, Totals, set_connection_id_base
 from pgproxy.tls import certificate_hash, client_context, server_tls
 from pgproxy.userlist import read_userlist
 from pgproxy.workers import SharedServerBudget, WorkerContext, evict_for_other_workers
@@ -79,6 +80,8 @@ class Daemon:
             settings = worker.apply(settings)
             set_connection_id_base((worker.index + 1) * WORKER_ID_RANGE)
         self.settings = settings
+        tracked.configure(settings.track_extra_parameters)  # (read at start only)
+        logs.set_verbose(settings.verbose)
         self.keepalive = keepalive_from(settings)  # for TCP clients
         self.config_path = config_path
         self.pools: dict[tuple[str, str], Pool] = {}
@@ -96,6 +99,7 @@ class Daemon:
         self.database_flags: dict[str, DatabaseFlags] = {}
         self.shutdown_mode: ShutdownMode | None = None
         self.stats_window = StatsWindow(0.0)  # restarted by start()
+        self.console_stats = PoolStats()  # the console's queries (SHOW STATS 'pgbouncer')
         self.login_failures = 0  # client logins that ended in an error (metrics)
         self.login_timeouts = 0  # of which client_login_timeout
         self._metrics: MetricsServer | None = None
@@ -178,12 +182,25 @@ class Daemon:
             self.pools[key] = pool
         return pool
 
-    def admit_client(self, database: str, user: str) -> str | None:
-        """Count a client in, or say which client cap (PgBouncer's words) refuses it."""
-        entry = self.settings.database(database)
-        db_limit, user_limit = (
-            self.settings.client_limits_for(entry, user) if entry is not None else (0, 0)
-        )
+    def admit_client(self, database: str, user: str, *, console: bool = False) -> str | None:
+        """Count a client in, or say which client cap (PgBouncer's words) refuses it.
+
+        ``console``: a console login (``database`` is then the console's name). It counts
+        under the global caps, and an admin_users member is counted but never refused,
+        as in PgBouncer, so that an operator can always get in."""
+        settings = self.settings
+        entry = settings.database(database) if not console else None
+        if entry is not None:
+            db_limit, user_limit = settings.client_limits_for(entry, user)
+        elif console and user in settings.admin_users:
+            db_limit, user_limit = 0, 0
+        elif console:
+            user_entry = settings.users.get(user)
+            own = user_entry.max_user_client_connections if user_entry is not None else None
+            db_limit = settings.max_db_client_connections
+            user_limit = settings.max_user_client_connections if own is None else own
+        else:
+            db_limit, user_limit = 0, 0
         worker = self.worker
         if worker is not None:  # the caps hold for the sum over workers
             shared, index = worker.budgets, worker.index
@@ -236,6 +253,15 @@ class Daemon:
         A removed database refuses new clients while its connected ones finish. A pool's
         mode is fixed at creation: a new pool_mode applies to pools created afterwards.
         """
+        if self._speaks_for_systemd:
+            sdnotify.reloading()
+        try:
+            return self._reload()
+        finally:
+            if self._speaks_for_systemd:
+                sdnotify.reloaded()
+
+    def _reload(self) -> bool:
         try:
             settings = load_settings(self.config_path)
             if self.worker is not None:
@@ -256,7 +282,8 @@ class Daemon:
             log.error("reload: cannot open logfile %s: %s", self.settings.logfile, exc)
         for name in kept:
             log.warning("reload: %s changed; it takes effect after a restart", name)
-        log.warning("configuration reloaded")
+        self._prewarm()  # a database with a forced user and min_pool_size may be new
+        log.info("configuration reloaded")
         return True
 
     def set_setting(self, key: str, value: str) -> None:
@@ -301,6 +328,7 @@ class Daemon:
         self.auth_query.clear()
         self.settings = settings
         self.keepalive = keepalive_from(settings)
+        logs.set_verbose(settings.verbose)
         for client in self.logged_in_clients():
             entry = settings.database(client.database)
             if client.console is None and entry is not None:
@@ -405,6 +433,8 @@ class Daemon:
     def begin_shutdown(self, mode: ShutdownMode) -> None:
         """SHUTDOWN: now, or once servers are free / clients are gone. New clients are
         refused meanwhile (the console still answers); asked twice, it exits now."""
+        if self._speaks_for_systemd:
+            sdnotify.stopping()
         if mode == "immediate" or self.shutdown_mode is not None:
             log.warning("shutting down now")
             self.stop()
@@ -443,7 +473,13 @@ class Daemon:
         if self.worker is not None:
             evict_for_other_workers(list(self.pools.values()))
         if self.stats_window.due(now, self.settings.stats_period):
-            self.stats_window.snapshot(now, ((key, p.stats) for key, p in self.pools.items()))
+            self.stats_window.snapshot(
+                now,
+                [
+                    (CONSOLE_STATS_KEY, self.console_stats),
+                    *((key, p.stats) for key, p in self.pools.items()),
+                ],
+            )
             if self.settings.log_stats:
                 self._log_stats(now)
 
@@ -547,9 +583,8 @@ class Daemon:
                         listener.close()
                     if self.worker is None:
                         remove_unix_socket(self.settings)
-                    raise OSError(
-                        exc.errno, f"metrics_port {self.settings.metrics_port}: {exc.strerror}"
-                    ) from None
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise OSError(f"metrics_port {self.settings.metrics_port}: {reason}") from None
                 # The default port is a convenience: a second pgproxy on the host must start
                 # where a second PgBouncer would, only without its own /metrics.
                 log.warning(
@@ -557,7 +592,7 @@ class Daemon:
                     "/metrics, /healthz and /readyz; set metrics_port to choose a port or 0 "
                     "to turn them off",
                     self.settings.metrics_port,
-                    exc.strerror,
+                    os.strerror(exc.errno) if exc.errno else exc,
                 )
         self._prewarm()
         self._janitor = Janitor(
@@ -573,6 +608,14 @@ class Daemon:
         if self._metrics is not None:
             where.append(f"metrics on {self.settings.metrics_addr}:{self.settings.metrics_port}")
         log.info("pgproxy %s listening on %s (pid %d)", __version__, ", ".join(where), os.getpid())
+        if self._speaks_for_systemd:
+            main_pid = os.getpid() if self.worker is None else os.getppid()
+            sdnotify.ready(main_pid, "listening on " + ", ".join(where))
+
+    @property
+    def _speaks_for_systemd(self) -> bool:
+        # (With workers, the first one speaks for the supervisor: NotifyAccess=all.)
+        return self.worker is None or self.worker.index == 0
 
     def _prewarm(self) -> None:
         # A database with a forced user has a single pool known before any client comes:

@@ -49,6 +49,7 @@ _BINDIR_ENV: Final = "PGPROXY_PG_BINDIR"
 _HBA_CONF: Final = """\
 # Written by pgproxy.embedded: one role per client authentication method.
 local all all trust
+local replication all trust
 host all md5user 127.0.0.1/32 md5
 host all plainuser 127.0.0.1/32 password
 host all trustuser 127.0.0.1/32 trust

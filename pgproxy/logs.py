@@ -60,7 +60,7 @@ def configure(
     text or JSON, to stderr (unless ``quiet``, PgBouncer's -q) and to ``logfile`` if set.
     Called again on reload, which reopens the file (after a rotation, as PgBouncer's HUP
     does)."""
-    level = logging.DEBUG if verbosity > 0 else logging.INFO
+    level = _level(verbosity)
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handlers: list[logging.Handler] = [] if quiet else [logging.StreamHandler()]
     if logfile:
@@ -106,7 +106,19 @@ def hold() -> None:
     root.setLevel(logging.DEBUG)
 
 
-_current: dict[str, int | bool] = {"verbosity": 0, "quiet": False}
+_current: dict[str, int | bool] = {"verbosity": 0, "quiet": False, "setting": 0}
+
+
+def _level(verbosity: int) -> int:
+    return logging.DEBUG if max(verbosity, int(_current["setting"])) > 0 else logging.INFO
+
+
+def set_verbose(setting: int) -> None:
+    """The ``verbose`` setting (file, SET verbose): on top of the command line's -v."""
+    _current["setting"] = setting
+    root = logging.getLogger()
+    if not any(isinstance(handler, _Holding) for handler in root.handlers):
+        root.setLevel(_level(int(_current["verbosity"])))
 
 
 def reopen(log_format: str, logfile: str | None) -> None:

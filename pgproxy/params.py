@@ -7,6 +7,8 @@ only when they differ.
 
 from __future__ import annotations
 
+# Tracked by default, in this order: PgBouncer's five and IntervalStyle (the default of
+# track_extra_parameters); ``configure`` adds the rest of track_extra_parameters.
 TRACKED: tuple[str, ...] = (
     "client_encoding",
     "DateStyle",
@@ -15,7 +17,11 @@ TRACKED: tuple[str, ...] = (
     "standard_conforming_strings",
     "application_name",
 )
+_ALWAYS = frozenset(name for name in TRACKED if name != "IntervalStyle")
+# Parameters PostgreSQL reports (ParameterStatus): their values are always known.
+_REPORTED = frozenset(name.lower() for name in TRACKED)
 _INDEX = {name.lower(): index for index, name in enumerate(TRACKED)}
+_DEFAULT_ORDER = TRACKED
 
 ParamValues = tuple[str, ...]
 EMPTY: ParamValues = ("",) * len(TRACKED)
@@ -35,6 +41,22 @@ def _canonical(values: ParamValues) -> ParamValues:
             _CANONICAL.clear()
         _CANONICAL[values] = found = values
     return found
+
+
+def configure(extra: list[str]) -> None:
+    """Track ``extra`` besides PgBouncer's five (track_extra_parameters). Called once, at
+    start, before any client or server exists: every tuple of values has this length."""
+    global TRACKED, _INDEX, EMPTY
+    wanted = {name.lower() for name in extra}
+    names = [name for name in _DEFAULT_ORDER if name in _ALWAYS or name.lower() in wanted]
+    for name in extra:
+        if name.lower() not in {known.lower() for known in names}:
+            names.append(name)
+    TRACKED = tuple(names)
+    _INDEX = {name.lower(): index for index, name in enumerate(TRACKED)}
+    EMPTY = ("",) * len(TRACKED)
+    _CANONICAL.clear()
+    _CANONICAL[EMPTY] = EMPTY
 
 
 def tracked_index(name: str) -> int | None:
@@ -66,8 +88,12 @@ def _literal(value: str) -> str:
 
 def sync_sql(client_values: ParamValues, server_values: ParamValues) -> str | None:
     """The SETs that give a server the client's values, or None when they already match."""
+    # An empty value of a parameter PostgreSQL does not report (a track_extra_parameters
+    # entry such as search_path) is one nobody set: the server's default, by RESET.
     statements = [
         f"SET {name} TO {_literal(wanted)}"
+        if wanted or name.lower() in _REPORTED
+        else f"RESET {name}"
         for name, wanted, current in zip(TRACKED, client_values, server_values, strict=True)
         if wanted != current
     ]

@@ -46,7 +46,6 @@ _NOT_CARRIED = {
     "syslog": "pgproxy logs to stderr (and logfile)",
     "syslog_ident": "pgproxy logs to stderr (and logfile)",
     "syslog_facility": "pgproxy logs to stderr (and logfile)",
-    "verbose": "use -v / -vv on the command line",
     "server_fast_close": "not supported",
     "autodb_idle_timeout": "pools made for '*' databases are kept",
     "pool_idle_timeout": "not supported",

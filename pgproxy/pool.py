@@ -145,11 +145,14 @@ class Pool:
         self.statement_mode = settings.mode == "statement"
         self.releases_at_idle = settings.mode != "session"
         self.null_pool = settings.null_pool
+        self.single_use = settings.lifetime == 0  # PgBouncer's server_lifetime = 0
         self.max_servers = settings.size + settings.reserve_size  # more: close when free
         self.idle: deque[ServerConn] = deque()
         self.waiters: deque[ClientConn] = deque()
         self.servers: set[ServerConn] = set()  # logged-in servers in any state
         self.connecting = 0
+        # Places for replication connections (pgproxy.replication), made at the first one.
+        self.replication_slots: asyncio.Semaphore | None = None
         self.grow_blocked_until = 0.0  # (monotonic) see BUDGET_RETRY
         # Workers: servers to close at the ends of transactions, their places wanted by
         # another worker whose clients wait below its share (SharedServerBudget.balance).
@@ -227,6 +230,8 @@ class Pool:
         server.state = ACTIVE
         server.linked_at = server.query_started = time.monotonic()
         self.stats.server_assignment_count += 1
+        if self.single_use:  # server_lifetime = 0: closed when this client lets it go
+            server.expires_at = server.connected_at
         if client.write_paused:
             server.transport.pause_reading()
         if server.write_paused:
@@ -474,6 +479,7 @@ class Pool:
             self._give_back_budget()
             self.reconnect.failed(time.monotonic(), exc, exc.message)
             outcome.set_exception(exc)
+            self._refuse_waiters(exc)
             return
         except asyncio.CancelledError:
             self.connecting -= 1
@@ -509,6 +515,18 @@ class Pool:
             self.welcome_values = server.params
         outcome.set_result(None)
         self._hand_over(server)
+
+    def _refuse_waiters(self, error: ServerLoginError) -> None:
+        """PostgreSQL refused the login (PgBouncer's kill_pool_logins): while the pool has
+        no server, its queued clients get that error now rather than a timeout later.
+        An unreachable server, or one starting up or shutting down (57P03), is waited for
+        instead: it is likely back soon, and the clients' transactions then run."""
+        if self.servers or error.sqlstate in (codes.CONNECTION_FAILURE, codes.CANNOT_CONNECT_NOW):
+            return
+        waiters, self.waiters = self.waiters, deque()
+        for client in waiters:
+            client.wait_started_at = 0.0
+            client.fatal(error.sqlstate, error.message)
 
     def parameter_statuses(self, values: tracked.ParamValues) -> bytes:
         """The ParameterStatus messages that welcome a client whose tracked settings are
@@ -565,6 +583,7 @@ class Pool:
         self.settings = settings
         self.size = settings.size
         self.null_pool = settings.null_pool
+        self.single_use = settings.lifetime == 0
         self.max_servers = settings.size + settings.reserve_size
         self.min_size = min(settings.min_size, settings.size)
         self.reset_query = settings.reset_query if settings.reset_always else ""

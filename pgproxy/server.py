@@ -286,8 +286,11 @@ class ServerConn(asyncio.Protocol):
         sql = tracked.sync_sql(wanted, self.params)
         if sql is not None:
             self.run_hidden(sql)
-        else:
-            self.params = wanted  # equal values: share the tuple, the next check is `is`
+        # Equal values share the tuple, so the next check is `is`. After a sync the server
+        # holds them too: PostgreSQL reports a normalised value ('ISO' → 'ISO, MDY') as
+        # ParameterStatus, which then updates both sides; a parameter it does not report
+        # (track_extra_parameters such as search_path) is not set again at every link.
+        self.params = wanted
 
     def run_hidden(self, sql: str) -> None:
         """Send a query whose replies, up to its ReadyForQuery, no client will see."""
@@ -410,9 +413,15 @@ class ServerConn(asyncio.Protocol):
         self.transport = transport
         self.tls = True
 
-    async def login(self, user: str, password: Credential | None, dbname: str) -> None:
-        """Run the startup and authentication exchange; raise ServerLoginError on failure."""
-        self.transport.write(messages.startup_message({"user": user, "database": dbname}))
+    async def login(
+        self, user: str, password: Credential | None, dbname: str,
+        startup: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        """Run the startup and authentication exchange; raise ServerLoginError on failure.
+        ``startup``: more startup parameters (a replication connection's)."""
+        self.transport.write(
+            messages.startup_message({"user": user, "database": dbname, **(startup or {})})
+        )
         authenticator = ServerAuthenticator(user, password)
         while True:
             type_byte, payload = await self._read_login_message()
@@ -432,7 +441,7 @@ class ServerConn(asyncio.Protocol):
                 self.backend_key = payload[4:]
             elif type_byte == messages.READY_FOR_QUERY:
                 self.scan.status = payload[0] if payload else STATUS_IDLE
-                if self.pool.settings.connect_query:
+                if self.pool.settings.connect_query and not startup:
                     await self._run_connect_query(self.pool.settings.connect_query)
                 self.state = IDLE
                 return
@@ -445,12 +454,19 @@ class ServerConn(asyncio.Protocol):
             # NoticeResponse and NegotiateProtocolVersion need no answer.
 
 
-async def connect_server(pool: Pool, timeout: float) -> ServerConn:
+async def connect_server(
+    pool: Pool,
+    timeout: float,
+    *,
+    factory: type[ServerConn] | None = None,
+    startup: dict[str, str] | None = None,
+) -> ServerConn:
     """Open and log in a new server connection for ``pool``; raise ServerLoginError.
 
     With several hosts in the target, each is tried in turn from the pool's current one
     (``Pool.host_index``; load_balance_hosts decides whether the next connection starts
-    at the following host or stays on the one that worked)."""
+    at the following host or stays on the one that worked). ``factory`` and ``startup``
+    (more startup parameters): a replication connection's."""
     target = pool.target
     hosts = target.hosts
     error: ServerLoginError | None = None
@@ -459,7 +475,10 @@ async def connect_server(pool: Pool, timeout: float) -> ServerConn:
         index = pool.host_index % len(hosts)
         host = hosts[index]
         try:
-            server = await _connect_host(pool, host, max(0.001, deadline - time.monotonic()))
+            server = await _connect_host(
+                pool, host, max(0.001, deadline - time.monotonic()), factory or ServerConn,
+                startup or {},
+            )  # fmt: skip
         except ServerLoginError as exc:
             error = exc
             if not exc.unreachable:
@@ -473,7 +492,9 @@ async def connect_server(pool: Pool, timeout: float) -> ServerConn:
     raise error
 
 
-async def _connect_host(pool: Pool, host: str, timeout: float) -> ServerConn:
+async def _connect_host(
+    pool: Pool, host: str, timeout: float, factory: type[ServerConn], startup: dict[str, str]
+) -> ServerConn:
     loop = asyncio.get_running_loop()
     target = pool.target
     server: ServerConn | None = None
@@ -481,11 +502,9 @@ async def _connect_host(pool: Pool, host: str, timeout: float) -> ServerConn:
         async with asyncio.timeout(timeout):
             if host.startswith("/"):
                 path = f"{host}/.s.PGSQL.{target.port}"
-                _, server = await loop.create_unix_connection(lambda: ServerConn(pool), path)
+                _, server = await loop.create_unix_connection(lambda: factory(pool), path)
             else:
-                _, server = await loop.create_connection(
-                    lambda: ServerConn(pool), host, target.port
-                )
+                _, server = await loop.create_connection(lambda: factory(pool), host, target.port)
                 apply_keepalive(server.transport.get_extra_info("socket"), pool.settings.keepalive)
             server.connected_at = time.monotonic()
             server.host = host
@@ -495,7 +514,7 @@ async def _connect_host(pool: Pool, host: str, timeout: float) -> ServerConn:
             credential: Credential | None = target.password
             if credential is None and pool.credential_for is not None:
                 credential = pool.credential_for(target.user)
-            await server.login(target.user, credential, target.dbname)
+            await server.login(target.user, credential, target.dbname, startup)
     except TimeoutError:
         if server is not None:
             server.transport.close()

@@ -167,6 +167,10 @@ class Totals:
 _TOTAL_FIELDS = tuple(field.name for field in fields(Totals))
 
 
+# The console's counters in a StatsWindow (beside the pools' (database, user) keys).
+CONSOLE_STATS_KEY = "console"
+
+
 class StatsWindow:
     """The two most recent snapshots per pool key, taken every ``stats_period``."""
 

@@ -11,12 +11,17 @@ the oldest version either side accepts.
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import ssl
 from dataclasses import dataclass
 
 from pgproxy.config import ConfigError, Settings, SslMode
 
 ALPN = "postgresql"  # PostgreSQL 17's protocol name
+
+
+log = logging.getLogger("pgproxy.tls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +100,7 @@ def server_tls(settings: Settings) -> ServerTls:
         context.verify_mode = ssl.CERT_REQUIRED
     else:
         context.verify_mode = ssl.CERT_NONE  # prefer/require: encryption, no identity check
-    if settings.server_tls_cert_file or settings.server_tls_key_file:
-        if not (settings.server_tls_cert_file and settings.server_tls_key_file):
-            raise ConfigError("server_tls_cert_file and server_tls_key_file go together")
+    if settings.server_tls_cert_file and settings.server_tls_key_file:
         _load(
             context,
             "server_tls_cert_file",
@@ -105,6 +108,9 @@ def server_tls(settings: Settings) -> ServerTls:
             settings.server_tls_cert_file,
             settings.server_tls_key_file,
         )
+    elif settings.server_tls_cert_file or settings.server_tls_key_file:
+        # (The console sets one at a time, as PgBouncer's does: no error in between.)
+        log.warning("server_tls_cert_file and server_tls_key_file go together: neither is used")
     return ServerTls(mode, context)
 
 
@@ -118,13 +124,23 @@ _SIGNATURE_HASHES = (
 )
 
 
+_PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
 def certificate_hash(cert_file: str) -> bytes:
     """tls-server-end-point channel binding data: the hash of pgproxy's own certificate
     (the first in the file), for SCRAM-SHA-256-PLUS."""
     try:
-        with open(cert_file, encoding="ascii") as pem:
-            der = ssl.PEM_cert_to_DER_cert(pem.read())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        with open(cert_file, encoding="ascii", errors="replace") as pem:
+            text = pem.read()
+        # (openssl ca writes a text dump of the certificate before its PEM block.)
+        block = _PEM_CERTIFICATE.search(text)
+        if block is None:
+            raise ValueError("no PEM certificate in it")
+        der = ssl.PEM_cert_to_DER_cert(block.group())
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"client_tls_cert_file: cannot read {cert_file}: {exc}") from None
     algorithm = next((name for oid, name in _SIGNATURE_HASHES if oid in der), "sha256")
     return hashlib.new(algorithm, der).digest()

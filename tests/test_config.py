@@ -360,4 +360,4 @@ def test_cli_check_invalid_file(tmp_path: Path) -> None:
 def test_cli_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"pgproxy {__version__}"
+    assert result.stdout.strip() == f"PgBouncer 1.25.2 (pgproxy {__version__})"

@@ -120,6 +120,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 def test_systemd_unit_signals_and_hardening() -> None:
     unit = _unit()
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # RELOAD
+    assert unit["Type"] == ["notify"] and unit["NotifyAccess"] == ["all"]  # sd_notify
     assert unit["KillSignal"] == ["SIGTERM"]  # drain: exit once the clients have left
     for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices"):
         assert unit[key] == ["yes"], key

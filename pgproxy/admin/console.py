@@ -136,6 +136,12 @@ class Console:
                     return
                 type_byte, payload = message
                 if type_byte == ord("Q"):
+                    if not self.peer:  # (another worker's question is not a client's)
+                        # PgBouncer counts console queries as the pgbouncer database's.
+                        stats = self.daemon.console_stats
+                        stats.xact_count += 1
+                        stats.query_count += 1
+                        stats.received_bytes += 1 + len(payload) + 4
                     query = payload.rstrip(b"\0").decode("utf-8", "replace")
                     client.transport.write(await self.execute(query) + messages.ready_for_query())
                 elif type_byte == ord("X"):
@@ -183,7 +189,7 @@ class Console:
         if handler is None:
             raise ConsoleError(f"invalid command '{query}', use SHOW HELP;")
         self._require_admin()
-        log.warning("console %s: %s", self.client.user, query.strip())
+        log.info("console %s: %s", self.client.user, query.strip())
         if self._fans_out and verb == "shutdown":
             return self._shutdown_all(arg)
         if self._fans_out and verb == "kill_client":

@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from pgproxy import __version__
+from pgproxy import VERSION_LINE
 from pgproxy import params as tracked
 from pgproxy.admin import CONSOLE_DATABASES
 from pgproxy.admin.resultset import Column, Value, columns
 from pgproxy.config import Settings
-from pgproxy.stats import USEC, Totals
+from pgproxy.stats import CONSOLE_STATS_KEY, USEC, Totals
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -26,8 +26,7 @@ Table = tuple[list[Column], list[list[Value]]]
 
 # What SHOW VERSION's first words say: the PgBouncer release whose console this follows,
 # so that tools parsing "PgBouncer X.Y.Z" keep working.
-COMPATIBLE_WITH = "PgBouncer 1.25.2"
-VERSION = f"{COMPATIBLE_WITH} (pgproxy {__version__})"
+VERSION = VERSION_LINE
 ADMIN_DB = "pgbouncer"
 ADMIN_DB_NAMES = CONSOLE_DATABASES
 
@@ -192,10 +191,10 @@ def show_databases(daemon: Daemon) -> Table:
         "current_client_connections", "paused", "disabled",
     )  # fmt: skip
     settings = daemon.settings
-    consoles = sum(1 for client in daemon.logged_in_clients() if client.console is not None)
     rows: list[list[Value]] = [
         [ADMIN_DB, None, settings.listen_port, ADMIN_DB, "pgbouncer", 2, 0, 0,
-         int(settings.server_lifetime), "statement", None, 0, 0, 0, consoles, 0, 0]
+         int(settings.server_lifetime), "statement", None, 0, 0,
+         settings.max_db_client_connections, daemon.db_clients[ADMIN_DB], 0, 0]
     ]  # fmt: skip
     names = [name for name in settings.databases if name != "*"]
     # Databases served through the '*' entry appear once a client used them (PgBouncer).
@@ -294,8 +293,10 @@ _STAT_NAMES = (
 def _database_totals(daemon: Daemon) -> list[tuple[str, Totals, Totals]]:
     """(database, live totals, totals at the older snapshot) per database, in pool order."""
     window = daemon.stats_window
-    # The console's own pool comes first, as in PgBouncer (it pools no server traffic).
-    by_db: dict[str, tuple[Totals, Totals]] = {ADMIN_DB: (Totals(), Totals())}
+    # The console's own pool comes first, as in PgBouncer (its queries, no server traffic).
+    by_db: dict[str, tuple[Totals, Totals]] = {
+        ADMIN_DB: (Totals.of(daemon.console_stats), window.older_totals(CONSOLE_STATS_KEY))
+    }
     for key, pool in daemon.pools.items():
         live, older = by_db.setdefault(pool.database, (Totals(), Totals()))
         live.add(Totals.of(pool.stats))

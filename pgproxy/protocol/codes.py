@@ -11,3 +11,4 @@ ADMIN_SHUTDOWN = "57P01"
 QUERY_CANCELED = "57014"
 INTERNAL_ERROR = "XX000"
 PROGRAM_LIMIT_EXCEEDED = "54000"
+CANNOT_CONNECT_NOW = "57P03"  # the database system is starting up / shutting down
