@@ -4,7 +4,8 @@ For a user with no secret in the config or the auth_file, pgproxy connects to th
 (the client's, or ``auth_dbname``) as ``auth_user`` with psycopg and runs ``auth_query``
 with the user name as ``$1``. The default query is PgBouncer's, with schema-qualified names
 so that a search_path cannot redirect it; it returns NULL for a role whose VALID UNTIL has
-passed, which then fails like a wrong password. Answers are cached for
+passed, which then fails like a wrong password; a user it returns no row for gets
+PgBouncer's "no such user". Answers are cached for
 ``auth_cache_timeout`` seconds; concurrent logins of one user share one query.
 """
 
@@ -29,6 +30,11 @@ class AuthQueryError(Exception):
     """The lookup itself failed (server down, bad query, no permission)."""
 
 
+# What a lookup answers for a user the query returned no row for (compared by identity;
+# as a secret it matches no password).
+UNKNOWN_USER = Secret("md5", "md5-unknown-user")
+
+
 class AuthQuery:
     """Runs and caches auth_query lookups."""
 
@@ -43,7 +49,8 @@ class AuthQuery:
     async def lookup(
         self, settings: Settings, database: str, user: str, auth_password: str | None
     ) -> Secret | None:
-        """``user``'s secret, or None for an unknown or expired user; raise AuthQueryError."""
+        """``user``'s secret; None for an expired one (NULL secret), UNKNOWN_USER when no
+        row came back; raise AuthQueryError."""
         target = settings.auth_dbname_for(database)
         key = (target, user)
         cached = self._cache.get(key)
@@ -87,7 +94,9 @@ class AuthQuery:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             log.warning("auth_query for a %s login failed: %s", database, reason)
             raise AuthQueryError(reason) from None
-        if row is None or len(row) < 2 or row[1] is None:
+        if row is None:
+            return UNKNOWN_USER
+        if len(row) < 2 or row[1] is None:
             return None
         try:
             return parse_secret(str(row[1]))

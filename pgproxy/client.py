@@ -24,7 +24,7 @@ from pgproxy import params as tracked
 from pgproxy.admin import CONSOLE_DATABASE, CONSOLE_DATABASES
 from pgproxy.admin.console import WELCOME_PARAMS, Console
 from pgproxy.admin.gather import PEER_APPLICATION
-from pgproxy.auth_query import AuthQueryError
+from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
 from pgproxy.config import ClientTimeouts
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
@@ -100,6 +100,7 @@ class ClientConn(asyncio.Protocol):
         self.database = ""
         self.outstanding = 0  # ReadyForQuery replies the client still waits for
         self.wait_started_at = 0.0
+        self.wait_notified = 0.0  # the wait_started_at of the wait query_wait_notify told
         self.write_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
         self.terminated = False  # left with a Terminate message rather than vanishing
@@ -588,10 +589,23 @@ class ClientConn(asyncio.Protocol):
                 return
             self._challenge(secret, startup)
             return
+        if not self.local_admin and self.database not in CONSOLE_DATABASES:
+            known = self.daemon.knows_user(self.database, user)
+            if known is None:  # auth_query says (trust: no password asked after it)
+                loop = asyncio.get_running_loop()
+                self._login_task = loop.create_task(self._look_up_secret(startup, trust=True))
+                return
+            if not known:
+                self.fatal(codes.INVALID_AUTHORIZATION, '"trust" authentication failed')
+                return
         self._after_auth(startup)
 
-    async def _look_up_secret(self, startup: StartupMessage) -> None:
-        """auth_query, then the password exchange."""
+    async def _look_up_secret(self, startup: StartupMessage, *, trust: bool = False) -> None:
+        """auth_query, then the password exchange (none under trust)."""
+        problem = self.daemon.auth_database_problem(self.database)
+        if problem is not None:
+            self.fatal(codes.INVALID_AUTHORIZATION, problem)
+            return
         try:
             secret = await self.daemon.lookup_secret(self.database, self.user)
         except AuthQueryError:
@@ -600,7 +614,14 @@ class ClientConn(asyncio.Protocol):
         except Exception:
             self._internal_error("auth_query")
             return
-        if not self.closed:
+        if self.closed:
+            return
+        if secret is UNKNOWN_USER:
+            # PgBouncer's answer too (it cannot mock the exchange here either).
+            self.fatal(codes.INVALID_AUTHORIZATION, "no such user")
+        elif trust:
+            self._after_auth(startup)
+        else:
             self._challenge(secret, startup)
 
     def _hba_method(self) -> PasswordMethod | Literal["trust"] | None:
@@ -745,6 +766,19 @@ class ClientConn(asyncio.Protocol):
         except Exception:
             self._internal_error("replication login")
 
+    def statements_setting_changed(self) -> None:
+        """max_prepared_statements changed (RELOAD, SET): map named statements from now
+        on, or stop, as PgBouncer does; a client in a transaction keeps its way until the
+        next reload (its requests in flight were mapped the old way)."""
+        if self.server is not None or self._pending or self.console is not None:
+            return
+        enabled = self.pool.settings.max_prepared_statements > 0
+        if enabled and self.scan.statements is None:
+            self.scan.statements = ClientStatements(self.pool.statement_registry, self.pool.stats)
+        elif not enabled and self.scan.statements is not None:
+            self.scan.statements.release([])
+            self.scan.statements = None
+
     def start_relay(self, server: ServerConn) -> None:
         """From now on, bytes go between this client and ``server`` untouched."""
         self.server = server
@@ -775,7 +809,9 @@ class ClientConn(asyncio.Protocol):
         # Another worker of this pgproxy asking for this worker's own rows (workers = N).
         peer = local_admin and startup.params.get("application_name") == PEER_APPLICATION
         if not peer:
-            refusal = self.daemon.admit_client(CONSOLE_DATABASE, self.user, console=True)
+            refusal = self.daemon.admit_client(
+                CONSOLE_DATABASE, self.user, console=True, exempt=local_admin
+            )
             if refusal is not None:
                 self.fatal(codes.PROTOCOL_VIOLATION, refusal)
                 return

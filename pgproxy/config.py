@@ -43,6 +43,8 @@ DEFAULT_AUTH_QUERY = (
 NameList = Annotated[list[str], NoDecode]
 
 ENV_PREFIX = "PGPROXY_"
+# PgBouncer's server_check_query default: an empty query is sent.
+EMPTY_CHECK_QUERY = "<empty>"
 # PGPROXY_* variables that are not settings: read by the embedded PostgreSQL helper, and
 # by the container's entrypoint (where the config file is).
 _NOT_SETTINGS = frozenset({"PGPROXY_PG_BINDIR", "PGPROXY_CONFIG_FILE"})
@@ -57,9 +59,9 @@ class PoolSettings:
     size: int
     min_size: int = 0
     reset_query: str = "DISCARD ALL"
-    # Whether reset_query runs whenever a server is released (session mode, or
-    # server_reset_query_always), not only when its session client leaves.
-    reset_always: bool = True
+    # server_reset_query_always: reset_query also runs in transaction and statement mode,
+    # whenever a server is released (in session mode it always runs).
+    reset_always: bool = False
     connect_timeout: float = 15.0
     idle_timeout: float = 600.0  # 0: never
     lifetime: float = 3600.0  # 0: one client only
@@ -68,7 +70,7 @@ class PoolSettings:
     reconnect_timeout: float = 300.0  # 0: never run the hook
     reconnect_failed: str | None = None
     max_waiting: int = 0  # 0: no limit
-    check_query: str = "select 1"
+    check_query: str = "<empty>"
     check_delay: float = 30.0
     reserve_size: int = 0
     reserve_timeout: float = 5.0
@@ -374,15 +376,25 @@ class Settings(BaseSettings):
         "disconnected (idle transaction timeout) and its server closed; 0 disables.",
     )
     server_check_query: str = Field(
-        default="select 1",
+        default=EMPTY_CHECK_QUERY,
         description="Run on a server idle for server_check_delay, in the background; a "
-        "server whose check fails is closed; '' disables checks.",
+        "server whose check fails is closed; '<empty>' sends an empty query (the cheapest "
+        "round trip); '' disables checks.",
     )
     server_check_delay: float = Field(
-        default=30.0, ge=0, description="Seconds of idleness before a server is checked."
+        default=30.0,
+        ge=0,
+        description="Seconds of idleness before a server is checked; 0: every idle server "
+        "is checked right before a client gets it (as PgBouncer).",
     )
     query_wait_timeout: float = Field(
         default=120.0, ge=0, description="Seconds a client may wait for a server; 0 disables."
+    )
+    query_wait_notify: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds a client waits for a server before a NOTICE tells it it is "
+        "queued; 0 disables.",
     )
     server_reset_query: str = Field(
         default="DISCARD ALL",
@@ -609,7 +621,7 @@ class Settings(BaseSettings):
             size=self.pool_size_for(database, user),
             min_size=pick(database.min_pool_size, self.min_pool_size),
             reset_query=self.server_reset_query,
-            reset_always=mode == "session" or self.server_reset_query_always,
+            reset_always=self.server_reset_query_always,
             connect_timeout=self.server_connect_timeout,
             idle_timeout=self.server_idle_timeout,
             lifetime=pick(database.server_lifetime, self.server_lifetime),

@@ -182,17 +182,20 @@ class Daemon:
             self.pools[key] = pool
         return pool
 
-    def admit_client(self, database: str, user: str, *, console: bool = False) -> str | None:
+    def admit_client(
+        self, database: str, user: str, *, console: bool = False, exempt: bool = False
+    ) -> str | None:
         """Count a client in, or say which client cap (PgBouncer's words) refuses it.
 
         ``console``: a console login (``database`` is then the console's name). It counts
-        under the global caps, and an admin_users member is counted but never refused,
-        as in PgBouncer, so that an operator can always get in."""
+        under the global caps, and an admin_users member (or ``exempt``: the local
+        pgbouncer user) is counted but never refused, as in PgBouncer, so that an operator
+        can always get in."""
         settings = self.settings
         entry = settings.database(database) if not console else None
         if entry is not None:
             db_limit, user_limit = settings.client_limits_for(entry, user)
-        elif console and user in settings.admin_users:
+        elif console and (exempt or user in settings.admin_users):
             db_limit, user_limit = 0, 0
         elif console:
             user_entry = settings.users.get(user)
@@ -305,8 +308,33 @@ class Daemon:
             return None  # a verifier alone cannot log in: a SCRAM client login must come first
         return secret.value if secret.kind == "plain" else Md5Hash(secret.value)
 
+    def auth_database_problem(self, database: str) -> str | None:
+        """Why auth_query cannot run for a client of ``database`` now (PgBouncer's words),
+        or None."""
+        target = self.settings.auth_dbname_for(database)
+        if target != database and target not in self.settings.databases:
+            log.error('authentication database "%s" is not configured', target)
+            return "bouncer config error"
+        flags = self.database_flags.get(target)
+        if flags is not None and flags.disabled:
+            return f'authentication database "{target}" is disabled'
+        return None
+
+    def knows_user(self, database: str, user: str) -> bool | None:
+        """Under auth_type = trust, as PgBouncer: True for a user with a secret (auth_file,
+        [users]) or a database's forced user; None when auth_query must tell; False for
+        anyone else. Without an auth_file or auth_user, every user is known (pgproxy
+        lets any user name in then; PgBouncer would know none)."""
+        settings = self.settings
+        if user in self.secrets or (not settings.auth_file and not settings.auth_user):
+            return True
+        if any(entry.user == user for entry in settings.databases.values()):
+            return True
+        return None if settings.auth_user_for(database) is not None else False
+
     async def lookup_secret(self, database: str, user: str) -> Secret | None:
-        """``user``'s secret through auth_query; None for an unknown or expired user."""
+        """``user``'s secret through auth_query; None for an expired user, UNKNOWN_USER
+        for one the query does not know."""
         auth_user = self.settings.auth_user_for(database)
         auth_secret = self.secrets.get(auth_user) if auth_user else None
         password = auth_secret.value if auth_secret and auth_secret.kind == "plain" else None
@@ -345,6 +373,9 @@ class Daemon:
             pool.reconfigure(
                 settings.pool_settings(entry, pool.user), _target(entry, pool.database, pool.user)
             )
+        for client in self.logged_in_clients():
+            if client.pool is not None:
+                client.statements_setting_changed()
 
     # -- console control ---------------------------------------------------------------
 
@@ -620,8 +651,12 @@ class Daemon:
     def _prewarm(self) -> None:
         # A database with a forced user has a single pool known before any client comes:
         # open its min_pool_size servers now, in the background (PgBouncer does the same).
-        for name, entry in self.settings.databases.items():
-            if name != "*" and entry.user:
+        settings = self.settings
+        for name, entry in settings.databases.items():
+            min_size = entry.min_pool_size
+            if min_size is None:
+                min_size = settings.min_pool_size
+            if name != "*" and entry.user and min_size:
                 pool = self.pool_for(name, entry.user)
                 if pool is not None and pool.min_size:
                     pool.grow()

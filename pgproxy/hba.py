@@ -116,11 +116,18 @@ def _tokens(line: str, where: str) -> list[list[Item]]:
         items: list[Item] = []
         while True:
             if position < size and line[position] == '"':
-                end = line.find('"', position + 1)
-                if end < 0:
-                    raise ConfigError(f"{where}: unterminated quote")
-                items.append(Item(line[position + 1 : end], quoted=True))
-                position = end + 1
+                text = []
+                while True:  # "" inside quotes is one quote character
+                    end = line.find('"', position + 1)
+                    if end < 0:
+                        raise ConfigError(f"{where}: unterminated quote")
+                    text.append(line[position + 1 : end])
+                    position = end + 1
+                    if position < size and line[position] == '"':
+                        text.append('"')
+                        continue
+                    break
+                items.append(Item("".join(text), quoted=True))
             else:
                 start = position
                 while (
@@ -128,8 +135,15 @@ def _tokens(line: str, where: str) -> list[list[Item]]:
                 ):
                     position += 1
                 items.append(Item(line[start:position]))
-            if position < size and line[position] == ",":
-                position += 1
+            # A comma continues the list, with blanks around it allowed (PgBouncer's
+            # reading of "user2 , user3").
+            after = position
+            while after < size and line[after] in " \t":
+                after += 1
+            if after < size and line[after] == ",":
+                position = after + 1
+                while position < size and line[position] in " \t":
+                    position += 1
                 continue
             break
         fields.append(items)
@@ -166,7 +180,9 @@ def _network(fields: list[list[Item]], where: str) -> tuple[IpNetwork | None, in
     text = _single(fields[0], "address", where)
     if text == "all":
         return None, 1
-    if text in ("samehost", "samenet") or not any(c.isdigit() or c == ":" for c in text[:1]):
+    if text in ("samehost", "samenet") or not (
+        text[:1].isdigit() or ":" in text  # (an IPv6 address may start with a letter)
+    ):
         raise ConfigError(f"{where}: address {text!r} not supported (use all, CIDR or a mask)")
     try:
         if "/" in text:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pgproxy.client import LOGIN, READY
-from pgproxy.protocol import codes
+from pgproxy.protocol import codes, messages
 from pgproxy.protocol.stream import STATUS_IDLE
 
 if TYPE_CHECKING:
@@ -79,6 +79,8 @@ class Janitor:
         for pool in self._pools():
             if pool.waiters:
                 expire_waiters(pool, now)
+                if settings.query_wait_notify > 0:
+                    notify_waiters(pool, now, settings.query_wait_notify)
             if pool.servers:
                 expire_idle_transactions(pool, now)
                 expire_queries(pool, now)
@@ -109,7 +111,7 @@ def recycle(pool: Pool, now: float) -> None:
     # server_check_query: test servers idle longer than server_check_delay, in the
     # background (each leaves the idle list while it runs).
     check_query = pool.settings.check_query
-    if check_query:
+    if check_query and pool.settings.check_delay > 0:  # (0: tested at each use instead)
         deadline = now - pool.settings.check_delay
         for server in [server for server in idle if server.checked_at <= deadline]:
             pool.check(server, check_query, now)
@@ -209,6 +211,20 @@ def expire_waiters(pool: Pool, now: float) -> None:
         if pool.histograms is not None:  # the wait p99 must show the waits that failed
             pool.histograms.wait.observe(now - client.wait_started_at)
         client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
+
+
+def notify_waiters(pool: Pool, now: float, after: float) -> None:
+    """query_wait_notify: tell a client queued that long that it waits (once per wait)."""
+    for client in pool.waiters:
+        started = client.wait_started_at
+        if started and client.wait_notified != started and now - started >= after:
+            client.wait_notified = started
+            client.transport.write(
+                messages.notice_response(
+                    f"No server connection available in {pool.database} backend, "
+                    "client being queued"
+                )
+            )
 
 
 def expire_login(client: ClientConn, now: float, timeout: float) -> None:

@@ -53,7 +53,6 @@ _NOT_CARRIED = {
     "dns_nxdomain_ttl": "names are resolved at each connect",
     "dns_zone_check_period": "names are resolved at each connect",
     "resolv_conf": "the system resolver is used",
-    "query_wait_notify": "not supported",
     "login_notify_message": "not supported",
     "client_tls_protocols": "Python's ssl defaults apply (TLS 1.2 and newer)",
     "client_tls_ciphers": "Python's ssl defaults apply",

@@ -14,11 +14,11 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as tracked
-from pgproxy.config import PoolMode, PoolSettings
+from pgproxy.config import EMPTY_CHECK_QUERY, PoolMode, PoolSettings
 from pgproxy.metrics import PoolHistograms
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import Credential
@@ -26,6 +26,7 @@ from pgproxy.protocol.prepared import Registry
 from pgproxy.reconnect import Reconnect
 from pgproxy.server import (
     ACTIVE,
+    BEING_CANCELED,
     IDLE,
     RESET,
     TESTED,
@@ -137,7 +138,9 @@ class Pool:
         self.mode: PoolMode = settings.mode
         self.size = settings.size
         self.min_size = min(settings.min_size, settings.size)
-        self.reset_query = settings.reset_query if settings.reset_always else ""
+        self.reset_query = (
+            settings.reset_query if settings.mode == "session" or settings.reset_always else ""
+        )
         self.connect_timeout = settings.connect_timeout
         self.budgets = budgets
         for budget in budgets:
@@ -146,6 +149,8 @@ class Pool:
         self.releases_at_idle = settings.mode != "session"
         self.null_pool = settings.null_pool
         self.single_use = settings.lifetime == 0  # PgBouncer's server_lifetime = 0
+        # server_check_delay = 0: every idle server is tested before a client gets it.
+        self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
         self.max_servers = settings.size + settings.reserve_size  # more: close when free
         self.idle: deque[ServerConn] = deque()
         self.waiters: deque[ClientConn] = deque()
@@ -207,6 +212,11 @@ class Pool:
         """Link an idle server to ``client`` now, or queue the client and return None."""
         if self.idle and not self.paused:
             server = self.idle.pop()  # LIFO: the warmest server, as PgBouncer does
+            if self.check_before_use:  # server_check_delay = 0: test it first
+                client.wait_started_at = time.monotonic()
+                self.waiters.appendleft(client)
+                self._test(server, client.wait_started_at)
+                return None
             self._link(client, server)
             histograms = self.histograms
             if histograms is not None:
@@ -266,6 +276,12 @@ class Pool:
         if a client waits or the pool is under min_pool_size), and so is any server nobody
         waits for in a null pool.
         """
+        if server.cancels_in_flight:
+            # A cancel request for its last client may still reach the backend: nobody
+            # else gets it until PostgreSQL has answered them all (else the next client's
+            # query could be the one cancelled).
+            server.state = BEING_CANCELED
+            return
         if not now:
             now = time.monotonic()
         if (
@@ -350,9 +366,14 @@ class Pool:
     def check(self, server: ServerConn, query: str, now: float) -> None:
         """server_check_query: test an idle server off the idle list (PgBouncer's 'tested')."""
         self.idle.remove(server)
+        self._test(server, now)
+
+    def _test(self, server: ServerConn, now: float) -> None:
+        query = self.settings.check_query
         server.state = TESTED
         server.checked_at = now
-        server.run_hidden(query)
+        # PgBouncer's default, <empty>, is an empty query: the cheapest round trip.
+        server.run_hidden("" if query == EMPTY_CHECK_QUERY else query)
 
     def check_done(self, server: ServerConn) -> None:
         """The check passed: to a waiter, or back to the idle list keeping its idle age."""
@@ -451,9 +472,17 @@ class Pool:
     def cancel_running_query(self, server: ServerConn) -> None:
         """Ask PostgreSQL to cancel what ``server`` runs now (background, best effort)."""
         if server.backend_key:
-            self._track(
-                cancel_backend(self.target, server.backend_pid, server.backend_key, server.host)
-            )
+            server.cancels_in_flight += 1
+            self._track(self._cancel(server))
+
+    async def _cancel(self, server: ServerConn) -> None:
+        try:
+            await cancel_backend(self.target, server.backend_pid, server.backend_key, server.host)
+        finally:
+            server.cancels_in_flight -= 1
+            if server.cancels_in_flight == 0 and server.state is BEING_CANCELED:
+                self._hand_over(server)
+
 
     def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coroutine)
@@ -463,6 +492,9 @@ class Pool:
     def open_server(self) -> asyncio.Future[None]:
         """Start a background task that opens one server; its future tells how it went."""
         outcome: asyncio.Future[None] = self._loop.create_future()
+        # Its failure is the pool's to handle (backoff, queued clients): marked as read so
+        # that an outcome nobody awaits is never reported as an unretrieved exception.
+        outcome.add_done_callback(_mark_read)
         self.connecting += 1
         # (Its budget places, taken before, are given back by server_closed, or below if
         # the attempt fails.)
@@ -477,7 +509,10 @@ class Pool:
             self.stats.connections_errors += 1
             self.connecting -= 1
             self._give_back_budget()
-            self.reconnect.failed(time.monotonic(), exc, exc.message)
+            self.reconnect.failed(
+                time.monotonic(), exc, exc.message, started,
+                starting_or_stopping=exc.sqlstate == codes.CANNOT_CONNECT_NOW,
+            )  # fmt: skip
             outcome.set_exception(exc)
             self._refuse_waiters(exc)
             return
@@ -521,7 +556,7 @@ class Pool:
         no server, its queued clients get that error now rather than a timeout later.
         An unreachable server, or one starting up or shutting down (57P03), is waited for
         instead: it is likely back soon, and the clients' transactions then run."""
-        if self.servers or error.sqlstate in (codes.CONNECTION_FAILURE, codes.CANNOT_CONNECT_NOW):
+        if self.servers or error.transient:
             return
         waiters, self.waiters = self.waiters, deque()
         for client in waiters:
@@ -548,45 +583,61 @@ class Pool:
     async def ensure_welcome(self) -> None:
         """Make sure the server's welcome parameters are known: log in one server if needed.
 
-        Concurrent first logins share one attempt; its ServerLoginError reaches them all.
+        Concurrent first logins share one attempt. When PostgreSQL refuses the login, its
+        ServerLoginError reaches them all; when it cannot be reached or is starting up or
+        shutting down, they keep waiting for the next attempt (as PgBouncer's waiting
+        logins do; client_login_timeout bounds the wait). A login that arrives while the
+        pool backs off gets the last error at once (server_login_retry).
         """
         if self.welcome is not None:
             return
         last_error = self.reconnect.last_error
         if isinstance(last_error, ServerLoginError) and self.reconnect.waiting(time.monotonic()):
             raise last_error  # server_login_retry: fail fast with the cached error
-        if not self._attempting_welcome():
-            placed = await self._wait_for_budget()
-            if placed and not self._attempting_welcome() and self.welcome is None:
-                self._welcome_attempt = self.open_server()
-                # Read the outcome here even if every waiting client leaves early.
-                self._welcome_attempt.add_done_callback(
-                    lambda done: done.cancelled() or done.exception()
-                )
-            elif placed:  # another first login started one meanwhile: share its outcome
-                self._give_back_budget()
-        assert self._welcome_attempt is not None
-        await asyncio.shield(self._welcome_attempt)
+        while self.welcome is None:
+            if not self._attempting_welcome():
+                placed = await self._wait_for_budget()
+                if placed and not self._attempting_welcome() and self.welcome is None:
+                    self._welcome_attempt = self.open_server()
+                elif placed:  # another first login started one meanwhile: share its outcome
+                    self._give_back_budget()
+            assert self._welcome_attempt is not None
+            try:
+                await asyncio.shield(self._welcome_attempt)
+            except ServerLoginError as exc:
+                if not exc.transient:
+                    raise
+                await asyncio.sleep(max(0.05, self.reconnect.retry_at - time.monotonic()))
 
     # -- reload ----------------------------------------------------------------------------
 
     def reconfigure(self, settings: PoolSettings, target: ServerTarget) -> None:
-        """Apply reloaded settings: sizes, timeouts and limits now; the mode stays.
+        """Apply reloaded settings: sizes, timeouts, limits and the mode, now.
 
         A smaller pool closes idle servers now and busy ones as they come free; a larger
         one opens servers for its waiters at once. Servers of a changed target (host, port,
-        database, user or password) are replaced as they come free.
+        database, user or password) are replaced as they come free. A new pool_mode holds
+        from each client's next transaction (as in PgBouncer); max_prepared_statements
+        from each server's next statement.
         """
         if settings.mode != self.mode:
-            log.warning("pool %s: pool_mode change applies to new pools only", self.name)
-            settings = replace(settings, mode=self.mode)
+            log.info("pool %s: pool_mode %s -> %s", self.name, self.mode, settings.mode)
+            self.mode = settings.mode
+            self.statement_mode = settings.mode == "statement"
+            self.releases_at_idle = settings.mode != "session"
+        for server in self.servers:
+            if server.statements is not None and settings.max_prepared_statements > 0:
+                server.statements.capacity = settings.max_prepared_statements
         self.settings = settings
         self.size = settings.size
         self.null_pool = settings.null_pool
         self.single_use = settings.lifetime == 0
+        self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
         self.max_servers = settings.size + settings.reserve_size
         self.min_size = min(settings.min_size, settings.size)
-        self.reset_query = settings.reset_query if settings.reset_always else ""
+        self.reset_query = (
+            settings.reset_query if settings.mode == "session" or settings.reset_always else ""
+        )
         self.connect_timeout = settings.connect_timeout
         self.reconnect.max_delay = settings.login_retry
         self.reconnect.timeout = settings.reconnect_timeout
@@ -650,3 +701,8 @@ class Pool:
             server.close()
         for task in list(self._tasks):
             task.cancel()
+
+
+def _mark_read(outcome: asyncio.Future[None]) -> None:
+    if not outcome.cancelled():
+        outcome.exception()

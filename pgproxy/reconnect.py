@@ -21,6 +21,7 @@ from typing import Any
 log = logging.getLogger("pgproxy.reconnect")
 
 INITIAL_DELAY = 1.0
+FAST_RETRY = 0.1  # seconds between attempts while PostgreSQL starts up or shuts down
 BACKOFF = 2.0
 JITTER = 0.1
 HOOK_TIMEOUT = 60.0  # seconds a reconnect_failed command may run
@@ -48,6 +49,7 @@ class Reconnect:
         self.hook = hook
         self._spawn = spawn
         self.failing_since: float | None = None
+        self.last_failed_at = 0.0  # when the last failure was recorded
         self.retry_at = 0.0
         self.delay = 0.0
         self.last_error: Exception | None = None
@@ -63,8 +65,24 @@ class Reconnect:
         """Failing, and the next attempt is not due yet."""
         return self.failing_since is not None and now < self.retry_at
 
-    def failed(self, now: float, error: Exception, message: str) -> None:
-        """Record a failed attempt and schedule the next one."""
+    def failed(
+        self, now: float, error: Exception, message: str, started_at: float | None = None,
+        *, starting_or_stopping: bool = False,
+    ) -> None:  # fmt: skip
+        """Record a failed attempt and schedule the next one.
+
+        An attempt that started before the last failure was recorded was in flight with
+        it: one round, so it neither doubles the wait nor counts as another attempt.
+        ``starting_or_stopping`` (PostgreSQL's 57P03): retried every FAST_RETRY seconds
+        while it lasts, since the server is about to be back (or gone)."""
+        if (
+            started_at is not None
+            and self.failing_since is not None
+            and started_at < self.last_failed_at
+        ):
+            self.last_error = error
+            return
+        self.last_failed_at = now
         if self.failing_since is None:
             self.failing_since = now
             self.delay = INITIAL_DELAY
@@ -72,7 +90,11 @@ class Reconnect:
             self.delay *= BACKOFF
         if self.max_delay > 0:
             self.delay = min(self.delay, self.max_delay)
+        if starting_or_stopping:
+            self.delay = INITIAL_DELAY / BACKOFF  # (the next failure of another kind: 1 s)
         wait = self.delay * (1 + JITTER * (2 * random.random() - 1))
+        if starting_or_stopping:
+            wait = FAST_RETRY
         self.retry_at = now + wait
         self.last_error = error
         self.failures += 1

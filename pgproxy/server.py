@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import struct
 import time
 from typing import TYPE_CHECKING, cast
@@ -38,6 +39,7 @@ ACTIVE = "active"
 RESET = "reset"  # running the reset query after a session client left; no client linked
 TESTED = "tested"  # running server_check_query after a long idle time; no client linked
 CLOSED = "closed"
+BEING_CANCELED = "being_canceled"  # free, but a cancel request for it is under way
 
 CANCEL_TIMEOUT = 5.0  # seconds to deliver a CancelRequest to PostgreSQL
 CLOSE_GRACE = 5.0  # seconds PostgreSQL has to close after Terminate
@@ -50,11 +52,21 @@ WRITE_LOW_WATER = 64 * 1024
 class ServerLoginError(Exception):
     """Logging in to PostgreSQL failed; ``sqlstate`` and ``message`` are fit for the client."""
 
-    def __init__(self, sqlstate: str, message: str, *, unreachable: bool = False) -> None:
+    def __init__(
+        self, sqlstate: str, message: str, *, unreachable: bool = False,
+        transient: bool | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.sqlstate = sqlstate
         self.message = message
         self.unreachable = unreachable  # no connection was made: another host may do
+        # PostgreSQL could not be reached, or was starting up or shutting down (57P03):
+        # worth waiting for, unlike a refusal (authentication, unknown database, TLS).
+        self.transient = (
+            sqlstate in (codes.CONNECTION_FAILURE, codes.CANNOT_CONNECT_NOW)
+            if transient is None
+            else transient
+        )
 
 
 class ServerConn(asyncio.Protocol):
@@ -99,6 +111,7 @@ class ServerConn(asyncio.Protocol):
         self.closing = False  # pgproxy said Terminate: its close is not a loss
         self.tls = False
         self.host = ""  # which of the target's hosts it is connected to
+        self.cancels_in_flight = 0  # cancel requests sent for its backend, not yet answered
         # Named prepared statements: set at the first link of a client that uses them, and
         # the client they are tied to in the current link (None: not tied yet).
         self.statements: ServerStatements | None = None
@@ -400,6 +413,7 @@ class ServerConn(asyncio.Protocol):
                 raise ServerLoginError(
                     codes.CONNECTION_FAILURE,
                     f"server does not support TLS (server_tls_sslmode = {tls.mode})",
+                    transient=False,
                 )
             return
         if answer != b"S":  # also: bytes after the 'S' would be injected, not TLS
@@ -522,6 +536,12 @@ async def _connect_host(
             codes.CONNECTION_FAILURE,
             "server connection timed out (server_connect_timeout)",
             unreachable=server is None,
+        ) from None
+    except ssl.SSLError as exc:  # (an OSError: a certificate or protocol problem)
+        if server is not None:
+            server.transport.close()
+        raise ServerLoginError(
+            codes.CONNECTION_FAILURE, f"TLS with server failed: {exc}", transient=False
         ) from None
     except OSError as exc:
         if server is not None:

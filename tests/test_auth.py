@@ -218,7 +218,7 @@ def test_missing_password(payload: bytes, method: str) -> None:
     with pytest.raises(ServerAuthError) as info:
         authenticator.respond(payload)
     assert str(info.value) == (
-        f'server asked for {method} authentication for user "trustuser" '
+        f'wrong password type: server asked for {method} authentication for user "trustuser" '
         "but no password is configured"
     )
 

@@ -71,14 +71,15 @@ class ServerAuthenticator:
     def _need_password(self, method: str) -> str:
         if self._password is None:
             raise ServerAuthError(
-                f'server asked for {method} authentication for user "{self.user}" '
-                "but no password is configured"
+                # ("wrong password type": PgBouncer's words, which tools match.)
+                f'wrong password type: server asked for {method} authentication for user '
+                f'"{self.user}" but no password is configured'
             )
         if not isinstance(self._password, str):
             known = "an md5 hash" if isinstance(self._password, Md5Hash) else "SCRAM keys"
             raise ServerAuthError(
-                f'server asked for {method} authentication for user "{self.user}" but '
-                f"pgproxy only has {known} for it (passthrough), no password"
+                f'wrong password type: server asked for {method} authentication for user '
+                f'"{self.user}" but pgproxy only has {known} for it (passthrough), no password'
             )
         return self._password
 
