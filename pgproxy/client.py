@@ -572,6 +572,10 @@ class ClientConn(asyncio.Protocol):
             method = self._hba_method()
             if method is None:
                 return  # refused
+        elif settings.auth_type == "cert":
+            if not self._certificate_names_user():
+                return  # refused
+            method = "trust"
         else:
             method = settings.auth_type
         if method != "trust":
@@ -581,7 +585,8 @@ class ClientConn(asyncio.Protocol):
             secret = self.daemon.secret_for(user)
             if (
                 secret is None
-                and self.database not in CONSOLE_DATABASES
+                # (For the console, only with a global auth_dbname to run it in.)
+                and (self.database not in CONSOLE_DATABASES or settings.auth_dbname)
                 and settings.auth_user_for(self.database) is not None
             ):
                 loop = asyncio.get_running_loop()
@@ -624,6 +629,20 @@ class ClientConn(asyncio.Protocol):
         else:
             self._challenge(secret, startup)
 
+    def _certificate_names_user(self) -> bool:
+        """cert: the client's (verified) certificate has the user name as its CN; else the
+        client is refused here."""
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        cert = ssl_object.getpeercert() if ssl_object is not None else None
+        names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
+                 if key == "commonName"]  # fmt: skip
+        if self.user in names:
+            return True
+        self.fatal(
+            codes.INVALID_AUTHORIZATION, f'certificate authentication failed for user "{self.user}"'
+        )
+        return False
+
     def _hba_method(self) -> PasswordMethod | Literal["trust"] | None:
         """auth_type = hba: the method of the first matching rule, after its own checks
         (reject, cert, peer); None when the client has been refused."""
@@ -653,17 +672,7 @@ class ClientConn(asyncio.Protocol):
             )
             return None
         if rule.method == "cert":
-            ssl_object = self.transport.get_extra_info("ssl_object")
-            cert = ssl_object.getpeercert() if ssl_object is not None else None
-            names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
-                     if key == "commonName"]  # fmt: skip
-            if self.user not in names:
-                self.fatal(
-                    codes.INVALID_AUTHORIZATION,
-                    f'certificate authentication failed for user "{self.user}"',
-                )
-                return None
-            return "trust"
+            return "trust" if self._certificate_names_user() else None
         if rule.method == "peer":
             try:
                 os_user = pwd.getpwuid(self.peer_uid).pw_name if local else None

@@ -500,11 +500,12 @@ class Settings(BaseSettings):
         default=True,
         description="Log a statistics line (rates and mean times) every stats_period.",
     )
-    auth_type: Literal["trust", "plain", "md5", "scram-sha-256", "hba"] = Field(
+    auth_type: Literal["trust", "plain", "md5", "scram-sha-256", "cert", "hba"] = Field(
         default="trust",
         description="How clients authenticate to pgproxy: trust (no password), plain "
         "(cleartext), md5 (SCRAM for users stored with a SCRAM secret), scram-sha-256, "
-        "or hba (per connection, from auth_hba_file).",
+        "cert (a TLS client certificate whose CN is the user name), or hba (per "
+        "connection, from auth_hba_file).",
     )
     auth_hba_file: str | None = Field(
         default=None,
@@ -529,7 +530,10 @@ class Settings(BaseSettings):
         description="Database entry auth_query runs in; default: the client's database.",
     )
     auth_cache_timeout: float = Field(
-        default=60.0, ge=0, description="Seconds an auth_query answer is reused; 0: never."
+        default=0.0,
+        ge=0,
+        description="Seconds an auth_query answer is reused; 0 (as PgBouncer): every login "
+        "asks, so a changed password or VALID UNTIL holds at once.",
     )
     scram_iterations: int = Field(
         default=4096,
@@ -640,7 +644,10 @@ class Settings(BaseSettings):
         )
 
     def auth_dbname_for(self, database: str) -> str:
-        """The database entry auth_query runs in for a client of ``database``."""
+        """The database entry auth_query runs in for a client of ``database`` (of the
+        console: the global auth_dbname, as PgBouncer)."""
+        if database in _CONSOLE_NAMES:
+            return self.auth_dbname or database
         entry = self.database(database)
         if entry is not None and entry.auth_dbname:
             return entry.auth_dbname
@@ -709,6 +716,8 @@ class Settings(BaseSettings):
         return self.default_pool_size
 
 
+# The console's database names (pgproxy.admin's; repeated here, below it in the layers).
+_CONSOLE_NAMES = frozenset({"pgbouncer", "pgproxy"})
 _NO_USER_ENTRY = UserConfig()  # the settings of a user without a [users] entry
 
 

@@ -107,6 +107,8 @@ class Daemon:
         # Passthrough: what each user's last successful login proved (password, md5 hash
         # or SCRAM keys), for server logins that have no configured password.
         self.passthrough: dict[str, Credential] = {}
+        self.client_tls: ssl.SSLContext | None = None  # (all set by _read_files)
+        self.client_tls_binding: bytes | None = None
         self._read_files(settings)  # secrets, TLS contexts, hba rules
         self._listeners: list[asyncio.Server] = []
         self._stopped: asyncio.Event | None = None
@@ -291,7 +293,8 @@ class Daemon:
 
     def set_setting(self, key: str, value: str) -> None:
         """The console's SET: change one running setting; raise ConfigError."""
-        self._apply_settings(changed_setting(self.settings, key, value))
+        tls_key = key.lower() if key.lower().startswith("client_tls_") else None
+        self._apply_settings(changed_setting(self.settings, key, value), one_tls_key=tls_key)
 
     def secret_for(self, user: str) -> Secret | None:
         """What ``user``'s password is checked against, from the config or auth_file."""
@@ -312,7 +315,7 @@ class Daemon:
         """Why auth_query cannot run for a client of ``database`` now (PgBouncer's words),
         or None."""
         target = self.settings.auth_dbname_for(database)
-        if target != database and target not in self.settings.databases:
+        if target != database and self.settings.database(target) is None:
             log.error('authentication database "%s" is not configured', target)
             return "bouncer config error"
         flags = self.database_flags.get(target)
@@ -340,19 +343,32 @@ class Daemon:
         password = auth_secret.value if auth_secret and auth_secret.kind == "plain" else None
         return await self.auth_query.lookup(self.settings, database, user, password)
 
-    def _read_files(self, settings: Settings) -> None:
+    def _read_files(self, settings: Settings, *, one_tls_key: str | None = None) -> None:
         """Read what the settings point at: client secrets (the auth_file's, then each
         [users.NAME] password over them), TLS contexts (None: no TLS for clients) and hba
         rules. Everything is read before anything is kept, so a ConfigError changes
-        nothing; certificates read again serve new connections only."""
+        nothing; certificates read again serve new connections only.
+
+        ``one_tls_key``: the console SET of that client_tls_* key. The files are set one
+        SET at a time (key, then certificate, then CA), so in between they may not match:
+        as in PgBouncer, the SET is taken, the TLS settings in force stay until a complete
+        set loads, and the reason is logged."""
         secrets = client_secrets(settings)
-        tls_for_clients, tls_for_servers = client_context(settings), server_tls(settings)
-        binding, hba = _binding(settings, tls_for_clients), hba_rules(settings)
+        try:
+            tls_for_clients = client_context(settings)
+            binding = _binding(settings, tls_for_clients)
+        except ConfigError as exc:
+            if one_tls_key is None:
+                raise
+            log.warning("SET %s: client TLS not reloaded yet: %s", one_tls_key, exc)
+            tls_for_clients, binding = self.client_tls, self.client_tls_binding
+        tls_for_servers, hba = server_tls(settings), hba_rules(settings)
         self.secrets, self.client_tls, self.server_tls = secrets, tls_for_clients, tls_for_servers
         self.client_tls_binding, self.hba = binding, hba
 
-    def _apply_settings(self, settings: Settings) -> None:
-        self._read_files(settings)  # raises ConfigError before anything changes
+    def _apply_settings(self, settings: Settings, *, one_tls_key: str | None = None) -> None:
+        # (Raises ConfigError before anything changes.)
+        self._read_files(settings, one_tls_key=one_tls_key)
         self.auth_query.clear()
         self.settings = settings
         self.keepalive = keepalive_from(settings)

@@ -273,7 +273,7 @@ def _auth_type(value: str, where: str, result: Conversion) -> str:
             f"{where}: auth_type = any: converted to trust (the user name is not ignored)"
         )
         return "trust"
-    if method in ("trust", "plain", "md5", "scram-sha-256", "hba"):
+    if method in ("trust", "plain", "md5", "scram-sha-256", "cert", "hba"):
         return method
     raise ConfigError(f"{where}: auth_type = {value}: not supported by pgproxy")
 

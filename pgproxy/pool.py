@@ -592,15 +592,20 @@ class Pool:
         if self.welcome is not None:
             return
         last_error = self.reconnect.last_error
-        if isinstance(last_error, ServerLoginError) and self.reconnect.waiting(time.monotonic()):
-            raise last_error  # server_login_retry: fail fast with the cached error
+        if isinstance(last_error, ServerLoginError) and self.reconnect.failing_since is not None:
+            # PgBouncer's fast fail: until a login works again, a new client gets the last
+            # error at once, and the pool tries again in the background when the backoff
+            # allows (else nothing would ever try).
+            if self.reconnect.may_try(time.monotonic()):
+                self._track(self._start_welcome_attempt())
+            raise ServerLoginError(
+                last_error.sqlstate,
+                f"server login has been failing, cached error: {last_error.message} "
+                "(server_login_retry)",
+                transient=False,
+            )
         while self.welcome is None:
-            if not self._attempting_welcome():
-                placed = await self._wait_for_budget()
-                if placed and not self._attempting_welcome() and self.welcome is None:
-                    self._welcome_attempt = self.open_server()
-                elif placed:  # another first login started one meanwhile: share its outcome
-                    self._give_back_budget()
+            await self._start_welcome_attempt()
             assert self._welcome_attempt is not None
             try:
                 await asyncio.shield(self._welcome_attempt)
@@ -608,6 +613,16 @@ class Pool:
                 if not exc.transient:
                     raise
                 await asyncio.sleep(max(0.05, self.reconnect.retry_at - time.monotonic()))
+
+    async def _start_welcome_attempt(self) -> None:
+        """Open the pool's first server, unless an attempt is under way (it is shared)."""
+        if self._attempting_welcome():
+            return
+        placed = await self._wait_for_budget()
+        if placed and not self._attempting_welcome() and self.welcome is None:
+            self._welcome_attempt = self.open_server()
+        elif placed:  # another first login started one meanwhile: share its outcome
+            self._give_back_budget()
 
     # -- reload ----------------------------------------------------------------------------
 

@@ -190,10 +190,13 @@ def test_auth_query_with_the_default_query(
     # SCRAM-stored and md5-stored roles, looked up in pg_authid.
     assert _login(proxy, "plainuser", "plain-secret") == (0, "app")
     assert _login(proxy, "md5user", "md5-secret") == (0, "app")
-    for user, password in [("plainuser", "wrong"), ("nobody", "x"), ("expired", "expired-secret")]:
+    for user, password in [("plainuser", "wrong"), ("expired", "expired-secret")]:
         code, output = _login(proxy, user, password)
         assert code != 0
         assert f'password authentication failed for user "{user}"' in output, output
+    # A user the query does not know: PgBouncer's answer, before any password exchange.
+    code, output = _login(proxy, "nobody", "x")
+    assert code != 0 and "no such user" in output, output
     assert "expired-secret" not in proxy.log_text()
 
 
@@ -335,7 +338,15 @@ def test_hba_rules(
     proxy = _proxy(
         pg, proxy_factory, auth_type="hba", auth_hba_file=str(hba), auth_file=str(auth_file)
     )
-    assert _login(proxy, "trustuser", "")[0] == 0  # trust: no password asked
+    # trust asks no password, but (as in PgBouncer) the user must be in the auth_file:
+    code, output = _login(proxy, "trustuser", "")
+    assert code != 0 and '"trust" authentication failed' in output, output
+    trusted = tmp_path / "userlist.txt"
+    trusted.write_text(auth_file.read_text() + '"trustuser" ""\n')
+    known = _proxy(
+        pg, proxy_factory, auth_type="hba", auth_hba_file=str(hba), auth_file=str(trusted)
+    )
+    assert _login(known, "trustuser", "")[0] == 0
     assert _login(proxy, "md5user", "md5-secret") == (0, "app")
     assert _login(proxy, "plainuser", "plain-secret") == (0, "app")
     code, output = _login(proxy, "plainuser", "wrong")
