@@ -10,13 +10,14 @@ so no lock is needed. Labels: ``database`` and ``user`` of a pool, never anythin
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,7 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from pgproxy import __version__
+from pgproxy import BUILD, __version__
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -148,6 +149,13 @@ class PgproxyCollector(Collector):
         info = GaugeMetricFamily("pgproxy_info", "pgproxy's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+        build = GaugeMetricFamily(
+            "pgproxy_build_info",
+            "What runs: pgproxy's version, the Python version, the build (pure: Python only).",
+            labels=["version", "python", "build"],
+        )
+        build.add_metric([__version__, platform.python_version(), BUILD], 1)
+        yield build
         yield _gauge(
             "pgproxy_shutting_down",
             "1 while a shutdown waits for servers or clients.",
@@ -295,9 +303,15 @@ def _pool_histograms(pools: Iterable[Pool]) -> Iterator[Metric]:
 
 
 def registry_for(daemon: Daemon) -> CollectorRegistry:
-    """A registry holding pgproxy's collector (and nothing global)."""
+    """A registry holding pgproxy's collector and the process's own figures (memory, CPU,
+    file descriptors, start time: prometheus-client's ProcessCollector), and nothing
+    global."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PgproxyCollector(daemon))
+    # Each process reads its own /proc entry: with workers = N every worker reports itself
+    # and merge_expositions combines them (the supervisor, which serves no client, is not
+    # in the figures).
+    ProcessCollector(registry=registry)
     return registry
 
 
@@ -308,10 +322,15 @@ def render(registry: CollectorRegistry) -> bytes:
 
 # -- workers = N: one /metrics for all of them ----------------------------------------------
 
-# Series that describe configuration or state rather than count: not added up over workers.
+# Series that describe configuration or state rather than count: not added up over workers
+# but combined by the function given (by family name: a counter's without ``_total``).
 _NOT_ADDED: dict[str, Callable[[float, float], float]] = {
     "pgproxy_up": max,
     "pgproxy_info": max,
+    "pgproxy_build_info": max,
+    # Every worker has the same limit; the pgproxy started when its oldest worker did.
+    "process_max_fds": max,
+    "process_start_time_seconds": min,
     "pgproxy_shutting_down": max,
     "pgproxy_pool_min_size": max,
     "pgproxy_pool_max_size": max,

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import platform
 import signal
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pgproxy import BUILD, __version__
 from pgproxy.embedded import EmbeddedPostgres, free_port
 from tests.support import (
     ProxyFactory,
@@ -95,7 +99,9 @@ def test_metrics_count_a_known_workload(pg: EmbeddedPostgres, proxy_factory: Pro
     assert _value(after, "pgproxy_query_wait_timeout_seconds") == 120
     # Nothing finer than a pool: the only labels are these.
     labels = {key for _, pairs in after for key, _ in pairs}
-    assert labels <= {"database", "user", "state", "kind", "le", "version"}
+    assert labels <= {
+        "database", "user", "state", "kind", "le", "reason", "version", "python", "build",
+    }  # fmt: skip
 
 
 def test_health_endpoints(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
@@ -219,3 +225,28 @@ def test_metrics_stay_up_while_a_shutdown_drains(
         assert "shutting down" in json.loads(body)["reasons"]
         assert client.execute("select 2").fetchone() == (2,)
     assert proxy.popen.wait(10) == 0
+
+
+def test_process_and_build_metrics(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    """ProcessCollector's figures are pgproxy's own process, next to its build."""
+    launched = time.time()
+    proxy = _proxy(pg, proxy_factory)
+    assert_healthy(proxy)
+    samples = scrape(proxy)
+    build = (("build", BUILD), ("python", platform.python_version()), ("version", __version__))
+    assert _value(samples, "pgproxy_build_info", build) == 1
+    assert BUILD == "pure"
+    assert _value(samples, "pgproxy_info", (("version", __version__),)) == 1
+    # Checked against what the kernel says of the proxy's pid.
+    proc = Path(f"/proc/{proxy.pid}")
+    status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
+    rss = int(status["VmRSS"].split()[0]) * 1024
+    assert rss / 2 < _value(samples, "process_resident_memory_bytes", ()) < rss * 2
+    assert _value(samples, "process_virtual_memory_bytes", ()) > rss / 2
+    open_fds = len(os.listdir(proc / "fd"))
+    assert abs(_value(samples, "process_open_fds", ()) - open_fds) <= 4
+    limits = (proc / "limits").read_text().splitlines()
+    soft_limit = next(line for line in limits if line.startswith("Max open files"))
+    assert _value(samples, "process_max_fds", ()) == int(soft_limit.split()[3])
+    assert launched - 1 <= _value(samples, "process_start_time_seconds", ()) <= time.time()
+    assert _value(samples, "process_cpu_seconds_total", ()) > 0
