@@ -200,10 +200,8 @@ class Daemon:
         elif console and (exempt or user in settings.admin_users):
             db_limit, user_limit = 0, 0
         elif console:
-            user_entry = settings.users.get(user)
-            own = user_entry.max_user_client_connections if user_entry is not None else None
             db_limit = settings.max_db_client_connections
-            user_limit = settings.max_user_client_connections if own is None else own
+            user_limit = settings.max_user_client_connections_for(user)
         else:
             db_limit, user_limit = 0, 0
         worker = self.worker

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pgproxy import BUILD, __version__
+from pgproxy.admin import CONSOLE_DATABASE
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -162,6 +163,7 @@ class PgproxyCollector(Collector):
             int(daemon.shutdown_mode is not None),
         )
         yield _gauge("pgproxy_client_connections", "Client connections.", len(daemon.clients))
+        yield from _client_limits(daemon)
         failures = CounterMetricFamily(
             "pgproxy_client_login_failures", "Client logins that ended in an error."
         )
@@ -170,6 +172,62 @@ class PgproxyCollector(Collector):
         yield from _pool_gauges(daemon, pools, now)
         yield from _pool_counters(daemon, pools)
         yield from _pool_histograms(pools)
+
+
+def _client_limits(daemon: Daemon) -> Iterator[Metric]:
+    """Client counts next to the caps that refuse logins, so that "near the limit" can be
+    alerted on before clients are refused."""
+    settings = daemon.settings
+    yield _gauge(
+        "pgproxy_max_client_conn",
+        "The max_client_conn setting (pgproxy_client_connections counts against it).",
+        settings.max_client_conn,
+    )
+    db_count = GaugeMetricFamily(
+        "pgproxy_database_client_connections",
+        "Logged-in clients of a database (max_db_client_connections counts them).",
+        labels=["database"],
+    )
+    db_limit = GaugeMetricFamily(
+        "pgproxy_database_max_client_connections",
+        "max_db_client_connections in force for the database (0: no limit).",
+        labels=["database"],
+    )
+    # The databases SHOW DATABASES lists: the console, the configured ones, and those a
+    # client reached through '*'.
+    names = [CONSOLE_DATABASE, *(name for name in settings.databases if name != "*")]
+    names += sorted({pool.database for pool in daemon.pools.values()} - set(names))
+    for name in names:
+        entry = settings.database(name) if name != CONSOLE_DATABASE else None
+        if entry is not None:
+            limit = settings.client_limits_for(entry, "")[0]
+        elif name == CONSOLE_DATABASE:
+            limit = settings.max_db_client_connections
+        else:
+            continue  # removed by a reload: its clients are leaving
+        db_count.add_metric([name], daemon.db_clients[name])
+        db_limit.add_metric([name], limit)
+    yield db_count
+    yield db_limit
+    user_count = GaugeMetricFamily(
+        "pgproxy_user_client_connections",
+        "Logged-in clients of a user (max_user_client_connections counts them).",
+        labels=["user"],
+    )
+    user_limit = GaugeMetricFamily(
+        "pgproxy_user_max_client_connections",
+        "max_user_client_connections in force for the user (0: no limit).",
+        labels=["user"],
+    )
+    # The users SHOW USERS lists: configured, with a pool, or with clients now. (Not every
+    # name ever seen: under trust any name may log in, and the series would pile up.)
+    users = set(settings.users) | {pool.user for pool in daemon.pools.values()}
+    users |= {user for user, count in daemon.user_clients.items() if count > 0}
+    for user in sorted(users):
+        user_count.add_metric([user], daemon.user_clients[user])
+        user_limit.add_metric([user], settings.max_user_client_connections_for(user))
+    yield user_count
+    yield user_limit
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -332,6 +390,10 @@ _NOT_ADDED: dict[str, Callable[[float, float], float]] = {
     "process_max_fds": max,
     "process_start_time_seconds": min,
     "pgproxy_shutting_down": max,
+    # Client caps hold for the sum over workers: the same limit in each (the counts add up).
+    "pgproxy_max_client_conn": max,
+    "pgproxy_database_max_client_connections": max,
+    "pgproxy_user_max_client_connections": max,
     "pgproxy_pool_min_size": max,
     "pgproxy_pool_max_size": max,
     "pgproxy_pool_paused": max,

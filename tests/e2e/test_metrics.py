@@ -227,6 +227,13 @@ def test_metrics_stay_up_while_a_shutdown_drains(
     assert proxy.popen.wait(10) == 0
 
 
+def _database_entry(pg: EmbeddedPostgres, **extra: Any) -> dict[str, Any]:
+    return {
+        "host": "127.0.0.1", "port": pg.port, "dbname": "appdb", "user": "app",
+        "password": "app-secret", **extra,
+    }  # fmt: skip
+
+
 def test_process_and_build_metrics(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
     """ProcessCollector's figures are pgproxy's own process, next to its build."""
     launched = time.time()
@@ -250,3 +257,37 @@ def test_process_and_build_metrics(pg: EmbeddedPostgres, proxy_factory: ProxyFac
     assert _value(samples, "process_max_fds", ()) == int(soft_limit.split()[3])
     assert launched - 1 <= _value(samples, "process_start_time_seconds", ()) <= time.time()
     assert _value(samples, "process_cpu_seconds_total", ()) > 0
+
+
+def test_client_limits_are_exported(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(
+        pg, proxy_factory, max_client_conn=50, max_db_client_connections=10,
+        users={"app": {"max_user_client_connections": 7}},
+        databases={"appdb": _database_entry(pg), "capped": _database_entry(
+            pg, max_db_client_connections=2)},
+    )  # fmt: skip
+    held = [connect(proxy) for _ in range(3)] + [connect(proxy, dbname="capped")]
+    try:
+        for conn in held:
+            conn.execute("select 1")
+        samples = scrape(proxy)
+        assert _value(samples, "pgproxy_max_client_conn", ()) == 50
+        assert _value(samples, "pgproxy_client_connections", ()) == 4
+        appdb, capped = (("database", "appdb"),), (("database", "capped"),)
+        console = (("database", "pgbouncer"),)
+        assert _value(samples, "pgproxy_database_client_connections", appdb) == 3
+        assert _value(samples, "pgproxy_database_max_client_connections", appdb) == 10
+        assert _value(samples, "pgproxy_database_client_connections", capped) == 1
+        assert _value(samples, "pgproxy_database_max_client_connections", capped) == 2
+        assert _value(samples, "pgproxy_database_client_connections", console) == 0
+        assert _value(samples, "pgproxy_database_max_client_connections", console) == 10
+        app = (("user", "app"),)
+        assert _value(samples, "pgproxy_user_client_connections", app) == 4
+        assert _value(samples, "pgproxy_user_max_client_connections", app) == 7
+    finally:
+        for conn in held:
+            conn.close()
+    wait_for(
+        lambda: _value(scrape(proxy), "pgproxy_user_client_connections", (("user", "app"),))
+        == 0, 5, "the clients to be counted out",
+    )  # fmt: skip
