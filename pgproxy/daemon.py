@@ -100,7 +100,8 @@ class Daemon:
         self.shutdown_mode: ShutdownMode | None = None
         self.stats_window = StatsWindow(0.0)  # restarted by start()
         self.console_stats = PoolStats()  # the console's queries (SHOW STATS 'pgbouncer')
-        self.login_failures = 0  # client logins that ended in an error (metrics)
+        # Client logins that ended in an error, by reason (metrics.LOGIN_FAILURE_REASONS).
+        self.login_failures: Counter[str] = Counter()
         self.login_timeouts = 0  # of which client_login_timeout
         self._metrics: MetricsServer | None = None
         self.auth_query = AuthQuery()

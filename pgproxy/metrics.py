@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from pgproxy import BUILD, __version__
 from pgproxy.admin import CONSOLE_DATABASE
+from pgproxy.protocol import codes
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -49,12 +50,31 @@ DURATION_BUCKETS = (
 TIMEOUT_KINDS = (
     "query_wait", "query", "idle_transaction", "transaction", "client_idle", "client_login",
 )  # fmt: skip
+# Why a client's login failed (pgproxy_client_login_failures_total{reason}): the password or
+# authorization (auth_failed), an unknown database, a client cap (limit_reached), the pool's
+# own login to PostgreSQL (server_login_failed), client_login_timeout, anything else.
+LoginFailureReason = Literal[
+    "auth_failed", "no_such_database", "limit_reached", "server_login_failed", "timeout", "other",
+]  # fmt: skip
+LOGIN_FAILURE_REASONS: tuple[LoginFailureReason, ...] = get_args(LoginFailureReason)
 POOL_LABELS = ("database", "user")
 # (ServerConn state, metric label): a server running the session reset is PgBouncer's 'used'.
 SERVER_STATES = (
     ("active", "active"), ("idle", "idle"), ("reset", "used"), ("tested", "tested"),
     ("login", "login"),
 )  # fmt: skip
+
+
+def login_failure_reason(sqlstate: str) -> LoginFailureReason:
+    """The reason a login that ended with ``sqlstate`` is counted under, when the code that
+    refused it did not name one (ClientConn.fatal's ``reason``). The SQLSTATE alone cannot
+    tell everything: PostgreSQL refusing the pool's own login also sends 28P01, and
+    pgproxy's PgBouncer-worded refusals (no such database, the client caps) are 08P01."""
+    if sqlstate in (codes.INVALID_PASSWORD, codes.INVALID_AUTHORIZATION):
+        return "auth_failed"
+    if sqlstate == codes.TOO_MANY_CONNECTIONS:
+        return "limit_reached"
+    return "other"
 
 
 def wait_buckets(query_wait_timeout: float) -> tuple[float, ...]:
@@ -165,9 +185,12 @@ class PgproxyCollector(Collector):
         yield _gauge("pgproxy_client_connections", "Client connections.", len(daemon.clients))
         yield from _client_limits(daemon)
         failures = CounterMetricFamily(
-            "pgproxy_client_login_failures", "Client logins that ended in an error."
+            "pgproxy_client_login_failures",
+            "Client logins that ended in an error, by reason.",
+            labels=["reason"],
         )
-        failures.add_metric([], daemon.login_failures)
+        for reason in LOGIN_FAILURE_REASONS:  # every one, at 0 until it happens
+            failures.add_metric([reason], daemon.login_failures[reason])
         yield failures
         yield from _pool_gauges(daemon, pools, now)
         yield from _pool_counters(daemon, pools)

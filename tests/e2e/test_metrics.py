@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import signal
+import socket
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -291,3 +293,62 @@ def test_client_limits_are_exported(pg: EmbeddedPostgres, proxy_factory: ProxyFa
         lambda: _value(scrape(proxy), "pgproxy_user_client_connections", (("user", "app"),))
         == 0, 5, "the clients to be counted out",
     )  # fmt: skip
+
+
+def _silent_until_closed(port: int, data: bytes = b"", timeout: float = 10) -> bytes:
+    """Connect, send ``data``, and read what the proxy says until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def test_login_failures_are_counted_by_reason(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(
+        pg, proxy_factory, auth_type="plain", client_login_timeout=1,
+        users={"app": {"password": "app-secret"}},
+        databases={
+            "appdb": _database_entry(pg),
+            "capped": _database_entry(pg, max_db_client_connections=1),
+            # PostgreSQL refuses the pool's own login: 28P01 too, but not the client's fault.
+            "badlogin": _database_entry(pg, password="not-the-password"),
+        },
+    )  # fmt: skip
+
+    def refused(**params: Any) -> str:
+        params.setdefault("password", "app-secret")
+        with pytest.raises(psycopg.OperationalError) as failure:
+            connect(proxy, **params)
+        return str(failure.value)
+
+    assert "password authentication failed" in refused(password="wrong")
+    assert "password authentication failed" in refused(password="wrong-again")
+    assert "no such database" in refused(dbname="nosuchdb")
+    with connect(proxy, dbname="capped", password="app-secret"):
+        assert "max_db_client_connections" in refused(dbname="capped")
+    assert "password authentication failed" in refused(dbname="badlogin")
+    # Connected, silent: client_login_timeout ends it.
+    assert b"client_login_timeout" in _silent_until_closed(proxy.port)
+    # A startup packet of an unknown protocol version: none of the above.
+    answer = _silent_until_closed(proxy.port, struct.pack("!II", 8, 0x00090000))
+    assert b"unsupported frontend protocol" in answer
+
+    samples = scrape(proxy)
+    failures = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in samples.items()
+        if name == "pgproxy_client_login_failures_total"
+    }
+    assert failures == {
+        "auth_failed": 2, "no_such_database": 1, "limit_reached": 1,
+        "server_login_failed": 1, "timeout": 1, "other": 1,
+    }  # fmt: skip
+    assert _value(samples, "pgproxy_timeouts_total", (("database", ""), ("user", ""),
+                  ("kind", "client_login"))) == 1  # fmt: skip
+    assert _value(samples, "pgproxy_client_logins_total", (("database", "capped"),
+                  ("user", "app"))) == 1  # fmt: skip
+    assert "not-the-password" not in proxy.log_text()
