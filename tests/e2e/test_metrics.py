@@ -352,3 +352,33 @@ def test_login_failures_are_counted_by_reason(
     assert _value(samples, "pgproxy_client_logins_total", (("database", "capped"),
                   ("user", "app"))) == 1  # fmt: skip
     assert "not-the-password" not in proxy.log_text()
+
+
+def _status_line(port: int, request: bytes) -> bytes:
+    """The status line of pgproxy's answer to a raw HTTP request."""
+    return _silent_until_closed(port, request).split(b"\r\n", 1)[0]
+
+
+def test_http_status_lines_carry_a_reason_phrase(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(
+        pg, proxy_factory,
+        databases={"appdb": _database_entry(pg),
+                   # Nothing listens there: /readyz says 503.
+                   "gone": {"host": "127.0.0.1", "port": free_port(), "user": "app"}},
+    )  # fmt: skip
+    port = proxy.config["metrics_port"]
+
+    def get(path: str, method: str = "GET") -> bytes:
+        request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        return _status_line(port, request.encode())
+
+    assert get("/metrics") == b"HTTP/1.1 200 OK"
+    assert get("/healthz") == b"HTTP/1.1 200 OK"
+    assert get("/nope") == b"HTTP/1.1 404 Not Found"
+    assert get("/metrics", "POST") == b"HTTP/1.1 405 Method Not Allowed"
+    wait_for(
+        lambda: get("/readyz") == b"HTTP/1.1 503 Service Unavailable", 10,
+        "/readyz to answer 503 Service Unavailable",
+    )  # fmt: skip
