@@ -38,7 +38,19 @@ APP = (("database", "appdb"), ("user", "app"))
 def _proxy(pg: EmbeddedPostgres, factory: ProxyFactory, **overrides: Any) -> ProxyProcess:
     overrides.setdefault("metrics_port", free_port())
     overrides.setdefault("admin_users", ["admin"])
-    return factory(proxy_config(pg, **overrides))
+    proxy = factory(proxy_config(pg, **overrides))
+    # The factory waits for the client port; the metrics listener is bound just after it,
+    # and a test that asks at once could find it closed on a busy machine.
+    wait_for(lambda: _accepts(proxy.config["metrics_port"]), 10, "the metrics listener")
+    return proxy
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _get(proxy: ProxyProcess, path: str) -> tuple[int, str]:
