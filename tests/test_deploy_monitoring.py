@@ -29,8 +29,14 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "pgproxy-dashboard.json"
 _GAUGES = {
     "pgproxy_up",
     "pgproxy_info",
+    "pgproxy_build_info",
     "pgproxy_shutting_down",
     "pgproxy_client_connections",
+    "pgproxy_max_client_conn",
+    "pgproxy_database_client_connections",
+    "pgproxy_database_max_client_connections",
+    "pgproxy_user_client_connections",
+    "pgproxy_user_max_client_connections",
     "pgproxy_pool_clients",
     "pgproxy_pool_servers",
     "pgproxy_pool_size",
@@ -39,8 +45,15 @@ _GAUGES = {
     "pgproxy_pool_oldest_wait_seconds",
     "pgproxy_pool_paused",
     "pgproxy_query_wait_timeout_seconds",
+    # prometheus-client's ProcessCollector (Linux)
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
 }
 _COUNTERS = {
+    "process_cpu_seconds_total",
     "pgproxy_transactions_total",
     "pgproxy_queries_total",
     "pgproxy_received_bytes_total",
@@ -71,6 +84,7 @@ EXPORTED = (
 )
 
 ALERTS = {
+    "PgproxyClientConnectionsNearLimit",
     "PgproxyPoolUtilizationHigh",
     "PgproxyPoolNoIdleServers",
     "PgproxyClientsWaiting",
@@ -182,17 +196,60 @@ def test_alerts_have_severity_and_annotations() -> None:
     assert 'absent(pgproxy_up{job="pgproxy"})' in down["expr"]
 
 
+def _tiers() -> set[tuple[str, str]]:
+    """(alert, severity) of every alerting rule: an alert may have a warning and a
+    critical rule."""
+    return {(rule["alert"], rule["labels"]["severity"]) for rule in _rules() if "alert" in rule}
+
+
+def _seconds(duration: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return sum(
+        float(number) * units[unit] for number, unit in re.findall(r"(\d+)([smh])", duration)
+    )
+
+
+def test_alert_tiers() -> None:
+    """Nothing pages on a single scrape, and an alert's warning comes before its critical
+    rule: for each alert with both, the critical rule has the higher threshold or waits at
+    least as long."""
+    alerts = [rule for rule in _rules() if "alert" in rule]
+    for rule in alerts:
+        if rule["labels"]["severity"] == "critical":
+            assert _seconds(rule.get("for", "0s")) >= 60, rule["alert"]
+    by_name: dict[str, dict[str, dict[str, Any]]] = {}
+    for rule in alerts:
+        tiers = by_name.setdefault(rule["alert"], {})
+        assert rule["labels"]["severity"] not in tiers, f"two {rule['alert']} rules alike"
+        tiers[rule["labels"]["severity"]] = rule
+    tiered = {name for name, tiers in by_name.items() if len(tiers) == 2}
+    assert {"PgproxyTimeouts", "PgproxyLeakDetected", "PgproxyClientConnectionsNearLimit"} <= tiered
+    for name in tiered:
+        warning, critical = by_name[name]["warning"], by_name[name]["critical"]
+        assert warning["labels"]["tier"] == critical["labels"]["tier"], name
+        assert warning["annotations"]["runbook"] == critical["annotations"]["runbook"], name
+        threshold = [float(rule["expr"].rsplit(">", 1)[1]) for rule in (warning, critical)]
+        assert threshold[0] < threshold[1], name
+
+
 def test_rule_tests_fire_and_hold_every_alert() -> None:
-    """Each alert has a case where it fires and one where it must stay silent; the
-    recording rules have at least one value check."""
+    """Each alert, in each of its tiers, has a case where it fires and one where it must
+    stay silent; the recording rules have at least one value check."""
     tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
-    fired: set[str] = set()
-    silent: set[str] = set()
+    tiers = _tiers()
+    fired: set[tuple[str, str]] = set()
+    silent: set[tuple[str, str]] = set()
     for case in tests:
         for check in case.get("alert_rule_test", []):
-            (fired if check.get("exp_alerts") else silent).add(check["alertname"])
-    assert fired == ALERTS, sorted(ALERTS - fired)
-    assert silent == ALERTS, sorted(ALERTS - silent)
+            name = check["alertname"]
+            firing = {
+                (name, alert["exp_labels"]["severity"]) for alert in check.get("exp_alerts", [])
+            }
+            fired |= firing
+            silent |= {tier for tier in tiers if tier[0] == name} - firing
+    assert {name for name, _ in tiers} == ALERTS
+    assert fired == tiers, sorted(tiers - fired)
+    assert silent == tiers, sorted(tiers - silent)
     checked = {
         name
         for case in tests
