@@ -307,6 +307,24 @@ def test_dashboard_leads_with_the_saturation_triad(dashboard: dict[str, Any]) ->
     assert dashboard["graphTooltip"] >= 1  # shared crosshair across panels
 
 
+def test_dashboard_shows_login_failures_and_client_caps(dashboard: dict[str, Any]) -> None:
+    """An incident's questions "why do logins fail?" and "are clients near a cap?" each
+    have a panel."""
+    panels = [
+        " ".join(target["expr"] for target in panel.get("targets", []))
+        for panel in _panels(dashboard["panels"])
+    ]
+    assert any(
+        "pgproxy_client_login_failures_total" in exprs and "reason" in exprs for exprs in panels
+    )
+    for count, limit in (
+        ("pgproxy_client_connections", "pgproxy_max_client_conn"),
+        ("pgproxy_database_client_connections", "pgproxy_database_max_client_connections"),
+        ("pgproxy_user_client_connections", "pgproxy_user_max_client_connections"),
+    ):
+        assert any(count in exprs and limit in exprs for exprs in panels), count
+
+
 def test_dashboard_queries_parse(dashboard: dict[str, Any], tmp_path: Path) -> None:
     """Every panel query is valid PromQL once Grafana's variables are filled in: promtool
     parses them as recording rules."""
