@@ -259,6 +259,27 @@ def test_rule_tests_fire_and_hold_every_alert() -> None:
     assert checked & _recorded()
 
 
+def _section(text: str, heading: str) -> str:
+    """The text under a Markdown heading, up to the next heading of its level or above."""
+    level = heading.split(" ", 1)[0]
+    start = text.index(heading + "\n")
+    following = re.search(rf"^#{{1,{len(level)}}} ", text[start + len(heading) :], re.M)
+    return text[start : start + len(heading) + following.start()] if following else text[start:]
+
+
+def test_readmes_document_every_metric_and_alert() -> None:
+    """The README's metrics section names every exported series (the contract above), and
+    deploy/prometheus/README.md every alert."""
+    metrics = _section((ROOT / "README.md").read_text(), "## Metrics, health and leaks")
+    missing = sorted(name for name in _GAUGES | _COUNTERS | _HISTOGRAMS if name not in metrics)
+    assert not missing, f"not in the README's metrics section: {missing}"
+    rules_readme = (PROMETHEUS / "README.md").read_text()
+    # (Recorded names may be shortened there to "…:metric:window" after their level.)
+    names = ALERTS | {name.split(":", 1)[1] for name in _recorded()}
+    missing = sorted(name for name in names if name not in rules_readme)
+    assert not missing, f"not in deploy/prometheus/README.md: {missing}"
+
+
 def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for panel in panels:
         yield panel

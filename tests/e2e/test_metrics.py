@@ -30,6 +30,7 @@ from tests.support import (
     psql,
     wait_for,
 )
+from tests.test_deploy_monitoring import EXPORTED
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 APP = (("database", "appdb"), ("user", "app"))
@@ -116,6 +117,17 @@ def test_metrics_count_a_known_workload(pg: EmbeddedPostgres, proxy_factory: Pro
     assert labels <= {
         "database", "user", "state", "kind", "le", "reason", "version", "python", "build",
     }  # fmt: skip
+
+
+def test_exported_series_are_the_documented_contract(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """What a real pgproxy exports is exactly the list the rules, the dashboard and the
+    README are checked against (tests/test_deploy_monitoring.py)."""
+    proxy = _proxy(pg, proxy_factory)
+    assert_healthy(proxy)  # a pool exists: its series too
+    exported = {name for name, _ in scrape(proxy)}
+    assert exported == EXPORTED - {"up"}  # (up is Prometheus's own)
 
 
 def test_health_endpoints(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
