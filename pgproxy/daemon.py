@@ -29,7 +29,7 @@ from pgproxy.hba import hba_rules
 from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
 from pgproxy.listener import listen_on, remove_unix_socket, start_listeners
-from pgproxy.metrics import PoolHistograms
+from pgproxy.metrics import LoginFailureReason, PoolHistograms
 from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
 from pgproxy.protocol.auth import Credential, Md5Hash
@@ -100,8 +100,7 @@ class Daemon:
         self.shutdown_mode: ShutdownMode | None = None
         self.stats_window = StatsWindow(0.0)  # restarted by start()
         self.console_stats = PoolStats()  # the console's queries (SHOW STATS 'pgbouncer')
-        # Client logins that ended in an error, by reason (metrics.LOGIN_FAILURE_REASONS).
-        self.login_failures: Counter[str] = Counter()
+        self.login_failures: Counter[LoginFailureReason] = Counter()  # failed logins, by reason
         self.login_timeouts = 0  # of which client_login_timeout
         self._metrics: MetricsServer | None = None
         self.auth_query = AuthQuery()
