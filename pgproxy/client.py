@@ -26,6 +26,7 @@ from pgproxy.admin.console import WELCOME_PARAMS, Console
 from pgproxy.admin.gather import PEER_APPLICATION
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
 from pgproxy.config import ClientTimeouts
+from pgproxy.metrics import LoginFailureReason, login_failure_reason
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
 from pgproxy.protocol.client_auth import Method as PasswordMethod
@@ -330,12 +331,15 @@ class ClientConn(asyncio.Protocol):
 
     # -- errors and endings ------------------------------------------------------------
 
-    def fatal(self, sqlstate: str, text: str) -> None:
-        """Send a FATAL error and end this client; its server is released at once."""
+    def fatal(self, sqlstate: str, text: str, *, reason: LoginFailureReason | None = None) -> None:
+        """Send a FATAL error and end this client; its server is released at once.
+
+        A client not yet logged in is counted as a failed login under ``reason``, or the
+        reason its SQLSTATE implies when the caller does not know better."""
         if self.closed or self.transport.is_closing():
             return
         if not self.logged_in:
-            self.daemon.login_failures += 1
+            self.daemon.login_failures[reason or login_failure_reason(sqlstate)] += 1
         if self.daemon.settings.log_pooler_errors:
             # PgBouncer's log_pooler_errors: an error pgproxy itself sends is a problem to
             # look at, except the goodbye of a shutdown.
@@ -548,7 +552,10 @@ class ClientConn(asyncio.Protocol):
         if startup.minor_version > 0 or startup.protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
         if self.daemon.client_count() > settings.max_client_conn:
-            self.fatal(codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)")
+            self.fatal(
+                codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)",
+                reason="limit_reached",
+            )  # fmt: skip
             return
         if (
             settings.client_tls_sslmode in ("require", "verify-ca", "verify-full")
@@ -741,7 +748,10 @@ class ClientConn(asyncio.Protocol):
             return
         pool = self.daemon.pool_for(self.database, user)
         if pool is None:
-            self.fatal(codes.PROTOCOL_VIOLATION, f"no such database: {self.database}")
+            self.fatal(
+                codes.PROTOCOL_VIOLATION, f"no such database: {self.database}",
+                reason="no_such_database",
+            )  # fmt: skip
             return
         flags = self.daemon.database_flags.get(self.database)
         if flags is not None and flags.disabled:
@@ -752,7 +762,7 @@ class ClientConn(asyncio.Protocol):
             self.timeouts = settings.client_timeouts(entry, user)
         refusal = self.daemon.admit_client(self.database, user)
         if refusal is not None:
-            self.fatal(codes.PROTOCOL_VIOLATION, refusal)
+            self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
             return
         self.admitted = True
         if self.replication != "none":
@@ -805,7 +815,8 @@ class ClientConn(asyncio.Protocol):
             if not self.closed:
                 self._finish_login(pool, startup)
         except ServerLoginError as exc:
-            self.fatal(exc.sqlstate, exc.message)
+            # (Its SQLSTATE may be PostgreSQL's 28P01: the pool's login, not the client's.)
+            self.fatal(exc.sqlstate, exc.message, reason="server_login_failed")
         except Exception:
             self._internal_error("login")
 
@@ -822,7 +833,7 @@ class ClientConn(asyncio.Protocol):
                 CONSOLE_DATABASE, self.user, console=True, exempt=local_admin
             )
             if refusal is not None:
-                self.fatal(codes.PROTOCOL_VIOLATION, refusal)
+                self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
                 return
             self.database = CONSOLE_DATABASE  # (counted under one name, whichever was used)
             self.admitted = True

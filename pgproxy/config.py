@@ -699,12 +699,17 @@ class Settings(BaseSettings):
     def client_limits_for(self, database: DatabaseConfig, user: str) -> tuple[int, int]:
         """(max_db_client_connections, max_user_client_connections) for this login."""
         db_limit = database.max_db_client_connections
-        user_entry = self.users.get(user)
-        user_limit = user_entry.max_user_client_connections if user_entry else None
         return (
             self.max_db_client_connections if db_limit is None else db_limit,
-            self.max_user_client_connections if user_limit is None else user_limit,
+            self.max_user_client_connections_for(user),
         )
+
+    def max_user_client_connections_for(self, user: str) -> int:
+        """The user's own max_user_client_connections, else the global one (0: no limit)."""
+        entry = self.users.get(user)
+        if entry is not None and entry.max_user_client_connections is not None:
+            return entry.max_user_client_connections
+        return self.max_user_client_connections
 
     def pool_size_for(self, database: DatabaseConfig, user: str) -> int:
         """PgBouncer's precedence: the user's setting, then the database's, then the default."""

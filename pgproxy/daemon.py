@@ -29,7 +29,7 @@ from pgproxy.hba import hba_rules
 from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
 from pgproxy.listener import listen_on, remove_unix_socket, start_listeners
-from pgproxy.metrics import PoolHistograms
+from pgproxy.metrics import LoginFailureReason, PoolHistograms
 from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
 from pgproxy.protocol.auth import Credential, Md5Hash
@@ -100,7 +100,7 @@ class Daemon:
         self.shutdown_mode: ShutdownMode | None = None
         self.stats_window = StatsWindow(0.0)  # restarted by start()
         self.console_stats = PoolStats()  # the console's queries (SHOW STATS 'pgbouncer')
-        self.login_failures = 0  # client logins that ended in an error (metrics)
+        self.login_failures: Counter[LoginFailureReason] = Counter()  # failed logins, by reason
         self.login_timeouts = 0  # of which client_login_timeout
         self._metrics: MetricsServer | None = None
         self.auth_query = AuthQuery()
@@ -200,10 +200,8 @@ class Daemon:
         elif console and (exempt or user in settings.admin_users):
             db_limit, user_limit = 0, 0
         elif console:
-            user_entry = settings.users.get(user)
-            own = user_entry.max_user_client_connections if user_entry is not None else None
             db_limit = settings.max_db_client_connections
-            user_limit = settings.max_user_client_connections if own is None else own
+            user_limit = settings.max_user_client_connections_for(user)
         else:
             db_limit, user_limit = 0, 0
         worker = self.worker

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import h11
@@ -71,7 +72,12 @@ class MetricsServer:
             ("connection", "close"),
         ]
         try:
-            writer.write(connection.send(h11.Response(status_code=status, headers=headers)))
+            # The reason phrase ("200 OK", "503 Service Unavailable"): h11 leaves it empty,
+            # and some probes and people read the status line rather than the code.
+            response = h11.Response(
+                status_code=status, headers=headers, reason=HTTPStatus(status).phrase
+            )
+            writer.write(connection.send(response))
             writer.write(connection.send(h11.Data(data=body)) or b"")
             writer.write(connection.send(h11.EndOfMessage()) or b"")
             await writer.drain()

@@ -233,9 +233,11 @@ def expire_login(client: ClientConn, now: float, timeout: float) -> None:
         # PgBouncer's wording tells a stalled client from one waiting for a dead server.
         client.daemon.login_timeouts += 1
         if client.state is LOGIN:
-            client.fatal(codes.PROTOCOL_VIOLATION, "client_login_timeout (server down)")
+            client.fatal(
+                codes.PROTOCOL_VIOLATION, "client_login_timeout (server down)", reason="timeout"
+            )
         else:
-            client.fatal(codes.PROTOCOL_VIOLATION, "client_login_timeout")
+            client.fatal(codes.PROTOCOL_VIOLATION, "client_login_timeout", reason="timeout")
 
 
 def expire_idle_client(client: ClientConn, now: float, timeout: float) -> None:

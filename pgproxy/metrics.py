@@ -10,13 +10,14 @@ so no lock is needed. Labels: ``database`` and ``user`` of a pool, never anythin
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,7 +27,9 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from pgproxy import __version__
+from pgproxy import BUILD, __version__
+from pgproxy.admin import CONSOLE_DATABASE
+from pgproxy.protocol import codes
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -47,12 +50,31 @@ DURATION_BUCKETS = (
 TIMEOUT_KINDS = (
     "query_wait", "query", "idle_transaction", "transaction", "client_idle", "client_login",
 )  # fmt: skip
+# Why a client's login failed (pgproxy_client_login_failures_total{reason}): the password or
+# authorization (auth_failed), an unknown database, a client cap (limit_reached), the pool's
+# own login to PostgreSQL (server_login_failed), client_login_timeout, anything else.
+LoginFailureReason = Literal[
+    "auth_failed", "no_such_database", "limit_reached", "server_login_failed", "timeout", "other",
+]  # fmt: skip
+LOGIN_FAILURE_REASONS: tuple[LoginFailureReason, ...] = get_args(LoginFailureReason)
 POOL_LABELS = ("database", "user")
 # (ServerConn state, metric label): a server running the session reset is PgBouncer's 'used'.
 SERVER_STATES = (
     ("active", "active"), ("idle", "idle"), ("reset", "used"), ("tested", "tested"),
     ("login", "login"),
 )  # fmt: skip
+
+
+def login_failure_reason(sqlstate: str) -> LoginFailureReason:
+    """The reason a login that ended with ``sqlstate`` is counted under, when the code that
+    refused it did not name one (ClientConn.fatal's ``reason``). The SQLSTATE alone cannot
+    tell everything: PostgreSQL refusing the pool's own login also sends 28P01, and
+    pgproxy's PgBouncer-worded refusals (no such database, the client caps) are 08P01."""
+    if sqlstate in (codes.INVALID_PASSWORD, codes.INVALID_AUTHORIZATION):
+        return "auth_failed"
+    if sqlstate == codes.TOO_MANY_CONNECTIONS:
+        return "limit_reached"
+    return "other"
 
 
 def wait_buckets(query_wait_timeout: float) -> tuple[float, ...]:
@@ -148,20 +170,87 @@ class PgproxyCollector(Collector):
         info = GaugeMetricFamily("pgproxy_info", "pgproxy's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+        build = GaugeMetricFamily(
+            "pgproxy_build_info",
+            "What runs: pgproxy's version, the Python version, the build (pure: Python only).",
+            labels=["version", "python", "build"],
+        )
+        build.add_metric([__version__, platform.python_version(), BUILD], 1)
+        yield build
         yield _gauge(
             "pgproxy_shutting_down",
             "1 while a shutdown waits for servers or clients.",
             int(daemon.shutdown_mode is not None),
         )
         yield _gauge("pgproxy_client_connections", "Client connections.", len(daemon.clients))
+        yield from _client_limits(daemon)
         failures = CounterMetricFamily(
-            "pgproxy_client_login_failures", "Client logins that ended in an error."
+            "pgproxy_client_login_failures",
+            "Client logins that ended in an error, by reason.",
+            labels=["reason"],
         )
-        failures.add_metric([], daemon.login_failures)
+        for reason in LOGIN_FAILURE_REASONS:  # every one, at 0 until it happens
+            failures.add_metric([reason], daemon.login_failures[reason])
         yield failures
         yield from _pool_gauges(daemon, pools, now)
         yield from _pool_counters(daemon, pools)
         yield from _pool_histograms(pools)
+
+
+def _client_limits(daemon: Daemon) -> Iterator[Metric]:
+    """Client counts next to the caps that refuse logins, so that "near the limit" can be
+    alerted on before clients are refused."""
+    settings = daemon.settings
+    yield _gauge(
+        "pgproxy_max_client_conn",
+        "The max_client_conn setting (pgproxy_client_connections counts against it).",
+        settings.max_client_conn,
+    )
+    db_count = GaugeMetricFamily(
+        "pgproxy_database_client_connections",
+        "Logged-in clients of a database (max_db_client_connections counts them).",
+        labels=["database"],
+    )
+    db_limit = GaugeMetricFamily(
+        "pgproxy_database_max_client_connections",
+        "max_db_client_connections in force for the database (0: no limit).",
+        labels=["database"],
+    )
+    # The databases SHOW DATABASES lists: the console, the configured ones, and those a
+    # client reached through '*'.
+    names = [CONSOLE_DATABASE, *(name for name in settings.databases if name != "*")]
+    names += sorted({pool.database for pool in daemon.pools.values()} - set(names))
+    for name in names:
+        entry = settings.database(name) if name != CONSOLE_DATABASE else None
+        if entry is not None:
+            limit = settings.client_limits_for(entry, "")[0]
+        elif name == CONSOLE_DATABASE:
+            limit = settings.max_db_client_connections
+        else:
+            continue  # removed by a reload: its clients are leaving
+        db_count.add_metric([name], daemon.db_clients[name])
+        db_limit.add_metric([name], limit)
+    yield db_count
+    yield db_limit
+    user_count = GaugeMetricFamily(
+        "pgproxy_user_client_connections",
+        "Logged-in clients of a user (max_user_client_connections counts them).",
+        labels=["user"],
+    )
+    user_limit = GaugeMetricFamily(
+        "pgproxy_user_max_client_connections",
+        "max_user_client_connections in force for the user (0: no limit).",
+        labels=["user"],
+    )
+    # The users SHOW USERS lists: configured, with a pool, or with clients now. (Not every
+    # name ever seen: under trust any name may log in, and the series would pile up.)
+    users = set(settings.users) | {pool.user for pool in daemon.pools.values()}
+    users |= {user for user, count in daemon.user_clients.items() if count > 0}
+    for user in sorted(users):
+        user_count.add_metric([user], daemon.user_clients[user])
+        user_limit.add_metric([user], settings.max_user_client_connections_for(user))
+    yield user_count
+    yield user_limit
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -295,9 +384,15 @@ def _pool_histograms(pools: Iterable[Pool]) -> Iterator[Metric]:
 
 
 def registry_for(daemon: Daemon) -> CollectorRegistry:
-    """A registry holding pgproxy's collector (and nothing global)."""
+    """A registry holding pgproxy's collector and the process's own figures (memory, CPU,
+    file descriptors, start time: prometheus-client's ProcessCollector), and nothing
+    global."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PgproxyCollector(daemon))
+    # Each process reads its own /proc entry: with workers = N every worker reports itself
+    # and merge_expositions combines them (the supervisor, which serves no client, is not
+    # in the figures).
+    ProcessCollector(registry=registry)
     return registry
 
 
@@ -308,11 +403,20 @@ def render(registry: CollectorRegistry) -> bytes:
 
 # -- workers = N: one /metrics for all of them ----------------------------------------------
 
-# Series that describe configuration or state rather than count: not added up over workers.
+# Series that describe configuration or state rather than count: not added up over workers
+# but combined by the function given (by family name: a counter's without ``_total``).
 _NOT_ADDED: dict[str, Callable[[float, float], float]] = {
     "pgproxy_up": max,
     "pgproxy_info": max,
+    "pgproxy_build_info": max,
+    # Every worker has the same limit; the pgproxy started when its oldest worker did.
+    "process_max_fds": max,
+    "process_start_time_seconds": min,
     "pgproxy_shutting_down": max,
+    # Client caps hold for the sum over workers: the same limit in each (the counts add up).
+    "pgproxy_max_client_conn": max,
+    "pgproxy_database_max_client_connections": max,
+    "pgproxy_user_max_client_connections": max,
     "pgproxy_pool_min_size": max,
     "pgproxy_pool_max_size": max,
     "pgproxy_pool_paused": max,

@@ -82,7 +82,7 @@ async def start_replication(client: ClientConn, pool: Pool, params: dict[str, st
         async with asyncio.timeout(wait):
             await slots.acquire()
     except TimeoutError:
-        client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
+        client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout", reason="timeout")
         return
     client.replication_slot = slots
     extra = {name: value for name, value in params.items() if name not in _MAPPED}
@@ -91,7 +91,7 @@ async def start_replication(client: ClientConn, pool: Pool, params: dict[str, st
             pool, pool.connect_timeout, factory=ReplicationServerConn, startup=extra
         )
     except ServerLoginError as exc:
-        client.fatal(exc.sqlstate, exc.message)
+        client.fatal(exc.sqlstate, exc.message, reason="server_login_failed")
         return
     if client.closed:
         server.transport.close()

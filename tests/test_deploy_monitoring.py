@@ -29,8 +29,14 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "pgproxy-dashboard.json"
 _GAUGES = {
     "pgproxy_up",
     "pgproxy_info",
+    "pgproxy_build_info",
     "pgproxy_shutting_down",
     "pgproxy_client_connections",
+    "pgproxy_max_client_conn",
+    "pgproxy_database_client_connections",
+    "pgproxy_database_max_client_connections",
+    "pgproxy_user_client_connections",
+    "pgproxy_user_max_client_connections",
     "pgproxy_pool_clients",
     "pgproxy_pool_servers",
     "pgproxy_pool_size",
@@ -39,8 +45,15 @@ _GAUGES = {
     "pgproxy_pool_oldest_wait_seconds",
     "pgproxy_pool_paused",
     "pgproxy_query_wait_timeout_seconds",
+    # prometheus-client's ProcessCollector (Linux)
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
 }
 _COUNTERS = {
+    "process_cpu_seconds_total",
     "pgproxy_transactions_total",
     "pgproxy_queries_total",
     "pgproxy_received_bytes_total",
@@ -71,6 +84,7 @@ EXPORTED = (
 )
 
 ALERTS = {
+    "PgproxyClientConnectionsNearLimit",
     "PgproxyPoolUtilizationHigh",
     "PgproxyPoolNoIdleServers",
     "PgproxyClientsWaiting",
@@ -182,17 +196,60 @@ def test_alerts_have_severity_and_annotations() -> None:
     assert 'absent(pgproxy_up{job="pgproxy"})' in down["expr"]
 
 
+def _tiers() -> set[tuple[str, str]]:
+    """(alert, severity) of every alerting rule: an alert may have a warning and a
+    critical rule."""
+    return {(rule["alert"], rule["labels"]["severity"]) for rule in _rules() if "alert" in rule}
+
+
+def _seconds(duration: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return sum(
+        float(number) * units[unit] for number, unit in re.findall(r"(\d+)([smh])", duration)
+    )
+
+
+def test_alert_tiers() -> None:
+    """Nothing pages on a single scrape, and an alert's warning comes before its critical
+    rule: for each alert with both, the critical rule has the higher threshold or waits at
+    least as long."""
+    alerts = [rule for rule in _rules() if "alert" in rule]
+    for rule in alerts:
+        if rule["labels"]["severity"] == "critical":
+            assert _seconds(rule.get("for", "0s")) >= 60, rule["alert"]
+    by_name: dict[str, dict[str, dict[str, Any]]] = {}
+    for rule in alerts:
+        tiers = by_name.setdefault(rule["alert"], {})
+        assert rule["labels"]["severity"] not in tiers, f"two {rule['alert']} rules alike"
+        tiers[rule["labels"]["severity"]] = rule
+    tiered = {name for name, tiers in by_name.items() if len(tiers) == 2}
+    assert {"PgproxyTimeouts", "PgproxyLeakDetected", "PgproxyClientConnectionsNearLimit"} <= tiered
+    for name in tiered:
+        warning, critical = by_name[name]["warning"], by_name[name]["critical"]
+        assert warning["labels"]["tier"] == critical["labels"]["tier"], name
+        assert warning["annotations"]["runbook"] == critical["annotations"]["runbook"], name
+        threshold = [float(rule["expr"].rsplit(">", 1)[1]) for rule in (warning, critical)]
+        assert threshold[0] < threshold[1], name
+
+
 def test_rule_tests_fire_and_hold_every_alert() -> None:
-    """Each alert has a case where it fires and one where it must stay silent; the
-    recording rules have at least one value check."""
+    """Each alert, in each of its tiers, has a case where it fires and one where it must
+    stay silent; the recording rules have at least one value check."""
     tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
-    fired: set[str] = set()
-    silent: set[str] = set()
+    tiers = _tiers()
+    fired: set[tuple[str, str]] = set()
+    silent: set[tuple[str, str]] = set()
     for case in tests:
         for check in case.get("alert_rule_test", []):
-            (fired if check.get("exp_alerts") else silent).add(check["alertname"])
-    assert fired == ALERTS, sorted(ALERTS - fired)
-    assert silent == ALERTS, sorted(ALERTS - silent)
+            name = check["alertname"]
+            firing = {
+                (name, alert["exp_labels"]["severity"]) for alert in check.get("exp_alerts", [])
+            }
+            fired |= firing
+            silent |= {tier for tier in tiers if tier[0] == name} - firing
+    assert {name for name, _ in tiers} == ALERTS
+    assert fired == tiers, sorted(tiers - fired)
+    assert silent == tiers, sorted(tiers - silent)
     checked = {
         name
         for case in tests
@@ -200,6 +257,27 @@ def test_rule_tests_fire_and_hold_every_alert() -> None:
         for name in metric_names(check["expr"])
     }
     assert checked & _recorded()
+
+
+def _section(text: str, heading: str) -> str:
+    """The text under a Markdown heading, up to the next heading of its level or above."""
+    level = heading.split(" ", 1)[0]
+    start = text.index(heading + "\n")
+    following = re.search(rf"^#{{1,{len(level)}}} ", text[start + len(heading) :], re.M)
+    return text[start : start + len(heading) + following.start()] if following else text[start:]
+
+
+def test_readmes_document_every_metric_and_alert() -> None:
+    """The README's metrics section names every exported series (the contract above), and
+    deploy/prometheus/README.md every alert."""
+    metrics = _section((ROOT / "README.md").read_text(), "## Metrics, health and leaks")
+    missing = sorted(name for name in _GAUGES | _COUNTERS | _HISTOGRAMS if name not in metrics)
+    assert not missing, f"not in the README's metrics section: {missing}"
+    rules_readme = (PROMETHEUS / "README.md").read_text()
+    # (Recorded names may be shortened there to "…:metric:window" after their level.)
+    names = ALERTS | {name.split(":", 1)[1] for name in _recorded()}
+    missing = sorted(name for name in names if name not in rules_readme)
+    assert not missing, f"not in deploy/prometheus/README.md: {missing}"
 
 
 def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -248,6 +326,24 @@ def test_dashboard_leads_with_the_saturation_triad(dashboard: dict[str, Any]) ->
     assert 'pgproxy_pool_clients{state="waiting"' in exprs[1]
     assert "instance_database_user:pgproxy_client_wait_seconds:p99_5m" in exprs[2]
     assert dashboard["graphTooltip"] >= 1  # shared crosshair across panels
+
+
+def test_dashboard_shows_login_failures_and_client_caps(dashboard: dict[str, Any]) -> None:
+    """An incident's questions "why do logins fail?" and "are clients near a cap?" each
+    have a panel."""
+    panels = [
+        " ".join(target["expr"] for target in panel.get("targets", []))
+        for panel in _panels(dashboard["panels"])
+    ]
+    assert any(
+        "pgproxy_client_login_failures_total" in exprs and "reason" in exprs for exprs in panels
+    )
+    for count, limit in (
+        ("pgproxy_client_connections", "pgproxy_max_client_conn"),
+        ("pgproxy_database_client_connections", "pgproxy_database_max_client_connections"),
+        ("pgproxy_user_client_connections", "pgproxy_user_max_client_connections"),
+    ):
+        assert any(count in exprs and limit in exprs for exprs in panels), count
 
 
 def test_dashboard_queries_parse(dashboard: dict[str, Any], tmp_path: Path) -> None:

@@ -136,6 +136,82 @@ def test_metrics_of_several_workers_merge() -> None:
     assert samples[("pgproxy_wait_seconds_sum", ())] == 1.0
 
 
+def test_process_and_limit_metrics_of_several_workers_merge() -> None:
+    """What each worker's ProcessCollector and client caps export: memory, CPU and open
+    files add up; the file limit, the start time and the configured caps do not."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pgproxy.metrics import merge_expositions
+
+    def worker(rss: int, cpu: float, fds: int, started: float, clients: int) -> str:
+        return (
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n"
+            "# TYPE process_resident_memory_bytes gauge\n"
+            f"process_resident_memory_bytes {rss}\n"
+            "# HELP process_cpu_seconds_total Total user and system CPU time in seconds.\n"
+            "# TYPE process_cpu_seconds_total counter\n"
+            f"process_cpu_seconds_total {cpu}\n"
+            "# HELP process_open_fds Number of open file descriptors.\n"
+            "# TYPE process_open_fds gauge\n"
+            f"process_open_fds {fds}\n"
+            "# HELP process_max_fds Maximum number of open file descriptors.\n"
+            "# TYPE process_max_fds gauge\n"
+            "process_max_fds 1024\n"
+            "# HELP process_start_time_seconds Start time of the process since unix epoch.\n"
+            "# TYPE process_start_time_seconds gauge\n"
+            f"process_start_time_seconds {started}\n"
+            "# HELP pgproxy_build_info What runs.\n"
+            "# TYPE pgproxy_build_info gauge\n"
+            'pgproxy_build_info{build="pure",python="3.11.7",version="0.1.0"} 1\n'
+            "# HELP pgproxy_max_client_conn The max_client_conn setting.\n"
+            "# TYPE pgproxy_max_client_conn gauge\n"
+            "pgproxy_max_client_conn 100\n"
+            "# HELP pgproxy_database_client_connections Logged-in clients of a database.\n"
+            "# TYPE pgproxy_database_client_connections gauge\n"
+            f'pgproxy_database_client_connections{{database="a"}} {clients}\n'
+            "# HELP pgproxy_database_max_client_connections The database's cap.\n"
+            "# TYPE pgproxy_database_max_client_connections gauge\n"
+            'pgproxy_database_max_client_connections{database="a"} 30\n'
+            "# HELP pgproxy_user_client_connections Logged-in clients of a user.\n"
+            "# TYPE pgproxy_user_client_connections gauge\n"
+            f'pgproxy_user_client_connections{{user="u"}} {clients}\n'
+            "# HELP pgproxy_user_max_client_connections The user's cap.\n"
+            "# TYPE pgproxy_user_max_client_connections gauge\n"
+            'pgproxy_user_max_client_connections{user="u"} 0\n'
+            "# HELP pgproxy_client_login_failures_total Failed logins by reason.\n"
+            "# TYPE pgproxy_client_login_failures_total counter\n"
+            f'pgproxy_client_login_failures_total{{reason="auth_failed"}} {clients}\n'
+        )
+
+    texts = [
+        worker(rss=40_000_000, cpu=1.5, fds=20, started=1_700_000_100.5, clients=3),
+        worker(rss=50_000_000, cpu=2.25, fds=30, started=1_700_000_000.25, clients=4),
+        worker(rss=45_000_000, cpu=0.5, fds=25, started=1_700_000_200.0, clients=0),
+    ]
+    merged = merge_expositions(texts).decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(merged)
+        for sample in family.samples
+    }
+    assert samples[("process_resident_memory_bytes", ())] == 135_000_000
+    assert samples[("process_cpu_seconds_total", ())] == 4.25
+    assert samples[("process_open_fds", ())] == 75
+    assert samples[("process_max_fds", ())] == 1024  # each worker's limit, not 3 x 1024
+    assert samples[("process_start_time_seconds", ())] == 1_700_000_000.25  # the oldest
+    build = (("build", "pure"), ("python", "3.11.7"), ("version", "0.1.0"))
+    assert samples[("pgproxy_build_info", build)] == 1
+    assert samples[("pgproxy_max_client_conn", ())] == 100
+    assert samples[("pgproxy_database_client_connections", (("database", "a"),))] == 7
+    assert samples[("pgproxy_database_max_client_connections", (("database", "a"),))] == 30
+    assert samples[("pgproxy_user_client_connections", (("user", "u"),))] == 7
+    assert samples[("pgproxy_user_max_client_connections", (("user", "u"),))] == 0
+    assert samples[("pgproxy_client_login_failures_total", (("reason", "auth_failed"),))] == 7
+    # The HELP and TYPE lines survive the merge.
+    assert "# TYPE process_cpu_seconds_total counter" in merged
+    assert "# TYPE process_max_fds gauge" in merged
+
+
 def test_workers_that_cannot_start_stop_the_supervisor(tmp_path: Path) -> None:
     import socket
     import subprocess

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import platform
 import signal
+import socket
+import struct
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pgproxy import BUILD, __version__
 from pgproxy.embedded import EmbeddedPostgres, free_port
 from tests.support import (
     ProxyFactory,
@@ -24,6 +30,7 @@ from tests.support import (
     psql,
     wait_for,
 )
+from tests.test_deploy_monitoring import EXPORTED
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 APP = (("database", "appdb"), ("user", "app"))
@@ -32,7 +39,19 @@ APP = (("database", "appdb"), ("user", "app"))
 def _proxy(pg: EmbeddedPostgres, factory: ProxyFactory, **overrides: Any) -> ProxyProcess:
     overrides.setdefault("metrics_port", free_port())
     overrides.setdefault("admin_users", ["admin"])
-    return factory(proxy_config(pg, **overrides))
+    proxy = factory(proxy_config(pg, **overrides))
+    # The factory waits for the client port; the metrics listener is bound just after it,
+    # and a test that asks at once could find it closed on a busy machine.
+    wait_for(lambda: _accepts(proxy.config["metrics_port"]), 10, "the metrics listener")
+    return proxy
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _get(proxy: ProxyProcess, path: str) -> tuple[int, str]:
@@ -95,7 +114,20 @@ def test_metrics_count_a_known_workload(pg: EmbeddedPostgres, proxy_factory: Pro
     assert _value(after, "pgproxy_query_wait_timeout_seconds") == 120
     # Nothing finer than a pool: the only labels are these.
     labels = {key for _, pairs in after for key, _ in pairs}
-    assert labels <= {"database", "user", "state", "kind", "le", "version"}
+    assert labels <= {
+        "database", "user", "state", "kind", "le", "reason", "version", "python", "build",
+    }  # fmt: skip
+
+
+def test_exported_series_are_the_documented_contract(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """What a real pgproxy exports is exactly the list the rules, the dashboard and the
+    README are checked against (tests/test_deploy_monitoring.py)."""
+    proxy = _proxy(pg, proxy_factory)
+    assert_healthy(proxy)  # a pool exists: its series too
+    exported = {name for name, _ in scrape(proxy)}
+    assert exported == EXPORTED - {"up"}  # (up is Prometheus's own)
 
 
 def test_health_endpoints(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
@@ -219,3 +251,158 @@ def test_metrics_stay_up_while_a_shutdown_drains(
         assert "shutting down" in json.loads(body)["reasons"]
         assert client.execute("select 2").fetchone() == (2,)
     assert proxy.popen.wait(10) == 0
+
+
+def _database_entry(pg: EmbeddedPostgres, **extra: Any) -> dict[str, Any]:
+    return {
+        "host": "127.0.0.1", "port": pg.port, "dbname": "appdb", "user": "app",
+        "password": "app-secret", **extra,
+    }  # fmt: skip
+
+
+def test_process_and_build_metrics(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    """ProcessCollector's figures are pgproxy's own process, next to its build."""
+    launched = time.time()
+    proxy = _proxy(pg, proxy_factory)
+    assert_healthy(proxy)
+    samples = scrape(proxy)
+    build = (("build", BUILD), ("python", platform.python_version()), ("version", __version__))
+    assert _value(samples, "pgproxy_build_info", build) == 1
+    assert BUILD == "pure"
+    assert _value(samples, "pgproxy_info", (("version", __version__),)) == 1
+    # Checked against what the kernel says of the proxy's pid.
+    proc = Path(f"/proc/{proxy.pid}")
+    status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
+    rss = int(status["VmRSS"].split()[0]) * 1024
+    assert rss / 2 < _value(samples, "process_resident_memory_bytes", ()) < rss * 2
+    assert _value(samples, "process_virtual_memory_bytes", ()) > rss / 2
+    open_fds = len(os.listdir(proc / "fd"))
+    assert abs(_value(samples, "process_open_fds", ()) - open_fds) <= 4
+    limits = (proc / "limits").read_text().splitlines()
+    soft_limit = next(line for line in limits if line.startswith("Max open files"))
+    assert _value(samples, "process_max_fds", ()) == int(soft_limit.split()[3])
+    assert launched - 1 <= _value(samples, "process_start_time_seconds", ()) <= time.time()
+    assert _value(samples, "process_cpu_seconds_total", ()) > 0
+
+
+def test_client_limits_are_exported(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    proxy = _proxy(
+        pg, proxy_factory, max_client_conn=50, max_db_client_connections=10,
+        users={"app": {"max_user_client_connections": 7}},
+        databases={"appdb": _database_entry(pg), "capped": _database_entry(
+            pg, max_db_client_connections=2)},
+    )  # fmt: skip
+    held = [connect(proxy) for _ in range(3)] + [connect(proxy, dbname="capped")]
+    try:
+        for conn in held:
+            conn.execute("select 1")
+        samples = scrape(proxy)
+        assert _value(samples, "pgproxy_max_client_conn", ()) == 50
+        assert _value(samples, "pgproxy_client_connections", ()) == 4
+        appdb, capped = (("database", "appdb"),), (("database", "capped"),)
+        console = (("database", "pgbouncer"),)
+        assert _value(samples, "pgproxy_database_client_connections", appdb) == 3
+        assert _value(samples, "pgproxy_database_max_client_connections", appdb) == 10
+        assert _value(samples, "pgproxy_database_client_connections", capped) == 1
+        assert _value(samples, "pgproxy_database_max_client_connections", capped) == 2
+        assert _value(samples, "pgproxy_database_client_connections", console) == 0
+        assert _value(samples, "pgproxy_database_max_client_connections", console) == 10
+        app = (("user", "app"),)
+        assert _value(samples, "pgproxy_user_client_connections", app) == 4
+        assert _value(samples, "pgproxy_user_max_client_connections", app) == 7
+    finally:
+        for conn in held:
+            conn.close()
+    wait_for(
+        lambda: _value(scrape(proxy), "pgproxy_user_client_connections", (("user", "app"),))
+        == 0, 5, "the clients to be counted out",
+    )  # fmt: skip
+
+
+def _silent_until_closed(port: int, data: bytes = b"", timeout: float = 10) -> bytes:
+    """Connect, send ``data``, and read what the proxy says until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def test_login_failures_are_counted_by_reason(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(
+        pg, proxy_factory, auth_type="plain", client_login_timeout=1,
+        users={"app": {"password": "app-secret"}},
+        databases={
+            "appdb": _database_entry(pg),
+            "capped": _database_entry(pg, max_db_client_connections=1),
+            # PostgreSQL refuses the pool's own login: 28P01 too, but not the client's fault.
+            "badlogin": _database_entry(pg, password="not-the-password"),
+        },
+    )  # fmt: skip
+
+    def refused(**params: Any) -> str:
+        params.setdefault("password", "app-secret")
+        with pytest.raises(psycopg.OperationalError) as failure:
+            connect(proxy, **params)
+        return str(failure.value)
+
+    assert "password authentication failed" in refused(password="wrong")
+    assert "password authentication failed" in refused(password="wrong-again")
+    assert "no such database" in refused(dbname="nosuchdb")
+    with connect(proxy, dbname="capped", password="app-secret"):
+        assert "max_db_client_connections" in refused(dbname="capped")
+    assert "password authentication failed" in refused(dbname="badlogin")
+    # Connected, silent: client_login_timeout ends it.
+    assert b"client_login_timeout" in _silent_until_closed(proxy.port)
+    # A startup packet of an unknown protocol version: none of the above.
+    answer = _silent_until_closed(proxy.port, struct.pack("!II", 8, 0x00090000))
+    assert b"unsupported frontend protocol" in answer
+
+    samples = scrape(proxy)
+    failures = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in samples.items()
+        if name == "pgproxy_client_login_failures_total"
+    }
+    assert failures == {
+        "auth_failed": 2, "no_such_database": 1, "limit_reached": 1,
+        "server_login_failed": 1, "timeout": 1, "other": 1,
+    }  # fmt: skip
+    assert _value(samples, "pgproxy_timeouts_total", (("database", ""), ("user", ""),
+                  ("kind", "client_login"))) == 1  # fmt: skip
+    assert _value(samples, "pgproxy_client_logins_total", (("database", "capped"),
+                  ("user", "app"))) == 1  # fmt: skip
+    assert "not-the-password" not in proxy.log_text()
+
+
+def _status_line(port: int, request: bytes) -> bytes:
+    """The status line of pgproxy's answer to a raw HTTP request."""
+    return _silent_until_closed(port, request).split(b"\r\n", 1)[0]
+
+
+def test_http_status_lines_carry_a_reason_phrase(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _proxy(
+        pg, proxy_factory,
+        databases={"appdb": _database_entry(pg),
+                   # Nothing listens there: /readyz says 503.
+                   "gone": {"host": "127.0.0.1", "port": free_port(), "user": "app"}},
+    )  # fmt: skip
+    port = proxy.config["metrics_port"]
+
+    def get(path: str, method: str = "GET") -> bytes:
+        request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        return _status_line(port, request.encode())
+
+    assert get("/metrics") == b"HTTP/1.1 200 OK"
+    assert get("/healthz") == b"HTTP/1.1 200 OK"
+    assert get("/nope") == b"HTTP/1.1 404 Not Found"
+    assert get("/metrics", "POST") == b"HTTP/1.1 405 Method Not Allowed"
+    wait_for(
+        lambda: get("/readyz") == b"HTTP/1.1 503 Service Unavailable", 10,
+        "/readyz to answer 503 Service Unavailable",
+    )  # fmt: skip

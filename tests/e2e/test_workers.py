@@ -303,12 +303,32 @@ def test_one_metrics_endpoint_for_all_workers(
             lambda: _scrape(metrics_port).get(("pgproxy_transactions_total", pool), 0.0)
             - before == 10, 10, "10 transactions in /metrics",
         )  # fmt: skip
+        # A failed login on each worker.
+        for path in dirs:
+            with pytest.raises(psycopg.OperationalError, match="no such database"):
+                psycopg.connect(**_via(path, proxy, "nosuchdb"))
         samples = _scrape(metrics_port)
         assert samples[("pgproxy_pool_max_size", pool)] == POOL_SIZE  # not doubled
         assert samples[("pgproxy_client_connections", ())] >= 2  # both workers' clients
         assert samples[("pgproxy_up", ())] == 1
         count = samples[("pgproxy_query_duration_seconds_count", pool)]
         assert count >= 10  # both workers' histograms
+        failed = ("pgproxy_client_login_failures_total", (("reason", "no_such_database"),))
+        assert samples[failed] == 2
+        appdb = (("database", "appdb"),)
+        assert samples[("pgproxy_database_client_connections", appdb)] == 2
+        assert samples[("pgproxy_database_max_client_connections", appdb)] == 0
+        assert samples[("pgproxy_max_client_conn", ())] == 100  # the setting, not doubled
+        # Process figures: the workers' memory adds up; their file limit and the start
+        # of the oldest one do not.
+        pids = _workers(proxy)
+        assert len(pids) == 2
+        rss = [_rss(pid) for pid in pids]
+        assert samples[("process_resident_memory_bytes", ())] > 1.5 * max(rss)
+        assert samples[("process_max_fds", ())] == _max_fds(pids[0]) == _max_fds(pids[1])
+        oldest = min(_start_time(pid) for pid in pids)
+        assert samples[("process_start_time_seconds", ())] == pytest.approx(oldest, abs=0.02)
+        assert samples[("process_cpu_seconds_total", ())] > 0
         # /readyz: ready while every worker answers; a stuck worker makes it say so.
         assert _readyz(metrics_port) == (200, [])
         stuck = next(pid for pid in _workers(proxy) if _serves(pid, dirs[1], proxy))
@@ -321,6 +341,28 @@ def test_one_metrics_endpoint_for_all_workers(
     finally:
         for client in clients:
             client.close()
+
+
+def _rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+def _max_fds(pid: int) -> int:
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    return int(next(line for line in limits if line.startswith("Max open files")).split()[3])
+
+
+def _start_time(pid: int) -> float:
+    """When ``pid`` started, in seconds since the epoch (as ProcessCollector reckons it)."""
+    boot = next(
+        float(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    ticks = float(stat[stat.rindex(")") + 1 :].split()[19])
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _readyz(port: int) -> tuple[int, list[str]]:
