@@ -144,6 +144,24 @@ def test_unknown_and_md5_users_get_a_stable_mock_salt_without_derivation() -> No
     assert keys.derivations == 0
 
 
+@pytest.mark.parametrize("known", [True, False])
+def test_an_authorization_identity_is_refused(known: bool) -> None:
+    """As PostgreSQL: 'n,a=someone,' is refused with an error of its own (the same for
+    every user), not ignored; a GS2 field that is not 'a=' is malformed."""
+    secret = parse_secret("pw") if known else None
+    auth = ClientAuthenticator("scram-sha-256", "u", secret, 4096)
+    auth.start()
+    assert auth.step(_sasl_initial("n,a=other,n=,r=abc")) == (b"", False)
+    assert auth.refusal == (
+        "0A000",
+        "client uses authorization identity, but it is not supported",
+    )
+    malformed = ClientAuthenticator("scram-sha-256", "u", secret, 4096)
+    malformed.start()
+    assert malformed.step(_sasl_initial("n,x,n=,r=abc")) == (b"", False)
+    assert malformed.refusal is None  # a failed login like a wrong password
+
+
 @pytest.mark.parametrize("stored", ["pw", "md5"])
 def test_md5_exchange(stored: str) -> None:
     secret = parse_secret("pw" if stored == "pw" else md5_hash("u", "pw"))

@@ -27,7 +27,7 @@ from typing import Literal
 
 import scramp
 
-from pgproxy.protocol import messages
+from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import Credential, Md5Hash, ScramKeys
 
 Method = Literal["plain", "md5", "scram-sha-256"]
@@ -49,6 +49,16 @@ Verifier = tuple[bytes, bytes, bytes, int]
 
 class BadSecret(ValueError):
     """A stored secret is neither a password, an md5 hash nor a SCRAM verifier."""
+
+
+class ScramRefused(Exception):
+    """A SCRAM message asks for something PostgreSQL refuses with an error of its own
+    (``sqlstate``, ``message``) rather than as a failed password."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +200,9 @@ class ClientAuthenticator:
         self._iterations = iterations
         self._salt = b""
         self._scram: ScramExchange | None = None
+        # After a failed exchange: (SQLSTATE, message) when the client must be told
+        # something else than that its password was wrong.
+        self.refusal: tuple[str, str] | None = None
         # After a successful exchange: what pgproxy may log in to PostgreSQL with as this
         # user (passthrough): the password, the md5 hash, or the SCRAM keys.
         self.credential: Credential | None = None
@@ -220,6 +233,9 @@ class ClientAuthenticator:
             if self.exchange == "md5":
                 return b"", self._check_md5(_cstring(payload))
             return self._scram_step(payload)
+        except ScramRefused as exc:
+            self.refusal = (exc.sqlstate, exc.message)
+            return b"", False
         except (ValueError, KeyError, UnicodeDecodeError, struct.error, binascii.Error):
             return b"", False
 
@@ -328,15 +344,25 @@ class ScramExchange:
         self.client_key = b""  # recovered from a valid proof (SCRAM passthrough)
 
     def server_first(self, client_first: str) -> bytes:
-        """Answer the client-first message; raise ValueError if it is malformed."""
-        header, _, bare = _gs2_split(client_first)
+        """Answer the client-first message; raise ValueError if it is malformed, and
+        ScramRefused if it names an authorization identity."""
+        header, authzid, bare = _gs2_split(client_first)
         if self._binding is not None:
-            if header != f"p={CHANNEL_BINDING_TYPE},,":
+            if not header.startswith(f"p={CHANNEL_BINDING_TYPE},"):
                 raise ValueError("SCRAM-SHA-256-PLUS needs tls-server-end-point binding")
         elif header.startswith("p"):
             raise ValueError("channel binding without SCRAM-SHA-256-PLUS")
         elif header.startswith("y") and self._plus_offered:
             raise ValueError("channel binding downgrade")
+        if authzid.startswith("a="):
+            # PostgreSQL's refusal (and PgBouncer's): the user is the startup packet's,
+            # and logging in as someone else is not on offer.
+            raise ScramRefused(
+                codes.FEATURE_NOT_SUPPORTED,
+                "client uses authorization identity, but it is not supported",
+            )
+        if authzid:
+            raise ValueError("malformed GS2 header")
         attributes = _attributes(bare)
         client_nonce = attributes["r"]
         if not client_nonce:

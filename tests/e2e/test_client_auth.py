@@ -165,6 +165,21 @@ def test_salts_are_stable_for_every_kind_of_user(
     assert _login(proxy, "plainuser", "plain-secret") == (0, "app")  # the cached keys work
 
 
+def test_an_authorization_identity_is_refused(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_file: Path
+) -> None:
+    """'n,a=OTHER,' asks to act as another user: FATAL 0A000 as from PostgreSQL, then a
+    clean close, for a known user and an unknown one alike."""
+    proxy = _proxy(pg, proxy_factory, auth_type="scram-sha-256", auth_file=str(auth_file))
+    for user in ("app", "plainuser", "nobody"):
+        kind, payload = _scram_opening(proxy, user, "n,a=app,n=,r=fyko+d2lbbFgONRv9qkxdawL")
+        assert kind == b"E", (kind, payload)
+        fields = {f[:1].decode(): f[1:].decode() for f in payload.split(b"\0") if f}
+        assert (fields["S"], fields["C"]) == ("FATAL", "0A000"), fields
+        assert fields["M"] == "client uses authorization identity, but it is not supported"
+    assert _login(proxy, "app", "app-secret") == (0, "app")
+
+
 def test_plain_and_the_error_on_the_wire(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
     proxy = _proxy(
         pg, proxy_factory, auth_type="plain", users={"trustuser": {"password": PASSWORD}}
