@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pgproxy import __version__
+from pgproxy.protocol.messages import printable
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -169,7 +170,8 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 def _labels(pool: Pool) -> list[str]:
-    return [pool.database, pool.user]
+    # (Names come from clients and may hold bytes that are not UTF-8; labels must be.)
+    return [printable(pool.database), printable(pool.user)]
 
 
 def _pool_gauges(daemon: Daemon, pools: list[Pool], now: float) -> Iterator[Metric]:

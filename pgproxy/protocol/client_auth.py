@@ -164,13 +164,14 @@ def mock_verifier(user: str, iterations: int) -> Verifier:
 
 
 def _length_prefixed(text: str) -> bytes:
-    data = text.encode()
+    data = messages.wire(text)
     return _INT32.pack(len(data)) + data
 
 
 def md5_hash(user: str, password: str) -> str:
     """PostgreSQL's stored md5 secret for ``user``'s ``password``."""
-    return "md5" + hashlib.md5((password + user).encode("utf-8")).hexdigest()
+    # (PostgreSQL hashes the role name's bytes, whatever they are: messages.wire.)
+    return "md5" + hashlib.md5(messages.wire(password + user)).hexdigest()
 
 
 def failure_message(user: str) -> str:
