@@ -143,10 +143,6 @@ class ScramKeyCache:
             self._verifiers[key] = found
         return found
 
-    def clear(self) -> None:
-        """Forget every derived verifier."""
-        self._verifiers.clear()
-
 
 #: The keys of every plain-password secret this process has checked a SCRAM login with.
 SCRAM_KEYS = ScramKeyCache()
