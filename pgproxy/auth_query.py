@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
+from pgproxy.protocol.messages import is_utf8
 
 if TYPE_CHECKING:
     from pgproxy.config import DatabaseConfig, Settings
@@ -81,6 +82,10 @@ class AuthQuery:
         auth_user = settings.auth_user_for(database)
         if entry is None or auth_user is None:
             return None
+        if not is_utf8(user):
+            # A name with bytes that are not UTF-8 names no role of a UTF-8 database, and
+            # psycopg sends its parameters as UTF-8: no row, as for any unknown name.
+            return UNKNOWN_USER
         query = (entry.auth_query or settings.auth_query).encode()
         try:
             conn = await psycopg.AsyncConnection.connect(
@@ -90,7 +95,7 @@ class AuthQuery:
                 cursor = psycopg.AsyncRawCursor(conn)
                 await cursor.execute(query, (user,))
                 row = await cursor.fetchone()
-        except psycopg.Error as exc:
+        except (psycopg.Error, UnicodeEncodeError) as exc:  # (the latter: a database name)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             log.warning("auth_query for a %s login failed: %s", database, reason)
             raise AuthQueryError(reason) from None

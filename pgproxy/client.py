@@ -726,6 +726,11 @@ class ClientConn(asyncio.Protocol):
             if reply:
                 self.transport.write(reply)
             if outcome is False:
+                refusal = self._auth.refusal
+                if refusal is not None:  # (the same for every user, known or not)
+                    log.warning("client %s: %s", self.user, refusal[1])
+                    self.fatal(*refusal)
+                    return
                 log.warning("client %s: password authentication failed", self.user)
                 self.fatal(codes.INVALID_PASSWORD, failure_message(self.user))
                 return

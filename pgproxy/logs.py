@@ -10,13 +10,19 @@ import time
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Control characters (C0, DEL, C1) and the Unicode line breaks: a client's user name,
-# database or application_name holding one must not start a forged log line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# database or application_name holding one must not start a forged log line. Also the
+# bytes of such a name that were not UTF-8 (surrogate escapes, protocol/startup.py), which
+# a log file cannot hold: written as \xNN, the byte the client sent.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
 
 
 def _escape_char(match: re.Match[str]) -> str:
     code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
 
 
 def escape_controls(text: str) -> str:

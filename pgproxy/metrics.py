@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from pgproxy import BUILD, __version__
 from pgproxy.admin import CONSOLE_DATABASE
 from pgproxy.protocol import codes
+from pgproxy.protocol.messages import printable
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -258,7 +259,8 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 def _labels(pool: Pool) -> list[str]:
-    return [pool.database, pool.user]
+    # (Names come from clients and may hold bytes that are not UTF-8; labels must be.)
+    return [printable(pool.database), printable(pool.user)]
 
 
 def _pool_gauges(daemon: Daemon, pools: list[Pool], now: float) -> Iterator[Metric]:

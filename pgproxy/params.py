@@ -7,6 +7,8 @@ only when they differ.
 
 from __future__ import annotations
 
+import re
+
 # Tracked by default, in this order: PgBouncer's five and IntervalStyle (the default of
 # track_extra_parameters); ``configure`` adds the rest of track_extra_parameters.
 TRACKED: tuple[str, ...] = (
@@ -80,7 +82,23 @@ def from_pairs(pairs: dict[str, str], base: ParamValues = EMPTY) -> ParamValues:
     return _canonical(values)
 
 
+# Bytes of a client's startup value that were not UTF-8 (surrogate escapes, see
+# protocol/startup.py).
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _byte_escape(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()) - 0xDC00:02x}"
+
+
 def _literal(value: str) -> str:
+    if not value.isascii() and _NOT_UTF8.search(value):
+        # PostgreSQL refuses SQL text that is not valid in its encoding (22021): the
+        # whole sync would fail and the server keep the last client's values. Such a
+        # byte goes as the four
+        # characters \xNN instead: what PostgreSQL 16 and later itself make of it in an
+        # application_name from a startup packet (pg_clean_ascii; 15 and older write '?').
+        value = _NOT_UTF8.sub(_byte_escape, value)
     if "\\" in value:
         return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
     return "'" + value.replace("'", "''") + "'"

@@ -39,6 +39,7 @@ from multiprocessing.sharedctypes import RawArray
 from typing import TYPE_CHECKING, Any
 
 from pgproxy.pool import ServerBudget
+from pgproxy.protocol.messages import wire
 
 if TYPE_CHECKING:
     from pgproxy.config import Settings
@@ -79,7 +80,7 @@ class SharedBudgets:
         cached = self._slots.get(name)
         if cached is not None:
             return cached
-        key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+        key = int.from_bytes(hashlib.blake2b(wire(name), digest_size=8).digest(), "big")
         key = key or 1
         index = key % SLOTS
         with self._locked():

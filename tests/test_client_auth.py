@@ -15,6 +15,7 @@ from pgproxy.config import ConfigError
 from pgproxy.protocol.client_auth import (
     BadSecret,
     ClientAuthenticator,
+    ScramKeyCache,
     md5_hash,
     parse_secret,
 )
@@ -91,6 +92,76 @@ def test_unknown_user_and_channel_binding_fail() -> None:
     assert binding.step(_sasl_initial("p=tls-server-end-point,,n=,r=abc"))[1] is False
 
 
+def _server_first_salt(auth: ClientAuthenticator) -> str:
+    """Start a SCRAM exchange; the salt of the server-first message."""
+    auth.start()
+    reply, outcome = auth.step(_sasl_initial("n,,n=,r=abc"))
+    assert outcome is None, reply
+    attributes = dict(part.split("=", 1) for part in reply[9:].decode().split(","))
+    return attributes["s"]
+
+
+def test_plain_password_keys_are_derived_once_per_secret() -> None:
+    """A login attempt for a user with a plain password costs no key derivation once the
+    secret's keys are cached, and sees the same salt every time."""
+    keys = ScramKeyCache()
+    secret = parse_secret("pw")
+    salts = [
+        _server_first_salt(ClientAuthenticator("scram-sha-256", "u", secret, 4096, keys=keys))
+        for _ in range(3)
+    ]
+    assert keys.derivations == 1 and len(keys) == 1
+    assert salts[0] == salts[1] == salts[2]
+    # Another user, or another password: keys of their own (and another salt).
+    other_user = ClientAuthenticator("scram-sha-256", "v", secret, 4096, keys=keys)
+    new_password = ClientAuthenticator("scram-sha-256", "u", parse_secret("pw2"), 4096, keys=keys)
+    assert len({salts[0], _server_first_salt(other_user), _server_first_salt(new_password)}) == 3
+    assert keys.derivations == 3
+    # The cached keys still check passwords: right one accepted, wrong one refused.
+    for password, accepted in (("pw", True), ("wrong", False)):
+        auth = ClientAuthenticator("scram-sha-256", "u", secret, 4096, keys=keys)
+        auth.start()
+        assert _scram_login(auth, b"SCRAM-SHA-256", "n,,", b"", password) is accepted
+    assert keys.derivations == 3
+    # Bounded: past the limit the oldest entry goes.
+    small = ScramKeyCache(limit=2)
+    for user in ("a", "b", "c", "a"):
+        _server_first_salt(ClientAuthenticator("scram-sha-256", user, secret, 4096, keys=small))
+    assert len(small) == 2 and small.derivations == 4
+
+
+def test_unknown_and_md5_users_get_a_stable_mock_salt_without_derivation() -> None:
+    keys = ScramKeyCache()
+    for secret in (None, parse_secret(md5_hash("u", "pw"))):
+        first, second = (
+            _server_first_salt(ClientAuthenticator("scram-sha-256", "u", secret, 4096, keys=keys))
+            for _ in range(2)
+        )
+        assert first == second
+        assert len(base64.b64decode(first)) == 16  # as long as PostgreSQL's salts
+    other = _server_first_salt(ClientAuthenticator("scram-sha-256", "w", None, 4096, keys=keys))
+    assert other != first
+    assert keys.derivations == 0
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_an_authorization_identity_is_refused(known: bool) -> None:
+    """As PostgreSQL: 'n,a=someone,' is refused with an error of its own (the same for
+    every user), not ignored; a GS2 field that is not 'a=' is malformed."""
+    secret = parse_secret("pw") if known else None
+    auth = ClientAuthenticator("scram-sha-256", "u", secret, 4096)
+    auth.start()
+    assert auth.step(_sasl_initial("n,a=other,n=,r=abc")) == (b"", False)
+    assert auth.refusal == (
+        "0A000",
+        "client uses authorization identity, but it is not supported",
+    )
+    malformed = ClientAuthenticator("scram-sha-256", "u", secret, 4096)
+    malformed.start()
+    assert malformed.step(_sasl_initial("n,x,n=,r=abc")) == (b"", False)
+    assert malformed.refusal is None  # a failed login like a wrong password
+
+
 @pytest.mark.parametrize("stored", ["pw", "md5"])
 def test_md5_exchange(stored: str) -> None:
     secret = parse_secret("pw" if stored == "pw" else md5_hash("u", "pw"))
@@ -134,9 +205,9 @@ def test_userlist(tmp_path: Path) -> None:
 
 
 def _scram_login(
-    auth: ClientAuthenticator, mechanism: bytes, header: str, cbind: bytes
+    auth: ClientAuthenticator, mechanism: bytes, header: str, cbind: bytes, password: str = "pw"
 ) -> bool | None:
-    """A whole SCRAM exchange for password 'pw' with the given GS2 header; the outcome."""
+    """A whole SCRAM exchange for ``password`` with the given GS2 header; the outcome."""
     nonce = "fyko+d2lbbFgONRv9qkxdawL"
     bare = f"n=,r={nonce}"
     first = (header + bare).encode()
@@ -146,7 +217,7 @@ def _scram_login(
     server_first = reply[9:].decode()
     attributes = dict(part.split("=", 1) for part in server_first.split(","))
     salted = hashlib.pbkdf2_hmac(
-        "sha256", b"pw", base64.b64decode(attributes["s"]), int(attributes["i"])
+        "sha256", password.encode(), base64.b64decode(attributes["s"]), int(attributes["i"])
     )
     client_key = hashlib_hmac(salted, b"Client Key")
     binding = base64.b64encode(header.encode() + cbind).decode()

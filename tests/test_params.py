@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from pgproxy import params
 from pgproxy.params import EMPTY, TRACKED, from_pairs, sync_sql, tracked_index, with_value
+from pgproxy.protocol.messages import from_wire
 
 
 def test_tracked_names_and_empty_values() -> None:
@@ -94,6 +95,21 @@ def test_sync_sql_backslashes_use_escape_string() -> None:
     client = with_value(EMPTY, "application_name", "C:\\tmp\\it's")
     # E'' syntax means the same whatever standard_conforming_strings is.
     assert sync_sql(client, EMPTY) == "SET application_name TO E'C:\\\\tmp\\\\it''s'"
+
+
+def test_sync_sql_writes_bytes_that_are_not_utf8_as_hex_escapes() -> None:
+    """A startup value's bytes that are not UTF-8 cannot go into SQL (PostgreSQL checks
+    query text against its encoding): each goes as the characters \\xNN, which is what
+    PostgreSQL 16 and later make of them in an application_name themselves."""
+    value = from_wire(b"caf\xe9 \xff'")
+    client = with_value(EMPTY, "application_name", value)
+    sql = sync_sql(client, EMPTY)
+    assert sql == r"SET application_name TO E'caf\\xe9 \\xff'''"
+    assert sql.isascii()
+    # Valid UTF-8 is sent as it is (PostgreSQL cleans an application_name itself).
+    assert sync_sql(with_value(EMPTY, "application_name", "café"), EMPTY) == (
+        "SET application_name TO 'café'"
+    )
 
 
 def test_sync_sql_empty_value() -> None:

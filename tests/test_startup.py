@@ -228,12 +228,43 @@ def test_unsupported_protocol_reported_before_the_whole_packet_arrives() -> None
     assert info.value.sqlstate == codes.FEATURE_NOT_SUPPORTED
 
 
-@pytest.mark.parametrize("body", [b"user\0\xff\xfe\0\0", b"us\xc3er\0alice\0\0"])
-def test_invalid_utf8(body: bytes) -> None:
-    with pytest.raises(StartupError) as info:
-        parse_startup(startup(body))
-    assert info.value.sqlstate == codes.PROTOCOL_VIOLATION
-    assert info.value.message == "invalid byte sequence in startup packet"
+@pytest.mark.parametrize(
+    "body", [b"user\0\xff\xfe\0\0", b"us\xc3er\0alice\0\0", b"application_name\0caf\xe9\0\0"]
+)
+def test_bytes_that_are_not_utf8_are_kept(body: bytes) -> None:
+    """PostgreSQL takes startup values whatever their encoding: so does pgproxy, and
+    writes them on as they came."""
+    result = parse_startup(startup(body))
+    assert result is not None
+    packet_ = result[0]
+    assert isinstance(packet_, StartupMessage)
+    assert messages.startup_message(packet_.params) == startup(body)
+
+
+def test_utf8_names_decode_as_before_and_other_bytes_escape() -> None:
+    body = b"user\0\xc3\xa5lice\0database\0d\xe9\0application_name\0caf\xe9\xff\0\0"
+    result = parse_startup(startup(body))
+    assert result is not None and isinstance(result[0], StartupMessage)
+    params = result[0].params
+    assert params["user"] == "ålice"  # valid UTF-8: matched against names as before
+    assert params["database"] == "d\udce9"  # never equal to 'dé' (its UTF-8 spelling)
+    assert messages.wire(params["application_name"]) == b"caf\xe9\xff"
+    assert messages.printable(params["application_name"]) == r"caf\xe9\xff"
+    assert not messages.is_utf8(params["database"]) and messages.is_utf8(params["user"])
+    # A NUL-terminated string carries the same bytes (ParameterStatus, server logins).
+    assert messages.cstring(params["application_name"]) == b"caf\xe9\xff\0"
+    assert messages.cstring("\ud800") == b"?\0"  # (not a client's byte: replaced)
+
+
+@settings(max_examples=200, deadline=None)
+@given(strings=st.lists(st.binary(min_size=1, max_size=12).filter(lambda b: b"\0" not in b)))
+def test_any_bytes_round_trip(strings: list[bytes]) -> None:
+    pairs = {key: value for key, value in zip(strings[::2], strings[1::2], strict=False)
+             if not key.startswith(b"_pq_.")}  # fmt: skip
+    body = b"".join(key + b"\0" + value + b"\0" for key, value in pairs.items()) + b"\0"
+    result = parse_startup(startup(body))
+    assert result is not None and isinstance(result[0], StartupMessage)
+    assert {messages.wire(k): messages.wire(v) for k, v in result[0].params.items()} == pairs
 
 
 def test_startup_error_carries_sqlstate_and_message() -> None:

@@ -54,7 +54,7 @@ def data_row(values: Sequence[Value]) -> bytes:
         if value is None:
             parts.append(_INT32.pack(-1))
         else:
-            encoded = str(value).encode()
+            encoded = messages.wire(str(value))  # (a client's bytes as it sent them)
             parts.append(_INT32.pack(len(encoded)))
             parts.append(encoded)
     return messages.message(b"D", b"".join(parts))

@@ -54,7 +54,7 @@ class ServerAuthError(Exception):
 
 def md5_password(user: str, password: str, salt: bytes) -> str:
     """PostgreSQL's md5 response: 'md5' + md5(md5(password + user) + salt)."""
-    inner = hashlib.md5((password + user).encode("utf-8")).hexdigest()
+    inner = hashlib.md5(messages.wire(password + user)).hexdigest()
     return "md5" + hashlib.md5(inner.encode("ascii") + salt).hexdigest()
 
 
@@ -125,7 +125,9 @@ class ServerAuthenticator:
             password = self._need_password("SCRAM-SHA-256")
             # Channel binding (-PLUS) needs TLS; pgproxy offers plain SCRAM-SHA-256 only. The
             # server takes the user from the startup packet; the SCRAM user name is a formality.
-            client = scramp.ScramClient(["SCRAM-SHA-256"], self.user, password)
+            # (scramp refuses a name with bytes that are not UTF-8, and an empty one.)
+            name = self.user if messages.is_utf8(self.user) else "*"
+            client = scramp.ScramClient(["SCRAM-SHA-256"], name, password)
             self._scram = client
             first = client.get_client_first().encode("utf-8")
             return messages.sasl_initial_response("SCRAM-SHA-256", first)

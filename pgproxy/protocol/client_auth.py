@@ -6,6 +6,12 @@ returns what to send back and whether the exchange succeeded, failed or goes on.
 verifiers come from scramp; the server side of the exchange is ``ScramExchange``. An unknown
 user goes through the same exchange with a made-up secret
 and fails the same way as a wrong password, so user names cannot be probed.
+
+No login attempt costs a key derivation (PBKDF2, a millisecond of the event loop at 4096
+iterations): the keys of a plain-password secret are derived once and kept in a
+``ScramKeyCache``, and an unknown user's made-up keys take no derivation at all (as in
+PostgreSQL's mock authentication). Either way the salt a client sees for a user name is the
+same at every attempt, as that of a stored verifier is.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Literal
 
 import scramp
 
-from pgproxy.protocol import messages
+from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import Credential, Md5Hash, ScramKeys
 
 Method = Literal["plain", "md5", "scram-sha-256"]
@@ -29,13 +35,30 @@ SCRAM = "SCRAM-SHA-256"
 SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 CHANNEL_BINDING_TYPE = "tls-server-end-point"
 _INT32 = struct.Struct("!i")
-# A per-process key for made-up SCRAM salts: the same user gets the same salt each time
-# (as a real one would), but nobody can compute it.
+# A per-process key for made-up SCRAM salts and keys: the same user gets the same salt each
+# time (as a real one would), but nobody can compute it. Made at import, in the supervisor
+# before it forks: every worker has the same one, so salts do not change from worker to
+# worker either (unlike a real user's, which would give unknown names away).
 _MOCK_KEY = secrets.token_bytes(32)
+# PostgreSQL's salt length (SCRAM_DEFAULT_SALT_LEN).
+_SALT_LENGTH = 16
+
+# (salt, stored key, server key, iterations): what a SCRAM proof is checked with.
+Verifier = tuple[bytes, bytes, bytes, int]
 
 
 class BadSecret(ValueError):
     """A stored secret is neither a password, an md5 hash nor a SCRAM verifier."""
+
+
+class ScramRefused(Exception):
+    """A SCRAM message asks for something PostgreSQL refuses with an error of its own
+    (``sqlstate``, ``message``) rather than as a failed password."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +87,7 @@ def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdef" for c in text)
 
 
-def _scram_verifier(text: str) -> tuple[bytes, bytes, bytes, int]:
+def _scram_verifier(text: str) -> Verifier:
     """(salt, stored key, server key, iterations) of 'SCRAM-SHA-256$i:salt$stored:server'."""
     try:
         _, params, keys = text.split("$")
@@ -80,9 +103,71 @@ def _scram_verifier(text: str) -> tuple[bytes, bytes, bytes, int]:
         raise BadSecret("malformed SCRAM-SHA-256 secret") from None
 
 
+class ScramKeyCache:
+    """SCRAM keys derived from plain-password secrets, once per (user, password,
+    iterations) rather than at every login attempt.
+
+    The salt is a keyed hash of the user name and password (the per-process key above):
+    the same at every attempt, also after the entry was evicted, and new when the password
+    changes, as a stored verifier's would be. Entries are found by another keyed hash of
+    the pair, so the cache holds no password. At most ``limit`` entries are kept (the
+    oldest goes first): the secrets come from the configuration, the auth_file or
+    auth_query, never from what a client sends, so only that many users' derivations
+    could ever be repeated.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = limit
+        self._verifiers: dict[tuple[bytes, int], Verifier] = {}
+        # Key derivations done so far: a test counts them; a login attempt adds none once
+        # its secret is here.
+        self.derivations = 0
+
+    def __len__(self) -> int:
+        return len(self._verifiers)
+
+    def verifier(self, user: str, password: str, iterations: int) -> Verifier:
+        """The SCRAM-SHA-256 verifier of ``user``'s plain ``password`` (derived at most
+        once while it stays cached)."""
+        pair = _length_prefixed(user) + _length_prefixed(password)
+        digest = hmac.new(_MOCK_KEY, b"plain\0" + pair, hashlib.sha512).digest()
+        key = (digest[_SALT_LENGTH:], iterations)
+        found = self._verifiers.get(key)
+        if found is None:
+            found = scramp.ScramMechanism(SCRAM).make_auth_info(
+                password, iteration_count=iterations, salt=digest[:_SALT_LENGTH]
+            )
+            self.derivations += 1
+            if len(self._verifiers) >= self._limit:
+                del self._verifiers[next(iter(self._verifiers))]
+            self._verifiers[key] = found
+        return found
+
+
+#: The keys of every plain-password secret this process has checked a SCRAM login with.
+SCRAM_KEYS = ScramKeyCache()
+
+
+def mock_verifier(user: str, iterations: int) -> Verifier:
+    """A made-up verifier for a user without a SCRAM secret (unknown, or md5-stored), as
+    PostgreSQL's mock authentication makes one: a salt that is the same at every attempt
+    for the same name, and keys that match no proof. Keyed hashes, no key derivation: it
+    costs what the lookup of a real verifier does."""
+    name = _length_prefixed(user)
+    digest = hmac.new(_MOCK_KEY, b"mock\0" + name, hashlib.sha512).digest()
+    server_key = hmac.new(_MOCK_KEY, b"mock server key\0" + name, hashlib.sha256).digest()
+    return digest[:_SALT_LENGTH], digest[_SALT_LENGTH : _SALT_LENGTH + 32], server_key, iterations
+
+
+def _length_prefixed(text: str) -> bytes:
+    data = messages.wire(text)
+    return _INT32.pack(len(data)) + data
+
+
 def md5_hash(user: str, password: str) -> str:
     """PostgreSQL's stored md5 secret for ``user``'s ``password``."""
-    return "md5" + hashlib.md5((password + user).encode("utf-8")).hexdigest()
+    # (PostgreSQL hashes the role name's bytes, whatever they are: messages.wire.)
+    return "md5" + hashlib.md5(messages.wire(password + user)).hexdigest()
 
 
 def failure_message(user: str) -> str:
@@ -101,8 +186,10 @@ class ClientAuthenticator:
         secret: Secret | None,
         iterations: int,
         channel_binding: bytes | None = None,
+        keys: ScramKeyCache | None = None,
     ) -> None:
         self.user = user
+        self._keys = SCRAM_KEYS if keys is None else keys
         # tls-server-end-point data (the hash of pgproxy's certificate) when the client
         # came over TLS: SCRAM-SHA-256-PLUS is offered then.
         self._channel_binding = channel_binding
@@ -110,6 +197,9 @@ class ClientAuthenticator:
         self._iterations = iterations
         self._salt = b""
         self._scram: ScramExchange | None = None
+        # After a failed exchange: (SQLSTATE, message) when the client must be told
+        # something else than that its password was wrong.
+        self.refusal: tuple[str, str] | None = None
         # After a successful exchange: what pgproxy may log in to PostgreSQL with as this
         # user (passthrough): the password, the md5 hash, or the SCRAM keys.
         self.credential: Credential | None = None
@@ -140,6 +230,9 @@ class ClientAuthenticator:
             if self.exchange == "md5":
                 return b"", self._check_md5(_cstring(payload))
             return self._scram_step(payload)
+        except ScramRefused as exc:
+            self.refusal = (exc.sqlstate, exc.message)
+            return b"", False
         except (ValueError, KeyError, UnicodeDecodeError, struct.error, binascii.Error):
             return b"", False
 
@@ -205,23 +298,17 @@ class ClientAuthenticator:
             self.credential = ScramKeys(self._scram.client_key, server_key, salt, iterations)
         return messages.authentication(messages.AUTH_SASL_FINAL, server_final), True
 
-    def _verifier(self) -> tuple[bytes, bytes, bytes, int]:
-        """(salt, stored key, server key, iterations) the client's proof is checked with."""
+    def _verifier(self) -> Verifier:
+        """(salt, stored key, server key, iterations) the client's proof is checked with;
+        no key derivation unless a plain password's keys are not cached yet."""
         secret = self._secret
-        mechanism = scramp.ScramMechanism(SCRAM)
         if secret is not None and secret.kind == "scram":
             return _scram_verifier(secret.value)
         if secret is not None and secret.kind == "plain":
-            salt = secrets.token_bytes(16)
-            return mechanism.make_auth_info(  # type: ignore[no-any-return]
-                secret.value, iteration_count=self._iterations, salt=salt
-            )
-        # Unknown user or an md5 secret (no SCRAM possible): a made-up verifier with a
-        # stable salt, so the exchange looks like a real one and then fails.
-        salt = hmac.new(_MOCK_KEY, self.user.encode(), hashlib.sha256).digest()[:16]
-        return mechanism.make_auth_info(  # type: ignore[no-any-return]
-            secrets.token_urlsafe(24), iteration_count=self._iterations, salt=salt
-        )
+            return self._keys.verifier(self.user, secret.value, self._iterations)
+        # Unknown user or an md5 secret (no SCRAM possible): a made-up verifier, so that
+        # the exchange looks like a real one and then fails like a wrong password.
+        return mock_verifier(self.user, self._iterations)
 
 
 class ScramExchange:
@@ -254,15 +341,25 @@ class ScramExchange:
         self.client_key = b""  # recovered from a valid proof (SCRAM passthrough)
 
     def server_first(self, client_first: str) -> bytes:
-        """Answer the client-first message; raise ValueError if it is malformed."""
-        header, _, bare = _gs2_split(client_first)
+        """Answer the client-first message; raise ValueError if it is malformed, and
+        ScramRefused if it names an authorization identity."""
+        header, authzid, bare = _gs2_split(client_first)
         if self._binding is not None:
-            if header != f"p={CHANNEL_BINDING_TYPE},,":
+            if not header.startswith(f"p={CHANNEL_BINDING_TYPE},"):
                 raise ValueError("SCRAM-SHA-256-PLUS needs tls-server-end-point binding")
         elif header.startswith("p"):
             raise ValueError("channel binding without SCRAM-SHA-256-PLUS")
         elif header.startswith("y") and self._plus_offered:
             raise ValueError("channel binding downgrade")
+        if authzid.startswith("a="):
+            # PostgreSQL's refusal (and PgBouncer's): the user is the startup packet's,
+            # and logging in as someone else is not on offer.
+            raise ScramRefused(
+                codes.FEATURE_NOT_SUPPORTED,
+                "client uses authorization identity, but it is not supported",
+            )
+        if authzid:
+            raise ValueError("malformed GS2 header")
         attributes = _attributes(bare)
         client_nonce = attributes["r"]
         if not client_nonce:

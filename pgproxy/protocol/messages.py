@@ -33,9 +33,45 @@ def message(type_byte: bytes, payload: bytes = b"") -> bytes:
     return _HEADER.pack(type_byte, len(payload) + 4) + payload
 
 
+def from_wire(data: bytes) -> str:
+    """Text a client sent, decoded without loss: UTF-8, and each byte that is not part of
+    valid UTF-8 kept as a surrogate escape (U+DC80 to U+DCFF), which ``wire`` turns back
+    into that byte. Valid UTF-8 decodes as usual, so names compare as they always did."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def wire(text: str) -> bytes:
+    """``text`` as bytes on the wire: UTF-8, and the bytes of a client's that were not
+    (see ``from_wire``) as the client sent them. Another lone surrogate (none comes from a
+    client's bytes) is written as '?'."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
+
+
+def printable(text: str) -> str:
+    """``text`` for places that need valid UTF-8 (metrics labels): a client's byte that
+    was not UTF-8 shown as ``\\xNN``."""
+    return wire(text).decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` holds no byte that was not UTF-8 (see ``from_wire``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def cstring(text: str) -> bytes:
-    """A NUL-terminated UTF-8 string as the protocol writes it."""
-    return text.encode("utf-8", "replace").replace(b"\0", b"") + b"\0"
+    """A NUL-terminated string as the protocol writes it (``wire``'s bytes)."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "replace")
+    return data.replace(b"\0", b"") + b"\0"
 
 
 def _fields(severity: str, sqlstate: str, text: str, detail: str | None) -> bytes:

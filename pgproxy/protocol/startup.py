@@ -2,6 +2,12 @@
 
 ``parse_startup`` is pure: it takes the bytes received so far and returns the packet and how
 many bytes it used, None when more bytes are needed, or raises StartupError for bad input.
+
+Parameter names and values are bytes to PostgreSQL, which takes them whatever their
+encoding (a client in LATIN1 may send its application_name in LATIN1). They are decoded
+without loss (``messages.from_wire``): valid UTF-8 as usual, so that user and database names
+match as before, and any other byte as a surrogate escape that ``messages.wire`` turns back
+into the same byte wherever the value is sent on.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import struct
 from dataclasses import dataclass, field
 
 from pgproxy.protocol import codes
+from pgproxy.protocol.messages import from_wire
 
 _INT32 = struct.Struct("!I")
 
@@ -86,13 +93,8 @@ def _parse_params(body: bytes) -> tuple[dict[str, str], list[str]]:
     params: dict[str, str] = {}
     options: list[str] = []
     for index in range(0, len(parts), 2):
-        try:
-            key = parts[index].decode("utf-8")
-            value = parts[index + 1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise StartupError(
-                codes.PROTOCOL_VIOLATION, "invalid byte sequence in startup packet"
-            ) from None
+        key = from_wire(parts[index])
+        value = from_wire(parts[index + 1])
         if not key:
             raise StartupError(codes.PROTOCOL_VIOLATION, "invalid startup packet layout")
         if key.startswith("_pq_."):

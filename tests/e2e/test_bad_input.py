@@ -267,7 +267,6 @@ GARBAGE = {
     "unterminated-params": _startup_with_body(b"user\0app"),
     "odd-param-count": _startup_with_body(b"user\0app\0x\0\0"),
     "empty-param-name": _startup_with_body(b"\0app\0\0"),
-    "invalid-utf8": _startup_with_body(b"user\0\xff\xfe\0\0"),
 }
 
 
@@ -279,6 +278,80 @@ def test_garbage_startup_gets_protocol_violation(proxy: ProxyProcess, garbage: b
     assert fields["C"] == "08P01", fields
     assert fields["S"] == "FATAL", fields
     assert fields["M"], fields
+
+
+def _startup_bytes(**params: bytes) -> bytes:
+    """A StartupMessage whose values are the given bytes, whatever their encoding."""
+    return _startup_with_body(
+        b"".join(key.encode() + b"\0" + value + b"\0" for key, value in params.items()) + b"\0"
+    )
+
+
+def _show_clients(port: int, user: bytes, password: bytes) -> bytes:
+    """The DataRows of the console's SHOW CLIENTS (auth_type plain), as raw bytes."""
+    with RawClient(port) as console:
+        console.send(_startup_bytes(user=user, database=b"pgbouncer"))
+        assert console.read_message() == (b"R", _INT32.pack(3))
+        console.send(password)
+        console.read_until(b"Z")
+        reply = console.simple_query("SHOW CLIENTS")
+    return b"".join(payload for kind, payload in reply if kind == b"D")
+
+
+def test_startup_values_that_are_not_utf8(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """PostgreSQL (and PgBouncer) take startup values whatever their encoding, such as an
+    application_name in LATIN1: the client logs in, gets its own bytes back in the
+    ParameterStatus, and runs queries; the server, which cannot take those bytes in SQL
+    (its encoding is UTF-8), is given them as \\xNN. User and database names in UTF-8 still
+    match the configured ones, and their LATIN1 spellings do not."""
+    entry = {"host": "127.0.0.1", "port": pg.port, "dbname": "appdb", "user": "app",
+             "password": "app-secret"}  # fmt: skip
+    proxy = proxy_factory(
+        proxy_config(
+            pg,
+            auth_type="plain",
+            users={"björn": {"password": "client-secret"}},
+            admin_users=["björn"],
+            databases={"dbé": entry},
+        )
+    )
+    password = messages.message(b"p", b"client-secret\0")
+    app_name = b"caf\xe9 \xff"
+    with RawClient(proxy.port) as client:
+        user, database = "björn".encode(), "dbé".encode()
+        client.send(_startup_bytes(user=user, database=database, application_name=app_name))
+        assert client.read_message() == (b"R", _INT32.pack(3))  # cleartext password
+        client.send(password)
+        welcome = client.read_until(b"Z")
+        assert welcome[0] == (b"R", _INT32.pack(0))
+        assert (b"S", b"application_name\0" + app_name + b"\0") in welcome
+        assert app_name in _show_clients(proxy.port, user, password)  # as the client sent it
+        reply = client.simple_query("select 1")
+        assert query_rows(reply) == [["1"]]
+        assert not [payload for kind, payload in reply if kind == b"S"]  # (the SET's: hidden)
+        assert query_rows(client.simple_query("show application_name")) == [[r"caf\xe9 \xff"]]
+        assert query_rows(client.simple_query("select current_user")) == [["app"]]  # dbé's
+        # The server reported its value as ParameterStatus: the client's now.
+        assert rb"caf\xe9 \xff" in _show_clients(proxy.port, user, password)
+    # Names are bytes: björn's and dbé's LATIN1 spellings are other names.
+    with RawClient(proxy.port) as client:
+        client.send(_startup_bytes(user="björn".encode("latin-1"), database="dbé".encode()))
+        assert client.read_message() == (b"R", _INT32.pack(3))
+        client.send(password)
+        type_byte, payload = client.read_message()
+        assert type_byte == b"E" and b'for user "bj\xf6rn"\0' in payload, payload
+        assert error_fields(payload)["C"] == "28P01"
+    with RawClient(proxy.port) as client:
+        client.send(_startup_bytes(user="björn".encode(), database="dbé".encode("latin-1")))
+        assert client.read_message() == (b"R", _INT32.pack(3))
+        client.send(password)
+        type_byte, payload = client.read_message()
+        assert type_byte == b"E" and b"no such database: db\xe9\0" in payload, payload
+    log = proxy.log_text()
+    assert r"application_name=caf\xe9 \xff" in log, proxy.log_tail()
+    assert proxy.alive()
 
 
 def test_unsupported_protocol_major_version(proxy: ProxyProcess) -> None:

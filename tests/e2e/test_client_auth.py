@@ -109,6 +109,77 @@ def _cleartext_login_error(proxy: ProxyProcess, user: str, password: str) -> dic
         return {field[:1].decode(): field[1:].decode() for field in body.split(b"\0") if field}
 
 
+def _read(reader: Any) -> tuple[bytes, bytes]:
+    """One backend message (type byte, payload); (b"", b"") at EOF."""
+    kind = reader.read(1)
+    if not kind:
+        return b"", b""
+    return kind, reader.read(struct.unpack("!I", reader.read(4))[0] - 4)
+
+
+def _scram_opening(
+    proxy: ProxyProcess, user: str, client_first: str = "n,,n=,r=fyko+d2lbbFgONRv9qkxdawL"
+) -> tuple[bytes, bytes]:
+    """A StartupMessage and a SASLInitialResponse sent by hand (at once, as a flood of
+    logins would); the reply to the client-first message: (b"R", the SASLContinue payload)
+    or (b"E", the ErrorResponse payload)."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        params = f"user\0{user}\0database\0appdb\0\0".encode()
+        first = client_first.encode()
+        body = b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first
+        sock.sendall(
+            struct.pack("!II", 8 + len(params), 196608) + params
+            + b"p" + struct.pack("!I", 4 + len(body)) + body
+        )  # fmt: skip
+        reader = sock.makefile("rb")
+        kind, payload = _read(reader)
+        assert kind == b"R" and payload.startswith(struct.pack("!I", 10)), (kind, payload)
+        kind, payload = _read(reader)
+        if kind == b"E":
+            assert _read(reader) == (b"", b"")  # then the proxy closes
+        return kind, payload
+
+
+def _salt(proxy: ProxyProcess, user: str) -> tuple[str, str]:
+    """(salt, iterations) of the server-first message pgproxy sends ``user``."""
+    kind, payload = _scram_opening(proxy, user)
+    assert kind == b"R" and payload[:4] == struct.pack("!I", 11), (kind, payload)
+    attributes = dict(part.split("=", 1) for part in payload[4:].decode().split(","))
+    return attributes["s"], attributes["i"]
+
+
+def test_salts_are_stable_for_every_kind_of_user(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_file: Path
+) -> None:
+    """A salt that changed from one attempt to the next (a plain password's used to), or
+    that behaved differently for unknown user names, would tell which users exist."""
+    proxy = _proxy(pg, proxy_factory, auth_type="scram-sha-256", auth_file=str(auth_file))
+    salts = {user: [_salt(proxy, user) for _ in range(2)] for user in
+             ("app", "plainuser", "nobody", "ghost", "md5user")}  # fmt: skip
+    for user, (first, second) in salts.items():
+        assert first == second, user
+        assert first[1] == "4096", user  # PostgreSQL's (and scram_iterations') default
+        assert len(base64.b64decode(first[0])) == 16, user
+    assert len({attempts[0][0] for attempts in salts.values()}) == len(salts)
+    assert salts["app"][0][0] in _stored(pg, "app")  # app's is PostgreSQL's own
+    assert _login(proxy, "plainuser", "plain-secret") == (0, "app")  # the cached keys work
+
+
+def test_an_authorization_identity_is_refused(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, auth_file: Path
+) -> None:
+    """'n,a=OTHER,' asks to act as another user: FATAL 0A000 as from PostgreSQL, then a
+    clean close, for a known user and an unknown one alike."""
+    proxy = _proxy(pg, proxy_factory, auth_type="scram-sha-256", auth_file=str(auth_file))
+    for user in ("app", "plainuser", "nobody"):
+        kind, payload = _scram_opening(proxy, user, "n,a=app,n=,r=fyko+d2lbbFgONRv9qkxdawL")
+        assert kind == b"E", (kind, payload)
+        fields = {f[:1].decode(): f[1:].decode() for f in payload.split(b"\0") if f}
+        assert (fields["S"], fields["C"]) == ("FATAL", "0A000"), fields
+        assert fields["M"] == "client uses authorization identity, but it is not supported"
+    assert _login(proxy, "app", "app-secret") == (0, "app")
+
+
 def test_plain_and_the_error_on_the_wire(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
     proxy = _proxy(
         pg, proxy_factory, auth_type="plain", users={"trustuser": {"password": PASSWORD}}
