@@ -43,3 +43,27 @@ def test_paired_ratio_pairs_runs_of_the_same_round() -> None:
     middle, ratios = run.paired_ratio(results, "select16", run.PGPROXY, run.PGBOUNCER)
     assert ratios == [0.9, 1.1, 0.8]
     assert middle == 0.9
+
+
+def test_login_flood_keeps_the_victim_served_and_salts_stable() -> None:
+    """bench/login_flood.py against a real PostgreSQL and pgproxy, briefly: under a flood
+    of SCRAM openings (an existing, an unknown and a plain-password user) the victim's
+    queries all go through and its latency is reported; every kind of user keeps one salt
+    (the timing figures themselves are the benchmark's to report, not a test's)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "login_flood.py"), "--threads", "3", "--duration", "1",
+         "--samples", "20"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    flood = re.findall(
+        r"^\| (\w+) \(\w+\) \| (\d+) \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| (\d+) \|$",
+        done.stdout, re.MULTILINE,
+    )  # fmt: skip
+    assert {row[0] for row in flood} == {"scram", "unknown", "plain"}, done.stdout
+    for _kind, exchanges, failed, p50, _p99, queries in flood:
+        assert int(exchanges) > 0 and int(failed) == 0 and int(queries) > 0
+        assert 0 < float(p50) < 1000
+    salts = re.findall(r"^\| (\w+) \(\w+\) \| [0-9.]+ \| [0-9.]+ \| (\d+) \|$", done.stdout,
+                       re.MULTILINE)  # fmt: skip
+    assert sorted(salts) == [("plain", "1"), ("scram", "1"), ("unknown", "1")], done.stdout

@@ -10,6 +10,7 @@ import re
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -21,7 +22,7 @@ import psycopg
 import pytest
 import tomli_w
 
-from pgproxy.embedded import EmbeddedPostgres
+from pgproxy.embedded import EmbeddedPostgres, free_port
 from pgproxy.protocol import messages
 from tests.support import (
     BackgroundQuery,
@@ -815,3 +816,67 @@ def test_a_fast_restart_costs_clients_under_a_second(
     # its connection (the commit happened, the reply did not arrive).
     assert committed <= stored, sorted(committed - stored)[:10]
     assert len(stored - committed) <= len(failures)
+
+
+def test_running_out_of_file_descriptors_leaves_no_unread_error(
+    pg: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """pgproxy limited to 48 open files (prlimit, soft and hard), clients holding servers
+    in transactions until sockets run out: server connects fail with EMFILE; the clients
+    that got no server get an error; nothing is logged as a task or future exception
+    never retrieved, and pgproxy serves again once the clients leave."""
+    port = free_port()
+    config = tmp_path / "pgproxy.toml"
+    config.write_text(tomli_w.dumps({
+        "listen_addr": "127.0.0.1", "listen_port": port, "pool_mode": "transaction",
+        "default_pool_size": 100, "max_client_conn": 200, "metrics_port": 0,
+        "query_wait_timeout": 3, "server_login_retry": 0.5,
+        "databases": {"appdb": {"host": "127.0.0.1", "port": pg.port, "user": ROLE,
+                                "password": PASSWORD}},
+    }))  # fmt: skip
+    log_path = tmp_path / "pgproxy.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            ["prlimit", "--nofile=48:48", "--", sys.executable, "-m", "pgproxy", "-c",
+             str(config)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+    held: list[psycopg.Connection[Any]] = []
+    try:
+        wait_for(lambda: _listening(port), 15, "pgproxy to listen")
+        errors = 0
+        for _ in range(40):
+            try:
+                conn = psycopg.connect(
+                    host="127.0.0.1", port=port, dbname="appdb", user=ROLE, connect_timeout=5
+                )
+                held.append(conn)
+                conn.execute("select 1")  # (in a transaction: the server stays linked)
+            except psycopg.Error:
+                errors += 1
+        assert errors > 0, "the descriptors never ran out"
+        for conn in held:
+            conn.close()
+        held.clear()
+        time.sleep(1.0)
+        with psycopg.connect(
+            host="127.0.0.1", port=port, dbname="appdb", user=ROLE, connect_timeout=5
+        ) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        for conn in held:
+            conn.close()
+        process.send_signal(signal.SIGQUIT)
+        process.wait(15)
+    text = log_path.read_text(errors="replace")
+    assert "never retrieved" not in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
