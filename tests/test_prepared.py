@@ -20,7 +20,7 @@ PARSE_COMPLETE = b"1\0\0\0\x04"
 BIND_COMPLETE = b"2\0\0\0\x04"
 CLOSE_COMPLETE = b"3\0\0\0\x04"
 READY = b"Z\0\0\0\x05I"
-COMPLETE = b"C\0\0\0\x0bSELECT 1\0"
+COMPLETE = b"C\0\0\0\x0dSELECT 1\0"
 
 
 def bind(name: bytes) -> bytes:
