@@ -57,6 +57,7 @@ class Link:
         self.back = BackendScanner()
         self.back.statements, self.back.ledger = self.server, self.server.ledger
         self.server.align(0, 0, self.front.requests_total, 0)
+        self.client.link_start = self.front.requests_total
 
     def send(self, *chunks: bytes) -> bytes:
         """What the server gets for ``chunks`` sent by the client."""
@@ -190,3 +191,132 @@ def test_a_name_without_its_end_is_a_protocol_error() -> None:
     front.statements = ClientStatements(Registry(), PoolStats())
     front.feed(b"P\0\0\0\x07abc")
     assert front.error == "invalid string in message"
+
+
+# -- the unnamed statement across batches (pg8000's run() with parameters) -----------------
+
+DESCRIBE_STATEMENT = b"D\0\0\0\x06S\0"
+PARAMETERS = b"t\0\0\0\x0a\0\x01\0\0\0\x17"  # ParameterDescription: one int4
+NO_DATA = b"n\0\0\0\x04"
+
+
+def bind_values(name: bytes, *values: bytes) -> bytes:
+    body = b"\0" + name + b"\0" + b"\0\0" + struct.pack("!H", len(values))
+    for value in values:
+        body += struct.pack("!I", len(value)) + value
+    body += b"\0\0"
+    return b"B" + struct.pack("!I", 4 + len(body)) + body
+
+
+def test_an_unnamed_statement_follows_its_client_to_another_server() -> None:
+    """pg8000's run(): Parse/Sync, Describe/Sync, Bind/Execute/Sync of the unnamed
+    statement, each batch on another server (autocommit frees it at every Sync)."""
+    link = Link()
+    unnamed = parse(b"", b"select $1::int")
+    assert link.send(unnamed + SYNC) == unnamed + SYNC  # (the quick walk: untouched)
+    assert link.front.plan is None and link.client.unnamed_parse() == unnamed
+    assert link.reply(PARSE_COMPLETE + READY) == PARSE_COMPLETE + READY
+    link.move_to_new_server()
+    assert link.send(DESCRIBE_STATEMENT + SYNC) == unnamed + DESCRIBE_STATEMENT + SYNC
+    described = PARAMETERS + NO_DATA + READY
+    assert link.reply(PARSE_COMPLETE + described) == described  # (hidden: not the client's)
+    link.move_to_new_server()
+    stream = bind_values(b"", b"42") + EXECUTE + SYNC
+    assert link.send(stream) == unnamed + stream
+    assert link.reply(PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY) == (
+        BIND_COMPLETE + COMPLETE + READY
+    )
+    # Still linked to that server: it has the statement now, from pgproxy.
+    assert link.send(stream) == stream
+    assert link.reply(BIND_COMPLETE + COMPLETE + READY) == BIND_COMPLETE + COMPLETE + READY
+    assert not link.server.ledger and not link.registry.by_body
+
+
+def test_an_unnamed_statement_parsed_in_the_same_link_is_not_sent_again() -> None:
+    link = Link()
+    unnamed = parse(b"", b"select $1::int")
+    link.send(unnamed + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    stream = bind_values(b"", b"7") + EXECUTE + SYNC
+    assert link.send(stream) == stream  # (a transaction: the same server throughout)
+    # A new Parse in a later link is the one that counts.
+    link.move_to_new_server()
+    other = parse(b"", b"select $1::text")
+    assert link.send(other + bind_values(b"", b"x") + EXECUTE + SYNC) == (
+        other + bind_values(b"", b"x") + EXECUTE + SYNC
+    )
+    assert link.front.plan is None and link.client.unnamed_parse() == other
+    link.move_to_new_server()
+    assert link.send(stream) == other + stream
+
+
+def test_an_unnamed_parse_skipped_after_an_error_is_sent_again() -> None:
+    link = Link()
+    unnamed = parse(b"", b"select $1::int")
+    link.send(unnamed + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    link.move_to_new_server()
+    # A pipeline: the first batch fails before pgproxy's Parse, which is skipped.
+    failing = parse(b"x", b"selec") + SYNC
+    stream = bind_values(b"", b"1") + EXECUTE + SYNC
+    assert link.send(failing + stream) == (parse(b"PGPROXY_1", b"selec") + SYNC + unnamed + stream)
+    link.reply(error(b"42601") + READY)
+    assert link.reply(PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY) == (
+        BIND_COMPLETE + COMPLETE + READY
+    )
+    link.move_to_new_server()
+    both = parse(b"", b"selec") + bind_values(b"", b"1") + EXECUTE + SYNC
+    link.send(both)
+    link.reply(error(b"42601") + READY)
+    # (Recorded all the same: PostgreSQL would keep the previous unnamed statement.)
+    assert link.client.unnamed_parse() == parse(b"", b"selec")
+
+
+def test_a_skipped_reparse_is_sent_again_in_the_same_link() -> None:
+    link = Link()
+    unnamed = parse(b"", b"select $1::int")
+    link.send(unnamed + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    link.move_to_new_server()
+    # No Sync between the failing message and the Bind: pgproxy's Parse is skipped too.
+    failing = bind(b"nonexistent") + EXECUTE
+    stream = bind_values(b"", b"1") + EXECUTE + SYNC
+    assert link.send(failing + stream) == failing + unnamed + stream
+    assert link.reply(error(b"26000") + READY) == error(b"26000") + READY
+    assert link.client.reparsed is None
+    assert link.send(stream) == unnamed + stream
+    assert link.reply(PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY) == (
+        BIND_COMPLETE + COMPLETE + READY
+    )
+
+
+def test_an_unnamed_bind_split_anywhere_gives_the_same_bytes() -> None:
+    unnamed = parse(b"", b"select $1::int")
+    stream = bind_values(b"", b"42") + DESCRIBE_STATEMENT + EXECUTE + SYNC
+    for cut in range(1, len(stream)):
+        link = Link()
+        link.send(unnamed + SYNC)
+        link.reply(PARSE_COMPLETE + READY)
+        link.move_to_new_server()
+        assert link.send(stream[:cut], stream[cut:]) == unnamed + stream, cut
+        replies = PARSE_COMPLETE + BIND_COMPLETE + PARAMETERS + NO_DATA + COMPLETE + READY
+        got = link.reply(replies[: cut % 12], replies[cut % 12 :])
+        assert got == BIND_COMPLETE + PARAMETERS + NO_DATA + COMPLETE + READY, cut
+
+
+def test_an_unnamed_statement_into_a_named_portal() -> None:
+    link = Link()
+    unnamed = parse(b"", b"select 1")
+    link.send(unnamed + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    link.move_to_new_server()
+    body = b"cur\0" + b"\0" + b"\0\0" * 3  # portal "cur", the unnamed statement
+    portal = b"B" + struct.pack("!I", 4 + len(body)) + body
+    assert link.send(portal + SYNC) == unnamed + portal + SYNC
+
+
+def test_a_client_without_an_unnamed_parse_binds_as_it_wrote() -> None:
+    link = Link()
+    stream = bind_values(b"", b"1") + EXECUTE + SYNC
+    assert link.send(stream) == stream
+    assert link.front.plan is None

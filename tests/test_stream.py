@@ -72,6 +72,15 @@ FRONTEND_MESSAGE = st.one_of(
     st.tuples(st.sampled_from([b"F", b"S", b"P", b"B", b"E", b"D", b"C", b"H"]), PAYLOAD),
     st.tuples(st.just(b"S"), st.just(b"")),  # Sync has an empty payload in practice
     st.tuples(st.sampled_from([b"d", b"c", b"f"]), PAYLOAD),  # COPY data / done / fail
+    # Well-formed statement messages, named and unnamed.
+    st.sampled_from(
+        [
+            (b"P", b"a\0select 1\0\0\0"),
+            (b"P", b"\0select 2\0\0\0"),
+            (b"B", b"\0\0\0\0\0\0\0\0"),
+            (b"D", b"S\0"),
+        ]
+    ),
 )
 
 # Malformed headers: each triple is (raw header, expected error prefix).
@@ -252,6 +261,11 @@ def test_frontend_quick_walk_leaves_the_state_of_the_full_walk(
         for name in FRONTEND_STATE:
             assert getattr(quick, name) == getattr(full, name), name
         assert (quick.plan is None) == (full.plan is None)
+        if named:
+            assert quick.statements is not None and full.statements is not None
+            assert quick.statements.unnamed_parse() == full.statements.unnamed_parse()
+            assert quick.statements.unnamed_batch == full.statements.unnamed_batch
+            assert list(quick.statements.names) == list(full.statements.names)
         if quick.error is not None or quick.terminate_at != -1:
             break
 

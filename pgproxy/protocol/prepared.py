@@ -25,6 +25,9 @@ come when its batch's ReadyForQuery does was skipped after an error: it is undon
 Errors are PostgreSQL's own, from the server, in their place in the pipeline: an unknown
 name is forwarded as the client wrote it (the server has no such statement), and a name
 already in use is made to collide on the server (see ``_DUPLICATE``).
+
+One more driver habit: Bind of the unnamed statement in another batch than its Parse
+(see ClientStatements).
 """
 
 from __future__ import annotations
@@ -48,22 +51,27 @@ _CLOSE = 2  # the client's Close of a name follows
 # error, where PostgreSQL would raise it, and aborts the transaction as it would. The
 # stray name is closed at the next link.
 _DUPLICATE = 3
+# A Bind or Describe of the unnamed statement follows, sent in another chunk than the
+# client's unnamed Parse (``raw``, of request ``parsed``): a server that did not get that
+# Parse in this link gets it first, its reply hidden (see ClientStatements.unnamed).
+_UNNAMED = 4
 
 
 class Op:
     """A plan item whose bytes depend on the server: ``batch`` (the client's request count
     before it) and ``index`` (its place among the batch's Parse/Bind/Close) name it."""
 
-    __slots__ = ("batch", "index", "kind", "name", "raw", "statement")
+    __slots__ = ("batch", "index", "kind", "name", "parsed", "raw", "statement")
 
     def __init__(self, kind: int, batch: int, index: int, statement: Statement | None,
-                 name: bytes = b"", raw: bytes = b"") -> None:  # fmt: skip
+                 name: bytes = b"", raw: bytes = b"", parsed: int = -1) -> None:  # fmt: skip
         self.kind = kind
         self.batch = batch
         self.index = index
         self.statement = statement
         self.name = name
         self.raw = raw
+        self.parsed = parsed
 
 
 Plan = list[bytes | Op]
@@ -76,8 +84,9 @@ _EVICTED = 2  # pgproxy's Close of the least recently used statement: hidden
 _SKIP_CLOSE = 3  # Close of the stand-in Parse (statement already here): hidden
 _STRAY = 4  # the empty Parse that makes a duplicate name collide: hidden
 _CLIENT_CLOSE = 5  # a client's Close: undone (name restored) if the server skipped it
+_UNNAMED_PARSE = 7  # pgproxy's Parse of a client's unnamed statement: hidden
 
-_HIDDEN_KINDS = frozenset((_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY))
+_HIDDEN_KINDS = frozenset((_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY, _UNNAMED_PARSE))
 
 # A client Parse of a statement this server already has is answered by a Parse of an empty
 # query under this name (and its Close right after): the client's ParseComplete then comes
@@ -97,6 +106,21 @@ def close_message(name: bytes) -> bytes:
 
 _EMPTY_QUERY = b"\0\0\0"  # query '' and no parameter types
 _STAND_IN_PARSE = parse_message(_STAND_IN, _EMPTY_QUERY) + close_message(_STAND_IN)
+
+
+def _last_unnamed_parse(chunk: bytes) -> bytes:
+    """The last whole unnamed Parse in ``chunk`` (which starts with a message header and
+    has one), the chunk itself if that is all it is."""
+    size = len(chunk)
+    position = start = 0
+    end = size
+    while position + 5 <= size:
+        type_byte, length = _HEADER.unpack_from(chunk, position)
+        following = position + 1 + length
+        if type_byte == b"P" and following <= size and length >= 6 and not chunk[position + 5]:
+            start, end = position, following
+        position = following
+    return chunk[start:end]  # (the same object when it is the whole chunk)
 
 
 class StatementError(Exception):
@@ -147,15 +171,43 @@ def _string_end(data: bytes, start: int, end: int) -> int:
 
 
 class ClientStatements:
-    """A client's statement names, and the plan pieces for its named statement messages."""
+    """A client's statement names, and the plan pieces for its named statement messages.
 
-    __slots__ = ("closed", "names", "registry", "stats")
+    The unnamed statement: some drivers (pg8000's run() with parameters) send Parse of
+    the unnamed statement and its Sync, then Bind (or Describe) of it in a later
+    batch. Outside a transaction the first Sync may free the client's server, and the Bind
+    reach another one. So the scanner records the client's last unnamed Parse (``unnamed``:
+    the message, or the chunk whose last unnamed Parse it is, which the quick walk keeps
+    rather than copy the message; sent in request ``unnamed_batch``), and a Bind or
+    Describe of the unnamed statement in
+    a chunk without that Parse becomes an ``_UNNAMED`` op: a server that did not get the
+    Parse in the current link (which began at request ``link_start``, set by the pool)
+    gets it first, its ParseComplete hidden (``reparsed``: the Parse pgproxy sent so in
+    request ``reparsed_batch``, so that it is sent once per link).
+    """
+
+    __slots__ = (
+        "closed",
+        "link_start",
+        "names",
+        "registry",
+        "reparsed",
+        "reparsed_batch",
+        "stats",
+        "unnamed",
+        "unnamed_batch",
+    )
 
     def __init__(self, registry: Registry, stats: PoolStats) -> None:
         self.registry = registry
         self.stats = stats
         self.names: dict[bytes, Statement] = {}
         self.closed = False
+        self.unnamed: bytes | None = None
+        self.unnamed_batch = -1
+        self.link_start = 0
+        self.reparsed: bytes | None = None
+        self.reparsed_batch = -1
 
     # Each method appends to ``plan`` what stands for the message data[position:end];
     # ``batch`` (the client's request count before it) and ``index`` (its place among the
@@ -177,8 +229,11 @@ class ClientStatements:
              plan: Plan) -> None:  # fmt: skip
         portal_end = _string_end(data, position + 5, end)
         name_end = _string_end(data, portal_end + 1, end)
-        statement = self.names.get(data[portal_end + 1 : name_end])
+        name = data[portal_end + 1 : name_end]
+        statement = self.names.get(name)
         if statement is None:  # PostgreSQL will say it does not exist
+            if not name:  # the unnamed statement, into a named portal
+                self.use_unnamed(batch, index, plan)
             plan.append(data[position:end])
             return
         self.stats.bind_count += 1
@@ -210,6 +265,21 @@ class ClientStatements:
         # the skip after an earlier error) comes from the server in its place.
         plan.append(data[position:end])
 
+    def use_unnamed(self, batch: int, index: int, plan: Plan) -> None:
+        """A Bind or Describe of the unnamed statement follows in ``plan``, and the
+        client's last unnamed Parse was not earlier in its chunk: the server may lack it."""
+        unnamed = self.unnamed_parse()
+        if unnamed is not None:
+            plan.append(Op(_UNNAMED, batch, index, None, raw=unnamed, parsed=self.unnamed_batch))
+
+    def unnamed_parse(self) -> bytes | None:
+        """The client's last unnamed Parse message (None: it sent none), taken out of its
+        chunk once, so that it is the same object until the next one."""
+        unnamed = self.unnamed
+        if unnamed is not None:
+            unnamed = self.unnamed = _last_unnamed_parse(unnamed)
+        return unnamed
+
     def forget_all(self) -> None:
         """DEALLOCATE ALL / DISCARD ALL, or the client left: drop every name."""
         for statement in self.names.values():
@@ -228,7 +298,8 @@ class ClientStatements:
 
 
 class Pending:
-    """A ledger entry: a Parse/Bind/Close in flight whose reply pgproxy must act on."""
+    """A ledger entry: a Parse/Bind/Close in flight whose reply pgproxy must act on
+    (``name``: the client's statement name; for _UNNAMED_PARSE, the Parse message)."""
 
     __slots__ = ("batch", "client", "hide", "index", "kind", "name", "statement")
 
@@ -315,6 +386,19 @@ class ServerStatements:
                     self._note(_CLIENT_PARSE, batch, index, statement, client, item.name)
             elif kind == _CLOSE:
                 self._note(_CLIENT_CLOSE, batch, index, statement, client, item.name)
+            elif kind == _UNNAMED:
+                link_start = client.link_start
+                raw = item.raw
+                if item.parsed < link_start and (
+                    client.reparsed is not raw or client.reparsed_batch < link_start
+                ):
+                    # Parsed in an earlier link, maybe on another server, and not sent
+                    # here since: its unnamed statement may be anyone's, or none.
+                    parts.append(raw)
+                    self._note(_UNNAMED_PARSE, batch, index, None, client, raw)
+                    self.extra += 1
+                    client.reparsed = raw
+                    client.reparsed_batch = item.batch
             else:  # _DUPLICATE
                 parts.append(parse_message(item.name, _EMPTY_QUERY))
                 self._note(_STRAY, batch, index, None, None, item.name)
@@ -376,6 +460,10 @@ class ServerStatements:
         elif kind == _STRAY:
             if done:
                 self.strays.append(entry.name)
+        elif kind == _UNNAMED_PARSE:
+            client = entry.client
+            if not done and client is not None and client.reparsed is entry.name:
+                client.reparsed = None  # skipped after an error: not prepared after all
         elif kind == _CLIENT_CLOSE:
             assert statement is not None
             client = entry.client

@@ -57,6 +57,9 @@ for _type, _kind in (
 
 _STATEMENT = ord("S")  # Describe/Close of a statement (not a portal)
 _QUERY = ord("Q")
+# The quick walk keeps the chunk that holds a client's unnamed Parse (rather than copy the
+# Parse out of it) when it is no larger than this: a large one is not kept alive for it.
+_KEEP_CHUNK = 4096
 _READY_FOR_QUERY = ord("Z")
 _PARAMETER_STATUS = ord("S")
 _ERROR_RESPONSE = ord("E")
@@ -110,6 +113,9 @@ class FrontendScanner:
     until they are complete (``held``), since their names decide how they are sent; the
     plan of a chunk that completes none of them is empty. ``open_pbc`` counts the
     Parse/Bind/Close messages since the last request, to place each in the server's replies.
+    The client's last unnamed Parse is recorded in its ClientStatements, and a Bind or
+    Describe of the unnamed statement in a chunk that does not have that Parse before it
+    gets a plan (the server may need the Parse again).
 
     For COPY FROM STDIN: PostgreSQL ignores Syncs that arrive while it is in copy-in mode
     (libpq sends one after Execute and another after CopyDone). ``requests_total`` counts
@@ -194,6 +200,7 @@ class FrontendScanner:
         requests = 0
         open_pbc = self.open_pbc
         batch_open = self.batch_open
+        parse_at = -1  # the chunk's last unnamed Parse (named statements in use)
         last = size - 5  # the last offset where a whole header fits
         while position < size:
             if position > last:
@@ -213,10 +220,18 @@ class FrontendScanner:
                     if kind == _PARSE:
                         if data[position + 5]:
                             return False
+                        parse_at = position
+                        parse_end = end
+                        parse_batch = requests
                     elif kind == _BIND:
                         if data[position + 5] or data[position + 6]:
                             return False
-                    elif data[position + 5] == _STATEMENT and data[position + 6]:
+                        if parse_at < 0 and statements.unnamed is not None:
+                            return False  # the unnamed statement, maybe not here: _walk
+                    elif data[position + 5] == _STATEMENT and (
+                        data[position + 6]
+                        or (kind == _DESCRIBE and parse_at < 0 and statements.unnamed is not None)
+                    ):
                         return False
                 batch_open = True
                 if kind != _DESCRIBE:
@@ -230,6 +245,11 @@ class FrontendScanner:
             elif kind != _PLAIN:
                 return False  # Terminate, the end of a COPY, an invalid type: _walk
             position = end
+        if parse_at >= 0 and statements is not None:
+            # The chunk itself is kept (no copy; the Parse is found again if it is ever
+            # needed), unless it is large.
+            statements.unnamed = data if size <= _KEEP_CHUNK else data[parse_at:parse_end]
+            statements.unnamed_batch = self.requests_total + parse_batch
         self.requests = requests
         self.requests_total += requests
         self.open_pbc = open_pbc
@@ -279,6 +299,7 @@ class FrontendScanner:
         batch_open = self.batch_open
         copied = base  # plan: data before this offset is in the plan already
         stop = -1  # plan: the offset where forwarding stops (Terminate, an error, a hold)
+        parsed = False  # an unnamed Parse was walked (its server gets what follows)
         header = _HEADER
         while position + 5 <= size:
             type_byte, length = header(data, position)
@@ -318,6 +339,23 @@ class FrontendScanner:
                             stop = position
                             break
                         copied = end
+                    elif length < 6:
+                        pass
+                    elif kind == _PARSE:
+                        parsed = True
+                        statements.unnamed = data[position:end]
+                        statements.unnamed_batch = self.requests_total + requests
+                    elif (
+                        (kind == _BIND or (kind == _DESCRIBE and data[position + 5] == _STATEMENT))
+                        and not parsed
+                        and statements.unnamed is not None
+                    ):
+                        if plan is None:
+                            self.plan = plan = []
+                        if position > copied:
+                            plan.append(data[copied:position])
+                            copied = position
+                        statements.use_unnamed(self.requests_total + requests, open_pbc, plan)
                 if kind != _DESCRIBE:
                     open_pbc += 1
             elif kind == _REQUEST:

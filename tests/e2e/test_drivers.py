@@ -11,10 +11,13 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pg8000.native
 import pytest
 
 from pgproxy.embedded import EmbeddedPostgres
@@ -190,3 +193,40 @@ def test_node_postgres_named_queries(proxy_small: ProxyProcess, tmp_path: Path) 
     backends: list[list[Any]] = json.loads(result.stdout)
     assert len(backends) == 10
     assert len({pid for pids in backends for pid in pids}) <= 3
+
+
+# -- pg8000: the unnamed statement across two Syncs ------------------------------------------
+
+
+def test_pg8000_unnamed_statement_outside_transactions(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """pg8000's run() with parameters sends Parse/Sync, Describe/Sync and Bind/Execute/Sync
+    of the unnamed statement: in autocommit each Sync ends the transaction, and the next
+    message may reach another server, where pgproxy must prepare the statement again."""
+    proxy = proxy_factory(proxy_config(pg, default_pool_size=4))
+    clients, rounds = 60, 15
+    start = threading.Barrier(clients)
+
+    def worker(number: int) -> list[tuple[int, int]]:
+        conn = pg8000.native.Connection(
+            "app", host="127.0.0.1", port=proxy.port, database="appdb", password="app-secret"
+        )
+        try:
+            start.wait(timeout=60)
+            results = []
+            for index in range(rounds):
+                value = number * 1000 + index
+                rows = conn.run("select :v::int, pg_backend_pid()", v=value)
+                results.append((value, rows[0][0]))
+                backends.add(rows[0][1])
+            return results
+        finally:
+            conn.close()
+
+    backends: set[int] = set()
+    with ThreadPoolExecutor(max_workers=clients) as executor:
+        outcomes = list(executor.map(worker, range(clients), timeout=120))
+    assert sum(len(results) for results in outcomes) == clients * rounds
+    assert all(value == got for results in outcomes for value, got in results)
+    assert len(backends) <= 4
