@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
+from pgproxy.protocol import messages
 from pgproxy.protocol.prepared import (
+    _DEALLOCATE_MESSAGES,
     ClientStatements,
     Registry,
     ServerStatements,
     close_message,
+    deallocate_name,
     parse_message,
 )
 from pgproxy.protocol.stream import BackendScanner, FrontendScanner
@@ -320,3 +325,135 @@ def test_a_client_without_an_unnamed_parse_binds_as_it_wrote() -> None:
     stream = bind_values(b"", b"1") + EXECUTE + SYNC
     assert link.send(stream) == stream
     assert link.front.plan is None
+
+
+# -- DEALLOCATE name (a simple Query) of a mapped name --------------------------------------
+
+DEALLOCATE_COMPLETE = b"C\0\0\0\x0fDEALLOCATE\0"
+HIDDEN_DEALLOCATE = CLOSE_COMPLETE + PARSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE
+
+
+def deallocate_replies(status: bytes = b"I") -> bytes:
+    """The server's replies to a rewritten DEALLOCATE that succeeds."""
+    return HIDDEN_DEALLOCATE + DEALLOCATE_COMPLETE + CLOSE_COMPLETE + b"Z\0\0\0\x05" + status
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        (b"DEALLOCATE a", b"a"),
+        (b"deallocate prepare a;", b"a"),
+        (b"  DeAllocate\n\tPREPARE   dbdpg_p123_4 ; \n", b"dbdpg_p123_4"),
+        (b'DEALLOCATE "Mixed Case"', b"Mixed Case"),
+        (b'DEALLOCATE "say ""hi"""', b'say "hi"'),
+        (b'deallocate"x"', b"x"),
+        (b"DEALLOCATE MiXeD", b"mixed"),
+        (b'DEALLOCATE "ALL"', b"ALL"),
+        (b'DEALLOCATE PREPARE "prepare"', b"prepare"),
+        (b"DEALLOCATE _pg3_0", b"_pg3_0"),
+        (b"DEALLOCATE a$1", b"a$1"),
+    ],
+)
+def test_deallocate_name(text: bytes, name: bytes) -> None:
+    assert deallocate_name(text) == name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"DEALLOCATE ALL",
+        b"deallocate prepare all;",
+        b"DEALLOCATE",
+        b"DEALLOCATE prepare",
+        b"DEALLOCATE a b",
+        b"DEALLOCATE a; DEALLOCATE b",
+        b"DEALLOCATE a;;",
+        b"DEALLOCATE a -- why",
+        b"/* c */ DEALLOCATE a",
+        b'DEALLOCATE ""',
+        b'DEALLOCATE "open',
+        b'DEALLOCATE U&"a"',
+        b"DEALLOCATE caf\xc3\xa9",
+        b"DEALLOCATE " + b"x" * 64,
+        b"PREPARE a AS SELECT 1",
+        b"EXECUTE a",
+        b"select 1",
+        b"DEALLOCATE 1a",
+    ],
+)
+def test_not_a_deallocate_name(text: bytes) -> None:
+    assert deallocate_name(text) is None
+
+
+def test_deallocate_of_a_mapped_name_is_answered_by_the_server() -> None:
+    link = Link()
+    link.send(parse(b"Mine", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    statement = link.client.names[b"Mine"]
+    assert statement.refs == 2  # the client's name and the server's cache
+    link.move_to_new_server()  # (a server that never had it: nothing to deallocate there)
+    query = messages.query('DEALLOCATE "Mine"')
+    assert link.send(query) == _DEALLOCATE_MESSAGES
+    assert b"Mine" not in link.client.names
+    assert link.reply(deallocate_replies()) == DEALLOCATE_COMPLETE + READY
+    assert statement.refs == 1 and not link.server.ledger
+    # The name is free again, as in PostgreSQL.
+    assert link.send(parse(b"Mine", b"select 2") + SYNC) == parse(b"PGPROXY_2", b"select 2") + SYNC
+
+
+def test_deallocate_that_fails_keeps_the_name() -> None:
+    link = Link()
+    link.send(parse(b"a", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    # In an aborted transaction the Parse of "DEALLOCATE ..." fails, as the Query would.
+    link.send(messages.query("deallocate a"))
+    aborted = b"Z\0\0\0\x05E"
+    assert link.reply(CLOSE_COMPLETE + error(b"25P02") + aborted) == error(b"25P02") + aborted
+    assert b"a" in link.client.names and not link.server.ledger
+
+
+def test_deallocate_pipelined_between_other_requests() -> None:
+    link = Link()
+    link.send(parse(b"a", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    sent = link.send(
+        messages.query("select 1") + messages.query("DEALLOCATE a;") + bind(b"a") + SYNC
+    )
+    assert sent == (
+        messages.query("select 1") + _DEALLOCATE_MESSAGES + bind(b"a") + SYNC
+    )  # (the name is gone: the Bind goes as written, and PostgreSQL says so)
+    replies = COMPLETE + READY + deallocate_replies()
+    assert link.reply(replies + error(b"26000") + READY) == (
+        COMPLETE + READY + DEALLOCATE_COMPLETE + READY + error(b"26000") + READY
+    )
+
+
+@pytest.mark.parametrize(
+    "sql", ["DEALLOCATE b", "DEALLOCATE ALL", "deallocate  a  a", "select 'DEALLOCATE a'"]
+)
+def test_other_queries_pass_untouched(sql: str) -> None:
+    link = Link()
+    link.send(parse(b"a", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    query = messages.query(sql)
+    assert link.send(query) == query
+    assert b"a" in link.client.names
+
+
+def test_deallocate_split_anywhere_gives_the_same_bytes() -> None:
+    query = messages.query("DEALLOCATE a")
+    stream = messages.query("select 1") + query + messages.query("select 2")
+    expected = messages.query("select 1") + _DEALLOCATE_MESSAGES + messages.query("select 2")
+    for cut in range(1, len(stream)):
+        link = Link()
+        link.send(parse(b"a", b"select 1") + SYNC)
+        link.reply(PARSE_COMPLETE + READY)
+        assert link.send(stream[:cut], stream[cut:]) == expected, cut
+        assert link.front.requests_total == 4
+    link = Link()
+    link.send(parse(b"a", b"select 1") + SYNC)
+    assert link.send(*bytewise(stream)) == expected
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]

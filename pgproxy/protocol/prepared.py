@@ -26,8 +26,9 @@ Errors are PostgreSQL's own, from the server, in their place in the pipeline: an
 name is forwarded as the client wrote it (the server has no such statement), and a name
 already in use is made to collide on the server (see ``_DUPLICATE``).
 
-One more driver habit: Bind of the unnamed statement in another batch than its Parse
-(see ClientStatements).
+Two more driver habits: SQL ``DEALLOCATE name`` of a mapped name (a simple Query, see
+``deallocate_name`` and ``_DEALLOCATE_MESSAGES``), and Bind of the unnamed statement in
+another batch than its Parse (see ClientStatements).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ _DUPLICATE = 3
 # client's unnamed Parse (``raw``, of request ``parsed``): a server that did not get that
 # Parse in this link gets it first, its reply hidden (see ClientStatements.unnamed).
 _UNNAMED = 4
+# The client's simple Query ``DEALLOCATE name`` of a mapped name: rewritten (see
+# _DEALLOCATE_MESSAGES) so that the server answers it in its place, whichever statements
+# it has.
+_DEALLOCATE = 5
 
 
 class Op:
@@ -85,8 +90,12 @@ _SKIP_CLOSE = 3  # Close of the stand-in Parse (statement already here): hidden
 _STRAY = 4  # the empty Parse that makes a duplicate name collide: hidden
 _CLIENT_CLOSE = 5  # a client's Close: undone (name restored) if the server skipped it
 _UNNAMED_PARSE = 7  # pgproxy's Parse of a client's unnamed statement: hidden
+_HIDE = 8  # another message of pgproxy's own: hidden, nothing to settle
+_CLIENT_DEALLOCATE = 9  # the Bind of a rewritten DEALLOCATE: hidden, else as _CLIENT_CLOSE
 
-_HIDDEN_KINDS = frozenset((_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY, _UNNAMED_PARSE))
+_HIDDEN_KINDS = frozenset(
+    (_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY, _UNNAMED_PARSE, _HIDE, _CLIENT_DEALLOCATE)
+)
 
 # A client Parse of a statement this server already has is answered by a Parse of an empty
 # query under this name (and its Close right after): the client's ParseComplete then comes
@@ -106,6 +115,101 @@ def close_message(name: bytes) -> bytes:
 
 _EMPTY_QUERY = b"\0\0\0"  # query '' and no parameter types
 _STAND_IN_PARSE = parse_message(_STAND_IN, _EMPTY_QUERY) + close_message(_STAND_IN)
+
+# A client's ``DEALLOCATE name`` (a simple Query) of a name pgproxy maps: the server may
+# not have the statement, and has it under another name anyway. What it gets instead
+# deallocates a statement of pgproxy's own, prepared for the purpose in the same batch, so
+# that the client's CommandComplete "DEALLOCATE", or PostgreSQL's error where DEALLOCATE
+# would fail (in an aborted transaction: the Parse of "DEALLOCATE ..." fails as the Query
+# would, and the rest is skipped), comes from the server in its place: Close of the
+# helper's name (in case an earlier one was left prepared; closing nothing is no error),
+# Parse of the DEALLOCATE into the unnamed statement, Parse of the helper (an empty query),
+# Bind, Execute, Close of the unnamed statement (which a simple Query destroys too), Sync.
+# Their replies but CommandComplete and ReadyForQuery are hidden; the Bind's settles the
+# client's name (restored if it was skipped).
+_DEALLOCATE_NAME = b"PGPROXY_DEALLOCATE"
+_DEALLOCATE_MESSAGES = (
+    close_message(_DEALLOCATE_NAME)
+    + parse_message(b"", b'DEALLOCATE "' + _DEALLOCATE_NAME + b'"\0\0\0')
+    + parse_message(_DEALLOCATE_NAME, _EMPTY_QUERY)
+    + _HEADER.pack(b"B", 12) + b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0"  # no parameters
+    + _HEADER.pack(b"E", 9) + b"\0" + b"\0\0\0\0"
+    + close_message(b"")
+    + _HEADER.pack(b"S", 4)
+)  # fmt: skip
+# Their Parse/Bind/Close replies: CloseComplete, ParseComplete, ParseComplete, BindComplete
+# (the Bind's is the third from 0), CloseComplete.
+_DEALLOCATE_REPLIES = 5
+_DEALLOCATE_BIND = 3
+
+
+# ``DEALLOCATE [PREPARE] name``: what deallocate_name reads (PostgreSQL's lexer, in part).
+_SQL_SPACE = frozenset(b" \t\n\r\f\v")
+_IDENTIFIER_START = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_IDENTIFIER_PART = _IDENTIFIER_START | frozenset(b"0123456789$")
+_MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names
+# The longest Query text deallocate_name reads (a quoted name of 63 bytes, all quotes,
+# with room for spaces); longer ones are passed through unread.
+MAX_DEALLOCATE_QUERY = 256
+MIN_DEALLOCATE_QUERY = len(b"DEALLOCATE x")
+
+
+def deallocate_name(text: bytes) -> bytes | None:
+    """The statement name if ``text`` (a simple Query's, without its NUL) is exactly one
+    ``DEALLOCATE [PREPARE] name`` (keywords in any case, an optional semicolon, white
+    space anywhere between); None for anything else, ``DEALLOCATE ALL`` included.
+
+    The name as PostgreSQL reads it: an unquoted one is folded to lower case, a quoted one
+    kept as written ("" for a quote). Rarer forms (comments, U&"..." names, non-ASCII
+    unquoted names, which fold by the server's encoding, names PostgreSQL would truncate)
+    give None: the Query then goes to the server as it is."""
+    words: list[tuple[bytes, bool]] = []  # (word, quoted)
+    size = len(text)
+    position = 0
+    semicolon = False
+    while position < size:
+        byte = text[position]
+        if byte in _SQL_SPACE:
+            position += 1
+        elif semicolon:
+            return None  # something after the semicolon
+        elif byte == 0x3B:  # ;
+            semicolon = True
+            position += 1
+        elif byte in _IDENTIFIER_START:
+            end = position + 1
+            while end < size and text[end] in _IDENTIFIER_PART:
+                end += 1
+            if end < size and text[end] >= 0x80:
+                return None  # a non-ASCII unquoted name
+            words.append((text[position:end].lower(), False))
+            position = end
+        elif byte == 0x22:  # "
+            quoted = bytearray()
+            end = position + 1
+            while True:
+                quote = text.find(b'"', end)
+                if quote < 0:
+                    return None  # unterminated: PostgreSQL's error, from the server
+                quoted += text[end:quote]
+                if text[quote + 1 : quote + 2] != b'"':
+                    break
+                quoted += b'"'
+                end = quote + 2
+            if not quoted:
+                return None  # a zero-length name is an error
+            words.append((bytes(quoted), True))
+            position = quote + 1
+        else:
+            return None
+    if len(words) == 3 and words[1] == (b"prepare", False):
+        del words[1]
+    if len(words) != 2 or words[0] != (b"deallocate", False):
+        return None
+    name, was_quoted = words[1]
+    if (not was_quoted and name in (b"all", b"prepare")) or len(name) > _MAX_IDENTIFIER:
+        return None
+    return name
 
 
 def _last_unnamed_parse(chunk: bytes) -> bytes:
@@ -280,6 +384,12 @@ class ClientStatements:
             unnamed = self.unnamed = _last_unnamed_parse(unnamed)
         return unnamed
 
+    def deallocate(self, name: bytes, batch: int, index: int, plan: Plan) -> None:
+        """The client's simple Query ``DEALLOCATE name`` of a name it has: forgotten (and
+        restored if the server skips it), the Query rewritten where it is rendered."""
+        statement = self.names.pop(name)
+        plan.append(Op(_DEALLOCATE, batch, index, statement, name))
+
     def forget_all(self) -> None:
         """DEALLOCATE ALL / DISCARD ALL, or the client left: drop every name."""
         for statement in self.names.values():
@@ -293,7 +403,11 @@ class ClientStatements:
         self.forget_all()
         for plan in unsent:
             for item in plan:
-                if isinstance(item, Op) and item.kind == _CLOSE and item.statement is not None:
+                if (
+                    isinstance(item, Op)
+                    and item.kind in (_CLOSE, _DEALLOCATE)
+                    and item.statement is not None
+                ):
                     self.registry.release(item.statement)
 
 
@@ -399,6 +513,15 @@ class ServerStatements:
                     self.extra += 1
                     client.reparsed = raw
                     client.reparsed_batch = item.batch
+            elif kind == _DEALLOCATE:
+                parts.append(_DEALLOCATE_MESSAGES)
+                for offset in range(_DEALLOCATE_REPLIES):
+                    if offset == _DEALLOCATE_BIND:
+                        self._note(_CLIENT_DEALLOCATE, batch, index + offset, statement,
+                                   client, item.name)  # fmt: skip
+                    else:
+                        self._note(_HIDE, batch, index + offset, None)
+                self.extra += _DEALLOCATE_REPLIES
             else:  # _DUPLICATE
                 parts.append(parse_message(item.name, _EMPTY_QUERY))
                 self._note(_STRAY, batch, index, None, None, item.name)
@@ -464,7 +587,7 @@ class ServerStatements:
             client = entry.client
             if not done and client is not None and client.reparsed is entry.name:
                 client.reparsed = None  # skipped after an error: not prepared after all
-        elif kind == _CLIENT_CLOSE:
+        elif kind in (_CLIENT_CLOSE, _CLIENT_DEALLOCATE):
             assert statement is not None
             client = entry.client
             if done or client is None or client.closed or entry.name in client.names:

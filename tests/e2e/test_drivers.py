@@ -230,3 +230,81 @@ def test_pg8000_unnamed_statement_outside_transactions(
     assert sum(len(results) for results in outcomes) == clients * rounds
     assert all(value == got for results in outcomes for value, got in results)
     assert len(backends) <= 4
+
+
+# -- DBD::Pg: server-side prepares, deallocated with SQL DEALLOCATE ---------------------------
+
+# Each client (a forked process with its own connection) prepares statements server-side
+# (pg_switch_prepared => 1: from the first execute on), runs them, and lets them go: DBD::Pg
+# then sends `DEALLOCATE dbdpg_p<pid>_<n>` as a simple Query, in autocommit and inside a
+# transaction, where a failure would abort the transaction.
+PERL_SCRIPT = r"""
+use strict;
+use warnings;
+use DBI;
+
+my ($port, $clients, $rounds) = @ARGV;
+my @children;
+for my $client (1 .. $clients) {
+    my $pid = fork();
+    die "fork: $!" unless defined $pid;
+    if ($pid == 0) {
+        my $dbh = DBI->connect(
+            "dbi:Pg:dbname=appdb;host=127.0.0.1;port=$port", "app", "app-secret",
+            { AutoCommit => 1, RaiseError => 1, PrintError => 0, PrintWarn => 0,
+              pg_server_prepare => 1, pg_switch_prepared => 1 },
+        );
+        for my $round (1 .. $rounds) {
+            my $sth = $dbh->prepare("select ?::int + $client");
+            for my $value (1 .. 3) {
+                $sth->execute($value);
+                my ($sum) = $sth->fetchrow_array;
+                die "client $client: $sum" unless $sum == $value + $client;
+            }
+            $sth->finish;
+            undef $sth;  # DEALLOCATE, in autocommit
+            $dbh->begin_work;
+            my $insert = $dbh->prepare("insert into t (v) values (?)");
+            $insert->execute("dbdpg-$client-$round");
+            undef $insert;  # DEALLOCATE, in the transaction
+            my $count = $dbh->prepare("select count(*) from t where v = ?");
+            $count->execute("dbdpg-$client-$round");
+            my ($rows) = $count->fetchrow_array;
+            die "client $client: $rows rows" unless $rows == 1;
+            undef $count;
+            $dbh->commit;
+        }
+        $dbh->disconnect;
+        exit 0;
+    }
+    push @children, $pid;
+}
+my $failed = 0;
+for my $pid (@children) {
+    waitpid($pid, 0);
+    $failed++ if $? != 0;
+}
+print $failed ? "failed: $failed clients\n" : "success\n";
+exit($failed ? 1 : 0);
+"""
+
+
+def test_dbd_pg_deallocates_its_server_side_statements(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    perl = shutil.which("perl")
+    assert perl is not None
+    check = subprocess.run([perl, "-MDBD::Pg", "-e", "1"], capture_output=True, text=True)
+    assert check.returncode == 0, "DBD::Pg (libdbd-pg-perl) is installed by scripts/bootstrap.sh"
+    pg.sql("delete from t where v like 'dbdpg-%'", dbname="appdb")
+    proxy = proxy_factory(proxy_config(pg, default_pool_size=3))
+    script = tmp_path / "dbdpg.pl"
+    script.write_text(PERL_SCRIPT)
+    result = subprocess.run(
+        [perl, str(script), str(proxy.port), "12", "10"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "success"
+    count = pg.sql("select count(*) from t where v like 'dbdpg-%'", dbname="appdb")
+    assert count.strip() == "120"
