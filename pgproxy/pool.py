@@ -253,11 +253,14 @@ class Pool:
         # on it counts the replies the ledger needs); else at the client's first named
         # statement (_send_plan), so that a link is as cheap as before for the rest.
         server.statements_client = None
-        statements = client.scan.statements
-        if statements is not None and (
-            server.statements is None or statements.names or server.statements.strays
-        ):
-            server.link_statements(client, at_link=True)
+        scan = client.scan
+        statements = scan.statements
+        if statements is not None:
+            # Every request from here on goes to this server (those before were answered):
+            # where the client's unnamed statement was parsed (ClientStatements).
+            statements.link_start = scan.requests_total - client.outstanding
+            if server.statements is None or statements.names or server.statements.strays:
+                server.link_statements(client, at_link=True)
 
     def _unlink(self, client: ClientConn, server: ServerConn) -> None:
         client.request_at = server.query_started  # SHOW CLIENTS request_time

@@ -2,6 +2,7 @@
 # Install what the project needs on this machine; idempotent and fast when all is there.
 #   - PostgreSQL server binaries (initdb, pg_ctl, postgres, psql) from apt if missing
 #   - promtool (Debian package prometheus; its server is not started) if missing
+#   - DBD::Pg (Debian package libdbd-pg-perl) if missing
 #   - python3 >= 3.11 with venv support
 #   - .venv at the repo root with `pip install -e '.[dev]'` (redone when pyproject.toml changes)
 set -euo pipefail
@@ -75,6 +76,14 @@ if ! command -v promtool >/dev/null 2>&1; then
     say "installing promtool (Debian package prometheus)"
     install_promtool
     command -v promtool >/dev/null 2>&1 || die "prometheus installed but promtool still not found"
+fi
+
+# DBD::Pg, for the driver tests (tests/e2e/test_drivers.py): Perl's PostgreSQL driver,
+# which deallocates its server-side statements with SQL DEALLOCATE.
+if ! perl -MDBD::Pg -e 1 >/dev/null 2>&1; then
+    say "installing DBD::Pg (Debian package libdbd-pg-perl)"
+    apt_install libdbd-pg-perl
+    perl -MDBD::Pg -e 1 >/dev/null 2>&1 || die "libdbd-pg-perl installed but DBD::Pg still not found"
 fi
 
 command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found; Python >= 3.11 is required"

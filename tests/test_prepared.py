@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
+from pgproxy.protocol import messages
 from pgproxy.protocol.prepared import (
+    _DEALLOCATE_MESSAGES,
     ClientStatements,
     Registry,
     ServerStatements,
     close_message,
+    deallocate_name,
     parse_message,
 )
 from pgproxy.protocol.stream import BackendScanner, FrontendScanner
@@ -20,7 +25,7 @@ PARSE_COMPLETE = b"1\0\0\0\x04"
 BIND_COMPLETE = b"2\0\0\0\x04"
 CLOSE_COMPLETE = b"3\0\0\0\x04"
 READY = b"Z\0\0\0\x05I"
-COMPLETE = b"C\0\0\0\x0bSELECT 1\0"
+COMPLETE = b"C\0\0\0\x0dSELECT 1\0"
 
 
 def bind(name: bytes) -> bytes:
@@ -57,6 +62,7 @@ class Link:
         self.back = BackendScanner()
         self.back.statements, self.back.ledger = self.server, self.server.ledger
         self.server.align(0, 0, self.front.requests_total, 0)
+        self.client.link_start = self.front.requests_total
 
     def send(self, *chunks: bytes) -> bytes:
         """What the server gets for ``chunks`` sent by the client."""
@@ -190,3 +196,264 @@ def test_a_name_without_its_end_is_a_protocol_error() -> None:
     front.statements = ClientStatements(Registry(), PoolStats())
     front.feed(b"P\0\0\0\x07abc")
     assert front.error == "invalid string in message"
+
+
+# -- the unnamed statement across batches (pg8000's run() with parameters) -----------------
+
+DESCRIBE_STATEMENT = b"D\0\0\0\x06S\0"
+PARAMETERS = b"t\0\0\0\x0a\0\x01\0\0\0\x17"  # ParameterDescription: one int4
+NO_DATA = b"n\0\0\0\x04"
+
+
+def bind_values(name: bytes, *values: bytes) -> bytes:
+    body = b"\0" + name + b"\0" + b"\0\0" + struct.pack("!H", len(values))
+    for value in values:
+        body += struct.pack("!I", len(value)) + value
+    body += b"\0\0"
+    return b"B" + struct.pack("!I", 4 + len(body)) + body
+
+
+def test_an_unnamed_statement_follows_its_client_to_another_server() -> None:
+    """pg8000's run(): Parse/Sync, Describe/Sync, Bind/Execute/Sync of the unnamed
+    statement, each batch on another server (autocommit frees it at every Sync)."""
+    link = Link()
+    unnamed = parse(b"", b"select $1::int")
+    assert link.send(unnamed + SYNC) == unnamed + SYNC  # (the quick walk: untouched)
+    assert link.front.plan is None and link.client.unnamed_parse() == unnamed
+    assert link.reply(PARSE_COMPLETE + READY) == PARSE_COMPLETE + READY
+    link.move_to_new_server()
+    assert link.send(DESCRIBE_STATEMENT + SYNC) == unnamed + DESCRIBE_STATEMENT + SYNC
+    described = PARAMETERS + NO_DATA + READY
+    assert link.reply(PARSE_COMPLETE + described) == described  # (hidden: not the client's)
+    link.move_to_new_server()
+    stream = bind_values(b"", b"42") + EXECUTE + SYNC
+    assert link.send(stream) == unnamed + stream
+    assert link.reply(PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY) == (
+        BIND_COMPLETE + COMPLETE + READY
+    )
+    # Still linked to that server: it has the statement now, from pgproxy.
+    assert link.send(stream) == stream
+    assert link.reply(BIND_COMPLETE + COMPLETE + READY) == BIND_COMPLETE + COMPLETE + READY
+    assert not link.server.ledger and not link.registry.by_body
+
+
+def test_an_unnamed_statement_parsed_in_the_same_link_is_not_sent_again() -> None:
+    link = Link()
+    unnamed = parse(b"", b"select $1::int")
+    link.send(unnamed + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    stream = bind_values(b"", b"7") + EXECUTE + SYNC
+    assert link.send(stream) == stream  # (a transaction: the same server throughout)
+    # A new Parse in a later link is the one that counts.
+    link.move_to_new_server()
+    other = parse(b"", b"select $1::text")
+    assert link.send(other + bind_values(b"", b"x") + EXECUTE + SYNC) == (
+        other + bind_values(b"", b"x") + EXECUTE + SYNC
+    )
+    assert link.front.plan is None and link.client.unnamed_parse() == other
+    link.move_to_new_server()
+    assert link.send(stream) == other + stream
+
+
+def test_an_unnamed_parse_skipped_after_an_error_is_sent_again() -> None:
+    link = Link()
+    unnamed = parse(b"", b"select $1::int")
+    link.send(unnamed + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    link.move_to_new_server()
+    # A pipeline: the first batch fails before pgproxy's Parse, which is skipped.
+    failing = parse(b"x", b"selec") + SYNC
+    stream = bind_values(b"", b"1") + EXECUTE + SYNC
+    assert link.send(failing + stream) == (parse(b"PGPROXY_1", b"selec") + SYNC + unnamed + stream)
+    link.reply(error(b"42601") + READY)
+    assert link.reply(PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY) == (
+        BIND_COMPLETE + COMPLETE + READY
+    )
+    link.move_to_new_server()
+    both = parse(b"", b"selec") + bind_values(b"", b"1") + EXECUTE + SYNC
+    link.send(both)
+    link.reply(error(b"42601") + READY)
+    # (Recorded all the same: PostgreSQL would keep the previous unnamed statement.)
+    assert link.client.unnamed_parse() == parse(b"", b"selec")
+
+
+def test_a_skipped_reparse_is_sent_again_in_the_same_link() -> None:
+    link = Link()
+    unnamed = parse(b"", b"select $1::int")
+    link.send(unnamed + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    link.move_to_new_server()
+    # No Sync between the failing message and the Bind: pgproxy's Parse is skipped too.
+    failing = bind(b"nonexistent") + EXECUTE
+    stream = bind_values(b"", b"1") + EXECUTE + SYNC
+    assert link.send(failing + stream) == failing + unnamed + stream
+    assert link.reply(error(b"26000") + READY) == error(b"26000") + READY
+    assert link.client.reparsed is None
+    assert link.send(stream) == unnamed + stream
+    assert link.reply(PARSE_COMPLETE + BIND_COMPLETE + COMPLETE + READY) == (
+        BIND_COMPLETE + COMPLETE + READY
+    )
+
+
+def test_an_unnamed_bind_split_anywhere_gives_the_same_bytes() -> None:
+    unnamed = parse(b"", b"select $1::int")
+    stream = bind_values(b"", b"42") + DESCRIBE_STATEMENT + EXECUTE + SYNC
+    for cut in range(1, len(stream)):
+        link = Link()
+        link.send(unnamed + SYNC)
+        link.reply(PARSE_COMPLETE + READY)
+        link.move_to_new_server()
+        assert link.send(stream[:cut], stream[cut:]) == unnamed + stream, cut
+        replies = PARSE_COMPLETE + BIND_COMPLETE + PARAMETERS + NO_DATA + COMPLETE + READY
+        got = link.reply(replies[: cut % 12], replies[cut % 12 :])
+        assert got == BIND_COMPLETE + PARAMETERS + NO_DATA + COMPLETE + READY, cut
+
+
+def test_an_unnamed_statement_into_a_named_portal() -> None:
+    link = Link()
+    unnamed = parse(b"", b"select 1")
+    link.send(unnamed + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    link.move_to_new_server()
+    body = b"cur\0" + b"\0" + b"\0\0" * 3  # portal "cur", the unnamed statement
+    portal = b"B" + struct.pack("!I", 4 + len(body)) + body
+    assert link.send(portal + SYNC) == unnamed + portal + SYNC
+
+
+def test_a_client_without_an_unnamed_parse_binds_as_it_wrote() -> None:
+    link = Link()
+    stream = bind_values(b"", b"1") + EXECUTE + SYNC
+    assert link.send(stream) == stream
+    assert link.front.plan is None
+
+
+# -- DEALLOCATE name (a simple Query) of a mapped name --------------------------------------
+
+DEALLOCATE_COMPLETE = b"C\0\0\0\x0fDEALLOCATE\0"
+HIDDEN_DEALLOCATE = CLOSE_COMPLETE + PARSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE
+
+
+def deallocate_replies(status: bytes = b"I") -> bytes:
+    """The server's replies to a rewritten DEALLOCATE that succeeds."""
+    return HIDDEN_DEALLOCATE + DEALLOCATE_COMPLETE + CLOSE_COMPLETE + b"Z\0\0\0\x05" + status
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        (b"DEALLOCATE a", b"a"),
+        (b"deallocate prepare a;", b"a"),
+        (b"  DeAllocate\n\tPREPARE   dbdpg_p123_4 ; \n", b"dbdpg_p123_4"),
+        (b'DEALLOCATE "Mixed Case"', b"Mixed Case"),
+        (b'DEALLOCATE "say ""hi"""', b'say "hi"'),
+        (b'deallocate"x"', b"x"),
+        (b"DEALLOCATE MiXeD", b"mixed"),
+        (b'DEALLOCATE "ALL"', b"ALL"),
+        (b'DEALLOCATE PREPARE "prepare"', b"prepare"),
+        (b"DEALLOCATE _pg3_0", b"_pg3_0"),
+        (b"DEALLOCATE a$1", b"a$1"),
+    ],
+)
+def test_deallocate_name(text: bytes, name: bytes) -> None:
+    assert deallocate_name(text) == name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"DEALLOCATE ALL",
+        b"deallocate prepare all;",
+        b"DEALLOCATE",
+        b"DEALLOCATE prepare",
+        b"DEALLOCATE a b",
+        b"DEALLOCATE a; DEALLOCATE b",
+        b"DEALLOCATE a;;",
+        b"DEALLOCATE a -- why",
+        b"/* c */ DEALLOCATE a",
+        b'DEALLOCATE ""',
+        b'DEALLOCATE "open',
+        b'DEALLOCATE U&"a"',
+        b"DEALLOCATE caf\xc3\xa9",
+        b"DEALLOCATE " + b"x" * 64,
+        b"PREPARE a AS SELECT 1",
+        b"EXECUTE a",
+        b"select 1",
+        b"DEALLOCATE 1a",
+    ],
+)
+def test_not_a_deallocate_name(text: bytes) -> None:
+    assert deallocate_name(text) is None
+
+
+def test_deallocate_of_a_mapped_name_is_answered_by_the_server() -> None:
+    link = Link()
+    link.send(parse(b"Mine", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    statement = link.client.names[b"Mine"]
+    assert statement.refs == 2  # the client's name and the server's cache
+    link.move_to_new_server()  # (a server that never had it: nothing to deallocate there)
+    query = messages.query('DEALLOCATE "Mine"')
+    assert link.send(query) == _DEALLOCATE_MESSAGES
+    assert b"Mine" not in link.client.names
+    assert link.reply(deallocate_replies()) == DEALLOCATE_COMPLETE + READY
+    assert statement.refs == 1 and not link.server.ledger
+    # The name is free again, as in PostgreSQL.
+    assert link.send(parse(b"Mine", b"select 2") + SYNC) == parse(b"PGPROXY_2", b"select 2") + SYNC
+
+
+def test_deallocate_that_fails_keeps_the_name() -> None:
+    link = Link()
+    link.send(parse(b"a", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    # In an aborted transaction the Parse of "DEALLOCATE ..." fails, as the Query would.
+    link.send(messages.query("deallocate a"))
+    aborted = b"Z\0\0\0\x05E"
+    assert link.reply(CLOSE_COMPLETE + error(b"25P02") + aborted) == error(b"25P02") + aborted
+    assert b"a" in link.client.names and not link.server.ledger
+
+
+def test_deallocate_pipelined_between_other_requests() -> None:
+    link = Link()
+    link.send(parse(b"a", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    sent = link.send(
+        messages.query("select 1") + messages.query("DEALLOCATE a;") + bind(b"a") + SYNC
+    )
+    assert sent == (
+        messages.query("select 1") + _DEALLOCATE_MESSAGES + bind(b"a") + SYNC
+    )  # (the name is gone: the Bind goes as written, and PostgreSQL says so)
+    replies = COMPLETE + READY + deallocate_replies()
+    assert link.reply(replies + error(b"26000") + READY) == (
+        COMPLETE + READY + DEALLOCATE_COMPLETE + READY + error(b"26000") + READY
+    )
+
+
+@pytest.mark.parametrize(
+    "sql", ["DEALLOCATE b", "DEALLOCATE ALL", "deallocate  a  a", "select 'DEALLOCATE a'"]
+)
+def test_other_queries_pass_untouched(sql: str) -> None:
+    link = Link()
+    link.send(parse(b"a", b"select 1") + SYNC)
+    link.reply(PARSE_COMPLETE + READY)
+    query = messages.query(sql)
+    assert link.send(query) == query
+    assert b"a" in link.client.names
+
+
+def test_deallocate_split_anywhere_gives_the_same_bytes() -> None:
+    query = messages.query("DEALLOCATE a")
+    stream = messages.query("select 1") + query + messages.query("select 2")
+    expected = messages.query("select 1") + _DEALLOCATE_MESSAGES + messages.query("select 2")
+    for cut in range(1, len(stream)):
+        link = Link()
+        link.send(parse(b"a", b"select 1") + SYNC)
+        link.reply(PARSE_COMPLETE + READY)
+        assert link.send(stream[:cut], stream[cut:]) == expected, cut
+        assert link.front.requests_total == 4
+    link = Link()
+    link.send(parse(b"a", b"select 1") + SYNC)
+    assert link.send(*bytewise(stream)) == expected
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]

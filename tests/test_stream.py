@@ -62,7 +62,17 @@ def bytewise(data: bytes) -> list[bytes]:
 
 # -- realistic frontend traffic ---------------------------------------------------------
 
-SQL = st.sampled_from(["select 1", "BEGIN", "COMMIT", "insert into t values ($1)", ""])
+SQL = st.sampled_from(
+    [
+        "select 1",
+        "BEGIN",
+        "COMMIT",
+        "insert into t values ($1)",
+        "",
+        "DEALLOCATE a",
+        " deallocate b;",
+    ]
+)
 SMALL_PAYLOAD = st.binary(max_size=24)
 BIG_PAYLOAD = st.integers(min_value=100, max_value=6000).map(lambda n: b"\xab" * n)
 PAYLOAD = st.one_of(SMALL_PAYLOAD, SMALL_PAYLOAD, BIG_PAYLOAD)
@@ -72,6 +82,15 @@ FRONTEND_MESSAGE = st.one_of(
     st.tuples(st.sampled_from([b"F", b"S", b"P", b"B", b"E", b"D", b"C", b"H"]), PAYLOAD),
     st.tuples(st.just(b"S"), st.just(b"")),  # Sync has an empty payload in practice
     st.tuples(st.sampled_from([b"d", b"c", b"f"]), PAYLOAD),  # COPY data / done / fail
+    # Well-formed statement messages: named (DEALLOCATE a can find them) and unnamed.
+    st.sampled_from(
+        [
+            (b"P", b"a\0select 1\0\0\0"),
+            (b"P", b"\0select 2\0\0\0"),
+            (b"B", b"\0\0\0\0\0\0\0\0"),
+            (b"D", b"S\0"),
+        ]
+    ),
 )
 
 # Malformed headers: each triple is (raw header, expected error prefix).
@@ -228,7 +247,7 @@ def test_frontend_totals_do_not_depend_on_chunking(
 FRONTEND_STATE = (
     "requests", "requests_total", "remaining", "carry", "batch_open", "holds_server",
     "open_pbc", "terminate_at", "error", "error_at", "held", "copy_end_seen",
-    "requests_at_copy_end", "at_boundary",
+    "requests_at_copy_end", "at_boundary", "named_parse",
 )  # fmt: skip
 
 
@@ -252,6 +271,11 @@ def test_frontend_quick_walk_leaves_the_state_of_the_full_walk(
         for name in FRONTEND_STATE:
             assert getattr(quick, name) == getattr(full, name), name
         assert (quick.plan is None) == (full.plan is None)
+        if named:
+            assert quick.statements is not None and full.statements is not None
+            assert quick.statements.unnamed_parse() == full.statements.unnamed_parse()
+            assert quick.statements.unnamed_batch == full.statements.unnamed_batch
+            assert list(quick.statements.names) == list(full.statements.names)
         if quick.error is not None or quick.terminate_at != -1:
             break
 

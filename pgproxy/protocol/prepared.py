@@ -25,6 +25,10 @@ come when its batch's ReadyForQuery does was skipped after an error: it is undon
 Errors are PostgreSQL's own, from the server, in their place in the pipeline: an unknown
 name is forwarded as the client wrote it (the server has no such statement), and a name
 already in use is made to collide on the server (see ``_DUPLICATE``).
+
+Two more driver habits: SQL ``DEALLOCATE name`` of a mapped name (a simple Query, see
+``deallocate_name`` and ``_DEALLOCATE_MESSAGES``), and Bind of the unnamed statement in
+another batch than its Parse (see ClientStatements).
 """
 
 from __future__ import annotations
@@ -48,22 +52,31 @@ _CLOSE = 2  # the client's Close of a name follows
 # error, where PostgreSQL would raise it, and aborts the transaction as it would. The
 # stray name is closed at the next link.
 _DUPLICATE = 3
+# A Bind or Describe of the unnamed statement follows, sent in another chunk than the
+# client's unnamed Parse (``raw``, of request ``parsed``): a server that did not get that
+# Parse in this link gets it first, its reply hidden (see ClientStatements.unnamed).
+_UNNAMED = 4
+# The client's simple Query ``DEALLOCATE name`` of a mapped name: rewritten (see
+# _DEALLOCATE_MESSAGES) so that the server answers it in its place, whichever statements
+# it has.
+_DEALLOCATE = 5
 
 
 class Op:
     """A plan item whose bytes depend on the server: ``batch`` (the client's request count
     before it) and ``index`` (its place among the batch's Parse/Bind/Close) name it."""
 
-    __slots__ = ("batch", "index", "kind", "name", "raw", "statement")
+    __slots__ = ("batch", "index", "kind", "name", "parsed", "raw", "statement")
 
     def __init__(self, kind: int, batch: int, index: int, statement: Statement | None,
-                 name: bytes = b"", raw: bytes = b"") -> None:  # fmt: skip
+                 name: bytes = b"", raw: bytes = b"", parsed: int = -1) -> None:  # fmt: skip
         self.kind = kind
         self.batch = batch
         self.index = index
         self.statement = statement
         self.name = name
         self.raw = raw
+        self.parsed = parsed
 
 
 Plan = list[bytes | Op]
@@ -76,8 +89,13 @@ _EVICTED = 2  # pgproxy's Close of the least recently used statement: hidden
 _SKIP_CLOSE = 3  # Close of the stand-in Parse (statement already here): hidden
 _STRAY = 4  # the empty Parse that makes a duplicate name collide: hidden
 _CLIENT_CLOSE = 5  # a client's Close: undone (name restored) if the server skipped it
+_UNNAMED_PARSE = 7  # pgproxy's Parse of a client's unnamed statement: hidden
+_HIDE = 8  # another message of pgproxy's own: hidden, nothing to settle
+_CLIENT_DEALLOCATE = 9  # the Bind of a rewritten DEALLOCATE: hidden, else as _CLIENT_CLOSE
 
-_HIDDEN_KINDS = frozenset((_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY))
+_HIDDEN_KINDS = frozenset(
+    (_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY, _UNNAMED_PARSE, _HIDE, _CLIENT_DEALLOCATE)
+)
 
 # A client Parse of a statement this server already has is answered by a Parse of an empty
 # query under this name (and its Close right after): the client's ParseComplete then comes
@@ -97,6 +115,116 @@ def close_message(name: bytes) -> bytes:
 
 _EMPTY_QUERY = b"\0\0\0"  # query '' and no parameter types
 _STAND_IN_PARSE = parse_message(_STAND_IN, _EMPTY_QUERY) + close_message(_STAND_IN)
+
+# A client's ``DEALLOCATE name`` (a simple Query) of a name pgproxy maps: the server may
+# not have the statement, and has it under another name anyway. What it gets instead
+# deallocates a statement of pgproxy's own, prepared for the purpose in the same batch, so
+# that the client's CommandComplete "DEALLOCATE", or PostgreSQL's error where DEALLOCATE
+# would fail (in an aborted transaction: the Parse of "DEALLOCATE ..." fails as the Query
+# would, and the rest is skipped), comes from the server in its place: Close of the
+# helper's name (in case an earlier one was left prepared; closing nothing is no error),
+# Parse of the DEALLOCATE into the unnamed statement, Parse of the helper (an empty query),
+# Bind, Execute, Close of the unnamed statement (which a simple Query destroys too), Sync.
+# Their replies but CommandComplete and ReadyForQuery are hidden; the Bind's settles the
+# client's name (restored if it was skipped).
+_DEALLOCATE_NAME = b"PGPROXY_DEALLOCATE"
+_DEALLOCATE_MESSAGES = (
+    close_message(_DEALLOCATE_NAME)
+    + parse_message(b"", b'DEALLOCATE "' + _DEALLOCATE_NAME + b'"\0\0\0')
+    + parse_message(_DEALLOCATE_NAME, _EMPTY_QUERY)
+    + _HEADER.pack(b"B", 12) + b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0"  # no parameters
+    + _HEADER.pack(b"E", 9) + b"\0" + b"\0\0\0\0"
+    + close_message(b"")
+    + _HEADER.pack(b"S", 4)
+)  # fmt: skip
+# Their Parse/Bind/Close replies: CloseComplete, ParseComplete, ParseComplete, BindComplete
+# (the Bind's is the third from 0), CloseComplete.
+_DEALLOCATE_REPLIES = 5
+_DEALLOCATE_BIND = 3
+
+
+# ``DEALLOCATE [PREPARE] name``: what deallocate_name reads (PostgreSQL's lexer, in part).
+_SQL_SPACE = frozenset(b" \t\n\r\f\v")
+_IDENTIFIER_START = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_IDENTIFIER_PART = _IDENTIFIER_START | frozenset(b"0123456789$")
+_MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names
+# The longest Query text deallocate_name reads (a quoted name of 63 bytes, all quotes,
+# with room for spaces); longer ones are passed through unread.
+MAX_DEALLOCATE_QUERY = 256
+MIN_DEALLOCATE_QUERY = len(b"DEALLOCATE x")
+
+
+def deallocate_name(text: bytes) -> bytes | None:
+    """The statement name if ``text`` (a simple Query's, without its NUL) is exactly one
+    ``DEALLOCATE [PREPARE] name`` (keywords in any case, an optional semicolon, white
+    space anywhere between); None for anything else, ``DEALLOCATE ALL`` included.
+
+    The name as PostgreSQL reads it: an unquoted one is folded to lower case, a quoted one
+    kept as written ("" for a quote). Rarer forms (comments, U&"..." names, non-ASCII
+    unquoted names, which fold by the server's encoding, names PostgreSQL would truncate)
+    give None: the Query then goes to the server as it is."""
+    words: list[tuple[bytes, bool]] = []  # (word, quoted)
+    size = len(text)
+    position = 0
+    semicolon = False
+    while position < size:
+        byte = text[position]
+        if byte in _SQL_SPACE:
+            position += 1
+        elif semicolon:
+            return None  # something after the semicolon
+        elif byte == 0x3B:  # ;
+            semicolon = True
+            position += 1
+        elif byte in _IDENTIFIER_START:
+            end = position + 1
+            while end < size and text[end] in _IDENTIFIER_PART:
+                end += 1
+            if end < size and text[end] >= 0x80:
+                return None  # a non-ASCII unquoted name
+            words.append((text[position:end].lower(), False))
+            position = end
+        elif byte == 0x22:  # "
+            quoted = bytearray()
+            end = position + 1
+            while True:
+                quote = text.find(b'"', end)
+                if quote < 0:
+                    return None  # unterminated: PostgreSQL's error, from the server
+                quoted += text[end:quote]
+                if text[quote + 1 : quote + 2] != b'"':
+                    break
+                quoted += b'"'
+                end = quote + 2
+            if not quoted:
+                return None  # a zero-length name is an error
+            words.append((bytes(quoted), True))
+            position = quote + 1
+        else:
+            return None
+    if len(words) == 3 and words[1] == (b"prepare", False):
+        del words[1]
+    if len(words) != 2 or words[0] != (b"deallocate", False):
+        return None
+    name, was_quoted = words[1]
+    if (not was_quoted and name in (b"all", b"prepare")) or len(name) > _MAX_IDENTIFIER:
+        return None
+    return name
+
+
+def _last_unnamed_parse(chunk: bytes) -> bytes:
+    """The last whole unnamed Parse in ``chunk`` (which starts with a message header and
+    has one), the chunk itself if that is all it is."""
+    size = len(chunk)
+    position = start = 0
+    end = size
+    while position + 5 <= size:
+        type_byte, length = _HEADER.unpack_from(chunk, position)
+        following = position + 1 + length
+        if type_byte == b"P" and following <= size and length >= 6 and not chunk[position + 5]:
+            start, end = position, following
+        position = following
+    return chunk[start:end]  # (the same object when it is the whole chunk)
 
 
 class StatementError(Exception):
@@ -147,15 +275,43 @@ def _string_end(data: bytes, start: int, end: int) -> int:
 
 
 class ClientStatements:
-    """A client's statement names, and the plan pieces for its named statement messages."""
+    """A client's statement names, and the plan pieces for its named statement messages.
 
-    __slots__ = ("closed", "names", "registry", "stats")
+    The unnamed statement: some drivers (pg8000's run() with parameters) send Parse of
+    the unnamed statement and its Sync, then Bind (or Describe) of it in a later
+    batch. Outside a transaction the first Sync may free the client's server, and the Bind
+    reach another one. So the scanner records the client's last unnamed Parse (``unnamed``:
+    the message, or the chunk whose last unnamed Parse it is, which the quick walk keeps
+    rather than copy the message; sent in request ``unnamed_batch``), and a Bind or
+    Describe of the unnamed statement in
+    a chunk without that Parse becomes an ``_UNNAMED`` op: a server that did not get the
+    Parse in the current link (which began at request ``link_start``, set by the pool)
+    gets it first, its ParseComplete hidden (``reparsed``: the Parse pgproxy sent so in
+    request ``reparsed_batch``, so that it is sent once per link).
+    """
+
+    __slots__ = (
+        "closed",
+        "link_start",
+        "names",
+        "registry",
+        "reparsed",
+        "reparsed_batch",
+        "stats",
+        "unnamed",
+        "unnamed_batch",
+    )
 
     def __init__(self, registry: Registry, stats: PoolStats) -> None:
         self.registry = registry
         self.stats = stats
         self.names: dict[bytes, Statement] = {}
         self.closed = False
+        self.unnamed: bytes | None = None
+        self.unnamed_batch = -1
+        self.link_start = 0
+        self.reparsed: bytes | None = None
+        self.reparsed_batch = -1
 
     # Each method appends to ``plan`` what stands for the message data[position:end];
     # ``batch`` (the client's request count before it) and ``index`` (its place among the
@@ -177,8 +333,11 @@ class ClientStatements:
              plan: Plan) -> None:  # fmt: skip
         portal_end = _string_end(data, position + 5, end)
         name_end = _string_end(data, portal_end + 1, end)
-        statement = self.names.get(data[portal_end + 1 : name_end])
+        name = data[portal_end + 1 : name_end]
+        statement = self.names.get(name)
         if statement is None:  # PostgreSQL will say it does not exist
+            if not name:  # the unnamed statement, into a named portal
+                self.use_unnamed(batch, index, plan)
             plan.append(data[position:end])
             return
         self.stats.bind_count += 1
@@ -210,6 +369,27 @@ class ClientStatements:
         # the skip after an earlier error) comes from the server in its place.
         plan.append(data[position:end])
 
+    def use_unnamed(self, batch: int, index: int, plan: Plan) -> None:
+        """A Bind or Describe of the unnamed statement follows in ``plan``, and the
+        client's last unnamed Parse was not earlier in its chunk: the server may lack it."""
+        unnamed = self.unnamed_parse()
+        if unnamed is not None:
+            plan.append(Op(_UNNAMED, batch, index, None, raw=unnamed, parsed=self.unnamed_batch))
+
+    def unnamed_parse(self) -> bytes | None:
+        """The client's last unnamed Parse message (None: it sent none), taken out of its
+        chunk once, so that it is the same object until the next one."""
+        unnamed = self.unnamed
+        if unnamed is not None:
+            unnamed = self.unnamed = _last_unnamed_parse(unnamed)
+        return unnamed
+
+    def deallocate(self, name: bytes, batch: int, index: int, plan: Plan) -> None:
+        """The client's simple Query ``DEALLOCATE name`` of a name it has: forgotten (and
+        restored if the server skips it), the Query rewritten where it is rendered."""
+        statement = self.names.pop(name)
+        plan.append(Op(_DEALLOCATE, batch, index, statement, name))
+
     def forget_all(self) -> None:
         """DEALLOCATE ALL / DISCARD ALL, or the client left: drop every name."""
         for statement in self.names.values():
@@ -223,12 +403,17 @@ class ClientStatements:
         self.forget_all()
         for plan in unsent:
             for item in plan:
-                if isinstance(item, Op) and item.kind == _CLOSE and item.statement is not None:
+                if (
+                    isinstance(item, Op)
+                    and item.kind in (_CLOSE, _DEALLOCATE)
+                    and item.statement is not None
+                ):
                     self.registry.release(item.statement)
 
 
 class Pending:
-    """A ledger entry: a Parse/Bind/Close in flight whose reply pgproxy must act on."""
+    """A ledger entry: a Parse/Bind/Close in flight whose reply pgproxy must act on
+    (``name``: the client's statement name; for _UNNAMED_PARSE, the Parse message)."""
 
     __slots__ = ("batch", "client", "hide", "index", "kind", "name", "statement")
 
@@ -315,6 +500,28 @@ class ServerStatements:
                     self._note(_CLIENT_PARSE, batch, index, statement, client, item.name)
             elif kind == _CLOSE:
                 self._note(_CLIENT_CLOSE, batch, index, statement, client, item.name)
+            elif kind == _UNNAMED:
+                link_start = client.link_start
+                raw = item.raw
+                if item.parsed < link_start and (
+                    client.reparsed is not raw or client.reparsed_batch < link_start
+                ):
+                    # Parsed in an earlier link, maybe on another server, and not sent
+                    # here since: its unnamed statement may be anyone's, or none.
+                    parts.append(raw)
+                    self._note(_UNNAMED_PARSE, batch, index, None, client, raw)
+                    self.extra += 1
+                    client.reparsed = raw
+                    client.reparsed_batch = item.batch
+            elif kind == _DEALLOCATE:
+                parts.append(_DEALLOCATE_MESSAGES)
+                for offset in range(_DEALLOCATE_REPLIES):
+                    if offset == _DEALLOCATE_BIND:
+                        self._note(_CLIENT_DEALLOCATE, batch, index + offset, statement,
+                                   client, item.name)  # fmt: skip
+                    else:
+                        self._note(_HIDE, batch, index + offset, None)
+                self.extra += _DEALLOCATE_REPLIES
             else:  # _DUPLICATE
                 parts.append(parse_message(item.name, _EMPTY_QUERY))
                 self._note(_STRAY, batch, index, None, None, item.name)
@@ -376,7 +583,11 @@ class ServerStatements:
         elif kind == _STRAY:
             if done:
                 self.strays.append(entry.name)
-        elif kind == _CLIENT_CLOSE:
+        elif kind == _UNNAMED_PARSE:
+            client = entry.client
+            if not done and client is not None and client.reparsed is entry.name:
+                client.reparsed = None  # skipped after an error: not prepared after all
+        elif kind in (_CLIENT_CLOSE, _CLIENT_DEALLOCATE):
             assert statement is not None
             client = entry.client
             if done or client is None or client.closed or entry.name in client.names:

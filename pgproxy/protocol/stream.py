@@ -13,7 +13,14 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from pgproxy.protocol.prepared import ClientStatements, Plan, StatementError
+from pgproxy.protocol.prepared import (
+    MAX_DEALLOCATE_QUERY,
+    MIN_DEALLOCATE_QUERY,
+    ClientStatements,
+    Plan,
+    StatementError,
+    deallocate_name,
+)
 
 if TYPE_CHECKING:
     from collections import deque
@@ -57,6 +64,17 @@ for _type, _kind in (
 
 _STATEMENT = ord("S")  # Describe/Close of a statement (not a portal)
 _QUERY = ord("Q")
+# A simple Query from a client with named statements, of a length that may be a
+# ``DEALLOCATE name`` (as a message length: the text, its NUL and the length field), and
+# the bytes such a query can start with.
+_MIN_DEALLOCATE = MIN_DEALLOCATE_QUERY + 5
+_MAX_DEALLOCATE = MAX_DEALLOCATE_QUERY + 5
+_DEALLOCATE_START = bytearray(256)
+for _start in b"dD \t\n\r\f\v":
+    _DEALLOCATE_START[_start] = 1
+# The quick walk keeps the chunk that holds a client's unnamed Parse (rather than copy the
+# Parse out of it) when it is no larger than this: a large one is not kept alive for it.
+_KEEP_CHUNK = 4096
 _READY_FOR_QUERY = ord("Z")
 _PARAMETER_STATUS = ord("S")
 _ERROR_RESPONSE = ord("E")
@@ -110,6 +128,11 @@ class FrontendScanner:
     until they are complete (``held``), since their names decide how they are sent; the
     plan of a chunk that completes none of them is empty. ``open_pbc`` counts the
     Parse/Bind/Close messages since the last request, to place each in the server's replies.
+    The client's last unnamed Parse is recorded in its ClientStatements, and a Bind or
+    Describe of the unnamed statement in a chunk that does not have that Parse before it
+    gets a plan (the server may need the Parse again). Once the client has sent a named
+    Parse (``named_parse``), a short simple Query is read: ``DEALLOCATE name`` of one of
+    its names gets a plan too (held back, like the statement messages, until whole).
 
     For COPY FROM STDIN: PostgreSQL ignores Syncs that arrive while it is in copy-in mode
     (libpq sends one after Execute and another after CopyDone). ``requests_total`` counts
@@ -128,6 +151,7 @@ class FrontendScanner:
         "held",
         "holds_server",
         "max_packet_size",
+        "named_parse",
         "open_pbc",
         "plan",
         "remaining",
@@ -155,6 +179,9 @@ class FrontendScanner:
         self.plan: Plan | None = None
         self.held: bytearray | None = None
         self.open_pbc = 0
+        # The client sent a named Parse (it may have names): its short simple Queries are
+        # read, since one may be a DEALLOCATE of a name (set once, for cheap tests).
+        self.named_parse = False
         # The next chunk starts with a message header: nothing carried, held or left over.
         self.at_boundary = True
 
@@ -168,7 +195,15 @@ class FrontendScanner:
                 and _LENGTH(data, 1)[0] == size - 1
                 and size <= self.max_packet_size
             ):
-                # The most common chunk by far: one whole simple Query.
+                # The most common chunk by far: one whole simple Query (unless it may be
+                # a DEALLOCATE of a named statement: _walk reads it).
+                if (
+                    self.named_parse
+                    and _MIN_DEALLOCATE < size <= _MAX_DEALLOCATE + 1  # (the message's length + 1)
+                    and _DEALLOCATE_START[data[5]]
+                ):
+                    self._walk(data)
+                    return
                 self.requests = 1
                 self.requests_total += 1
                 self.plan = None
@@ -194,6 +229,7 @@ class FrontendScanner:
         requests = 0
         open_pbc = self.open_pbc
         batch_open = self.batch_open
+        parse_at = -1  # the chunk's last unnamed Parse (named statements in use)
         last = size - 5  # the last offset where a whole header fits
         while position < size:
             if position > last:
@@ -204,6 +240,13 @@ class FrontendScanner:
             kind = kinds[type_byte]
             end = position + 1 + length
             if kind == _REQUEST:
+                if (
+                    self.named_parse
+                    and type_byte == _QUERY
+                    and _MIN_DEALLOCATE <= length <= _MAX_DEALLOCATE
+                    and (end > size or _DEALLOCATE_START[data[position + 5]])
+                ):
+                    return False  # perhaps a DEALLOCATE of a named statement: _walk
                 requests += 1
                 open_pbc = 0
             elif kind >= _PARSE:
@@ -213,10 +256,18 @@ class FrontendScanner:
                     if kind == _PARSE:
                         if data[position + 5]:
                             return False
+                        parse_at = position
+                        parse_end = end
+                        parse_batch = requests
                     elif kind == _BIND:
                         if data[position + 5] or data[position + 6]:
                             return False
-                    elif data[position + 5] == _STATEMENT and data[position + 6]:
+                        if parse_at < 0 and statements.unnamed is not None:
+                            return False  # the unnamed statement, maybe not here: _walk
+                    elif data[position + 5] == _STATEMENT and (
+                        data[position + 6]
+                        or (kind == _DESCRIBE and parse_at < 0 and statements.unnamed is not None)
+                    ):
                         return False
                 batch_open = True
                 if kind != _DESCRIBE:
@@ -230,6 +281,11 @@ class FrontendScanner:
             elif kind != _PLAIN:
                 return False  # Terminate, the end of a COPY, an invalid type: _walk
             position = end
+        if parse_at >= 0 and statements is not None:
+            # The chunk itself is kept (no copy; the Parse is found again if it is ever
+            # needed), unless it is large.
+            statements.unnamed = data if size <= _KEEP_CHUNK else data[parse_at:parse_end]
+            statements.unnamed_batch = self.requests_total + parse_batch
         self.requests = requests
         self.requests_total += requests
         self.open_pbc = open_pbc
@@ -279,6 +335,7 @@ class FrontendScanner:
         batch_open = self.batch_open
         copied = base  # plan: data before this offset is in the plan already
         stop = -1  # plan: the offset where forwarding stops (Terminate, an error, a hold)
+        parsed = False  # an unnamed Parse was walked (its server gets what follows)
         header = _HEADER
         while position + 5 <= size:
             type_byte, length = header(data, position)
@@ -318,9 +375,44 @@ class FrontendScanner:
                             stop = position
                             break
                         copied = end
+                    elif length < 6:
+                        pass
+                    elif kind == _PARSE:
+                        parsed = True
+                        statements.unnamed = data[position:end]
+                        statements.unnamed_batch = self.requests_total + requests
+                    elif (
+                        (kind == _BIND or (kind == _DESCRIBE and data[position + 5] == _STATEMENT))
+                        and not parsed
+                        and statements.unnamed is not None
+                    ):
+                        if plan is None:
+                            self.plan = plan = []
+                        if position > copied:
+                            plan.append(data[copied:position])
+                            copied = position
+                        statements.use_unnamed(self.requests_total + requests, open_pbc, plan)
                 if kind != _DESCRIBE:
                     open_pbc += 1
             elif kind == _REQUEST:
+                if (
+                    statements is not None
+                    and type_byte == _QUERY
+                    and statements.names
+                    and _MIN_DEALLOCATE <= length <= _MAX_DEALLOCATE
+                ):
+                    end = position + 1 + length
+                    if end > size:  # perhaps a DEALLOCATE: hold it whole
+                        stop = position
+                        break
+                    name = None if data[end - 1] else deallocate_name(data[position + 5 : end - 1])
+                    if name is not None and name in statements.names:
+                        if plan is None:
+                            self.plan = plan = []
+                        if position > copied:
+                            plan.append(data[copied:position])
+                        statements.deallocate(name, self.requests_total + requests, open_pbc, plan)
+                        copied = end
                 requests += 1
                 open_pbc = 0
             elif kind == _SYNC:
@@ -343,7 +435,10 @@ class FrontendScanner:
             position += 1 + length
         else:
             if position < size:
-                if statements is not None and kinds[data[position]] >= _PARSE:
+                if statements is not None and (
+                    kinds[data[position]] >= _PARSE
+                    or (data[position] == _QUERY and statements.names)
+                ):
                     stop = position  # a statement message's header is split: hold it
                 else:
                     self.carry = data[position:]
@@ -373,6 +468,8 @@ class FrontendScanner:
         if len(held) < 5:
             return False
         length: int = _LENGTH(held, 1)[0]
+        if held[0] == _QUERY and length > _MAX_DEALLOCATE:
+            return True  # (not a DEALLOCATE: walked as it comes)
         # (A bad length is reported by the walk.)
         return length < 4 or length > self.max_packet_size or len(held) >= 1 + length
 
@@ -381,6 +478,7 @@ class FrontendScanner:
         statements = self.statements
         assert statements is not None
         if kind == _PARSE:
+            self.named_parse = True
             statements.parse(data, position, end, batch, index, plan)
         elif kind == _BIND:
             statements.bind(data, position, end, batch, index, plan)

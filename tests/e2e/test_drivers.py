@@ -11,10 +11,13 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pg8000.native
 import pytest
 
 from pgproxy.embedded import EmbeddedPostgres
@@ -190,3 +193,118 @@ def test_node_postgres_named_queries(proxy_small: ProxyProcess, tmp_path: Path) 
     backends: list[list[Any]] = json.loads(result.stdout)
     assert len(backends) == 10
     assert len({pid for pids in backends for pid in pids}) <= 3
+
+
+# -- pg8000: the unnamed statement across two Syncs ------------------------------------------
+
+
+def test_pg8000_unnamed_statement_outside_transactions(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """pg8000's run() with parameters sends Parse/Sync, Describe/Sync and Bind/Execute/Sync
+    of the unnamed statement: in autocommit each Sync ends the transaction, and the next
+    message may reach another server, where pgproxy must prepare the statement again."""
+    proxy = proxy_factory(proxy_config(pg, default_pool_size=4))
+    clients, rounds = 60, 15
+    start = threading.Barrier(clients)
+
+    def worker(number: int) -> list[tuple[int, int]]:
+        conn = pg8000.native.Connection(
+            "app", host="127.0.0.1", port=proxy.port, database="appdb", password="app-secret"
+        )
+        try:
+            start.wait(timeout=60)
+            results = []
+            for index in range(rounds):
+                value = number * 1000 + index
+                rows = conn.run("select :v::int, pg_backend_pid()", v=value)
+                results.append((value, rows[0][0]))
+                backends.add(rows[0][1])
+            return results
+        finally:
+            conn.close()
+
+    backends: set[int] = set()
+    with ThreadPoolExecutor(max_workers=clients) as executor:
+        outcomes = list(executor.map(worker, range(clients), timeout=120))
+    assert sum(len(results) for results in outcomes) == clients * rounds
+    assert all(value == got for results in outcomes for value, got in results)
+    assert len(backends) <= 4
+
+
+# -- DBD::Pg: server-side prepares, deallocated with SQL DEALLOCATE ---------------------------
+
+# Each client (a forked process with its own connection) prepares statements server-side
+# (pg_switch_prepared => 1: from the first execute on), runs them, and lets them go: DBD::Pg
+# then sends `DEALLOCATE dbdpg_p<pid>_<n>` as a simple Query, in autocommit and inside a
+# transaction, where a failure would abort the transaction.
+PERL_SCRIPT = r"""
+use strict;
+use warnings;
+use DBI;
+
+my ($port, $clients, $rounds) = @ARGV;
+my @children;
+for my $client (1 .. $clients) {
+    my $pid = fork();
+    die "fork: $!" unless defined $pid;
+    if ($pid == 0) {
+        my $dbh = DBI->connect(
+            "dbi:Pg:dbname=appdb;host=127.0.0.1;port=$port", "app", "app-secret",
+            { AutoCommit => 1, RaiseError => 1, PrintError => 0, PrintWarn => 0,
+              pg_server_prepare => 1, pg_switch_prepared => 1 },
+        );
+        for my $round (1 .. $rounds) {
+            my $sth = $dbh->prepare("select ?::int + $client");
+            for my $value (1 .. 3) {
+                $sth->execute($value);
+                my ($sum) = $sth->fetchrow_array;
+                die "client $client: $sum" unless $sum == $value + $client;
+            }
+            $sth->finish;
+            undef $sth;  # DEALLOCATE, in autocommit
+            $dbh->begin_work;
+            my $insert = $dbh->prepare("insert into t (v) values (?)");
+            $insert->execute("dbdpg-$client-$round");
+            undef $insert;  # DEALLOCATE, in the transaction
+            my $count = $dbh->prepare("select count(*) from t where v = ?");
+            $count->execute("dbdpg-$client-$round");
+            my ($rows) = $count->fetchrow_array;
+            die "client $client: $rows rows" unless $rows == 1;
+            undef $count;
+            $dbh->commit;
+        }
+        $dbh->disconnect;
+        exit 0;
+    }
+    push @children, $pid;
+}
+my $failed = 0;
+for my $pid (@children) {
+    waitpid($pid, 0);
+    $failed++ if $? != 0;
+}
+print $failed ? "failed: $failed clients\n" : "success\n";
+exit($failed ? 1 : 0);
+"""
+
+
+def test_dbd_pg_deallocates_its_server_side_statements(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    perl = shutil.which("perl")
+    assert perl is not None
+    check = subprocess.run([perl, "-MDBD::Pg", "-e", "1"], capture_output=True, text=True)
+    assert check.returncode == 0, "DBD::Pg (libdbd-pg-perl) is installed by scripts/bootstrap.sh"
+    pg.sql("delete from t where v like 'dbdpg-%'", dbname="appdb")
+    proxy = proxy_factory(proxy_config(pg, default_pool_size=3))
+    script = tmp_path / "dbdpg.pl"
+    script.write_text(PERL_SCRIPT)
+    result = subprocess.run(
+        [perl, str(script), str(proxy.port), "12", "10"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "success"
+    count = pg.sql("select count(*) from t where v like 'dbdpg-%'", dbname="appdb")
+    assert count.strip() == "120"

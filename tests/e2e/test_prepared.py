@@ -137,6 +137,84 @@ def test_close_and_deallocate_all_forget_names(proxy_one: ProxyProcess) -> None:
         assert _error(pgconn.exec_prepared(b"s2", []))[0] == "26000"
 
 
+def test_sql_deallocate_of_a_protocol_level_name(
+    proxy_one: ProxyProcess, held_server: Conn
+) -> None:
+    """DEALLOCATE (a simple Query, as DBD::Pg and psycopg send it) of a name pgproxy maps:
+    answered by the server as PostgreSQL would, whichever server the client has."""
+    with _connect(proxy_one) as conn:
+        pgconn = conn.pgconn
+        _ok(pgconn.prepare(b"Mixed Case", b"select $1::int * 3"))
+        assert _value(pgconn.exec_prepared(b"Mixed Case", [b"14"])) == b"42"
+        result = _ok(pgconn.exec_(b'DEALLOCATE "Mixed Case";'))
+        assert result.command_status == b"DEALLOCATE"
+        assert _error(pgconn.exec_prepared(b"Mixed Case", [b"1"])) == (
+            "26000",
+            'prepared statement "Mixed Case" does not exist',
+        )
+        _ok(pgconn.prepare(b"Mixed Case", b"select 'again'"))  # the name is free again
+        assert _value(pgconn.exec_prepared(b"Mixed Case", [])) == b"again"
+        # Inside a transaction: it succeeds, and the transaction goes on.
+        _ok(pgconn.prepare(b"lower", b"select 2"))
+        conn.execute("begin")
+        assert _ok(pgconn.exec_(b"deallocate prepare LOWER")).command_status == b"DEALLOCATE"
+        assert pgconn.transaction_status == pq.TransactionStatus.INTRANS
+        assert conn.execute("select 1").fetchone() == (1,)
+        conn.execute("commit")
+        assert _error(pgconn.exec_prepared(b"lower", []))[0] == "26000"
+        # In an aborted transaction it fails as PostgreSQL's would, and the name stays.
+        _ok(pgconn.prepare(b"kept", b"select 'kept'"))
+        conn.execute("begin")
+        assert _error(pgconn.exec_(b"select 1/0"))[0] == "22012"
+        assert _error(pgconn.exec_(b"DEALLOCATE kept"))[0] == "25P02"
+        conn.execute("rollback")
+        assert _value(pgconn.exec_prepared(b"kept", [])) == b"kept"
+        # A name pgproxy does not map goes to the server as written.
+        assert _error(pgconn.exec_(b"DEALLOCATE unknown_name")) == (
+            "26000",
+            'prepared statement "unknown_name" does not exist',
+        )
+        # SQL-level PREPARE and its DEALLOCATE within one transaction are PostgreSQL's.
+        conn.execute("begin")
+        conn.execute("prepare sqlside as select 5")
+        assert conn.execute("execute sqlside").fetchone() == (5,)
+        conn.execute("deallocate sqlside")
+        conn.execute("commit")
+
+
+def test_psycopg_prepare_and_deallocate_from_many_threads(proxy_one: ProxyProcess) -> None:
+    """More clients than servers, each preparing a name, running it, and deallocating it
+    with SQL (in autocommit and in transactions), over and over."""
+    failures: list[str] = []
+
+    def worker(number: int) -> None:
+        try:
+            with _connect(proxy_one) as conn:
+                pgconn = conn.pgconn
+                for round_ in range(15):
+                    name = f"stmt_{number}".encode()
+                    query = f"select $1::int + {round_ % 4}".encode()
+                    _ok(pgconn.prepare(name, query))
+                    value = _value(pgconn.exec_prepared(name, [str(number).encode()]))
+                    assert value == str(number + round_ % 4).encode()
+                    if round_ % 2:
+                        conn.execute("begin")
+                        conn.execute("select 1")
+                        _ok(pgconn.exec_(b"DEALLOCATE " + name))
+                        conn.execute("commit")
+                    else:
+                        _ok(pgconn.exec_(b"DEALLOCATE " + name))
+        except Exception as exc:
+            failures.append(f"{number}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(number,)) for number in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    assert not failures
+
+
 def test_more_statements_than_a_server_keeps(proxy_one: ProxyProcess) -> None:
     # Eight statements through servers that keep three: each use may close the least
     # recently used one and prepare its own again, unseen by the client.
