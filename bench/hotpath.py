@@ -109,6 +109,7 @@ async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> 
         server.transport = MemoryTransport()  # type: ignore[assignment]
         server.state = IDLE
         server.params = values
+        server.scan.guard(pool.guard != "off")  # (transaction_state_guard: warn, the default)
         pool.servers.add(server)
         pool.idle.append(server)
         servers.append(server)
