@@ -97,7 +97,6 @@ for _tag in (*_DEALLOCATE_TAGS, *_STATE_TAGS):
     assert _first_letters[len(_tag) + 4] in (0, _tag[0]), _tag
     _first_letters[len(_tag) + 4] = _tag[0]
 _TAG_FIRST = bytes(_first_letters)
-_STATE_LENGTHS = frozenset(len(tag) + 4 for tag in _STATE_TAGS)
 # The lengths of all of them, whether or not the guard is on (one set lookup per tag, and
 # the state guard's tags are rare), and those below 4: malformed, for _walk to report.
 _TAG_LENGTHS = frozenset({*range(4), *(len(tag) + 4 for tag in (*_DEALLOCATE_TAGS, *_STATE_TAGS))})
@@ -657,22 +656,24 @@ class BackendScanner:
                     self.copy_in = False
                     self.copy_finished = True
                     ready = 0
-                if statements is not None and (length == 19 or length == 16):
-                    if end > size:
-                        break
-                    tag = data[position + 5 : end]
-                    if tag == b"DEALLOCATE ALL\0" or tag == b"DISCARD ALL\0":
-                        self.deallocated = True
                 if (
-                    self.guarded
-                    and not hidden
-                    and type_byte == _COMMAND_COMPLETE
-                    and length in _STATE_LENGTHS
-                ):
+                    type_byte == _COMMAND_COMPLETE
+                    and length in _TAG_LENGTHS
+                    and (statements is not None or self.guarded)
+                    and (position + 5 >= size or data[position + 5] == _TAG_FIRST[length])
+                ):  # (a tag the quick walk would not skip either: read it whole)
                     if end > size:
                         break
                     tag = data[position + 5 : end]
-                    if tag in _STATE_TAG_SET and (tag != _SET_TAG or self.status == STATUS_IDLE):
+                    if tag in _DEALLOCATE_TAGS:
+                        if statements is not None:
+                            self.deallocated = True
+                    elif (
+                        self.guarded
+                        and not hidden
+                        and tag in _STATE_TAG_SET
+                        and (tag != _SET_TAG or self.status == STATUS_IDLE)
+                    ):
                         self.suspect = True
             else:  # CopyInResponse / CopyBothResponse
                 self.copy_in = self.copy_started = True
