@@ -45,10 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgproxy.pool")
 
-# Why a state check runs (transaction_state_guard): a new server's first, the one after
-# its reset query ran (both only learn the state), after a transaction whose replies
-# carried a suspect tag, and the janitor's on an idle server.
-CHECK_LOGIN = "login"
+# Why a state check runs (transaction_state_guard): the first on a server that was not
+# checked at its login (the guard was off then), the one after its reset query ran (both
+# only learn the state), after a transaction whose replies carried a suspect tag, and the
+# janitor's on an idle server. (A new server's first check is part of its login.)
+CHECK_FIRST = "first"
 CHECK_AFTER_RESET = "after reset"
 CHECK_RELEASE = "release"
 CHECK_PERIODIC = "periodic"
@@ -705,9 +706,6 @@ class Pool:
             self.welcome_values = server.params
         outcome.set_result(None)
         server.scan.guard(self.guard != "off")
-        if self.guard != "off":  # first, what the session holds before any client
-            server.check_state(CHECK_LOGIN, None)
-            return
         self._hand_over(server)
 
     def _refuse_waiters(self, error: ServerLoginError) -> None:
@@ -809,7 +807,7 @@ class Pool:
                 # linked server's is learnt by the check after its client's transaction.)
                 for server in [server for server in self.idle if server.known_state is None]:
                     self.idle.remove(server)
-                    server.check_state(CHECK_LOGIN, None)
+                    server.check_state(CHECK_FIRST, None)
         for server in self.servers:
             if server.statements is not None and settings.max_prepared_statements > 0:
                 server.statements.capacity = settings.max_prepared_statements

@@ -447,6 +447,31 @@ class ServerConn(asyncio.Protocol):
                     raise failure
                 return
 
+    async def _first_state_check(self) -> None:
+        """transaction_state_guard: what the session holds before any client (after
+        connect_query), still inside the login, so that the pool counts the server as
+        opening until then. A failed check fails nothing: the server is not checked."""
+        version = next((v for n, v in self.login_params if n == "server_version"), "")
+        self.transport.write(messages.query(state_guard.check_query(version)))
+        reply = bytearray()
+        while True:
+            type_byte, payload = await self._read_login_message()
+            reply.append(type_byte)
+            reply += _INT32.pack(len(payload) + 4)
+            reply += payload
+            if type_byte == messages.READY_FOR_QUERY:
+                self.scan.status = payload[0] if payload else STATUS_IDLE
+                break
+        found = state_guard.parse_check(bytes(reply))
+        if isinstance(found, str):
+            log.warning(
+                "server %s: the transaction_state_guard check failed (%s); session state "
+                "left by clients is not detected on that server", self.pool.name, found,
+            )  # fmt: skip
+        else:
+            self.known_state = found
+        self.state_checked_at = self.clock()
+
     async def negotiate_tls(self, tls: ServerTls, host: str) -> None:
         """SSLRequest, then the TLS handshake if PostgreSQL says 'S'; raise
         ServerLoginError if TLS is required and the server has none."""
@@ -504,6 +529,8 @@ class ServerConn(asyncio.Protocol):
                 self.scan.status = payload[0] if payload else STATUS_IDLE
                 if self.pool.settings.connect_query and not startup:
                     await self._run_connect_query(self.pool.settings.connect_query)
+                if self.pool.guard != "off" and not startup:
+                    await self._first_state_check()
                 self.state = IDLE
                 return
             elif type_byte == messages.ERROR_RESPONSE:
