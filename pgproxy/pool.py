@@ -428,7 +428,7 @@ class Pool:
             if server.reset_state is None:
                 server.check_state(CHECK_AFTER_RESET, None)
                 return
-            server.known_state = server.reset_state
+            server.known_state = server.clean_state = server.reset_state
         self._hand_over(server)
 
     # -- transaction_state_guard -------------------------------------------------------
@@ -453,13 +453,16 @@ class Pool:
             # Unverified: under ``reset``, reset it all the same.
             reset = purpose == CHECK_RELEASE and self.guard == "reset"
         else:
-            known = server.known_state
+            known, clean = server.known_state, server.clean_state
             server.known_state = found
             if purpose == CHECK_AFTER_RESET:
                 server.reset_state = found
+            if known is None or clean is None or purpose == CHECK_AFTER_RESET:
+                server.clean_state = found
             left = []
-            if known is not None and purpose in (CHECK_RELEASE, CHECK_PERIODIC):
-                left = state_guard.changes(known, found)
+            compare = purpose in (CHECK_RELEASE, CHECK_PERIODIC)  # (the others only learn)
+            if compare and known is not None and clean is not None:
+                left = state_guard.changes(known, found, clean)
             reset = bool(left) and self.guard == "reset"
             if left:
                 resets = reset or (purpose == CHECK_RELEASE and bool(self.reset_query))

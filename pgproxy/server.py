@@ -127,9 +127,11 @@ class ServerConn(asyncio.Protocol):
             pool.transaction_done
         )
         # transaction_state_guard (pgproxy.state_guard), kept by the pool: the session
-        # state found at the last check (None: not known yet), the state its reset query
-        # leaves, and the state check under way (its replies, why it runs, for whom).
+        # state found at the last check (None: not known yet), before any client, the
+        # state its reset query leaves, and the state check under way (its replies, why
+        # it runs, for whom).
         self.known_state: state_guard.SessionState | None = None
+        self.clean_state: state_guard.SessionState | None = None  # at login, or last reset
         self.reset_state: state_guard.SessionState | None = None
         self.check_reply: bytearray | None = None
         self.check_purpose = ""
@@ -469,7 +471,7 @@ class ServerConn(asyncio.Protocol):
                 "left by clients is not detected on that server", self.pool.name, found,
             )  # fmt: skip
         else:
-            self.known_state = found
+            self.known_state = self.clean_state = found
         self.state_checked_at = self.clock()
 
     async def negotiate_tls(self, tls: ServerTls, host: str) -> None:

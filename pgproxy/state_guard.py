@@ -161,15 +161,19 @@ def _data_row(data: bytes, position: int, end: int) -> list[str | None]:
     return values
 
 
-def changes(before: SessionState, after: SessionState) -> list[tuple[str, str]]:
+def changes(
+    before: SessionState, after: SessionState, clean: SessionState
+) -> list[tuple[str, str]]:
     """(kind, detail) for each kind of state that ``after`` holds and ``before`` did not:
-    settings with another value (detail: their names), more of a counted kind (detail:
-    how many more, and how many there are)."""
+    settings with another value, unless it is the value they had on the ``clean`` server
+    (its login, or its last reset: a client that undoes an earlier client's SET leaks
+    nothing; detail: their names), more of a counted kind (detail: how many more, and how
+    many there are)."""
     found: list[tuple[str, str]] = []
     names = sorted(
         name
         for name in before.settings.keys() | after.settings.keys()
-        if before.settings.get(name) != after.settings.get(name)
+        if after.settings.get(name) not in (before.settings.get(name), clean.settings.get(name))
     )
     if names:
         found.append((SET, ", ".join(names)))

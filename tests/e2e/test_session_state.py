@@ -183,6 +183,24 @@ def test_set_local_tracked_parameters_and_undone_state_are_not_leaks(
     assert [row for row in _show_leaks(proxy) if row["kind"] != "held"] == []
 
 
+def test_undoing_an_earlier_clients_set_is_no_leak(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    proxy = _guarded(pg, proxy_factory, "warn")
+    with connect(proxy, application_name="leaky") as a:
+        a.execute("SET statement_timeout = 54321")
+        a.execute("SET search_path = pg_catalog, leaked")
+    with connect(proxy, application_name="tidy") as b:
+        b.execute("SET statement_timeout = 0")
+        b.execute("SET search_path TO DEFAULT")
+        b.execute("SET search_path = pg_catalog, other")  # (this one is a leak)
+    wait_for(lambda: _leaks(proxy)["set"] == 3, 10, "three SET leaks")
+    rows = [row for row in _show_leaks(proxy) if row["kind"] == "set"]
+    assert {(row["application_name"], row["count"]) for row in rows} == {
+        ("leaky", "2"), ("tidy", "1")
+    }
+
+
 def test_the_check_survives_a_leaked_statement_timeout(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory
 ) -> None:
