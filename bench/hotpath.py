@@ -109,6 +109,11 @@ async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> 
         server.transport = MemoryTransport()  # type: ignore[assignment]
         server.state = IDLE
         server.params = values
+        # transaction_state_guard (warn by default) watches the replies, as Pool does for
+        # the servers it opens. (Older checkouts, to compare with, have no guard.)
+        guard = getattr(server.scan, "guard", None)
+        if guard is not None:
+            guard(getattr(pool, "guard", "off") != "off")
         pool.servers.add(server)
         pool.idle.append(server)
         servers.append(server)

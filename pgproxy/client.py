@@ -115,6 +115,8 @@ class ClientConn(asyncio.Protocol):
         self.replication: ReplicationMode = "none"
         self.replication_slot: asyncio.Semaphore | None = None  # held while relaying
         self.close_reason = ""  # why pgproxy ended it (log_disconnections)
+        # The kinds of session state it was found to leave on a server (each logged once).
+        self.leaks_logged: set[str] | None = None
         # What arrived while waiting for a server: chunks, or plans (named statements).
         self._pending: list[bytes | Plan] = []
         self._pending_size = 0

@@ -33,6 +33,7 @@ from pgproxy.sockopts import TcpKeepalive, keepalive_from
 
 PoolMode = Literal["session", "transaction", "statement"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+TransactionStateGuard = Literal["off", "warn", "reset"]
 
 # PgBouncer's default auth_query, schema-qualified so that no search_path can redirect it.
 DEFAULT_AUTH_QUERY = (
@@ -78,6 +79,10 @@ class PoolSettings:
     max_prepared_statements: int = 0
     connect_query: str | None = None  # run on each new server after its login
     keepalive: TcpKeepalive | None = None  # for TCP server connections
+    # transaction_state_guard (transaction and statement mode), and the period of its
+    # checks of idle servers (0: none).
+    state_guard: TransactionStateGuard = "warn"
+    state_check_period: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +409,24 @@ class Settings(BaseSettings):
         default=False,
         description="Run server_reset_query in transaction and statement mode too.",
     )
+    transaction_state_guard: TransactionStateGuard = Field(
+        default="warn",
+        description="Transaction and statement mode: what to do about session state a client "
+        "leaves on a server outside a transaction (SET, LISTEN, SQL PREPARE, WITH HOLD "
+        "cursors, temporary tables, session advisory locks), which the server's next client "
+        "would inherit: off (not looked for), warn (logged once per client, counted in "
+        "pgproxy_session_state_leaks_total, listed in SHOW LEAKS), reset (the same, and "
+        "server_reset_query runs on that server before anyone else gets it; without one the "
+        "server is closed).",
+    )
+    transaction_state_check_period: float = Field(
+        default=60.0,
+        ge=0,
+        description="With transaction_state_guard on: seconds between the checks of an idle "
+        "server that served since its last check, which find the state no command tag shows "
+        "(advisory locks, CREATE TEMP TABLE ... AS, SET inside a transaction block); 0 "
+        "disables them.",
+    )
     track_extra_parameters: NameList = Field(
         default_factory=lambda: ["IntervalStyle"],
         description="Parameters tracked per client besides client_encoding, DateStyle, "
@@ -641,6 +664,8 @@ class Settings(BaseSettings):
             max_prepared_statements=0 if mode == "session" else self.max_prepared_statements,
             connect_query=database.connect_query or None,
             keepalive=keepalive_from(self),
+            state_guard=self.transaction_state_guard,
+            state_check_period=self.transaction_state_check_period,
         )
 
     def auth_dbname_for(self, database: str) -> str:

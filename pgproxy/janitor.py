@@ -88,6 +88,8 @@ class Janitor:
             if settings.leak_detection_threshold > 0 and pool.servers:
                 detect_leaks(pool, now, settings.leak_detection_threshold)
             recycle(pool, now)
+            if pool.guard != "off" and pool.idle and pool.settings.state_check_period > 0:
+                check_idle_state(pool, now, pool.settings.state_check_period)
             if pool.histograms is not None:
                 pool.histograms.fold()  # (what the hot path recorded since the last pass)
 
@@ -134,6 +136,21 @@ def recycle(pool: Pool, now: float) -> None:
     ):
         log.warning("pool %s: taking a connection from reserve_pool", pool.name)
         pool.open_server()
+
+
+def check_idle_state(pool: Pool, now: float, period: float) -> None:
+    """transaction_state_guard: check the session state of idle servers that served a
+    client since their last check, at most once per ``period`` seconds each. It finds what
+    no command tag shows (session advisory locks, temporary tables made by CREATE TABLE AS
+    or SELECT INTO, SET inside a transaction block, set_config), blamed on the last client
+    of the server."""
+    due = [
+        server
+        for server in pool.idle
+        if server.replies != server.checked_replies and now - server.state_checked_at >= period
+    ]
+    for server in due:
+        pool.check_idle_state(server)
 
 
 def expire_idle_transactions(pool: Pool, now: float) -> None:

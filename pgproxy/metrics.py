@@ -31,6 +31,7 @@ from pgproxy import BUILD, __version__
 from pgproxy.admin import CONSOLE_DATABASE
 from pgproxy.protocol import codes
 from pgproxy.protocol.messages import printable
+from pgproxy.state_guard import KINDS as STATE_LEAK_KINDS
 
 if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
@@ -359,6 +360,16 @@ def _pool_counters(daemon: Daemon, pools: list[Pool]) -> Iterator[Metric]:
     # A login timeout happens before the client has a pool.
     timeouts.add_metric(["", "", "client_login"], daemon.login_timeouts)
     yield timeouts
+    state_leaks = CounterMetricFamily(
+        "pgproxy_session_state_leaks",
+        "Session state clients left on servers outside a transaction (transaction_state_guard),"
+        " by kind: set, listen, prepare, cursor, temp_table, advisory_lock.",
+        labels=[*POOL_LABELS, "kind"],
+    )
+    for pool in pools:
+        for kind in STATE_LEAK_KINDS:
+            state_leaks.add_metric([*_labels(pool), kind], pool.stats.state_leaks.get(kind, 0))
+    yield state_leaks
 
 
 _HISTOGRAMS = (

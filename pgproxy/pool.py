@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as tracked
+from pgproxy import state_guard
 from pgproxy.config import EMPTY_CHECK_QUERY, PoolMode, PoolSettings
 from pgproxy.metrics import PoolHistograms
 from pgproxy.protocol import codes, messages
@@ -35,6 +36,7 @@ from pgproxy.server import (
     cancel_backend,
     connect_server,
 )
+from pgproxy.state_guard import Guard, RecentLeaks, SessionState, StateLeak
 from pgproxy.stats import PoolStats
 from pgproxy.tls import ServerTls
 
@@ -42,6 +44,24 @@ if TYPE_CHECKING:
     from pgproxy.client import ClientConn
 
 log = logging.getLogger("pgproxy.pool")
+
+# Why a state check runs (transaction_state_guard): the first on a server that was not
+# checked at its login (the guard was off then), the one after its reset query ran (both
+# only learn the state), after a transaction whose replies carried a suspect tag, and the
+# janitor's on an idle server. (A new server's first check is part of its login.)
+CHECK_FIRST = "first"
+CHECK_AFTER_RESET = "after reset"
+CHECK_RELEASE = "release"
+CHECK_PERIODIC = "periodic"
+
+_KIND_WORDS = {
+    "set": "settings changed by SET",
+    "listen": "LISTEN channels",
+    "prepare": "SQL PREPAREd statements",
+    "cursor": "WITH HOLD cursors",
+    "temp_table": "temporary tables",
+    "advisory_lock": "session advisory locks",
+}
 
 # Seconds a queued request does not retry opening a server after a budget refused one. A
 # local budget wakes its pools when a place frees (ServerBudget.release); one shared with
@@ -147,6 +167,9 @@ class Pool:
             budget.pools.append(self)
         self.statement_mode = settings.mode == "statement"
         self.releases_at_idle = settings.mode != "session"
+        self.guard: Guard = _guard(settings)
+        self.state_leaks = RecentLeaks()  # SHOW LEAKS
+        self._check_failure_logged = False
         self.null_pool = settings.null_pool
         self.single_use = settings.lifetime == 0  # PgBouncer's server_lifetime = 0
         # server_check_delay = 0: every idle server is tested before a client gets it.
@@ -266,6 +289,7 @@ class Pool:
         client.request_at = server.query_started  # SHOW CLIENTS request_time
         client.server = None
         server.client = None
+        server.last_client = client
         # Each side was paused for the other's sake only: unlinked, both may read again.
         if client.write_paused:
             server.transport.resume_reading()
@@ -321,7 +345,9 @@ class Pool:
         self.idle.append(server)
 
     def transaction_done(self, client: ClientConn, server: ServerConn, now: float) -> None:
-        """ReadyForQuery 'I' with nothing outstanding: count it; free the server if due."""
+        """ReadyForQuery 'I' with nothing outstanding: count it; free the server if due.
+        (ServerConn calls it through its ``transaction_done``: this, or, after a reply
+        that may leave session state, suspect_transaction_done.)"""
         stats = self.stats
         stats.xact_count += 1
         if self.releases_at_idle:
@@ -333,10 +359,48 @@ class Pool:
                 record(held)
             self._unlink(client, server)
             if self.reset_query:  # server_reset_query_always
-                server.state = RESET
-                server.run_hidden(self.reset_query)
+                self._released(client, server, now)
                 return
             self._hand_over(server, now)
+
+    def suspect_transaction_done(
+        self, client: ClientConn, server: ServerConn, now: float
+    ) -> None:  # fmt: skip
+        """transaction_done for a server whose replies carried a command that may leave
+        session state (the BackendScanner's ``suspect``): the same, but its session is
+        checked (transaction_state_guard) before anyone else gets it."""
+        server.transaction_done = self.transaction_done
+        if not self.releases_at_idle or self.guard == "off":
+            self.transaction_done(client, server, now)
+            return
+        # (transaction_done's count, kept apart so that its own path pays nothing.)
+        stats = self.stats
+        stats.xact_count += 1
+        client.outstanding = 0
+        held = now - server.linked_at
+        stats.xact_time += held
+        if self.record_transaction is not None:
+            self.record_transaction(held)
+        self._unlink(client, server)
+        self._released(client, server, now)
+
+    def _released(self, client: ClientConn, server: ServerConn, now: float) -> None:
+        """A clean server its client let go: checked for the session state the client may
+        have left, reset (session mode, server_reset_query_always), or handed over."""
+        if server.scan.suspect and self.guard != "off":
+            server.check_state(CHECK_RELEASE, client)
+        elif self.reset_query:
+            self._reset(server)
+        else:
+            self._hand_over(server, now)
+
+    def _reset(self, server: ServerConn) -> None:
+        query = self.settings.reset_query
+        if not query:  # (transaction_state_guard = reset without a server_reset_query)
+            self.retire(server)
+            return
+        server.state = RESET
+        server.run_hidden(query)
 
     def client_gone(self, client: ClientConn) -> None:
         """``client`` disconnected: leave the queue, and free or close its server."""
@@ -356,15 +420,110 @@ class Pool:
                 self.cancel_running_query(server)
             self.stats.returns_bad += 1
             self.retire(server)
-        elif self.reset_query:
-            server.state = RESET
-            server.run_hidden(self.reset_query)
         else:
-            self._hand_over(server)
+            self._released(client, server, 0.0)
 
     def reset_done(self, server: ServerConn) -> None:
         """The reset query finished cleanly: the server is as new."""
+        if self.guard != "off":
+            # What the state check will compare with from now on: what the reset query
+            # leaves (learnt once per server).
+            if server.reset_state is None:
+                server.check_state(CHECK_AFTER_RESET, None)
+                return
+            server.known_state = server.clean_state = server.reset_state
         self._hand_over(server)
+
+    # -- transaction_state_guard -------------------------------------------------------
+
+    def check_idle_state(self, server: ServerConn) -> None:
+        """The janitor's state check of an idle server (off the idle list meanwhile)."""
+        self.idle.remove(server)
+        server.check_state(CHECK_PERIODIC, server.last_client)
+
+    def state_checked(self, server: ServerConn, found: SessionState | str) -> None:
+        """The state check on ``server`` answered: report what its last client left, then
+        reset the server (transaction_state_guard = reset) or hand it over."""
+        purpose, client = server.check_purpose, server.check_client
+        server.check_client = None
+        if isinstance(found, str):
+            if not self._check_failure_logged:
+                self._check_failure_logged = True
+                log.warning(
+                    "pool %s: the transaction_state_guard check failed (%s); session state "
+                    "left by clients is not detected on that server", self.name, found,
+                )  # fmt: skip
+            # Unverified: under ``reset``, reset it all the same.
+            reset = purpose == CHECK_RELEASE and self.guard == "reset"
+        else:
+            known, clean = server.known_state, server.clean_state
+            server.known_state = found
+            if purpose == CHECK_AFTER_RESET:
+                server.reset_state = found
+            if known is None or clean is None or purpose == CHECK_AFTER_RESET:
+                server.clean_state = found
+            left = []
+            compare = purpose in (CHECK_RELEASE, CHECK_PERIODIC)  # (the others only learn)
+            if compare and known is not None and clean is not None:
+                left = state_guard.changes(known, found, clean)
+            reset = bool(left) and self.guard == "reset"
+            if left:
+                resets = reset or (purpose == CHECK_RELEASE and bool(self.reset_query))
+                self._state_leaked(client, left, purpose, resets)
+        if reset or (purpose == CHECK_RELEASE and self.reset_query):
+            self._reset(server)
+        elif purpose == CHECK_PERIODIC:
+            self.check_done(server)
+        else:
+            self._hand_over(server)
+
+    def _state_leaked(
+        self, client: ClientConn | None, left: list[tuple[str, str]], purpose: str,
+        resets: bool,
+    ) -> None:  # fmt: skip
+        """Count, list and log (once per client and kind) the state ``client`` left;
+        ``resets``: the server is reset (or closed) before anyone else gets it."""
+        now = time.monotonic()
+        action = "reset" if resets else "kept"
+        if resets and not self.settings.reset_query:
+            outcome = "the server is closed (no server_reset_query to reset it with)"
+        elif resets:
+            outcome = "server_reset_query runs before anyone else gets the server"
+        else:
+            outcome = "the next client of that server inherits it (transaction_state_guard = warn)"
+        peer = client.transport.get_extra_info("peername") if client is not None else None
+        for kind, detail in left:
+            self.stats.state_leaks[kind] += 1
+            self.state_leaks.add(
+                StateLeak(
+                    client.id if client is not None else 0,
+                    client.user if client is not None else "",
+                    self.database,
+                    client.application_name if client is not None else "",
+                    peer, kind, detail, action, now, now,
+                )
+            )  # fmt: skip
+            if client is not None:
+                if client.leaks_logged is None:
+                    client.leaks_logged = set()
+                elif kind in client.leaks_logged:
+                    continue
+                client.leaks_logged.add(kind)
+            who = (
+                f"client {client.id} (user {client.user}, database {client.database}, "
+                f"application_name {client.application_name!r}, address {client.address})"
+                if client is not None
+                else "a client"
+            )
+            how = (
+                "at the end of a transaction"
+                if purpose == CHECK_RELEASE
+                else "(found on an idle server it was the last to use)"
+            )
+            log.warning(
+                "session state leak: %s left %s (%s) on its server %s; %s",
+                who, _KIND_WORDS.get(kind, kind), detail, how, outcome,
+            )  # fmt: skip
 
     def check(self, server: ServerConn, query: str, now: float) -> None:
         """server_check_query: test an idle server off the idle list (PgBouncer's 'tested')."""
@@ -552,6 +711,7 @@ class Pool:
             self.welcome = list(server.login_params)
             self.welcome_values = server.params
         outcome.set_result(None)
+        server.scan.guard(self.guard != "off")
         self._hand_over(server)
 
     def _refuse_waiters(self, error: ServerLoginError) -> None:
@@ -643,6 +803,17 @@ class Pool:
             self.mode = settings.mode
             self.statement_mode = settings.mode == "statement"
             self.releases_at_idle = settings.mode != "session"
+        guard = _guard(settings)
+        if guard != self.guard:
+            self.guard = guard
+            for server in self.servers:
+                server.scan.guard(guard != "off")
+            if guard != "off":
+                # What the idle servers hold now is no client's doing: learnt first. (A
+                # linked server's is learnt by the check after its client's transaction.)
+                for server in [server for server in self.idle if server.known_state is None]:
+                    self.idle.remove(server)
+                    server.check_state(CHECK_FIRST, None)
         for server in self.servers:
             if server.statements is not None and settings.max_prepared_statements > 0:
                 server.statements.capacity = settings.max_prepared_statements
@@ -719,6 +890,12 @@ class Pool:
             server.close()
         for task in list(self._tasks):
             task.cancel()
+
+
+def _guard(settings: PoolSettings) -> Guard:
+    """transaction_state_guard in force: off in session mode, where nobody else gets the
+    server until the client leaves (and server_reset_query runs)."""
+    return "off" if settings.mode == "session" else settings.state_guard
 
 
 def _mark_read(outcome: asyncio.Future[None]) -> None:

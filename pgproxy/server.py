@@ -13,9 +13,11 @@ import math
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from pgproxy import params as tracked
+from pgproxy import state_guard
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import Credential, ServerAuthenticator, ServerAuthError
 from pgproxy.protocol.prepared import ServerStatements
@@ -37,7 +39,7 @@ LOGIN = "login"
 IDLE = "idle"
 ACTIVE = "active"
 RESET = "reset"  # running the reset query after a session client left; no client linked
-TESTED = "tested"  # running server_check_query after a long idle time; no client linked
+TESTED = "tested"  # running server_check_query or the state check; no client linked
 CLOSED = "closed"
 BEING_CANCELED = "being_canceled"  # free, but a cancel request for it is under way
 
@@ -116,6 +118,26 @@ class ServerConn(asyncio.Protocol):
         # the client they are tied to in the current link (None: not tied yet).
         self.statements: ServerStatements | None = None
         self.statements_client: ClientConn | None = None
+        self.last_client: ClientConn | None = None  # the client it was last linked to
+        # Called at the end of a transaction with nothing owed: the pool's, or, once the
+        # scanner has flagged a reply that may leave session state (``scan.suspect``), the
+        # one that checks the session first (set by _chunk, where such replies are walked;
+        # the quick path pays nothing for the guard).
+        self.transaction_done: Callable[[ClientConn, ServerConn, float], None] = (
+            pool.transaction_done
+        )
+        # transaction_state_guard (pgproxy.state_guard), kept by the pool: the session
+        # state found at the last check (None: not known yet), before any client, the
+        # state its reset query leaves, and the state check under way (its replies, why
+        # it runs, for whom).
+        self.known_state: state_guard.SessionState | None = None
+        self.clean_state: state_guard.SessionState | None = None  # at login, or last reset
+        self.reset_state: state_guard.SessionState | None = None
+        self.check_reply: bytearray | None = None
+        self.check_purpose = ""
+        self.check_client: ClientConn | None = None
+        self.state_checked_at = 0.0
+        self.checked_replies = 0  # ``replies`` at the last state check
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -159,7 +181,7 @@ class ServerConn(asyncio.Protocol):
         if scan.deallocated:
             self._deallocated(client)
         if client is None:
-            self._unlinked_data()
+            self._unlinked_data(data)
             return
         if scan.ready and scan.status != STATUS_IDLE and self.pool.statement_mode:
             self._transaction_in_statement_mode(client)
@@ -176,6 +198,8 @@ class ServerConn(asyncio.Protocol):
         self.pool.stats.sent_bytes += len(data)
         if scan.copy_started or scan.copy_finished:
             self._copy_progress(client)
+        if scan.suspect:
+            self.transaction_done = self.pool.suspect_transaction_done
         if scan.ready:
             self._answered(client, scan.ready)
 
@@ -205,7 +229,7 @@ class ServerConn(asyncio.Protocol):
             and self.scan.status == STATUS_IDLE
             and not client.scan.holds_server
         ):
-            pool.transaction_done(client, self, now)
+            self.transaction_done(client, self, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -311,8 +335,33 @@ class ServerConn(asyncio.Protocol):
         self.scan.hidden_failed = False
         self.transport.write(messages.query(sql))
 
-    def _unlinked_data(self) -> None:
+    def check_state(self, purpose: str, client: ClientConn | None) -> None:
+        """Run the state check (transaction_state_guard); its replies are hidden and kept
+        for ``Pool.state_checked``. The caller has unlinked the server."""
+        self.scan.suspect = False
+        self.transaction_done = self.pool.transaction_done
+        self.state = TESTED
+        self.check_purpose = purpose
+        self.check_client = client
+        self.check_reply = bytearray()
+        self.state_checked_at = self.clock()
+        self.checked_replies = self.replies
+        version = next((v for n, v in self.login_params if n == "server_version"), "")
+        self.run_hidden(state_guard.check_query(version))
+
+    def _unlinked_data(self, data: bytes) -> None:
         scan = self.scan
+        reply = self.check_reply
+        if reply is not None and self.state is TESTED:
+            reply += data
+            if scan.hidden == 0:
+                self.check_reply = None
+                if scan.status != STATUS_IDLE:
+                    log.warning("server %s: the state check failed; closing", self.pool.name)
+                    self.pool.retire(self)
+                    return
+                self.pool.state_checked(self, state_guard.parse_check(bytes(reply)))
+            return
         if (self.state is RESET or self.state is TESTED) and scan.hidden == 0:
             if scan.hidden_failed or scan.status != STATUS_IDLE:
                 query = "server_reset_query" if self.state is RESET else "server_check_query"
@@ -400,6 +449,31 @@ class ServerConn(asyncio.Protocol):
                     raise failure
                 return
 
+    async def _first_state_check(self) -> None:
+        """transaction_state_guard: what the session holds before any client (after
+        connect_query), still inside the login, so that the pool counts the server as
+        opening until then. A failed check fails nothing: the server is not checked."""
+        version = next((v for n, v in self.login_params if n == "server_version"), "")
+        self.transport.write(messages.query(state_guard.check_query(version)))
+        reply = bytearray()
+        while True:
+            type_byte, payload = await self._read_login_message()
+            reply.append(type_byte)
+            reply += _INT32.pack(len(payload) + 4)
+            reply += payload
+            if type_byte == messages.READY_FOR_QUERY:
+                self.scan.status = payload[0] if payload else STATUS_IDLE
+                break
+        found = state_guard.parse_check(bytes(reply))
+        if isinstance(found, str):
+            log.warning(
+                "server %s: the transaction_state_guard check failed (%s); session state "
+                "left by clients is not detected on that server", self.pool.name, found,
+            )  # fmt: skip
+        else:
+            self.known_state = self.clean_state = found
+        self.state_checked_at = self.clock()
+
     async def negotiate_tls(self, tls: ServerTls, host: str) -> None:
         """SSLRequest, then the TLS handshake if PostgreSQL says 'S'; raise
         ServerLoginError if TLS is required and the server has none."""
@@ -457,6 +531,8 @@ class ServerConn(asyncio.Protocol):
                 self.scan.status = payload[0] if payload else STATUS_IDLE
                 if self.pool.settings.connect_query and not startup:
                     await self._run_connect_query(self.pool.settings.connect_query)
+                if self.pool.guard != "off" and not startup:
+                    await self._first_state_check()
                 self.state = IDLE
                 return
             elif type_byte == messages.ERROR_RESPONSE:

@@ -54,6 +54,7 @@ class PoolStats:
         "sent_bytes",
         "server_assignment_count",
         "server_parse_count",
+        "state_leaks",
         "timeouts",
         "wait_time",
         "waiters_served",
@@ -89,6 +90,8 @@ class PoolStats:
         self.client_logins = 0
         self.leaks = 0  # clients that held a server past leak_detection_threshold
         self.timeouts: Counter[str] = Counter()  # by kind: query_wait, query, ...
+        # Session state left on servers (transaction_state_guard), by kind: set, listen, ...
+        self.state_leaks: Counter[str] = Counter()
 
 
 @dataclass(slots=True)

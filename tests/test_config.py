@@ -178,6 +178,8 @@ def test_unknown_keys_are_named(tmp_path: Path) -> None:
         ("max_packet_size = 100", "max_packet_size"),
         ("server_connect_timeout = 0", "server_connect_timeout"),
         ('auth_type = "kerberos"', "auth_type"),
+        ('transaction_state_guard = "on"', "transaction_state_guard"),
+        ("transaction_state_check_period = -1", "transaction_state_check_period"),
         ("[databases.x]\nport = 70000", "databases.x.port"),
         ('[databases.x]\nport = "abc"', "databases.x.port"),
         ("[databases.x]\npool_size = 0", "databases.x.pool_size"),
@@ -190,6 +192,19 @@ def test_bad_values_name_the_key(tmp_path: Path, toml: str, key: str) -> None:
     message = config_error(write(tmp_path, toml + "\n"))
     assert message.startswith("invalid configuration:\n  ")
     assert f"  {key}: " in message
+
+
+def test_transaction_state_guard_reaches_the_pools() -> None:
+    settings = Settings(databases={"appdb": DatabaseConfig()})
+    assert settings.transaction_state_guard == "warn"
+    assert settings.transaction_state_check_period == 60.0
+    settings = Settings(
+        databases={"appdb": DatabaseConfig()},
+        transaction_state_guard="reset",
+        transaction_state_check_period=5,
+    )
+    resolved = settings.pool_settings(settings.databases["appdb"], "app")
+    assert (resolved.state_guard, resolved.state_check_period) == ("reset", 5.0)
 
 
 def test_every_problem_is_listed(tmp_path: Path) -> None:

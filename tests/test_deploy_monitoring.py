@@ -68,6 +68,7 @@ _COUNTERS = {
     "pgproxy_reconnect_failed_total",
     "pgproxy_timeouts_total",
     "pgproxy_leaks_total",
+    "pgproxy_session_state_leaks_total",
 }
 _HISTOGRAMS = {
     "pgproxy_client_wait_seconds",
@@ -91,6 +92,7 @@ ALERTS = {
     "PgproxyWaitP99NearTimeout",
     "PgproxyTimeouts",
     "PgproxyLeakDetected",
+    "PgproxySessionStateLeak",
     "PgproxyServerConnectErrors",
     "PgproxyDown",
 }
@@ -344,6 +346,17 @@ def test_dashboard_shows_login_failures_and_client_caps(dashboard: dict[str, Any
         ("pgproxy_user_client_connections", "pgproxy_user_max_client_connections"),
     ):
         assert any(count in exprs and limit in exprs for exprs in panels), count
+
+
+def test_dashboard_shows_session_state_leaks_by_kind(dashboard: dict[str, Any]) -> None:
+    """transaction_state_guard's counter has a panel, split by kind."""
+    panels = [
+        " ".join(target["expr"] for target in panel.get("targets", []))
+        for panel in _panels(dashboard["panels"])
+    ]
+    assert any(
+        "pgproxy_session_state_leaks_total" in exprs and "kind" in exprs for exprs in panels
+    )
 
 
 def test_dashboard_queries_parse(dashboard: dict[str, Any], tmp_path: Path) -> None:

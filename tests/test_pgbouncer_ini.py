@@ -75,6 +75,8 @@ server_reset_query_always = 1
 track_extra_parameters = search_path, IntervalStyle
 metrics_port = 0
 leak_detection_threshold = 2.5
+transaction_state_guard = reset
+transaction_state_check_period = 30
 """
 
 APPDB = " ".join((
@@ -164,6 +166,7 @@ def test_every_supported_setting_converts_and_loads(tmp_path: Path) -> None:
         "track_extra_parameters": ["search_path", "IntervalStyle"],
         # pgproxy's own settings, in an ini too:
         "metrics_port": 0, "leak_detection_threshold": 2.5,
+        "transaction_state_guard": "reset", "transaction_state_check_period": 30.0,
     }  # fmt: skip
     for key, value in expected.items():
         assert getattr(settings, key) == value, key

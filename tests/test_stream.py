@@ -514,17 +514,25 @@ def data_row(payload_size: int) -> bytes:
     return message(b"D", b"\0\x01" + struct.pack("!i", payload_size) + b"v" * payload_size)
 
 
-# Each backend message: (kind, raw bytes, detail) where detail is the RFQ status or the
-# ParameterStatus pair.
+# CommandComplete tags: common ones, those the walks act on (DEALLOCATE ALL, DISCARD ALL,
+# the state guard's), and others of the same lengths and first letters (COMMIT is as long
+# as LISTEN; CREATE INDEX, CLOSE CURSOR and DISCARD TEMP share theirs with guarded ones).
+TAGS = [
+    "SELECT 1", "SELECT 1000", "INSERT 0 1", "BEGIN", "COMMIT", "DEALLOCATE ALL",
+    "DISCARD ALL", "SET", "LISTEN", "PREPARE", "DECLARE CURSOR", "CREATE TABLE",
+    "CREATE INDEX", "CLOSE CURSOR", "SHOW", "LOCK TABLE",
+]  # fmt: skip
+STATE_TAGS = {"SET", "LISTEN", "PREPARE", "DECLARE CURSOR", "CREATE TABLE"}
+
+# Each backend message: (kind, raw bytes, detail) where detail is the RFQ status, the
+# ParameterStatus pair or the CommandComplete tag.
 BACKEND_MESSAGE = st.one_of(
     st.sampled_from([b"I", b"T", b"E"]).map(lambda s: ("Z", messages.ready_for_query(s), s[0])),
     st.tuples(TEXT, TEXT).map(lambda p: ("S", messages.parameter_status(*p), p)),
     st.sampled_from(["42P01", "57014"]).map(
         lambda code: ("E", messages.error_response(code, "oops"), None)
     ),
-    st.sampled_from(["SELECT 1", "INSERT 0 1", "BEGIN", "DEALLOCATE ALL", "DISCARD ALL"]).map(
-        lambda tag: ("C", message(b"C", messages.cstring(tag)), None)
-    ),
+    st.sampled_from(TAGS).map(lambda tag: ("C", message(b"C", messages.cstring(tag)), tag)),
     st.integers(0, 20_000).map(lambda n: ("D", data_row(n), None)),
     st.just(("T", message(b"T", b"\0\x01a\0" + b"\0" * 18), None)),
     st.just(("N", messages.notice_response("hello"), None)),
@@ -548,6 +556,7 @@ class BackendExpectation:
     hidden_failed: bool
     hidden_left: int
     boundaries: list[int]
+    suspect: bool  # with the state guard on
 
 
 @st.composite
@@ -561,10 +570,14 @@ def backend_streams(draw: st.DrawFn) -> BackendExpectation:
     params: list[tuple[str, str]] = []
     hidden_at: int | None = 0 if hidden == 0 else None
     failed = False
+    suspect = False
     boundaries = [0]
     for kind, raw, detail in msgs:
         data += raw
         boundaries.append(len(data))
+        if kind == "C" and not left and detail in STATE_TAGS:
+            # SET only outside a transaction block: the last ReadyForQuery said idle.
+            suspect = suspect or detail != "SET" or status == STATUS_IDLE
         if kind == "Z":
             status = detail
             if left:
@@ -579,8 +592,9 @@ def backend_streams(draw: st.DrawFn) -> BackendExpectation:
             failed = True
     forwarded = b"" if hidden_at is None else bytes(data[hidden_at:])
     return BackendExpectation(
-        bytes(data), hidden, ready, status, params, forwarded, hidden_at, failed, left, boundaries
-    )
+        bytes(data), hidden, ready, status, params, forwarded, hidden_at, failed, left,
+        boundaries, suspect,
+    )  # fmt: skip
 
 
 @dataclass
@@ -592,11 +606,14 @@ class BackendRun:
     hidden_at: int | None = None
     hidden_failed: bool = False
     hidden_left: int = 0
+    suspect: bool = False
 
 
-def run_backend(chunks: list[bytes], hidden: int) -> BackendRun:
-    """Feed ``chunks`` as ServerConn.data_received does, collecting what reaches the client."""
+def run_backend(chunks: list[bytes], hidden: int, guarded: bool = False) -> BackendRun:
+    """Feed ``chunks`` as ServerConn.data_received does, collecting what reaches the client
+    (``guarded``: with the state guard on)."""
     scan = BackendScanner()
+    scan.guard(guarded)
     scan.hidden = hidden
     run = BackendRun(hidden_at=0 if hidden == 0 else None)
     start = 0
@@ -618,10 +635,14 @@ def run_backend(chunks: list[bytes], hidden: int) -> BackendRun:
     run.status = scan.status
     run.hidden_failed = scan.hidden_failed
     run.hidden_left = scan.hidden
+    run.suspect = scan.suspect
     return run
 
 
-def check_backend(expected: BackendExpectation, run: BackendRun) -> None:
+def check_backend(
+    expected: BackendExpectation, run: BackendRun, guarded: bool = False
+) -> None:  # fmt: skip
+    assert run.suspect == (guarded and expected.suspect)
     assert run.ready == expected.ready
     assert run.status == expected.status
     assert run.params == expected.params
@@ -634,7 +655,7 @@ def check_backend(expected: BackendExpectation, run: BackendRun) -> None:
 BACKEND_STATE = (
     "ready", "status", "remaining", "carry", "forward_from", "params", "error", "hidden",
     "hidden_failed", "copy_in", "copy_started", "copy_finished", "batches_done", "replies",
-    "out", "withheld", "deallocated",
+    "out", "withheld", "deallocated", "suspect",
 )  # fmt: skip
 
 
@@ -654,20 +675,24 @@ def feed_fully(scan: BackendScanner, chunk: bytes) -> None:
     msgs=st.lists(BACKEND_MESSAGE.filter(lambda m: m[0] != "S"), max_size=30),
     data=st.data(),
     named=st.booleans(),
+    guarded=st.booleans(),
 )
 def test_backend_quick_walk_leaves_the_state_of_the_full_walk(
-    msgs: list[tuple[str, bytes, object]], data: st.DataObject, named: bool
+    msgs: list[tuple[str, bytes, object]], data: st.DataObject, named: bool, guarded: bool
 ) -> None:
     """feed's quick walk (nothing hidden, carried or copied; it stops at ParameterStatus,
     left out here so that it goes far) leaves exactly what the full walk would, chunk
     after chunk, with and without named statements in use (then it also counts
-    ParseComplete/BindComplete/CloseComplete and looks for DEALLOCATE ALL)."""
+    ParseComplete/BindComplete/CloseComplete and looks for DEALLOCATE ALL), with and
+    without the state guard (then it looks at CommandComplete tags too)."""
     stream = b"".join(raw for _, raw, _ in msgs)
     boundaries = [0]
     for _, raw, _ in msgs:
         boundaries.append(boundaries[-1] + len(raw))
     cuts = data.draw(cuts_near(boundaries), label="cuts")
     quick, full = BackendScanner(), BackendScanner()
+    quick.guard(guarded)
+    full.guard(guarded)
     if named:
         for scan in (quick, full):
             statements = ServerStatements(Registry(), PoolStats(), 10)
@@ -690,6 +715,8 @@ def test_backend_totals_do_not_depend_on_chunking(
     check_backend(stream, run_backend([stream.data], stream.hidden))
     cuts = data.draw(cuts_near(stream.boundaries), label="cuts")
     check_backend(stream, run_backend(split(stream.data, cuts), stream.hidden))
+    chunks = split(stream.data, cuts)
+    check_backend(stream, run_backend(chunks, stream.hidden, guarded=True), guarded=True)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -697,6 +724,8 @@ def test_backend_totals_do_not_depend_on_chunking(
 def test_backend_totals_byte_by_byte(stream: BackendExpectation) -> None:
     assume(len(stream.data) <= 4000)
     check_backend(stream, run_backend(bytewise(stream.data), stream.hidden))
+    chunks = bytewise(stream.data)
+    check_backend(stream, run_backend(chunks, stream.hidden, guarded=True), guarded=True)
 
 
 @PROPERTY
@@ -939,3 +968,91 @@ def test_ready_for_query_with_wrong_length_mid_chunk_is_an_error() -> None:
 
 def test_fresh_frontend_scanner_does_not_hold_the_server() -> None:
     assert FrontendScanner(LIMIT).holds_server is False
+
+
+# -- BackendScanner: the state guard's tags ----------------------------------------------
+
+
+def tag(text: str) -> bytes:
+    return message(b"C", messages.cstring(text))
+
+
+def guarded_scanner() -> BackendScanner:
+    scan = BackendScanner()
+    scan.guard(True)
+    return scan
+
+
+@pytest.mark.parametrize("text", ["LISTEN", "PREPARE", "DECLARE CURSOR", "CREATE TABLE", "SET"])
+def test_a_tag_that_may_leave_session_state_is_suspect(text: str) -> None:
+    scan = guarded_scanner()
+    scan.feed(tag(text) + RFQ_I)
+    assert scan.suspect and scan.ready == 1
+    assert not scan.quick  # (left to the full walk, where ServerConn sees it)
+
+
+@pytest.mark.parametrize("text", ["SELECT 1", "COMMIT", "CREATE INDEX", "CLOSE CURSOR", "SHOW"])
+def test_other_tags_are_not_suspect_and_stay_on_the_quick_walk(text: str) -> None:
+    scan = guarded_scanner()
+    scan.feed(tag(text) + RFQ_I)
+    assert not scan.suspect and scan.ready == 1
+    if text in ("SELECT 1", "COMMIT", "SHOW"):  # (other length, or other first letter)
+        assert scan.quick
+
+
+def test_set_inside_a_transaction_block_is_not_suspect() -> None:
+    """SET LOCAL and SET in BEGIN ... COMMIT share the tag SET: only a SET run while the
+    server was idle (the last ReadyForQuery said 'I') is suspect."""
+    scan = guarded_scanner()
+    scan.feed(tag("BEGIN") + RFQ_T)
+    scan.feed(tag("SET") + RFQ_T)
+    scan.feed(tag("COMMIT") + RFQ_I)
+    assert not scan.suspect
+    scan.feed(tag("BEGIN") + RFQ_T + tag("SET") + RFQ_T + tag("ROLLBACK") + RFQ_I)
+    assert not scan.suspect
+    scan.feed(tag("SET") + RFQ_I)
+    assert scan.suspect
+
+
+def test_other_state_tags_count_inside_a_transaction_block_too() -> None:
+    scan = guarded_scanner()
+    scan.feed(tag("BEGIN") + RFQ_T + tag("LISTEN") + RFQ_T)
+    assert scan.suspect  # (the pool checks at the release: after COMMIT)
+
+
+def test_hidden_replies_are_never_suspect() -> None:
+    scan = guarded_scanner()
+    scan.hidden = 1  # (pgproxy's own SETs: parameter sync)
+    scan.feed(tag("SET") + RFQ_I + CC + RFQ_I)
+    assert not scan.suspect and scan.ready == 1
+
+
+def test_a_suspect_tag_split_between_chunks() -> None:
+    scan = guarded_scanner()
+    data = CC + RFQ_I + tag("LISTEN") + RFQ_I
+    for cut in range(len(CC + RFQ_I) + 1, len(data)):
+        scan = guarded_scanner()
+        scan.feed(data[:cut])
+        scan.feed(data[cut:])
+        assert scan.suspect, cut
+
+
+def test_without_the_guard_nothing_is_suspect() -> None:
+    scan = BackendScanner()
+    scan.feed(tag("LISTEN") + RFQ_I + tag("SET") + RFQ_I)
+    assert not scan.suspect and scan.quick
+    scan = guarded_scanner()
+    scan.feed(tag("LISTEN") + RFQ_I)
+    scan.guard(False)
+    assert not scan.suspect
+
+
+def test_a_malformed_command_complete_is_reported_by_the_quick_walks_too() -> None:
+    for guarded, named in ((True, False), (False, True), (True, True)):
+        scan = BackendScanner()
+        scan.guard(guarded)
+        if named:
+            statements = ServerStatements(Registry(), PoolStats(), 10)
+            scan.statements, scan.ledger = statements, statements.ledger
+        scan.feed(RFQ_I + header(b"C", 2) + b"xxxxxx")
+        assert scan.error == "invalid message length 2 from server", (guarded, named)

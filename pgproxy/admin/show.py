@@ -364,20 +364,21 @@ def show_totals(daemon: Daemon) -> Table:
 
 
 def show_leaks(daemon: Daemon) -> Table:
-    """pgproxy's own: clients holding a server past leak_detection_threshold now."""
+    """pgproxy's own: clients holding a server past leak_detection_threshold now (kind
+    ``held``), then the recent session state leaks (transaction_state_guard), one row per
+    client and kind: ``state`` says whether the state was ``kept`` on the server or
+    ``reset``, ``detail`` what was found, ``count`` how many times, ``seen_at`` the last."""
     from pgproxy.janitor import held_for
 
     cols = columns(
-        "issssisqs", "id", "user", "database", "application_name", "addr", "port", "state",
-        "held_us", "held_since",
+        "issssisqssssis", "id", "user", "database", "application_name", "addr", "port",
+        "state", "held_us", "held_since", "kind", "detail", "first_seen", "count", "seen_at",
     )  # fmt: skip
     threshold = daemon.settings.leak_detection_threshold
     rows: list[list[Value]] = []
-    if threshold <= 0:
-        return cols, rows
     clock = _clock(daemon)
     now = clock[0]
-    for pool in daemon.pools.values():
+    for pool in daemon.pools.values() if threshold > 0 else ():
         for server in pool.servers:
             client = server.client
             held = held_for(pool, server, now)
@@ -385,10 +386,20 @@ def show_leaks(daemon: Daemon) -> Table:
                 continue
             addr, port = _address(client.transport.get_extra_info("peername"))
             state = "active" if client.outstanding > 0 else "idle in transaction"
+            since = _date(now - held, clock)
             rows.append([
                 client.id, client.user, client.database, client.application_name, addr, port,
-                state, int(held * USEC), _date(now - held, clock),
+                state, int(held * USEC), since, "held", f"over {threshold:g} s", since, 1,
+                _date(now, clock),
             ])  # fmt: skip
+    leaks = [leak for pool in daemon.pools.values() for leak in pool.state_leaks.entries.values()]
+    for leak in sorted(leaks, key=lambda leak: leak.last_seen):
+        addr, port = _address(leak.peer)
+        rows.append([
+            leak.client_id, leak.user, leak.database, leak.application_name, addr, port,
+            leak.action, None, None, leak.kind, leak.detail, _date(leak.first_seen, clock),
+            leak.count, _date(leak.last_seen, clock),
+        ])  # fmt: skip
     return cols, rows
 
 

@@ -89,7 +89,7 @@ for _type_code in b"ZSECGW":
 # What feed's quick walk does with each backend message type (0: skip it).
 _READY = 1  # ReadyForQuery
 _COMPLETION = 2  # ParseComplete, BindComplete, CloseComplete (counted with named statements)
-_TAG = 3  # CommandComplete (looked at with named statements: DEALLOCATE ALL)
+_TAG = 3  # CommandComplete (with named statements: DEALLOCATE ALL; with the state guard)
 _STOP = 4  # ParameterStatus, CopyInResponse, CopyBothResponse: _walk handles them
 _QUICK_ACTIONS = bytearray(256)
 for _message_type, _action in ((b"Z", _READY), (b"S", _STOP), (b"G", _STOP), (b"W", _STOP)):
@@ -98,6 +98,27 @@ _COUNTING_ACTIONS = bytearray(_QUICK_ACTIONS)
 for _message_type in (b"1", b"2", b"3"):
     _COUNTING_ACTIONS[_message_type[0]] = _COMPLETION
 _COUNTING_ACTIONS[ord("C")] = _TAG
+# Without named statements but with the state guard: CommandComplete is looked at too.
+_TAG_ACTIONS = bytearray(_QUICK_ACTIONS)
+_TAG_ACTIONS[ord("C")] = _TAG
+
+# CommandComplete tags the walks act on. The quick walk tells them from every other tag by
+# their message length and first letter (``_TAG_FIRST[length]``); _walk compares them whole.
+_DEALLOCATE_TAGS = (b"DEALLOCATE ALL\0", b"DISCARD ALL\0")  # named statements are gone
+# transaction_state_guard: tags of commands that may leave state in the session (SET only
+# when the server was idle before it: see BackendScanner).
+_SET_TAG = b"SET\0"
+_STATE_TAGS = (_SET_TAG, b"LISTEN\0", b"PREPARE\0", b"DECLARE CURSOR\0", b"CREATE TABLE\0")
+_first_letters = bytearray(32)
+for _tag in (*_DEALLOCATE_TAGS, *_STATE_TAGS):
+    # (Tags of one length share their first letter: DEALLOCATE ALL and DECLARE CURSOR.)
+    assert _first_letters[len(_tag) + 4] in (0, _tag[0]), _tag
+    _first_letters[len(_tag) + 4] = _tag[0]
+_TAG_FIRST = bytes(_first_letters)
+# The lengths of all of them, whether or not the guard is on (one set lookup per tag, and
+# the state guard's tags are rare), and those below 4: malformed, for _walk to report.
+_TAG_LENGTHS = frozenset({*range(4), *(len(tag) + 4 for tag in (*_DEALLOCATE_TAGS, *_STATE_TAGS))})
+_STATE_TAG_SET = frozenset(_STATE_TAGS)
 # In prepared mode ParseComplete, BindComplete and CloseComplete are counted too.
 _COMPLETIONS = frozenset(b"123")
 _BACKEND_PREPARED = bytearray(_BACKEND_INTERESTING)
@@ -530,6 +551,14 @@ class BackendScanner:
     it ended sets ``copy_finished``, and then ``ready`` counts only the ReadyForQuery messages
     after the end: the caller settles what is owed at that point (the Syncs PostgreSQL
     ignored during the COPY are not) before subtracting ``ready``.
+
+    transaction_state_guard (``guard(True)``): ``suspect`` is set when a reply for the
+    client (not a hidden one) completes a command that may leave state in the session —
+    CommandComplete ``LISTEN``, ``PREPARE``, ``DECLARE CURSOR``, ``CREATE TABLE``, or
+    ``SET`` run while the server was idle (the last ReadyForQuery said 'I': outside a
+    transaction block, so neither ``SET LOCAL`` nor a ``SET`` inside ``BEGIN`` … ``COMMIT``).
+    The owner clears it. The quick walk tells these tags from others by length and first
+    letter, and leaves the few that match (and COMMIT's or SELECT's never do) to _walk.
     """
 
     __slots__ = (
@@ -541,17 +570,20 @@ class BackendScanner:
         "deallocated",
         "error",
         "forward_from",
+        "guarded",
         "hidden",
         "hidden_failed",
         "ledger",
         "out",
         "params",
         "quick",
+        "quick_actions",
         "ready",
         "remaining",
         "replies",
         "statements",
         "status",
+        "suspect",
         "withheld",
     )
 
@@ -576,6 +608,18 @@ class BackendScanner:
         self.withheld = False  # the carry was not forwarded (prepared mode)
         self.deallocated = False
         self.quick = False  # the quick walk handled the chunk: only ``ready`` to look at
+        # transaction_state_guard: off until ``guard(True)``.
+        self.guarded = False
+        self.suspect = False
+        self.quick_actions = _QUICK_ACTIONS  # (the quick walk's table without named statements)
+
+    def guard(self, on: bool) -> None:
+        """Watch (or stop watching) the client's replies for commands that may leave
+        session state (``suspect``)."""
+        self.guarded = on
+        self.quick_actions = _TAG_ACTIONS if on else _QUICK_ACTIONS
+        if not on:
+            self.suspect = False
 
     def feed(self, data: bytes) -> None:
         """Walk the headers in ``data``, continuing from where the previous chunk ended."""
@@ -597,11 +641,12 @@ class BackendScanner:
         # The common case, a linked server's reply with nothing hidden, carried, withheld
         # or to be cut, and no COPY: a quick walk that reads only ReadyForQuery and, when
         # named statements are in use, counts the replies the ledger will need and looks
-        # for DEALLOCATE ALL. At anything else that matters (ParameterStatus, a COPY
-        # starting, a bad length, a message split at the end), _walk takes over.
+        # for DEALLOCATE ALL (with the state guard, for its tags too). At anything else that
+        # matters (ParameterStatus, a COPY starting, a bad length, a message split at the
+        # end, a tag of interest), _walk takes over.
         header = _HEADER
         counting = statements is not None
-        actions = _COUNTING_ACTIONS if counting else _QUICK_ACTIONS
+        actions = _COUNTING_ACTIONS if counting else self.quick_actions
         ready = 0
         last = size - 5  # the last offset where a whole header fits
         while position <= last:
@@ -619,7 +664,14 @@ class BackendScanner:
             elif action == _COMPLETION and length == 4:
                 self.replies += 1
                 position += 5
-            elif action == _TAG and length != 19 and length != 16:  # (not DEALLOCATE ALL)
+            elif action == _TAG and length not in _TAG_LENGTHS:  # (no tag to act on)
+                position += 1 + length
+            elif (
+                action == _TAG
+                and length > 3  # (a bad length is in _TAG_LENGTHS too: _walk reports it)
+                and position < last
+                and data[position + 5] != _TAG_FIRST[length]
+            ):  # (a tag of such a length, but another one: COMMIT is not LISTEN)
                 position += 1 + length
             else:
                 break
@@ -702,12 +754,25 @@ class BackendScanner:
                     self.copy_in = False
                     self.copy_finished = True
                     ready = 0
-                if statements is not None and (length == 19 or length == 16):
+                if (
+                    type_byte == _COMMAND_COMPLETE
+                    and length in _TAG_LENGTHS
+                    and (statements is not None or self.guarded)
+                    and (position + 5 >= size or data[position + 5] == _TAG_FIRST[length])
+                ):  # (a tag the quick walk would not skip either: read it whole)
                     if end > size:
                         break
                     tag = data[position + 5 : end]
-                    if tag == b"DEALLOCATE ALL\0" or tag == b"DISCARD ALL\0":
-                        self.deallocated = True
+                    if tag in _DEALLOCATE_TAGS:
+                        if statements is not None:
+                            self.deallocated = True
+                    elif (
+                        self.guarded
+                        and not hidden
+                        and tag in _STATE_TAG_SET
+                        and (tag != _SET_TAG or self.status == STATUS_IDLE)
+                    ):
+                        self.suspect = True
             else:  # CopyInResponse / CopyBothResponse
                 self.copy_in = self.copy_started = True
             position = end
