@@ -447,12 +447,7 @@ class Pool:
         purpose, client = server.check_purpose, server.check_client
         server.check_client = None
         if isinstance(found, str):
-            if not self._check_failure_logged:
-                self._check_failure_logged = True
-                log.warning(
-                    "pool %s: the transaction_state_guard check failed (%s); session state "
-                    "left by clients is not detected on that server", self.name, found,
-                )  # fmt: skip
+            self.state_check_failed(found)
             # Unverified: under ``reset``, reset it all the same.
             reset = purpose == CHECK_RELEASE and self.guard == "reset"
         else:
@@ -476,6 +471,16 @@ class Pool:
             self.check_done(server)
         else:
             self._hand_over(server)
+
+    def state_check_failed(self, reason: str) -> None:
+        """A state check failed (a permission revoked, say): logged once per pool; that
+        server's state is then not known, nor checked against."""
+        if not self._check_failure_logged:
+            self._check_failure_logged = True
+            log.warning(
+                "pool %s: the transaction_state_guard check failed (%s); session state left "
+                "by clients is not detected on that server", self.name, reason,
+            )  # fmt: skip
 
     def _state_leaked(
         self, client: ClientConn | None, left: list[tuple[str, str]], purpose: str,

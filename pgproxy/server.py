@@ -466,10 +466,7 @@ class ServerConn(asyncio.Protocol):
                 break
         found = state_guard.parse_check(bytes(reply))
         if isinstance(found, str):
-            log.warning(
-                "server %s: the transaction_state_guard check failed (%s); session state "
-                "left by clients is not detected on that server", self.pool.name, found,
-            )  # fmt: skip
+            self.pool.state_check_failed(found)
         else:
             self.known_state = self.clean_state = found
         self.state_checked_at = self.clock()
