@@ -1,7 +1,7 @@
 """What a pool does while PostgreSQL refuses it: back off, remember why, raise the alarm.
 
 psycopg_pool's reconnection model with PgBouncer's names: after a failed server connect or
-login the pool waits before trying again, the wait doubling from 1 s (±10% jitter) up to
+login the pool waits before trying again, the wait doubling from 0.25 s (±10% jitter) up to
 ``server_login_retry``; the last error is kept so that a client whose login needs a server
 fails at once with it instead of hammering PostgreSQL; once the failures have lasted
 ``reconnect_timeout`` the ``reconnect_failed`` command runs (once per outage), and the
@@ -20,7 +20,7 @@ from typing import Any
 
 log = logging.getLogger("pgproxy.reconnect")
 
-INITIAL_DELAY = 1.0
+INITIAL_DELAY = 0.25  # a restart that refuses connections briefly costs little
 FAST_RETRY = 0.1  # seconds between attempts while PostgreSQL starts up or shuts down
 BACKOFF = 2.0
 JITTER = 0.1
@@ -91,7 +91,7 @@ class Reconnect:
         if self.max_delay > 0:
             self.delay = min(self.delay, self.max_delay)
         if starting_or_stopping:
-            self.delay = INITIAL_DELAY / BACKOFF  # (the next failure of another kind: 1 s)
+            self.delay = INITIAL_DELAY / BACKOFF  # (another kind of failure next: INITIAL_DELAY)
         wait = self.delay * (1 + JITTER * (2 * random.random() - 1))
         if starting_or_stopping:
             wait = FAST_RETRY
