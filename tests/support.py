@@ -159,7 +159,8 @@ class ProxyProcess:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` accepts a TCP connection now."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
@@ -221,7 +222,7 @@ def launch_proxy(
                     f"pgproxy exited with code {popen.returncode} before listening on "
                     f"127.0.0.1:{port}; output:\n{proc.log_tail()}"
                 )
-            if _port_open(port):
+            if port_open(port):
                 return proc
             if time.monotonic() >= deadline:
                 proc.stop()

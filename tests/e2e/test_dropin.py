@@ -27,6 +27,7 @@ from tests.support import (
     ProxyProcess,
     free_port,
     launch_proxy,
+    port_open,
     proxy_config,
     wait_for,
 )
@@ -78,13 +79,6 @@ def _run(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess[st
         text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )  # fmt: skip
 
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def test_two_proxies_from_two_ini_files_share_a_host(
@@ -175,7 +169,7 @@ def test_an_explicit_metrics_port_that_is_taken_stops_the_start(
         assert f"metrics_port {taken}: Address already in use" in result.stderr
         assert not (workdir / f".s.PGSQL.{port}").exists()
         assert not (workdir / "p.pid").exists()
-        assert not _listening(port)
+        assert not port_open(port)
     finally:
         holder.close()
 

@@ -31,6 +31,7 @@ from tests.support import (
     ProxyProcess,
     assert_healthy,
     connect,
+    port_open,
     proxy_config,
     psql,
     wait_for,
@@ -845,7 +846,7 @@ def test_running_out_of_file_descriptors_leaves_no_unread_error(
         )  # fmt: skip
     held: list[psycopg.Connection[Any]] = []
     try:
-        wait_for(lambda: _listening(port), 15, "pgproxy to listen")
+        wait_for(lambda: port_open(port), 15, "pgproxy to listen")
         errors = 0
         for _ in range(40):
             try:
@@ -874,10 +875,3 @@ def test_running_out_of_file_descriptors_leaves_no_unread_error(
     assert "never retrieved" not in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
 
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
