@@ -9,12 +9,16 @@ import pytest
 from pgproxy.protocol import messages
 from pgproxy.protocol.prepared import (
     _DEALLOCATE_MESSAGES,
+    _PREPARE_MESSAGES,
     ClientStatements,
     Registry,
     ServerStatements,
+    _execute_messages,
     close_message,
     deallocate_name,
+    execute_statement,
     parse_message,
+    prepare_statement,
 )
 from pgproxy.protocol.stream import BackendScanner, FrontendScanner
 from pgproxy.stats import PoolStats
@@ -457,3 +461,168 @@ def test_deallocate_split_anywhere_gives_the_same_bytes() -> None:
 
 def bytewise(data: bytes) -> list[bytes]:
     return [data[i : i + 1] for i in range(len(data))]
+
+
+# -- SQL PREPARE / EXECUTE (simple Queries) --------------------------------------------------
+
+PREPARE_COMPLETE = b"C\0\0\0\x0cPREPARE\0"
+NO_DATA = b"n\0\0\0\x04"
+ROW_DESCRIPTION = b"T\0\0\0\x06\0\0"  # (no columns: enough for the walk)
+DATA_ROW = b"D\0\0\0\x06\0\0"
+
+
+def prepare_replies(status: bytes = b"I") -> bytes:
+    """The server's replies to a rewritten PREPARE that succeeds (the statement prepared)."""
+    return (
+        PARSE_COMPLETE + BIND_COMPLETE + PREPARE_COMPLETE + CLOSE_COMPLETE + CLOSE_COMPLETE
+        + b"Z\0\0\0\x05" + status
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "body"),
+    [
+        (b"PREPARE a AS SELECT 1", b"a", b"SELECT 1\0\0\0"),
+        (b"prepare A as select $1;", b"a", b"select $1;\0\0\0"),
+        (b' PREPARE "Q x"\n AS\tselect 2 ; ', b"Q x", b"select 2 ; \0\0\0"),
+        (
+            b"PREPARE p (int, text) AS SELECT $1, $2",
+            b"p", b"SELECT $1, $2\0\0\x02\0\0\0\x17\0\0\0\x19",
+        ),
+        (
+            b"PREPARE p(double precision,TIMESTAMP WITH TIME ZONE)AS SELECT $1",
+            b"p", b"SELECT $1\0\0\x02\0\0\x02\xbd\0\0\x04\xa0",
+        ),
+    ],
+)  # fmt: skip
+def test_prepare_statement(text: bytes, name: bytes, body: bytes) -> None:
+    assert prepare_statement(text) == (name, body)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"PREPARE a AS SELECT 1; SELECT 2",  # two statements: passed through
+        b"PREPARE a AS SELECT ';'",  # (a semicolon in a string: conservatively too)
+        b"PREPARE a (mytype) AS SELECT $1",  # a type that is not built in
+        b"PREPARE a (int[]) AS SELECT $1",
+        b"PREPARE a (varchar(10)) AS SELECT $1",
+        b"PREPARE a () AS SELECT 1",
+        b"PREPARE a AS",
+        b"PREPARE AS SELECT 1",
+        b"PREPARE a SELECT 1",
+        b"PREPARE TRANSACTION 'x'",
+        b"select 1",
+    ],
+)
+def test_not_a_prepare_statement(text: bytes) -> None:
+    assert prepare_statement(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "rest"),
+    [
+        (b"EXECUTE a", b"a", b""),
+        (b"execute A(1, 'x');", b"a", b"(1, 'x');"),
+        (b'EXECUTE "Q x" ( 2 ) ', b"Q x", b" ( 2 ) "),
+    ],
+)
+def test_execute_statement(text: bytes, name: bytes, rest: bytes) -> None:
+    assert execute_statement(text) == (name, rest)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"EXECUTE a; select 1", b"EXECUTE a b", b"EXECUTE", b"EXECUTE a(';')", b"EXPLAIN EXECUTE a"],
+)
+def test_not_an_execute_statement(text: bytes) -> None:
+    assert execute_statement(text) is None
+
+
+def test_sql_prepare_maps_the_name_like_a_parse() -> None:
+    link = Link()
+    sent = link.send(messages.query("PREPARE p (int) AS SELECT $1 + 1"))
+    statement = link.client.names[b"p"]
+    assert statement.name == b"PGPROXY_1"
+    assert sent == statement.parse + _PREPARE_MESSAGES
+    assert link.reply(PARSE_COMPLETE + prepare_replies()) == PREPARE_COMPLETE + READY
+    assert not link.server.ledger and statement in link.server.cached
+    # The same text prepared by the protocol shares the statement.
+    link.send(parse_message(b"q", b"SELECT $1 + 1\0\0\x01\0\0\0\x17") + SYNC)
+    assert link.client.names[b"q"] is statement
+
+
+def test_sql_execute_runs_on_a_server_that_lacks_the_statement() -> None:
+    link = Link()
+    link.send(messages.query("PREPARE p AS SELECT 1"))
+    link.reply(PARSE_COMPLETE + prepare_replies())
+    statement = link.client.names[b"p"]
+    link.move_to_new_server()
+    sent = link.send(messages.query("EXECUTE p;"))
+    assert sent == statement.parse + _execute_messages(b'EXECUTE "PGPROXY_1";')
+    rows = ROW_DESCRIPTION + DATA_ROW + COMPLETE
+    replies = PARSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + rows + CLOSE_COMPLETE + READY
+    assert link.reply(replies) == rows + READY
+    # Again on the same server: not prepared twice; a command without rows has NoData cut.
+    sent = link.send(messages.query("execute P"))
+    assert sent == _execute_messages(b'EXECUTE "PGPROXY_1"')
+    insert = b"C\0\0\0\x0fINSERT 0 1\0"
+    replies = PARSE_COMPLETE + BIND_COMPLETE + NO_DATA + insert + CLOSE_COMPLETE + READY
+    assert link.reply(replies) == insert + READY
+    assert not link.server.ledger and not link.back.cut_no_data
+
+
+def test_sql_execute_that_fails_shows_the_error_and_keeps_the_name() -> None:
+    link = Link()
+    link.send(messages.query("PREPARE p AS SELECT 1"))
+    link.reply(PARSE_COMPLETE + prepare_replies())
+    link.move_to_new_server()
+    link.send(messages.query("EXECUTE p"))
+    aborted = b"Z\0\0\0\x05E"
+    # In an aborted transaction pgproxy's Parse of the statement fails first.
+    assert link.reply(error(b"25P02") + aborted) == error(b"25P02") + aborted
+    assert b"p" in link.client.names and not link.server.cached and not link.back.cut_no_data
+    # The client's own Describe later gets its NoData.
+    stream = parse(b"", b"begin") + b"D\0\0\0\x06S\0" + SYNC
+    link.send(stream)
+    reply = PARSE_COMPLETE + b"t\0\0\0\x06\0\0" + NO_DATA + READY
+    assert link.reply(reply) == reply
+
+
+def test_sql_prepare_that_fails_forgets_the_name() -> None:
+    link = Link()
+    link.send(messages.query("PREPARE p AS SELEC 1"))
+    assert link.reply(error(b"42601") + READY) == error(b"42601") + READY
+    assert b"p" not in link.client.names and not link.server.cached
+    assert not link.registry.by_body
+
+
+def test_sql_prepare_of_a_name_in_use_gets_postgresql_s_error() -> None:
+    link = Link()
+    link.send(messages.query("PREPARE p AS SELECT 1"))
+    link.reply(PARSE_COMPLETE + prepare_replies())
+    query = messages.query("PREPARE p AS SELECT 2")
+    assert link.send(query) == parse(b"p", b"") + query
+    assert link.reply(PARSE_COMPLETE + error(b"42P05") + READY) == error(b"42P05") + READY
+    assert link.client.names[b"p"].body == b"SELECT 1\0\0\0"
+
+
+def test_sql_execute_and_deallocate_of_unknown_names_pass_through() -> None:
+    link = Link()
+    for sql in ("EXECUTE nope", "DEALLOCATE nope", "PREPARE TRANSACTION 'x'"):
+        query = messages.query(sql)
+        assert link.send(query) == query
+
+
+def test_sql_prepare_split_anywhere_gives_the_same_bytes() -> None:
+    stream = messages.query("select 1") + messages.query("PREPARE p AS SELECT 1")
+    stream += messages.query("EXECUTE p")
+    expected = None
+    for cut in range(1, len(stream)):
+        link = Link()
+        sent = link.send(stream[:cut], stream[cut:])
+        expected = expected or sent
+        assert sent == expected, cut
+        assert link.front.requests_total == 3
+    assert expected is not None and _PREPARE_MESSAGES in expected
+    assert Link().send(*bytewise(stream)) == expected

@@ -60,6 +60,13 @@ _UNNAMED = 4
 # _DEALLOCATE_MESSAGES) so that the server answers it in its place, whichever statements
 # it has.
 _DEALLOCATE = 5
+# The client's simple Query ``PREPARE name … AS statement``: the statement is prepared
+# here under pgproxy's name (if missing) and the Query rewritten (see _PREPARE_MESSAGES).
+_SQL_PREPARE = 6
+# The client's simple Query ``EXECUTE name …`` of a mapped name: the statement is prepared
+# here if missing and the Query (``raw``: rewritten to pgproxy's name) is run through the
+# extended protocol (see _execute_messages), so that its errors come in their place.
+_SQL_EXECUTE = 7
 
 
 class Op:
@@ -92,10 +99,13 @@ _CLIENT_CLOSE = 5  # a client's Close: undone (name restored) if the server skip
 _UNNAMED_PARSE = 7  # pgproxy's Parse of a client's unnamed statement: hidden
 _HIDE = 8  # another message of pgproxy's own: hidden, nothing to settle
 _CLIENT_DEALLOCATE = 9  # the Bind of a rewritten DEALLOCATE: hidden, else as _CLIENT_CLOSE
+_CLIENT_SQL_PREPARE = 10  # the Bind of a rewritten PREPARE: hidden, else as _CLIENT_PARSE_HERE
+_SQL_EXECUTE_BIND = 11  # the Bind of a rewritten EXECUTE: hidden, and the NoData after it
 
 _HIDDEN_KINDS = frozenset(
-    (_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY, _UNNAMED_PARSE, _HIDE, _CLIENT_DEALLOCATE)
-)
+    (_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY, _UNNAMED_PARSE, _HIDE, _CLIENT_DEALLOCATE,
+     _CLIENT_SQL_PREPARE, _SQL_EXECUTE_BIND)
+)  # fmt: skip
 
 # A client Parse of a statement this server already has is answered by a Parse of an empty
 # query under this name (and its Close right after): the client's ParseComplete then comes
@@ -115,6 +125,11 @@ def close_message(name: bytes) -> bytes:
 
 _EMPTY_QUERY = b"\0\0\0"  # query '' and no parameter types
 _STAND_IN_PARSE = parse_message(_STAND_IN, _EMPTY_QUERY) + close_message(_STAND_IN)
+# Bind, Execute and Close of the unnamed statement and portal, and Sync, for the rewrites
+# of a client's SQL DEALLOCATE, PREPARE and EXECUTE below.
+_BIND_UNNAMED = _HEADER.pack(b"B", 12) + b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0"  # no parameters
+_EXECUTE_UNNAMED = _HEADER.pack(b"E", 9) + b"\0" + b"\0\0\0\0"  # every row
+_SYNC = _HEADER.pack(b"S", 4)
 
 # A client's ``DEALLOCATE name`` (a simple Query) of a name pgproxy maps: the server may
 # not have the statement, and has it under another name anyway. What it gets instead
@@ -132,84 +147,222 @@ _DEALLOCATE_MESSAGES = (
     close_message(_DEALLOCATE_NAME)
     + parse_message(b"", b'DEALLOCATE "' + _DEALLOCATE_NAME + b'"\0\0\0')
     + parse_message(_DEALLOCATE_NAME, _EMPTY_QUERY)
-    + _HEADER.pack(b"B", 12) + b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0"  # no parameters
-    + _HEADER.pack(b"E", 9) + b"\0" + b"\0\0\0\0"
+    + _BIND_UNNAMED
+    + _EXECUTE_UNNAMED
     + close_message(b"")
-    + _HEADER.pack(b"S", 4)
-)  # fmt: skip
+    + _SYNC
+)
 # Their Parse/Bind/Close replies: CloseComplete, ParseComplete, ParseComplete, BindComplete
 # (the Bind's is the third from 0), CloseComplete.
 _DEALLOCATE_REPLIES = 5
 _DEALLOCATE_BIND = 3
 
 
-# ``DEALLOCATE [PREPARE] name``: what deallocate_name reads (PostgreSQL's lexer, in part).
+# A client's ``PREPARE name … AS statement`` (a simple Query): the statement itself is
+# prepared by a Parse under pgproxy's name (like a protocol-level one: the same Statement
+# and server caches), and what the server gets in place of the Query makes it answer
+# CommandComplete "PREPARE" (or PostgreSQL's error) in its place: it prepares a helper
+# statement of pgproxy's own and closes it in the same batch. Parse of the helper's
+# PREPARE into the unnamed statement, Bind, Execute, Close of the helper, Close of the
+# unnamed statement, Sync. The replies but CommandComplete and ReadyForQuery are hidden;
+# the Bind's settles the client's name (forgotten if it was skipped).
+_PREPARE_NAME = b"PGPROXY_PREPARE"
+_PREPARE_MESSAGES = (
+    parse_message(b"", b'PREPARE "' + _PREPARE_NAME + b'" AS SELECT\0\0\0')
+    + _BIND_UNNAMED
+    + _EXECUTE_UNNAMED
+    + close_message(_PREPARE_NAME)
+    + close_message(b"")
+    + _SYNC
+)
+_PREPARE_BIND = 1  # ParseComplete, BindComplete, CloseComplete, CloseComplete
+_PREPARE_REPLIES = 4
+_DESCRIBE_PORTAL = _HEADER.pack(b"D", 6) + b"P\0"
+
+
+def _execute_messages(text: bytes) -> bytes:
+    """What the server gets for a client's ``EXECUTE`` Query rewritten to ``text``: the
+    Query's own replies come from it in their place (RowDescription from the Describe,
+    or a NoData that is hidden), and the rest is hidden: ParseComplete, BindComplete,
+    CloseComplete."""
+    return (
+        parse_message(b"", text + b"\0\0\0")
+        + _BIND_UNNAMED
+        + _DESCRIBE_PORTAL
+        + _EXECUTE_UNNAMED
+        + close_message(b"")
+        + _SYNC
+    )
+
+
+_EXECUTE_REPLIES = 3  # ParseComplete, BindComplete (its NoData too), CloseComplete
+
+
+# SQL-level statements on prepared statements, in a simple Query of their own: what the
+# readers below take of PostgreSQL's lexer (white space, unquoted and quoted names).
 _SQL_SPACE = frozenset(b" \t\n\r\f\v")
 _IDENTIFIER_START = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _IDENTIFIER_PART = _IDENTIFIER_START | frozenset(b"0123456789$")
 _MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names
-# The longest Query text deallocate_name reads (a quoted name of 63 bytes, all quotes,
-# with room for spaces); longer ones are passed through unread.
-MAX_DEALLOCATE_QUERY = 256
-MIN_DEALLOCATE_QUERY = len(b"DEALLOCATE x")
+# The longest Query text the readers take (a PREPARE of a longer statement, or anything
+# else that long, is passed through unread), and the shortest (``EXECUTE x``).
+MAX_SQL_QUERY = 64 * 1024
+MIN_SQL_QUERY = len(b"EXECUTE x")
+
+# PREPARE's parameter types as the Parse message gives them (OIDs): the built-in types by
+# the names PostgreSQL's grammar accepts for them. A type list with any other type (a
+# user-defined one, an array, a type modifier) leaves the PREPARE unmapped.
+_TYPE_OIDS = {
+    b"bool": 16, b"boolean": 16, b"bytea": 17, b"char": 18, b"name": 19,
+    b"int8": 20, b"bigint": 20, b"int2": 21, b"smallint": 21,
+    b"int4": 23, b"int": 23, b"integer": 23, b"text": 25, b"oid": 26,
+    b"json": 114, b"float4": 700, b"real": 700, b"float8": 701, b"double precision": 701,
+    b"varchar": 1043, b"character varying": 1043, b"date": 1082, b"time": 1083,
+    b"timestamp": 1114, b"timestamp without time zone": 1114,
+    b"timestamptz": 1184, b"timestamp with time zone": 1184, b"interval": 1186,
+    b"numeric": 1700, b"decimal": 1700, b"uuid": 2950, b"jsonb": 3802,
+}  # fmt: skip
+_TYPE_OID = struct.Struct("!I")
+_TYPE_COUNT = struct.Struct("!H")
+
+
+def _skip_space(text: bytes, position: int) -> int:
+    size = len(text)
+    while position < size and text[position] in _SQL_SPACE:
+        position += 1
+    return position
+
+
+def _word(text: bytes, position: int) -> tuple[bytes, bool, int] | None:
+    """The name or keyword at ``position`` (after white space): (the name as PostgreSQL
+    reads it, whether it was quoted, the offset after it); None if there is none.
+
+    An unquoted name is folded to lower case, a quoted one kept as written ("" for a
+    quote). Rarer forms (U&"..." names, non-ASCII unquoted names, which fold by the
+    server's encoding, names PostgreSQL would truncate, zero-length ones) give None."""
+    size = len(text)
+    position = _skip_space(text, position)
+    if position >= size:
+        return None
+    byte = text[position]
+    if byte in _IDENTIFIER_START:
+        end = position + 1
+        while end < size and text[end] in _IDENTIFIER_PART:
+            end += 1
+        if end < size and text[end] >= 0x80:
+            return None
+        word = text[position:end].lower()
+        if len(word) > _MAX_IDENTIFIER or (
+            word == b"u" and text[end : end + 1] == b"&"
+        ):
+            return None
+        return word, False, end
+    if byte != 0x22:  # "
+        return None
+    quoted = bytearray()
+    end = position + 1
+    while True:
+        quote = text.find(b'"', end)
+        if quote < 0:
+            return None  # unterminated: PostgreSQL's error, from the server
+        quoted += text[end:quote]
+        if text[quote + 1 : quote + 2] != b'"':
+            break
+        quoted += b'"'
+        end = quote + 2
+    if not quoted or len(quoted) > _MAX_IDENTIFIER:
+        return None
+    return bytes(quoted), True, quote + 1
+
+
+def _keyword(text: bytes, position: int, keyword: bytes) -> int:
+    """The offset after ``keyword`` (unquoted, any case) at ``position``; -1 if not there."""
+    word = _word(text, position)
+    if word is None or word[1] or word[0] != keyword:
+        return -1
+    return word[2]
+
+
+def _one_statement(text: bytes, position: int) -> bool:
+    """Whether nothing but white space follows a semicolon in text[position:] (a
+    conservative test that it holds one statement: a semicolon in a string or a
+    comment says no too)."""
+    semicolon = text.find(b";", position)
+    return semicolon < 0 or _skip_space(text, semicolon + 1) == len(text)
 
 
 def deallocate_name(text: bytes) -> bytes | None:
     """The statement name if ``text`` (a simple Query's, without its NUL) is exactly one
     ``DEALLOCATE [PREPARE] name`` (keywords in any case, an optional semicolon, white
-    space anywhere between); None for anything else, ``DEALLOCATE ALL`` included.
+    space anywhere between); None for anything else, ``DEALLOCATE ALL`` included."""
+    position = _keyword(text, 0, b"deallocate")
+    if position < 0:
+        return None
+    word = _word(text, position)
+    if word is not None and word[:2] == (b"prepare", False):
+        following = _word(text, word[2])
+        if following is not None:
+            word = following
+    if word is None or (not word[1] and word[0] in (b"all", b"prepare")):
+        return None
+    name, _, position = word
+    position = _skip_space(text, position)
+    if position < len(text) and text[position] == 0x3B:  # ;
+        position = _skip_space(text, position + 1)
+    return name if position == len(text) else None
 
-    The name as PostgreSQL reads it: an unquoted one is folded to lower case, a quoted one
-    kept as written ("" for a quote). Rarer forms (comments, U&"..." names, non-ASCII
-    unquoted names, which fold by the server's encoding, names PostgreSQL would truncate)
-    give None: the Query then goes to the server as it is."""
-    words: list[tuple[bytes, bool]] = []  # (word, quoted)
-    size = len(text)
-    position = 0
-    semicolon = False
-    while position < size:
-        byte = text[position]
-        if byte in _SQL_SPACE:
-            position += 1
-        elif semicolon:
-            return None  # something after the semicolon
-        elif byte == 0x3B:  # ;
-            semicolon = True
-            position += 1
-        elif byte in _IDENTIFIER_START:
-            end = position + 1
-            while end < size and text[end] in _IDENTIFIER_PART:
-                end += 1
-            if end < size and text[end] >= 0x80:
-                return None  # a non-ASCII unquoted name
-            words.append((text[position:end].lower(), False))
-            position = end
-        elif byte == 0x22:  # "
-            quoted = bytearray()
-            end = position + 1
-            while True:
-                quote = text.find(b'"', end)
-                if quote < 0:
-                    return None  # unterminated: PostgreSQL's error, from the server
-                quoted += text[end:quote]
-                if text[quote + 1 : quote + 2] != b'"':
-                    break
-                quoted += b'"'
-                end = quote + 2
-            if not quoted:
-                return None  # a zero-length name is an error
-            words.append((bytes(quoted), True))
-            position = quote + 1
-        else:
-            return None
-    if len(words) == 3 and words[1] == (b"prepare", False):
-        del words[1]
-    if len(words) != 2 or words[0] != (b"deallocate", False):
+
+def prepare_statement(text: bytes) -> tuple[bytes, bytes] | None:
+    """(name, the Parse body: query and parameter types) if ``text`` is exactly one
+    ``PREPARE name [ ( type [, ...] ) ] AS statement`` whose parameter types are all
+    built-in ones (see _TYPE_OIDS); None for anything else."""
+    position = _keyword(text, 0, b"prepare")
+    word = _word(text, position) if position >= 0 else None
+    if word is None or (not word[1] and word[0] == b"as"):
         return None
-    name, was_quoted = words[1]
-    if (not was_quoted and name in (b"all", b"prepare")) or len(name) > _MAX_IDENTIFIER:
+    name, _, position = word
+    position = _skip_space(text, position)
+    oids: list[int] = []
+    if text[position : position + 1] == b"(":
+        position += 1
+        while True:
+            words: list[bytes] = []
+            while (word := _word(text, position)) is not None and not word[1]:
+                words.append(word[0])
+                position = word[2]
+            oid = _TYPE_OIDS.get(b" ".join(words))
+            position = _skip_space(text, position)
+            delimiter = text[position : position + 1]
+            if oid is None or delimiter not in (b",", b")"):
+                return None
+            oids.append(oid)
+            position += 1
+            if delimiter == b")":
+                break
+    position = _keyword(text, position, b"as")
+    if position < 0:
         return None
-    return name
+    start = _skip_space(text, position)
+    if start == len(text) or not _one_statement(text, start):
+        return None
+    types = _TYPE_COUNT.pack(len(oids)) + b"".join(_TYPE_OID.pack(oid) for oid in oids)
+    return name, text[start:] + b"\0" + types
+
+
+def execute_statement(text: bytes) -> tuple[bytes, bytes] | None:
+    """(name, what follows it: the parameters in parentheses, if any) if ``text`` is
+    exactly one ``EXECUTE name [ ( parameter [, ...] ) ]``; None for anything else."""
+    position = _keyword(text, 0, b"execute")
+    word = _word(text, position) if position >= 0 else None
+    if word is None:
+        return None
+    name, _, position = word
+    following = _skip_space(text, position)
+    if following < len(text) and text[following] not in b"(;":
+        return None
+    if not _one_statement(text, position):
+        return None
+    return name, text[position:]
 
 
 def _last_unnamed_parse(chunk: bytes) -> bytes:
@@ -384,11 +537,40 @@ class ClientStatements:
             unnamed = self.unnamed = _last_unnamed_parse(unnamed)
         return unnamed
 
-    def deallocate(self, name: bytes, batch: int, index: int, plan: Plan) -> None:
-        """The client's simple Query ``DEALLOCATE name`` of a name it has: forgotten (and
-        restored if the server skips it), the Query rewritten where it is rendered."""
-        statement = self.names.pop(name)
-        plan.append(Op(_DEALLOCATE, batch, index, statement, name))
+    def sql(self, message: bytes, batch: int, index: int) -> Op | None:
+        """The op that stands for ``message``, a whole simple Query, if it is one SQL
+        ``PREPARE``, ``EXECUTE`` or ``DEALLOCATE`` that pgproxy maps; None if the Query is
+        to be sent as it is (any other Query, or a name the client does not have: then
+        PostgreSQL's own error comes from the server)."""
+        text = message[5:-1]
+        verb = _word(text, 0)
+        if verb is None or verb[1]:
+            return None
+        if verb[0] == b"deallocate":
+            name = deallocate_name(text)
+            if name is None or name not in self.names:
+                return None
+            return Op(_DEALLOCATE, batch, index, self.names.pop(name), name)
+        if verb[0] == b"execute":
+            executed = execute_statement(text)
+            statement = None if executed is None else self.names.get(executed[0])
+            if executed is None or statement is None:
+                return None
+            self.stats.bind_count += 1
+            rewritten = b'EXECUTE "' + statement.name + b'"' + executed[1]
+            return Op(_SQL_EXECUTE, batch, index, statement, raw=rewritten)
+        if verb[0] == b"prepare":
+            prepared = prepare_statement(text)
+            if prepared is None:
+                return None
+            name, body = prepared
+            self.stats.client_parse_count += 1
+            if name in self.names:  # PostgreSQL's "already exists", from the server
+                return Op(_DUPLICATE, batch, index, None, name, message)
+            statement = self.registry.acquire(body)
+            self.names[name] = statement
+            return Op(_SQL_PREPARE, batch, index, statement, name)
+        return None
 
     def forget_all(self) -> None:
         """DEALLOCATE ALL / DISCARD ALL, or the client left: drop every name."""
@@ -415,7 +597,7 @@ class Pending:
     """A ledger entry: a Parse/Bind/Close in flight whose reply pgproxy must act on
     (``name``: the client's statement name; for _UNNAMED_PARSE, the Parse message)."""
 
-    __slots__ = ("batch", "client", "hide", "index", "kind", "name", "statement")
+    __slots__ = ("batch", "client", "hide", "hide_no_data", "index", "kind", "name", "statement")
 
     def __init__(self, kind: int, batch: int, index: int, statement: Statement | None,
                  client: ClientStatements | None = None, name: bytes = b"") -> None:  # fmt: skip
@@ -423,6 +605,8 @@ class Pending:
         self.batch = batch
         self.index = index
         self.hide = kind in _HIDDEN_KINDS
+        # The reply to a Describe of the portal follows: a NoData is pgproxy's, to hide.
+        self.hide_no_data = kind == _SQL_EXECUTE_BIND
         self.statement = statement
         self.client = client
         self.name = name
@@ -513,6 +697,31 @@ class ServerStatements:
                     self.extra += 1
                     client.reparsed = raw
                     client.reparsed_batch = item.batch
+            elif kind in (_SQL_PREPARE, _SQL_EXECUTE):
+                assert statement is not None
+                if statement in self.cached:
+                    self._touch(statement)
+                else:
+                    index = self._make_room(parts, batch, index)
+                    self._prepare(parts, statement)
+                    self._note(_INJECTED, batch, index, statement)
+                    self.extra += 1
+                    index += 1
+                if kind == _SQL_PREPARE:
+                    parts.append(_PREPARE_MESSAGES)
+                    for offset in range(_PREPARE_REPLIES):
+                        if offset == _PREPARE_BIND:
+                            self._note(_CLIENT_SQL_PREPARE, batch, index + offset, statement,
+                                       client, item.name)  # fmt: skip
+                        else:
+                            self._note(_HIDE, batch, index + offset, None)
+                    self.extra += _PREPARE_REPLIES
+                else:
+                    parts.append(_execute_messages(item.raw))
+                    self._note(_HIDE, batch, index, None)
+                    self._note(_SQL_EXECUTE_BIND, batch, index + 1, None)
+                    self._note(_HIDE, batch, index + 2, None)
+                    self.extra += _EXECUTE_REPLIES
             elif kind == _DEALLOCATE:
                 parts.append(_DEALLOCATE_MESSAGES)
                 for offset in range(_DEALLOCATE_REPLIES):
@@ -558,7 +767,7 @@ class ServerStatements:
         """The reply to ``entry`` came (``done``) or the server skipped it after an error."""
         kind = entry.kind
         statement = entry.statement
-        if kind in (_CLIENT_PARSE, _CLIENT_PARSE_HERE):
+        if kind in (_CLIENT_PARSE, _CLIENT_PARSE_HERE, _CLIENT_SQL_PREPARE):
             if not done:
                 client = entry.client
                 if (

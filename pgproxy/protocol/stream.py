@@ -14,12 +14,11 @@ import struct
 from typing import TYPE_CHECKING
 
 from pgproxy.protocol.prepared import (
-    MAX_DEALLOCATE_QUERY,
-    MIN_DEALLOCATE_QUERY,
+    MAX_SQL_QUERY,
+    MIN_SQL_QUERY,
     ClientStatements,
     Plan,
     StatementError,
-    deallocate_name,
 )
 
 if TYPE_CHECKING:
@@ -64,14 +63,18 @@ for _type, _kind in (
 
 _STATEMENT = ord("S")  # Describe/Close of a statement (not a portal)
 _QUERY = ord("Q")
-# A simple Query from a client with named statements, of a length that may be a
-# ``DEALLOCATE name`` (as a message length: the text, its NUL and the length field), and
-# the bytes such a query can start with.
-_MIN_DEALLOCATE = MIN_DEALLOCATE_QUERY + 5
-_MAX_DEALLOCATE = MAX_DEALLOCATE_QUERY + 5
-_DEALLOCATE_START = bytearray(256)
-for _start in b"dD \t\n\r\f\v":
-    _DEALLOCATE_START[_start] = 1
+# A simple Query (with named statements in use) of a length that may be an SQL PREPARE,
+# EXECUTE or DEALLOCATE (as a message length: the text, its NUL and the length field), and
+# the bytes such a query can start with: PREPARE from any client, the other two only from
+# a client that may have names (``named_parse``).
+_MIN_SQL = MIN_SQL_QUERY + 5
+_MAX_SQL = MAX_SQL_QUERY + 5
+_PREPARE_START = bytearray(256)
+for _start in b"pP \t\n\r\f\v":
+    _PREPARE_START[_start] = 1
+_NAMED_SQL_START = bytearray(_PREPARE_START)
+for _start in b"eEdD":
+    _NAMED_SQL_START[_start] = 1
 # The quick walk keeps the chunk that holds a client's unnamed Parse (rather than copy the
 # Parse out of it) when it is no larger than this: a large one is not kept alive for it.
 _KEEP_CHUNK = 4096
@@ -81,6 +84,7 @@ _ERROR_RESPONSE = ord("E")
 _COMMAND_COMPLETE = ord("C")
 _COPY_IN_RESPONSE = ord("G")
 _COPY_BOTH_RESPONSE = ord("W")
+_NO_DATA = ord("n")
 
 # Backend message types the walk looks at; every other type is skipped by one index test.
 _BACKEND_INTERESTING = bytearray(256)
@@ -119,10 +123,11 @@ _TAG_FIRST = bytes(_first_letters)
 # the state guard's tags are rare), and those below 4: malformed, for _walk to report.
 _TAG_LENGTHS = frozenset({*range(4), *(len(tag) + 4 for tag in (*_DEALLOCATE_TAGS, *_STATE_TAGS))})
 _STATE_TAG_SET = frozenset(_STATE_TAGS)
-# In prepared mode ParseComplete, BindComplete and CloseComplete are counted too.
+# In prepared mode ParseComplete, BindComplete and CloseComplete are counted too, and
+# NoData is looked at (one of pgproxy's own is cut out: see ServerStatements.render).
 _COMPLETIONS = frozenset(b"123")
 _BACKEND_PREPARED = bytearray(_BACKEND_INTERESTING)
-for _type_code in _COMPLETIONS:
+for _type_code in (*_COMPLETIONS, _NO_DATA):
     _BACKEND_PREPARED[_type_code] = 1
 # ParameterStatus messages are read whole; a server's are small (names and short values).
 MAX_PARAMETER_STATUS = 64 * 1024
@@ -151,9 +156,10 @@ class FrontendScanner:
     Parse/Bind/Close messages since the last request, to place each in the server's replies.
     The client's last unnamed Parse is recorded in its ClientStatements, and a Bind or
     Describe of the unnamed statement in a chunk that does not have that Parse before it
-    gets a plan (the server may need the Parse again). Once the client has sent a named
-    Parse (``named_parse``), a short simple Query is read: ``DEALLOCATE name`` of one of
-    its names gets a plan too (held back, like the statement messages, until whole).
+    gets a plan (the server may need the Parse again). A simple Query that may be an SQL
+    ``PREPARE`` is read, and once the client may have names (``named_parse``: it sent a
+    named Parse or a PREPARE), one that may be an ``EXECUTE`` or ``DEALLOCATE`` of one of
+    them: these get a plan too (held back, like the statement messages, until whole).
 
     For COPY FROM STDIN: PostgreSQL ignores Syncs that arrive while it is in copy-in mode
     (libpq sends one after Execute and another after CopyDone). ``requests_total`` counts
@@ -179,6 +185,7 @@ class FrontendScanner:
         "requests",
         "requests_at_copy_end",
         "requests_total",
+        "sql_start",
         "statements",
         "terminate_at",
     )
@@ -200,9 +207,11 @@ class FrontendScanner:
         self.plan: Plan | None = None
         self.held: bytearray | None = None
         self.open_pbc = 0
-        # The client sent a named Parse (it may have names): its short simple Queries are
-        # read, since one may be a DEALLOCATE of a name (set once, for cheap tests).
+        # The client sent a named Parse or a PREPARE (it may have names): its simple
+        # Queries that may be an EXECUTE or DEALLOCATE of a name are read (set once, for
+        # cheap tests).
         self.named_parse = False
+        self.sql_start = _PREPARE_START  # the first bytes of Queries to read (see feed)
         # The next chunk starts with a message header: nothing carried, held or left over.
         self.at_boundary = True
 
@@ -217,11 +226,11 @@ class FrontendScanner:
                 and size <= self.max_packet_size
             ):
                 # The most common chunk by far: one whole simple Query (unless it may be
-                # a DEALLOCATE of a named statement: _walk reads it).
+                # an SQL PREPARE, EXECUTE or DEALLOCATE: _walk reads it).
                 if (
-                    self.named_parse
-                    and _MIN_DEALLOCATE < size <= _MAX_DEALLOCATE + 1  # (the message's length + 1)
-                    and _DEALLOCATE_START[data[5]]
+                    self.statements is not None
+                    and _MIN_SQL < size <= _MAX_SQL + 1  # (the message's length + 1)
+                    and self.sql_start[data[5]]
                 ):
                     self._walk(data)
                     return
@@ -262,12 +271,15 @@ class FrontendScanner:
             end = position + 1 + length
             if kind == _REQUEST:
                 if (
-                    self.named_parse
+                    statements is not None
                     and type_byte == _QUERY
-                    and _MIN_DEALLOCATE <= length <= _MAX_DEALLOCATE
-                    and (end > size or _DEALLOCATE_START[data[position + 5]])
+                    and _MIN_SQL <= length <= _MAX_SQL
+                    and (
+                        end > size
+                        or self.sql_start[data[position + 5]]
+                    )
                 ):
-                    return False  # perhaps a DEALLOCATE of a named statement: _walk
+                    return False  # perhaps an SQL PREPARE, EXECUTE or DEALLOCATE: _walk
                 requests += 1
                 open_pbc = 0
             elif kind >= _PARSE:
@@ -419,21 +431,30 @@ class FrontendScanner:
                 if (
                     statements is not None
                     and type_byte == _QUERY
-                    and statements.names
-                    and _MIN_DEALLOCATE <= length <= _MAX_DEALLOCATE
+                    and _MIN_SQL <= length <= _MAX_SQL
+                    and (
+                        position + 5 >= size
+                        or self.sql_start[data[position + 5]]
+                    )
                 ):
                     end = position + 1 + length
-                    if end > size:  # perhaps a DEALLOCATE: hold it whole
+                    if end > size:  # perhaps a PREPARE, EXECUTE or DEALLOCATE: hold it whole
                         stop = position
                         break
-                    name = None if data[end - 1] else deallocate_name(data[position + 5 : end - 1])
-                    if name is not None and name in statements.names:
+                    op = None
+                    if not data[end - 1]:
+                        op = statements.sql(
+                            data[position:end], self.requests_total + requests, open_pbc
+                        )
+                    if op is not None:
                         if plan is None:
                             self.plan = plan = []
                         if position > copied:
                             plan.append(data[copied:position])
-                        statements.deallocate(name, self.requests_total + requests, open_pbc, plan)
+                        plan.append(op)
                         copied = end
+                        self.named_parse = True
+                        self.sql_start = _NAMED_SQL_START
                 requests += 1
                 open_pbc = 0
             elif kind == _SYNC:
@@ -457,8 +478,7 @@ class FrontendScanner:
         else:
             if position < size:
                 if statements is not None and (
-                    kinds[data[position]] >= _PARSE
-                    or (data[position] == _QUERY and statements.names)
+                    kinds[data[position]] >= _PARSE or data[position] == _QUERY
                 ):
                     stop = position  # a statement message's header is split: hold it
                 else:
@@ -489,8 +509,11 @@ class FrontendScanner:
         if len(held) < 5:
             return False
         length: int = _LENGTH(held, 1)[0]
-        if held[0] == _QUERY and length > _MAX_DEALLOCATE:
-            return True  # (not a DEALLOCATE: walked as it comes)
+        if held[0] == _QUERY and not (
+            _MIN_SQL <= length <= _MAX_SQL
+            and (len(held) < 6 or self.sql_start[held[5]])
+        ):
+            return True  # (not a PREPARE, EXECUTE or DEALLOCATE: walked as it comes)
         # (A bad length is reported by the walk.)
         return length < 4 or length > self.max_packet_size or len(held) >= 1 + length
 
@@ -500,6 +523,7 @@ class FrontendScanner:
         assert statements is not None
         if kind == _PARSE:
             self.named_parse = True
+            self.sql_start = _NAMED_SQL_START
             statements.parse(data, position, end, batch, index, plan)
         elif kind == _BIND:
             statements.bind(data, position, end, batch, index, plan)
@@ -544,7 +568,8 @@ class BackendScanner:
     cut out of the stream. Then the bytes for the client are ``out`` (None: the chunk from
     ``forward_from`` as before), and a message split between chunks is held back until it
     is whole (it might be one to cut). ``deallocated`` says a DEALLOCATE ALL or DISCARD ALL
-    completed in the chunk.
+    completed in the chunk. ``cut_no_data``: the next reply is to a Describe of pgproxy's
+    own (a rewritten EXECUTE), and a NoData there is cut out too.
 
     COPY FROM STDIN: ``copy_in`` is true from CopyInResponse to the CommandComplete or
     ErrorResponse that ends it. A chunk where a COPY started sets ``copy_started``; one where
@@ -567,6 +592,7 @@ class BackendScanner:
         "copy_finished",
         "copy_in",
         "copy_started",
+        "cut_no_data",
         "deallocated",
         "error",
         "forward_from",
@@ -607,6 +633,7 @@ class BackendScanner:
         self.out: bytes | None = None
         self.withheld = False  # the carry was not forwarded (prepared mode)
         self.deallocated = False
+        self.cut_no_data = False
         self.quick = False  # the quick walk handled the chunk: only ``ready`` to look at
         # transaction_state_guard: off until ``guard(True)``.
         self.guarded = False
@@ -727,6 +754,7 @@ class BackendScanner:
                         statements.batch_ended(self.batches_done)
                     self.batches_done += 1
                     self.replies = 0
+                    self.cut_no_data = False
             elif type_byte == _PARAMETER_STATUS:
                 if length > MAX_PARAMETER_STATUS:  # it would be carried whole: cap it
                     self.error = f"ParameterStatus of {length} bytes from server"
@@ -746,7 +774,14 @@ class BackendScanner:
                             if cuts is None:
                                 cuts = []
                             cuts += (position, end)
+                            self.cut_no_data = entry.hide_no_data
                 self.replies += 1
+            elif type_byte == _NO_DATA:  # (prepared mode only)
+                if self.cut_no_data:
+                    self.cut_no_data = False
+                    if cuts is None:
+                        cuts = []
+                    cuts += (position, end)
             elif type_byte in (_ERROR_RESPONSE, _COMMAND_COMPLETE):
                 if hidden and type_byte == _ERROR_RESPONSE:
                     self.hidden_failed = True

@@ -17,7 +17,7 @@ import pytest
 from psycopg import pq
 
 from pgproxy.embedded import EmbeddedPostgres
-from tests.support import ProxyFactory, ProxyProcess, proxy_config
+from tests.support import ProxyFactory, ProxyProcess, proxy_config, psql
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -180,6 +180,74 @@ def test_sql_deallocate_of_a_protocol_level_name(
         assert conn.execute("execute sqlside").fetchone() == (5,)
         conn.execute("deallocate sqlside")
         conn.execute("commit")
+
+
+def test_sql_prepare_and_execute_follow_their_client(proxy_one: ProxyProcess) -> None:
+    """SQL PREPARE / EXECUTE / DEALLOCATE (simple Queries) outside transactions: mapped
+    like protocol-level names, so EXECUTE works on whichever server the client gets."""
+    # (prepare_threshold=None: psycopg would prepare statements of its own, and send
+    # DEALLOCATE ALL after the failed transaction below.)
+    with _connect(proxy_one, prepare_threshold=None) as conn, _connect(proxy_one) as other:
+        pgconn = conn.pgconn
+        assert _ok(pgconn.exec_(b"PREPARE add1 (int) AS SELECT $1 + 1")).command_status == (
+            b"PREPARE"
+        )
+        _ok(pgconn.exec_(b"prepare ins(text) as insert into t (v) values ($1)"))
+        first = _backend(conn)
+        servers = set()
+        for round_ in range(20):
+            # Another client holds a server in a transaction every other round, so that
+            # EXECUTE runs on both servers, most of them without the statement yet.
+            if round_ % 2:
+                other.execute("begin")
+                other.execute("select 1")
+            result = _ok(pgconn.exec_(b"EXECUTE add1(%d);" % round_))
+            assert result.get_value(0, 0) == b"%d" % (round_ + 1)
+            assert result.command_status == b"SELECT 1"
+            inserted = _ok(pgconn.exec_(b"execute INS('sqlprep-%d')" % round_))
+            assert inserted.command_status == b"INSERT 0 1" and inserted.nfields == 0
+            servers.add(_backend(conn))
+            if round_ % 2:
+                other.execute("rollback")
+        assert len(servers) == 2 and first in servers
+        row = conn.execute("select count(*) from t where v like 'sqlprep-%'").fetchone()
+        assert row == (20,)
+        # PostgreSQL's errors, in their place.
+        assert _error(pgconn.exec_(b"PREPARE add1 AS SELECT 2")) == (
+            "42P05",
+            'prepared statement "add1" already exists',
+        )
+        assert _error(pgconn.exec_(b"EXECUTE add1(1, 2)"))[0] == "42601"
+        assert _error(pgconn.exec_(b"EXECUTE nope"))[0] == "26000"
+        assert _error(pgconn.exec_(b"PREPARE broken AS SELEC 1"))[0] == "42601"
+        assert _error(pgconn.exec_(b"EXECUTE broken"))[0] == "26000"
+        conn.execute("begin")
+        assert _error(pgconn.exec_(b"select 1/0"))[0] == "22012"
+        assert _error(pgconn.exec_(b"EXECUTE add1(1)"))[0] == "25P02"
+        conn.execute("rollback")
+        assert _value(pgconn.exec_(b"EXECUTE add1(1)")) == b"2"
+        # No server is left holding an SQL-level prepared statement of pgproxy's.
+        for client in (conn, other):
+            row = client.execute(
+                "select count(*) from pg_prepared_statements where from_sql"
+            ).fetchone()
+            assert row == (0,)
+        assert _ok(pgconn.exec_(b"DEALLOCATE add1")).command_status == b"DEALLOCATE"
+        assert _error(pgconn.exec_(b"EXECUTE add1(1)"))[0] == "26000"
+        conn.execute("delete from t where v like 'sqlprep-%'")
+
+
+def test_sql_prepare_and_execute_from_psql(proxy_one: ProxyProcess) -> None:
+    commands = [
+        "PREPARE seven AS SELECT 7 AS n",
+        "EXECUTE seven",
+        "DEALLOCATE seven",
+        "EXECUTE seven",
+    ]
+    args = ["-At"] + [arg for command in commands for arg in ("-c", command)]
+    done = psql(args, port=proxy_one.port)
+    assert done.stdout.splitlines() == ["PREPARE", "7", "DEALLOCATE"]
+    assert 'prepared statement "seven" does not exist' in done.stderr
 
 
 def test_psycopg_prepare_and_deallocate_from_many_threads(proxy_one: ProxyProcess) -> None:

@@ -32,6 +32,9 @@ class Kind:
     left: object  # B's value when the state is there
     clean: object  # and when it is not
     tag_visible: bool = True  # False: only the janitor's periodic check finds it
+    # Settings the case needs: SQL PREPARE is mapped (no leak) unless max_prepared_statements
+    # is 0; see test_a_mapped_sql_prepare_is_no_leak.
+    settings: tuple[tuple[str, int], ...] = ()
 
 
 CASES = [
@@ -41,7 +44,8 @@ CASES = [
     Kind("listen", ("LISTEN pgproxy_leak",),
          "select count(*) from pg_listening_channels()", 1, 0),
     Kind("prepare", ("PREPARE pgproxy_leak AS select 1",),
-         "select count(*) from pg_prepared_statements where from_sql", 1, 0),
+         "select count(*) from pg_prepared_statements where from_sql", 1, 0,
+         settings=(("max_prepared_statements", 0),)),
     Kind("cursor", ("DECLARE pgproxy_leak CURSOR WITH HOLD FOR select 1",),
          "select count(*) from pg_cursors", 1, 0),
     Kind("temp_table", ("CREATE TEMP TABLE pgproxy_leak (x int)",),
@@ -93,7 +97,7 @@ def _wait_counted(proxy: ProxyProcess, kind: str) -> None:
 def test_off_the_next_client_inherits_the_state(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory, case: Kind
 ) -> None:
-    proxy = _guarded(pg, proxy_factory, "off")
+    proxy = _guarded(pg, proxy_factory, "off", **dict(case.settings))
     with connect(proxy, application_name="leaky-app") as a:
         for sql in case.leave:
             a.execute(sql)
@@ -106,7 +110,7 @@ def test_off_the_next_client_inherits_the_state(
 def test_warn_counts_logs_and_lists_the_leak(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory, case: Kind
 ) -> None:
-    proxy = _guarded(pg, proxy_factory, "warn")
+    proxy = _guarded(pg, proxy_factory, "warn", **dict(case.settings))
     with connect(proxy, application_name="leaky-app") as a:
         for sql in case.leave:
             a.execute(sql)
@@ -137,7 +141,7 @@ def test_warn_counts_logs_and_lists_the_leak(
 def test_reset_cleans_the_server_before_the_next_client(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory, case: Kind
 ) -> None:
-    proxy = _guarded(pg, proxy_factory, "reset")
+    proxy = _guarded(pg, proxy_factory, "reset", **dict(case.settings))
     with connect(proxy, application_name="leaky-app") as a:
         for sql in case.leave:
             a.execute(sql)
@@ -294,3 +298,17 @@ def test_a_client_that_leaves_after_its_set_is_checked_too(
         assert b.execute("show search_path").fetchone() == ('"$user", public',)
     assert _leaks(proxy)["set"] == 1
     assert "session state leak: client" in proxy.log_text()
+
+
+def test_a_mapped_sql_prepare_is_no_leak(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
+    """With max_prepared_statements on, SQL PREPARE is mapped like a protocol-level Parse:
+    the statement follows its client and nothing is left for the next one."""
+    proxy = _guarded(pg, proxy_factory, "warn", max_prepared_statements=10)
+    with connect(proxy, application_name="tidy-app", prepare_threshold=None) as a:
+        a.execute("PREPARE pgproxy_mapped AS select 41 + 1")
+        prepare_case = next(case for case in CASES if case.name == "prepare")
+        assert _seen_by_b(proxy, prepare_case) == 0  # (pg_prepared_statements, from SQL)
+        row = a.execute("EXECUTE pgproxy_mapped").fetchone()
+        assert row == (42,)
+    assert _leaks(proxy) == dict.fromkeys(KINDS, 0)
+    assert "session state leak" not in proxy.log_text()
