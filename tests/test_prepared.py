@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pgproxy.protocol import messages
 from pgproxy.protocol.prepared import (
@@ -626,3 +628,18 @@ def test_sql_prepare_split_anywhere_gives_the_same_bytes() -> None:
         assert link.front.requests_total == 3
     assert expected is not None and _PREPARE_MESSAGES in expected
     assert Link().send(*bytewise(stream)) == expected
+
+
+_SQL_PIECES = [
+    b"PREPARE", b"EXECUTE", b"DEALLOCATE", b"prepare", b" ", b"\t", b"p", b'"', b'""', b"(",
+    b")", b",", b";", b"AS", b"as", b"int", b"double precision", b"select 1", b"$1", b"U&",
+    b"\xc3\xa9", b"all", b"x" * 64,
+]
+
+
+@given(st.binary(max_size=80) | st.lists(st.sampled_from(_SQL_PIECES)).map(b"".join))
+def test_the_sql_readers_take_any_bytes(text: bytes) -> None:
+    for reader in (prepare_statement, execute_statement, deallocate_name):
+        reader(text)  # (no exception, whatever the text)
+    link = Link()
+    link.send(messages.query(text.replace(b"\0", b" ").decode("latin-1")))
