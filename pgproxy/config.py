@@ -598,6 +598,13 @@ class Settings(BaseSettings):
                 raise ValueError("expected an octal mode such as 0777") from None
         return value
 
+    @field_validator("auth_dbname")
+    @classmethod
+    def _not_the_console(cls, value: str | None) -> str | None:
+        if value in RESERVED_AUTH_DBNAMES:
+            raise ValueError(f'cannot use the reserved "{value}" database as an auth_dbname')
+        return value
+
     @field_validator(
         "admin_users", "stats_users", "ignore_startup_parameters", "track_extra_parameters",
         mode="before",
@@ -746,8 +753,9 @@ class Settings(BaseSettings):
         return self.default_pool_size
 
 
-# The console's database names (pgproxy.admin's; repeated here, below it in the layers).
-_CONSOLE_NAMES = frozenset({"pgbouncer", "pgproxy"})
+# The console's database names (pgproxy.admin's; repeated here, below it in the layers):
+# auth_query cannot run there, so neither can be an auth_dbname.
+_CONSOLE_NAMES = RESERVED_AUTH_DBNAMES = frozenset({"pgbouncer", "pgproxy"})
 _NO_USER_ENTRY = UserConfig()  # the settings of a user without a [users] entry
 
 

@@ -18,6 +18,7 @@ from pgproxy import __version__, cancel, logs, sdnotify
 from pgproxy import params as tracked
 from pgproxy.auth_query import AuthQuery
 from pgproxy.config import (
+    RESERVED_AUTH_DBNAMES,
     RESTART_ONLY,
     ConfigError,
     DatabaseConfig,
@@ -313,6 +314,9 @@ class Daemon:
         """Why auth_query cannot run for a client of ``database`` now (PgBouncer's words),
         or None."""
         target = self.settings.auth_dbname_for(database)
+        if target in RESERVED_AUTH_DBNAMES:  # (the console: auth_query cannot run there)
+            log.error('cannot use the reserved "%s" database as an auth_dbname', target)
+            return "bouncer config error"
         if target != database and self.settings.database(target) is None:
             log.error('authentication database "%s" is not configured', target)
             return "bouncer config error"

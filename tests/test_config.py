@@ -376,3 +376,10 @@ def test_cli_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"PgBouncer 1.25.2 (pgproxy {__version__})"
+
+
+@pytest.mark.parametrize("name", ["pgbouncer", "pgproxy"])
+def test_the_console_cannot_be_the_global_auth_dbname(tmp_path: Path, name: str) -> None:
+    message = config_error(write(tmp_path, f'auth_dbname = "{name}"\n'))
+    assert "auth_dbname" in message
+    assert f'cannot use the reserved "{name}" database as an auth_dbname' in message

@@ -68,6 +68,26 @@ def test_a_disabled_auth_database_refuses_auth_query_logins(
         connect(proxy, user="md5user", password="md5-secret")
 
 
+def test_the_console_cannot_be_an_auth_dbname(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """A database entry whose auth_dbname is the console's: auth_query logins fail with
+    PgBouncer's error and log line (a global auth_dbname = "pgbouncer" is refused when the
+    configuration is read: tests/test_config.py)."""
+    pg.create_role("semantics_lookup2", "authq-secret", superuser=True)
+    proxy = proxy_factory(
+        proxy_config(
+            pg, auth_type="md5", auth_user="semantics_lookup2",
+            users={"semantics_lookup2": {"password": "authq-secret"}},
+            databases={"appdb": {"host": "127.0.0.1", "port": pg.port,
+                                 "auth_dbname": "pgbouncer"}},
+        )
+    )  # fmt: skip
+    with pytest.raises(psycopg.OperationalError, match="bouncer config error"):
+        connect(proxy, user="md5user", password="md5-secret")
+    assert 'cannot use the reserved "pgbouncer" database as an auth_dbname' in proxy.log_text()
+
+
 def test_a_cancel_in_flight_never_reaches_the_next_client(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory
 ) -> None:
