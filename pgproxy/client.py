@@ -592,12 +592,9 @@ class ClientConn(asyncio.Protocol):
             # neither user nor database names can be probed.
             self._method = method
             secret = self.daemon.secret_for(user)
-            if (
-                secret is None
-                # (For the console, only with a global auth_dbname to run it in.)
-                and (self.database not in CONSOLE_DATABASES or settings.auth_dbname)
-                and settings.auth_user_for(self.database) is not None
-            ):
+            # (For the console, auth_query runs in the global auth_dbname; without one,
+            # PgBouncer's "bouncer config error": see auth_database_problem.)
+            if secret is None and settings.auth_user_for(self.database) is not None:
                 loop = asyncio.get_running_loop()
                 self._login_task = loop.create_task(self._look_up_secret(startup))
                 return
