@@ -28,7 +28,27 @@ log = logging.getLogger("pgproxy.auth")
 
 
 class AuthQueryError(Exception):
-    """The lookup itself failed (server down, bad query, no permission)."""
+    """The lookup itself failed (server down, bad query, no permission). What the client
+    is told, as PgBouncer: the server's own error when auth_user's login failed (a
+    database that does not exist, a wrong auth_user password), else "bouncer config
+    error" (the query failed: a configuration problem, in the log)."""
+
+    def __init__(self, reason: str, client_message: str = "bouncer config error") -> None:
+        super().__init__(reason)
+        self.client_message = client_message
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _server_message(exc: psycopg.Error) -> str:
+    """The server's message in a failed connection's error ("... failed: FATAL:  database
+    "x" does not exist"); the error's own first line when it has none."""
+    line = _first_line(exc)
+    _, found, message = line.rpartition("FATAL:")
+    return message.strip() if found else line
 
 
 # What a lookup answers for a user the query returned no row for (compared by identity;
@@ -91,12 +111,17 @@ class AuthQuery:
             conn = await psycopg.AsyncConnection.connect(
                 **_conninfo(settings, entry, database, auth_user, auth_password)
             )
+        except (psycopg.Error, UnicodeEncodeError) as exc:  # (the latter: a database name)
+            message = _server_message(exc) if isinstance(exc, psycopg.Error) else str(exc)
+            log.warning("auth_query for a %s login: server login failed: %s", database, message)
+            raise AuthQueryError(message, message) from None
+        try:
             async with conn:
                 cursor = psycopg.AsyncRawCursor(conn)
                 await cursor.execute(query, (user,))
                 row = await cursor.fetchone()
-        except (psycopg.Error, UnicodeEncodeError) as exc:  # (the latter: a database name)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except psycopg.Error as exc:
+            reason = _first_line(exc)
             log.warning("auth_query for a %s login failed: %s", database, reason)
             raise AuthQueryError(reason) from None
         if row is None:

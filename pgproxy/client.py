@@ -619,8 +619,8 @@ class ClientConn(asyncio.Protocol):
             return
         try:
             secret = await self.daemon.lookup_secret(self.database, self.user)
-        except AuthQueryError:
-            self.fatal(codes.CONNECTION_FAILURE, "authentication query failed")
+        except AuthQueryError as exc:
+            self.fatal(codes.CONNECTION_FAILURE, exc.client_message)
             return
         except Exception:
             self._internal_error("auth_query")

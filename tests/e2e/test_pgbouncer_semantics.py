@@ -88,6 +88,31 @@ def test_the_console_cannot_be_an_auth_dbname(
     assert 'cannot use the reserved "pgbouncer" database as an auth_dbname' in proxy.log_text()
 
 
+def test_auth_query_failures_are_told_as_pgbouncer_tells_them(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """auth_user's login fails: the client gets the server's error; the query fails:
+    "bouncer config error", and the server's error is in the log."""
+    pg.create_role("semantics_lookup3", "authq-secret", superuser=True)
+    proxy = proxy_factory(
+        proxy_config(
+            pg, auth_type="md5", auth_user="semantics_lookup3",
+            users={"semantics_lookup3": {"password": "authq-secret"}},
+            databases={
+                "nosuchdb": {"host": "127.0.0.1", "port": pg.port},
+                "badquery": {"host": "127.0.0.1", "port": pg.port, "dbname": "appdb",
+                             "auth_query": "SELECT usename, passwd FROM not_pg_shadow "
+                                           "WHERE usename = $1"},
+            },
+        )
+    )  # fmt: skip
+    with pytest.raises(psycopg.OperationalError, match='database "nosuchdb" does not exist'):
+        connect(proxy, dbname="nosuchdb", user="md5user", password="md5-secret")
+    with pytest.raises(psycopg.OperationalError, match="bouncer config error"):
+        connect(proxy, dbname="badquery", user="md5user", password="md5-secret")
+    assert 'relation "not_pg_shadow" does not exist' in proxy.log_text()
+
+
 def test_a_cancel_in_flight_never_reaches_the_next_client(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory
 ) -> None:
