@@ -43,12 +43,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _server_message(exc: psycopg.Error) -> str:
-    """The server's message in a failed connection's error ("... failed: FATAL:  database
-    "x" does not exist"); the error's own first line when it has none."""
+def _server_message(exc: psycopg.Error) -> tuple[str, str]:
+    """The severity and message of the server's error in a failed connection's error
+    ("... failed: FATAL:  database "x" does not exist"); no severity and the error's own
+    first line when it has none."""
     line = _first_line(exc)
     _, found, message = line.rpartition("FATAL:")
-    return message.strip() if found else line
+    return ("FATAL ", message.strip()) if found else ("", line)
 
 
 # What a lookup answers for a user the query returned no row for (compared by identity;
@@ -112,8 +113,12 @@ class AuthQuery:
                 **_conninfo(settings, entry, database, auth_user, auth_password)
             )
         except (psycopg.Error, UnicodeEncodeError) as exc:  # (the latter: a database name)
-            message = _server_message(exc) if isinstance(exc, psycopg.Error) else str(exc)
-            log.warning("auth_query for a %s login: server login failed: %s", database, message)
+            severity, message = (
+                _server_message(exc) if isinstance(exc, psycopg.Error) else ("", str(exc))
+            )
+            log.warning(
+                "auth_query for a %s login: server login failed: %s%s", database, severity, message
+            )
             raise AuthQueryError(message, message) from None
         try:
             async with conn:

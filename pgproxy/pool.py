@@ -676,8 +676,10 @@ class Pool:
             self.stats.connections_errors += 1
             self.connecting -= 1
             self._give_back_budget()
+            # (As PgBouncer logs it: "server login failed: FATAL database "x" does not exist".)
+            logged = f"{exc.severity} {exc.message}" if exc.severity else exc.message
             self.reconnect.failed(
-                time.monotonic(), exc, exc.message, started,
+                time.monotonic(), exc, logged, started,
                 starting_or_stopping=exc.sqlstate == codes.CANNOT_CONNECT_NOW,
             )  # fmt: skip
             outcome.set_exception(exc)

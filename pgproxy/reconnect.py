@@ -99,10 +99,10 @@ class Reconnect:
         self.last_error = error
         self.failures += 1
         log.warning(
-            "pool %s: server login failed (attempt %d): %s; next attempt in %.2f s",
+            "pool %s: server login failed: %s (attempt %d); next attempt in %.2f s",
             self.pool_name,
-            self.failures,
             message,
+            self.failures,
             wait,
         )
         outage = now - self.failing_since

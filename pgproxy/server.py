@@ -56,11 +56,12 @@ class ServerLoginError(Exception):
 
     def __init__(
         self, sqlstate: str, message: str, *, unreachable: bool = False,
-        transient: bool | None = None,
+        transient: bool | None = None, severity: str = "",
     ) -> None:  # fmt: skip
         super().__init__(message)
         self.sqlstate = sqlstate
         self.message = message
+        self.severity = severity  # the server's ErrorResponse's (FATAL), "" for pgproxy's own
         self.unreachable = unreachable  # no connection was made: another host may do
         # PostgreSQL could not be reached, or was starting up or shutting down (57P03):
         # worth waiting for, unlike a refusal (authentication, unknown database, TLS).
@@ -537,6 +538,7 @@ class ServerConn(asyncio.Protocol):
                 raise ServerLoginError(
                     fields.get("C", codes.CONNECTION_FAILURE),
                     fields.get("M", "server login failed"),
+                    severity=fields.get("V") or fields.get("S") or "",
                 )
             # NoticeResponse and NegotiateProtocolVersion need no answer.
 

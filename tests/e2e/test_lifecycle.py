@@ -253,7 +253,7 @@ def test_postgres_outage_backoff_hook_and_recovery(
     wait_for(lambda: server_count() >= 1, 5.0, "min_pool_size servers after the outage")
     # Attempts backed off: while PostgreSQL said it was shutting down (57P03) every 0.1 s;
     # once it was gone, 0.25 s, then doubling, capped at server_login_retry (2 s).
-    attempts = re.findall(r"server login failed \(attempt \d+\): (.*); next attempt in ([0-9.]+) s",
+    attempts = re.findall(r"server login failed: (.*) \(attempt \d+\); next attempt in ([0-9.]+) s",
                           proxy.log_text())  # fmt: skip
     fast = [float(wait) for reason, wait in attempts if "shutting down" in reason]
     waits = [float(wait) for reason, wait in attempts if "shutting down" not in reason]
