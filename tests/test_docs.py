@@ -12,8 +12,8 @@ from pgproxy.config import DatabaseConfig, PeerConfig, Settings, UserConfig, loa
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "configuration.md"
-# Relative Markdown links: [text](target), target without a scheme.
-_LINK = re.compile(r"\]\((?![a-z]+:)([^)#\s]+)(?:#[^)\s]*)?\)")
+# Relative Markdown links: [text](target#anchor), target without a scheme (or empty).
+_LINK = re.compile(r"\]\((?![a-z]+:)([^)#\s]*)(?:#([^)\s]*))?\)")
 
 
 def _documented_keys() -> set[str]:
@@ -52,15 +52,21 @@ def test_generator_check_mode_agrees(tmp_path: Path) -> None:
     assert stale.read_text(encoding="utf-8") == REFERENCE.read_text(encoding="utf-8")
 
 
+def _anchors(document: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file."""
+    headings = re.findall(r"^#+ (.+)$", document.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
 def test_links_between_documents_resolve() -> None:
     documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     documents += [ROOT / "bench" / "README.md", ROOT / "bench" / "RESULTS.md"]
-    broken = [
-        f"{document.relative_to(ROOT)}: {target}"
-        for document in documents
-        for target in _LINK.findall(document.read_text(encoding="utf-8"))
-        if not (document.parent / target).exists()
-    ]
+    broken = []
+    for document in documents:
+        for target, anchor in _LINK.findall(document.read_text(encoding="utf-8")):
+            linked = document.parent / target if target else document
+            if not linked.exists() or (anchor and anchor not in _anchors(linked)):
+                broken.append(f"{document.relative_to(ROOT)}: {target}#{anchor}")
     assert not broken, broken
 
 
