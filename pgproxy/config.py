@@ -307,7 +307,8 @@ class Settings(BaseSettings):
     )
     pool_mode: PoolMode = Field(
         default="session",
-        description="`session`, `transaction` or `statement` (below).",
+        description="`session`, `transaction` or `statement` (see "
+        "[Pool modes](operations.md#pool-modes)).",
     )
     default_pool_size: int = Field(
         default=20, ge=1, description="Server connections per (database, user) pool unless set "

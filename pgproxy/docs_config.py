@@ -140,10 +140,10 @@ the database's, else the global one. A database entry with `user` set has one po
 clients (PgBouncer's forced user); without it, each client user has its own pool and logs
 in to PostgreSQL under its own name with the entry's `password`.
 
-`RELOAD` (or SIGHUP) and the console's `SET key = value` apply a changed setting to the
-running process; a setting marked "Restart-only." keeps its running value until a restart
-(see [operations.md](operations.md#reload)). Durations are in seconds unless the text says
-otherwise, and 0 turns a timeout off.
+`RELOAD` (or SIGHUP) applies a changed file, and the console's `SET key = value` a changed
+top-level setting, to the running process; a setting marked "Restart-only." keeps its
+running value until a restart (see [operations.md](operations.md#reload)). Durations are
+in seconds unless the text says otherwise.
 """
 
 
