@@ -108,57 +108,73 @@ class DatabaseConfig(BaseModel):
 
     host: str = Field(
         default=DEFAULT_UNIX_SOCKET_HOST,
-        description="Server host name or address; a path starting with '/' is a Unix "
-        "socket directory; several separated by commas (see load_balance_hosts).",
+        description="Server host name or address; a path starting with `/` is a Unix socket "
+        "directory; several separated by commas (see `load_balance_hosts`).",
     )
     port: int = Field(default=5432, ge=1, le=65535, description="Server port.")
     dbname: str | None = Field(
-        default=None, description="Database name on the server; defaults to the entry's name."
+        default=None, description="Database name on the server; unset: the entry's name."
     )
     user: str | None = Field(
         default=None,
-        description="User name pgproxy logs in as; when absent the client's user name is used.",
+        description="User pgproxy logs in to PostgreSQL as (forces one pool for the database); "
+        "unset: the client's user name.",
     )
     password: SecretStr | None = Field(
-        default=None, description="Password for the server login (never shown or logged)."
+        default=None, description="Password for the server login: cleartext, md5 or "
+        "SCRAM-SHA-256, whichever the server asks for. Never logged or shown."
     )
     pool_size: int | None = Field(
-        default=None, ge=1, description="Server connections per (database, user) pool."
+        default=None, ge=1, description="Overrides `default_pool_size` for this database."
     )
     reserve_pool_size: int | None = Field(
-        default=None, ge=0, description="Overrides reserve_pool_size for this database."
+        default=None, ge=0, description="Overrides `reserve_pool_size` for this database."
     )
     max_db_connections: int | None = Field(
-        default=None, ge=0, description="Overrides max_db_connections for this database."
+        default=None, ge=0, description="Overrides `max_db_connections` for this database."
     )
     max_db_client_connections: int | None = Field(
-        default=None, ge=0, description="Overrides max_db_client_connections for this database."
+        default=None, ge=0, description="Overrides `max_db_client_connections` for this database."
     )
-    pool_mode: PoolMode | None = Field(default=None, description="Overrides the global pool_mode.")
+    pool_mode: PoolMode | None = Field(
+        default=None,
+        description="Overrides `pool_mode` for this database.",
+    )
     min_pool_size: int | None = Field(
-        default=None, ge=0, description="Overrides min_pool_size for this database's pools."
+        default=None, ge=0, description="Overrides `min_pool_size` for this database."
     )
     server_lifetime: float | None = Field(
-        default=None, ge=0, description="Overrides server_lifetime for this database."
+        default=None, ge=0, description="Overrides `server_lifetime` for this database."
     )
     null_pool: bool | None = Field(
-        default=None, description="Overrides null_pool for this database."
+        default=None, description="Overrides `null_pool` for this database."
     )
     query_wait_timeout: float | None = Field(
-        default=None, ge=0, description="Overrides query_wait_timeout for this database."
+        default=None, ge=0, description="Overrides `query_wait_timeout` for this database's "
+        "clients."
     )
-    auth_user: str | None = Field(default=None, description="Overrides auth_user.")
-    auth_query: str | None = Field(default=None, description="Overrides auth_query.")
-    auth_dbname: str | None = Field(default=None, description="Overrides auth_dbname.")
+    auth_user: str | None = Field(
+        default=None,
+        description="Overrides `auth_user` for this database.",
+    )
+    auth_query: str | None = Field(
+        default=None,
+        description="Overrides `auth_query` for this database.",
+    )
+    auth_dbname: str | None = Field(
+        default=None,
+        description="Overrides `auth_dbname` for this database.",
+    )
     connect_query: str | None = Field(
         default=None,
-        description="SQL run on each new server connection after its login (its results "
-        "are discarded; an error closes that connection).",
+        description="SQL run on each new server connection right after its login; an error closes "
+        "that connection.",
     )
     load_balance_hosts: Literal["disable", "round-robin"] = Field(
         default="round-robin",
-        description="With several hosts in host: round-robin starts each new connection at "
-        "the next host; disable keeps the same host until a connection to it fails.",
+        description="With several hosts in `host` (comma-separated): `round-robin` starts each "
+        "new server connection at the next host; `disable` stays on one host until a connection "
+        "to it fails. A host that cannot be reached is skipped for the next one.",
     )
 
 
@@ -168,9 +184,9 @@ class PeerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = Field(
-        description="Its host name or address, or (starting with '/') its unix_socket_dir."
+        description="Its host name or address, or (starting with `/`) its `unix_socket_dir`."
     )
-    port: int = Field(default=6432, ge=1, le=65535, description="Its listen_port.")
+    port: int = Field(default=6432, ge=1, le=65535, description="Its `listen_port`.")
 
 
 class UserConfig(BaseModel):
@@ -180,41 +196,43 @@ class UserConfig(BaseModel):
 
     password: SecretStr | None = Field(
         default=None,
-        description="The user's secret for client authentication: a password, an md5 hash "
-        "or a SCRAM-SHA-256 verifier (never shown or logged).",
+        description="The user's secret for client authentication (password, `md5…` hash or "
+        "`SCRAM-SHA-256$…` verifier); wins over `auth_file`. Never logged or shown.",
     )
 
     pool_mode: PoolMode | None = Field(
-        default=None, description="Overrides the database's and the global pool_mode."
+        default=None, description="Overrides the database's and the global `pool_mode`."
     )
     pool_size: int | None = Field(
         default=None, ge=1, description="Overrides the database's and the default pool size."
     )
     max_user_connections: int | None = Field(
-        default=None, ge=0, description="Overrides max_user_connections for this user."
+        default=None, ge=0, description="Overrides `max_user_connections` for this user."
     )
     max_user_client_connections: int | None = Field(
-        default=None, ge=0, description="Overrides max_user_client_connections for this user."
+        default=None, ge=0, description="Overrides `max_user_client_connections` for this user."
     )
     reserve_pool_size: int | None = Field(
-        default=None, ge=0, description="Overrides the database's and the global reserve."
+        default=None, ge=0, description="Overrides the database's and the global "
+        "`reserve_pool_size`."
     )
     query_timeout: float | None = Field(
-        default=None, ge=0, description="Overrides query_timeout for this user's clients."
+        default=None, ge=0, description="Overrides `query_timeout` for this user's clients."
     )
     query_wait_timeout: float | None = Field(
         default=None,
         ge=0,
-        description="Overrides the database's and the global query_wait_timeout.",
+        description="Overrides the database's and the global `query_wait_timeout`.",
     )
     idle_transaction_timeout: float | None = Field(
-        default=None, ge=0, description="Overrides idle_transaction_timeout for this user."
+        default=None, ge=0, description="Overrides `idle_transaction_timeout` for this user's "
+        "clients."
     )
     transaction_timeout: float | None = Field(
-        default=None, ge=0, description="Overrides transaction_timeout for this user."
+        default=None, ge=0, description="Overrides `transaction_timeout` for this user's clients."
     )
     client_idle_timeout: float | None = Field(
-        default=None, ge=0, description="Overrides client_idle_timeout for this user."
+        default=None, ge=0, description="Overrides `client_idle_timeout` for this user's clients."
     )
 
 
@@ -225,104 +243,132 @@ class Settings(BaseSettings):
 
     listen_addr: str = Field(
         default="127.0.0.1",
-        description="Address to accept TCP clients on; '*' for all; '' for no TCP listener.",
+        description="Address(es) to accept TCP clients on, comma-separated; `*` for all; empty "
+        "for no TCP listener.",
     )
-    listen_port: int = Field(default=6432, ge=1, le=65535, description="TCP (and socket) port.")
+    listen_port: int = Field(
+        default=6432,
+        ge=1,
+        le=65535,
+        description="TCP port, and the number in the Unix socket's name.",
+    )
     unix_socket_dir: str | None = Field(
-        default=None, description="Directory for the Unix socket '.s.PGSQL.<port>'; none if unset."
+        default=None, description="Directory for the Unix socket `.s.PGSQL.<port>`; no socket if "
+        "unset."
     )
     unix_socket_mode: int = Field(
         default=0o777,
         ge=0,
         le=0o7777,
-        description="Permission bits of the Unix socket (octal in a pgbouncer.ini, e.g. 0777).",
+        description="Permission bits of the Unix socket (an integer in TOML, e.g. `0o777`; octal "
+        "text in a pgbouncer.ini).",
     )
     unix_socket_group: str | None = Field(
-        default=None, description="Group name the Unix socket is given; none: the process's."
+        default=None, description="Group the Unix socket file is given."
     )
     tcp_keepalive: bool = Field(
         default=True,
-        description="Turn on TCP keepalive for client and server sockets (the tcp_keep* "
-        "settings tune it; 0 there: the system default).",
+        description="TCP keepalive on client and server sockets, as PgBouncer.",
     )
-    tcp_keepcnt: int = Field(default=0, ge=0, description="TCP_KEEPCNT; 0: system default.")
+    tcp_keepcnt: int = Field(
+        default=0,
+        ge=0,
+        description="`TCP_KEEPCNT`; 0 keeps the system default (as do the next three).",
+    )
     tcp_keepidle: int = Field(
-        default=0, ge=0, description="TCP_KEEPIDLE in seconds; 0: system default."
+        default=0, ge=0, description="`TCP_KEEPIDLE`, seconds."
     )
     tcp_keepintvl: int = Field(
-        default=0, ge=0, description="TCP_KEEPINTVL in seconds; 0: system default."
+        default=0, ge=0, description="`TCP_KEEPINTVL`, seconds."
     )
     tcp_user_timeout: int = Field(
-        default=0, ge=0, description="TCP_USER_TIMEOUT in milliseconds; 0: system default."
+        default=0, ge=0, description="`TCP_USER_TIMEOUT`, milliseconds."
     )
     log_connections: bool = Field(
-        default=True, description="Log each client login, with the client's address."
+        default=True, description="Log each login (`C-<id> db/user@addr login: ...`) at INFO."
     )
     log_disconnections: bool = Field(
-        default=True, description="Log each client disconnection, with the reason."
+        default=True, description="Log each disconnection with its reason and age at INFO "
+        "(clients that never sent a startup packet, such as port probes, are not logged)."
     )
     log_pooler_errors: bool = Field(
         default=True,
-        description="Log at WARNING each error pgproxy itself sends to a client, with its address.",
+        description="Log at WARNING each error pgproxy itself sends to a client, with the "
+        "client's address.",
     )
     logfile: str | None = Field(
         default=None,
-        description="Also log to this file (appended; reopened on reload, as PgBouncer).",
+        description="Also log to this file (appended); reopened on reload, so rotate it, then "
+        "`RELOAD`/SIGHUP.",
     )
     pidfile: str | None = Field(
-        default=None, description="Write the process id here at start; removed at exit."
+        default=None, description="Write the process id here at start (refused while the pid in "
+        "an existing file lives); removed at exit."
     )
-    pool_mode: PoolMode = Field(default="session", description="session, transaction or statement.")
+    pool_mode: PoolMode = Field(
+        default="session",
+        description="`session`, `transaction` or `statement` (see "
+        "[Pool modes](operations.md#pool-modes)).",
+    )
     default_pool_size: int = Field(
-        default=20, ge=1, description="Server connections per pool unless set per database/user."
+        default=20, ge=1, description="Server connections per (database, user) pool unless set "
+        "per database or user."
     )
     min_pool_size: int = Field(
         default=0,
         ge=0,
-        description="Servers each pool keeps open, opened in the background (prewarmed at "
-        "start for databases with a forced user).",
+        description="Servers each pool keeps open, opened in the background; pools of databases "
+        "with a forced `user` are prewarmed at start.",
     )
     server_idle_timeout: float = Field(
         default=600.0,
         ge=0,
-        description="Seconds an idle server above min_pool_size is kept; closed one at a "
-        "time; 0 disables.",
+        description="Seconds an idle server above `min_pool_size` is kept; the longest-idle one "
+        "is closed, one per maintenance pass (3 a second); 0 disables.",
     )
     server_lifetime: float = Field(
         default=3600.0,
         ge=0,
-        description="Seconds after which a server is closed once free (each server's limit "
-        "is 0-10% earlier, so a pool never recycles all at once); 0: each server is used "
-        "by one client only, then closed (as PgBouncer).",
+        description="Seconds after which a server is closed once free; each server's limit is "
+        "0-10% earlier so a pool never recycles all at once; 0: a server serves one client (one "
+        "transaction in transaction mode) and is closed, as in PgBouncer.",
     )
     null_pool: bool = Field(
         default=False,
-        description="Keep no idle servers: a freed server goes to a waiting client or is "
-        "closed; pool_size still caps concurrency (psycopg_pool's NullConnectionPool).",
+        description="Keep no idle servers: a freed server goes to a waiting client or is closed, "
+        "while `pool_size` still caps concurrency (psycopg_pool's NullConnectionPool).",
     )
     server_login_retry: float = Field(
         default=15.0,
         ge=0,
-        description="Longest wait between attempts after failed server logins (the wait "
-        "doubles from 1 s up to this); meanwhile clients whose login needs a server get the "
-        "last error at once.",
+        description="After a failed server connect or login the pool waits before trying again: "
+        "0.25 s, doubling (±10% jitter) up to this many seconds; attempts that were already in "
+        "flight together count as one. While PostgreSQL answers that it is starting up or "
+        "shutting down (57P03) the pool retries every 0.1 s instead, so a restart costs clients "
+        "about 0.1 s once PostgreSQL is back. Until a login works again a new "
+        "client whose login needs a server gets `server login has been failing, cached error: … "
+        "(server_login_retry)` at once (PgBouncer's fast fail); logins already waiting, and "
+        "clients already queued, keep waiting for a server that cannot be reached or is "
+        "restarting (up to `client_login_timeout` / `query_wait_timeout`), while a refusal (wrong "
+        "password, unknown database) reaches them at once.",
     )
     reconnect_timeout: float = Field(
         default=300.0,
         ge=0,
-        description="Seconds of failed server logins after which reconnect_failed runs "
-        "(once per outage; attempts go on); 0 disables.",
+        description="Seconds of failed server logins after which `reconnect_failed` runs (once "
+        "per outage; attempts go on); 0 disables it.",
     )
     reconnect_failed: str | None = Field(
         default=None,
-        description="Command run when reconnect_timeout passes, with PGPROXY_DATABASE, "
-        "PGPROXY_USER, PGPROXY_POOL and PGPROXY_ERROR in its environment.",
+        description="Command (split like a shell would, not run by one) run when "
+        "`reconnect_timeout` passes, with `PGPROXY_DATABASE`, `PGPROXY_USER`, `PGPROXY_POOL` and "
+        "`PGPROXY_ERROR` (PostgreSQL's message, never a password) in its environment.",
     )
     reserve_pool_size: int = Field(
         default=0,
         ge=0,
-        description="Extra servers a pool may open when a client has waited "
-        "reserve_pool_timeout; 0 disables.",
+        description="Extra servers a pool may open, one per maintenance pass, once its first "
+        "waiting client has waited `reserve_pool_timeout`; 0 disables.",
     )
     reserve_pool_timeout: float = Field(
         default=5.0, ge=0, description="Seconds a client waits before the reserve is used."
@@ -330,150 +376,181 @@ class Settings(BaseSettings):
     max_db_connections: int = Field(
         default=0,
         ge=0,
-        description="Most server connections of all pools of one database; 0: no limit.",
+        description="Most server connections of all pools of one database; a pool with waiting "
+        "clients then takes the place of an idle server of another pool of that database "
+        "(PgBouncer waits for that server's idle timeout instead); 0: no limit.",
     )
     max_user_connections: int = Field(
         default=0,
         ge=0,
-        description="Most server connections of all pools of one (server) user; 0: no limit.",
+        description="The same across all pools of one server user.",
     )
     max_db_client_connections: int = Field(
-        default=0, ge=0, description="Most client connections to one database; 0: no limit."
+        default=0, ge=0, description="Most client connections to one database; more get `client "
+        "connections exceeded (max_db_client_connections)`; 0: no limit."
     )
     max_user_client_connections: int = Field(
-        default=0, ge=0, description="Most client connections of one user; 0: no limit."
+        default=0, ge=0, description="Most client connections of one user; more get `client "
+        "connections exceeded (max_user_client_connections)`; 0: no limit."
     )
-    max_client_conn: int = Field(default=100, ge=1, description="Most client connections at once.")
+    max_client_conn: int = Field(
+        default=100,
+        ge=1,
+        description="Client connections accepted at once; more get `no more connections allowed "
+        "(max_client_conn)`.",
+    )
     max_waiting: int = Field(
         default=0,
         ge=0,
-        description="Most clients queued for a server per pool; more get 'too many clients "
-        "waiting (max_waiting)'; 0: no limit (beyond PgBouncer).",
+        description="Most clients queued for a server per pool; one more gets `too many clients "
+        "waiting (max_waiting)` (53300); 0: no limit. Beyond PgBouncer.",
     )
     client_login_timeout: float = Field(
         default=60.0,
         ge=0,
-        description="Seconds a client has to finish logging in (startup packet, "
-        "authentication, first server login) before FATAL client_login_timeout; 0 disables.",
+        description="Seconds a client has to finish logging in (startup packet, authentication, "
+        "the pool's first server login) before FATAL `client_login_timeout` "
+        "(`client_login_timeout (server down)` while waiting for a server); 0 disables.",
     )
     client_idle_timeout: float = Field(
         default=0.0,
         ge=0,
-        description="Seconds a client without a server may send nothing before it is "
-        "disconnected with client_idle_timeout; 0 disables.",
+        description="Seconds a logged-in client without a server may send nothing before FATAL "
+        "`client_idle_timeout`; 0 disables.",
     )
     query_timeout: float = Field(
         default=0.0,
         ge=0,
-        description="Seconds a request may run before pgproxy cancels it on the server (the "
-        "client gets PostgreSQL's 57014 error and keeps its session); 0 disables.",
+        description="Seconds a request may run without a reply before pgproxy cancels it on the "
+        "server; the client gets PostgreSQL's `canceling statement due to user request` (57014) "
+        "and keeps its session (PgBouncer disconnects instead); 0 disables.",
     )
     transaction_timeout: float = Field(
         default=0.0,
         ge=0,
-        description="Transaction and statement mode: seconds a client may hold a server in "
-        "one transaction before it is disconnected (transaction timeout); 0 disables.",
+        description="Transaction and statement mode: seconds a client may hold a server in one "
+        "transaction before FATAL `transaction timeout` (its server is closed); 0 disables.",
     )
     idle_transaction_timeout: float = Field(
         default=0.0,
         ge=0,
-        description="Seconds a client may sit idle inside a transaction before it is "
-        "disconnected (idle transaction timeout) and its server closed; 0 disables.",
+        description="Seconds a client may sit idle inside a transaction before FATAL `idle "
+        "transaction timeout`; its server is closed (PostgreSQL rolls back); 0 disables.",
     )
     server_check_query: str = Field(
         default=EMPTY_CHECK_QUERY,
-        description="Run on a server idle for server_check_delay, in the background; a "
-        "server whose check fails is closed; '<empty>' sends an empty query (the cheapest "
-        "round trip); '' disables checks.",
+        description="Run in the background on a server idle for `server_check_delay` (it leaves "
+        "the idle list meanwhile); a server whose check fails is closed. `<empty>` (PgBouncer's "
+        "default) sends an empty query, the cheapest round trip; an empty value disables checks.",
     )
     server_check_delay: float = Field(
         default=30.0,
         ge=0,
-        description="Seconds of idleness before a server is checked; 0: every idle server "
-        "is checked right before a client gets it (as PgBouncer).",
+        description="Seconds of idleness before a server is checked (and between checks); `0`: "
+        "every idle server is checked right before a client gets it, as in PgBouncer.",
     )
     query_wait_timeout: float = Field(
-        default=120.0, ge=0, description="Seconds a client may wait for a server; 0 disables."
+        default=120.0, ge=0, description="Seconds a client may wait for a free server before "
+        "FATAL `query_wait_timeout` (08P01); 0 waits forever."
     )
     query_wait_notify: float = Field(
         default=5.0,
         ge=0,
-        description="Seconds a client waits for a server before a NOTICE tells it it is "
-        "queued; 0 disables.",
+        description="Seconds a client waits for a server before a NOTICE (`No server connection "
+        "available in DB backend, client being queued`) tells it, once per wait; 0 disables.",
     )
     server_reset_query: str = Field(
         default="DISCARD ALL",
-        description="Run on a server before another client gets it (session mode only); '' skips.",
+        description="Session mode (and every mode with `server_reset_query_always`): run on a "
+        "server when its client leaves, before anyone else gets it; empty skips it.",
     )
     server_reset_query_always: bool = Field(
         default=False,
-        description="Run server_reset_query in transaction and statement mode too.",
+        description="Run `server_reset_query` in transaction and statement mode too, after every "
+        "transaction.",
     )
     transaction_state_guard: TransactionStateGuard = Field(
         default="warn",
         description="Transaction and statement mode: what to do about session state a client "
-        "leaves on a server outside a transaction (SET, LISTEN, SQL PREPARE, WITH HOLD "
-        "cursors, temporary tables, session advisory locks), which the server's next client "
-        "would inherit: off (not looked for), warn (logged once per client, counted in "
-        "pgproxy_session_state_leaks_total, listed in SHOW LEAKS), reset (the same, and "
-        "server_reset_query runs on that server before anyone else gets it; without one the "
-        "server is closed).",
+        "leaves on its server outside a transaction — settings changed by `SET`, `LISTEN`, SQL "
+        "`PREPARE`, `WITH HOLD` cursors, temporary tables, session advisory locks — which that "
+        "server's next client would inherit. `off`: not looked for. `warn`: each leak is logged "
+        "(once per client and kind), counted in `pgproxy_session_state_leaks_total{kind}` and "
+        "listed by `SHOW LEAKS`; the state stays. `reset`: the same, and `server_reset_query` "
+        "(`DISCARD ALL`) runs on that server before anyone else gets it (without a "
+        "`server_reset_query` the server is closed). The tracked parameters are no leak. How "
+        "leaks are found, and what is not: see [Session state left on a "
+        "server](operations.md#session-state-left-on-a-server).",
     )
     transaction_state_check_period: float = Field(
         default=60.0,
         ge=0,
-        description="With transaction_state_guard on: seconds between the checks of an idle "
-        "server that served since its last check, which find the state no command tag shows "
-        "(advisory locks, CREATE TEMP TABLE ... AS, SET inside a transaction block); 0 "
-        "disables them.",
+        description="With `transaction_state_guard` on: seconds between the checks of an idle "
+        "server that has served a client since its last check; they find what no command tag "
+        "shows (session advisory locks, `CREATE TEMP TABLE … AS`, a `SET` inside `BEGIN` … "
+        "`COMMIT`), blamed on the server's last client. 0 disables them.",
     )
     track_extra_parameters: NameList = Field(
         default_factory=lambda: ["IntervalStyle"],
-        description="Parameters tracked per client besides client_encoding, DateStyle, "
-        "TimeZone, standard_conforming_strings and application_name (only those PostgreSQL "
-        "reports to clients can be tracked); read at start.",
+        description="Parameters tracked per client (kept across servers) besides "
+        "`client_encoding`, `DateStyle`, `TimeZone`, `standard_conforming_strings` and "
+        "`application_name`; only parameters PostgreSQL reports to clients can be tracked.",
     )
     max_prepared_statements: int = Field(
         default=200,
         ge=0,
-        description="Protocol-level named prepared statements kept per server in transaction "
-        "and statement mode, where pgproxy maps clients' names to its own; 0 turns that off.",
+        description="Transaction and statement mode: protocol-level named prepared statements are "
+        "tracked per client and prepared on whichever server the client gets, under pgproxy's own "
+        "names (`PGPROXY_n`, one per distinct query text and parameter types), as PgBouncer ≥ "
+        "1.21 does. The value is how many stay prepared on each server (least recently used are "
+        "closed); `0` turns the mapping off (named statements then pass through, and break when "
+        "the client changes server). SQL-level `PREPARE`/`EXECUTE`/`DEALLOCATE name` are mapped "
+        "too, and the client's last "
+        "unnamed Parse is sent again to a new server that needs it (see [Prepared statements in "
+        "transaction mode](operations.md#prepared-statements-in-transaction-mode)); `DEALLOCATE "
+        "ALL` and `DISCARD ALL` clear the client's names.",
     )
     max_packet_size: int = Field(
-        default=2147483647, ge=1024, le=2147483647, description="Largest protocol message accepted."
+        default=2147483647, ge=1024, le=2147483647, description="Largest protocol message "
+        "accepted from a client; larger gets an 08P01 error and a close."
     )
     server_connect_timeout: float = Field(
-        default=15.0, gt=0, description="Seconds allowed for a server connect and login."
+        default=15.0, gt=0, description="Seconds for a server connection and login."
     )
     ignore_startup_parameters: NameList = Field(
         default_factory=list,
-        description="Startup parameters accepted and ignored (e.g. extra_float_digits); any "
-        "other parameter that is not tracked ends the login with 'unsupported startup "
-        "parameter'. 'options' here ignores every unknown option in options.",
+        description="Startup parameters accepted and ignored (JDBC's `extra_float_digits`, say). "
+        "Any other parameter that is not tracked (`client_encoding`, `DateStyle`, `TimeZone`, "
+        "`IntervalStyle`, `standard_conforming_strings`, `application_name`) ends the login with "
+        "PgBouncer's `unsupported startup parameter: NAME`, so a setting the client relies on is "
+        "never dropped silently. `options` may carry `-c name=value` / `--name=value` for tracked "
+        "settings; `options` in this list ignores unknown ones there. (Console logins are not "
+        "checked.)",
     )
     admin_users: NameList = Field(
         default_factory=list,
-        description="Users who may run every console command (a list, or names separated "
-        "by commas).",
+        description="Users who may run every console command (a TOML list, or names separated by "
+        "commas as in `pgbouncer.ini`).",
     )
     stats_users: NameList = Field(
         default_factory=list,
-        description="Users who may run the console's read-only SHOW commands.",
+        description="Users who may run the console's read-only `SHOW` commands.",
     )
     stats_period: float = Field(
         default=60.0,
         ge=1,
-        description="Seconds between statistics snapshots; SHOW STATS averages cover the "
-        "last period.",
+        description="Seconds between statistics snapshots; the `avg_*` figures of `SHOW STATS` "
+        "cover the window since the snapshot before the last.",
     )
     client_tls_sslmode: SslMode = Field(
         default="disable",
-        description="TLS for clients: disable; allow/prefer (TLS when the client asks); "
-        "require (plain clients refused); verify-ca/verify-full (a client certificate "
-        "signed by client_tls_ca_file is required too).",
+        description="TLS for clients: `disable`; `allow`/`prefer` (TLS when the client asks); "
+        "`require` (TCP clients without TLS get `SSL required`; Unix-socket clients need none); "
+        "`verify-ca`/`verify-full` (a client certificate signed by `client_tls_ca_file` too).",
     )
     client_tls_cert_file: str | None = Field(
-        default=None, description="pgproxy's certificate for clients (PEM)."
+        default=None, description="pgproxy's certificate for clients (PEM); re-read on RELOAD "
+        "(new connections use it; an unreadable file fails the RELOAD)."
     )
     client_tls_key_file: str | None = Field(default=None, description="Its private key (PEM).")
     client_tls_ca_file: str | None = Field(
@@ -481,112 +558,147 @@ class Settings(BaseSettings):
     )
     server_tls_sslmode: SslMode = Field(
         default="prefer",
-        description="TLS to PostgreSQL: disable/allow (never asked), prefer (used when the "
-        "server has it), require (no server without it), verify-ca (its certificate "
-        "checked against server_tls_ca_file), verify-full (and its host name).",
+        description="TLS to PostgreSQL: `disable`/`allow` (never asked), `prefer` (used when the "
+        "server has it), `require` (refuse a server without it), `verify-ca` (certificate checked "
+        "against `server_tls_ca_file`, or the system's CAs), `verify-full` (and the host name). "
+        "TLS 1.2 at least, both sides.",
     )
     server_tls_ca_file: str | None = Field(
         default=None,
-        description="CA for PostgreSQL's certificate (verify modes; default: the system's).",
+        description="CA for PostgreSQL's certificate in the verify modes.",
     )
     server_tls_cert_file: str | None = Field(
-        default=None, description="Client certificate pgproxy presents to PostgreSQL (PEM)."
+        default=None, description="A client certificate pgproxy presents to PostgreSQL (PEM)."
     )
     server_tls_key_file: str | None = Field(default=None, description="Its private key (PEM).")
     metrics_addr: str = Field(
         default="127.0.0.1",
-        description="Address of the HTTP listener for /metrics, /healthz and /readyz; '*' for all.",
+        description="Address of the HTTP listener for `/metrics`, `/healthz` and `/readyz`; `*` "
+        "for all (containers).",
     )
     metrics_port: int = Field(
         default=9433,
         ge=0,
         le=65535,
-        description="Port of that listener; 0 turns metrics (and their histograms) off.",
+        description="Its port; `0` turns metrics off (no listener, no histograms observed). When "
+        "the default port is taken (a second pgproxy on the host), pgproxy logs a warning and "
+        "runs without the endpoint; a port set in the file or the environment that is taken stops "
+        "the start with `metrics_port N: Address already in use`.",
     )
     leak_detection_threshold: float = Field(
         default=0.0,
         ge=0,
         description="Seconds a client may hold a server (transaction mode: one transaction; "
-        "session mode: one transaction left open) before a leak is logged, counted and "
-        "listed in SHOW LEAKS; nothing is killed; 0 disables.",
+        "session mode: a transaction left open while idle) before a warning is logged, "
+        "`pgproxy_leaks_total` counts it and `SHOW LEAKS` lists it; nothing is killed; 0 "
+        "disables.",
     )
     verbose: int = Field(
         default=0,
         ge=0,
-        description="More logging, as -v on the command line (the higher of the two "
-        "applies): 1 or more logs at DEBUG; the console's SET verbose changes it at once.",
+        description="More logging, as `-v`: 1 or more logs at DEBUG (the higher of this and the "
+        "command line's applies); `SET verbose = N` on the console changes it at once.",
     )
     log_format: Literal["text", "json"] = Field(
-        default="text", description="Log lines as text or as one JSON object per line."
+        default="text", description="`text`, or `json`: one object per line with `time`, `level`, "
+        "`logger`, `message`."
     )
     log_stats: bool = Field(
         default=True,
-        description="Log a statistics line (rates and mean times) every stats_period.",
+        description="Log PgBouncer's periodic stats line (xacts/s, queries/s, bytes/s, mean "
+        "xact/query/wait µs) every `stats_period`.",
     )
     auth_type: Literal["trust", "plain", "md5", "scram-sha-256", "cert", "hba"] = Field(
         default="trust",
-        description="How clients authenticate to pgproxy: trust (no password), plain "
-        "(cleartext), md5 (SCRAM for users stored with a SCRAM secret), scram-sha-256, "
-        "cert (a TLS client certificate whose CN is the user name), or hba (per "
-        "connection, from auth_hba_file).",
+        description="How clients authenticate to pgproxy: `trust`, `plain` (cleartext), `md5` "
+        "(users stored with a SCRAM secret are asked for SCRAM, as PgBouncer does), "
+        "`scram-sha-256`, `cert` (a TLS client certificate, verified against "
+        "`client_tls_ca_file`, whose CN is the user name), or `hba` (per connection, from "
+        "`auth_hba_file`). With an `auth_file` or `auth_user`, `trust` still requires the user to "
+        "be known, as in PgBouncer: in the auth_file, a database's forced `user`, or found by "
+        "`auth_query` (`no such user` otherwise); without either, any user name is let in. In a "
+        "pgbouncer.ini that does not set it the default is `md5`, as in PgBouncer. See [Client "
+        "authentication](operations.md#client-authentication).",
     )
     auth_hba_file: str | None = Field(
         default=None,
-        description="pg_hba.conf-style rules for auth_type = hba (PgBouncer's subset).",
+        description="pg_hba.conf rules for `auth_type = hba`: PgBouncer's subset "
+        "(`local`/`host`/`hostssl`/`hostnossl`; databases `all`, `sameuser`, `replication`, "
+        "`@file`, names; users `all`, `@file`, names; addresses `all`, CIDR or address + mask; "
+        "methods `trust`, `reject`, `md5`, `scram-sha-256`, `password`, `cert` (the client "
+        "certificate's CN is the user), `peer` (Unix socket: the OS user is the user)). Anything "
+        "else is refused at start, naming the line.",
     )
     auth_file: str | None = Field(
         default=None,
-        description='PgBouncer\'s userlist.txt: one \'"user" "secret"\' per line; the secret '
-        "is a password, an md5 hash or a SCRAM-SHA-256 verifier.",
+        description="PgBouncer's `userlist.txt`: `\"user\" \"secret\"` per line, the secret a "
+        "password, an md5 hash or a SCRAM-SHA-256 verifier. Re-read on RELOAD.",
     )
     auth_user: str | None = Field(
         default=None,
-        description="User that runs auth_query for users with no secret in the config or "
-        "auth_file (its own secret must be a plain password there, or it needs none).",
+        description="User that runs `auth_query` (in the client's database) for users with no "
+        "secret in the config or `auth_file`; its own secret there must be a plain password, or "
+        "it needs none.",
     )
     auth_query: str = Field(
         default=DEFAULT_AUTH_QUERY,
-        description="Query returning (name, secret) for the user name $1; NULL secret: no login.",
+        description="Query returning (name, secret) for the user name `$1`; a NULL secret (the "
+        "default query gives one for an expired `VALID UNTIL`) fails the login. The default is "
+        "PgBouncer's query, schema-qualified so that no `search_path` can redirect it.",
     )
     auth_dbname: str | None = Field(
         default=None,
-        description="Database entry auth_query runs in; default: the client's database.",
+        description="Database entry `auth_query` runs in instead of the client's.",
     )
     auth_cache_timeout: float = Field(
         default=0.0,
         ge=0,
-        description="Seconds an auth_query answer is reused; 0 (as PgBouncer): every login "
-        "asks, so a changed password or VALID UNTIL holds at once.",
+        description="Seconds an `auth_query` answer is reused; 0 (PgBouncer's behaviour): every "
+        "login asks, so a changed password or `VALID UNTIL` holds at once. Concurrent logins of a "
+        "user share one query either way.",
     )
     scram_iterations: int = Field(
         default=4096,
         ge=4096,  # RFC 7677's minimum (and scramp's)
-        description="SCRAM iterations for users whose stored secret is a plain password.",
+        description="SCRAM iterations for users whose stored secret is a plain password (at least "
+        "4096).",
     )
     databases: dict[str, DatabaseConfig] = Field(
-        default_factory=dict, description="Database entries; the name '*' matches any other."
+        default_factory=dict, description="The database entries, `[databases.NAME]`; "
+        "`[databases.\"*\"]` serves any other name. Unknown names get `no such database: NAME`."
     )
-    users: dict[str, UserConfig] = Field(default_factory=dict, description="Per-user settings.")
+    users: dict[str, UserConfig] = Field(
+        default_factory=dict,
+        description="Per-user settings, `[users.NAME]`.",
+    )
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         default=1,
-        description="Worker processes on the port, under one supervisor ('auto': one per "
-        "CPU); limits are shared, each worker's TCP listener uses SO_REUSEPORT.",
+        description="Worker processes under one supervisor (`\"auto\"`: one per CPU this process "
+        "may use), all on the port and the Unix socket, acting as one pgproxy: shared limits, "
+        "cancel routing, one console. See [Several processes on one "
+        "port](operations.md#several-processes-on-one-port). `peer_id` cannot be combined with "
+        "it.",
     )
     so_reuseport: bool = Field(
         default=False,
-        description="Set SO_REUSEPORT on the TCP listener: several pgproxy processes share "
-        "the port (each with its own unix_socket_dir and pidfile).",
+        description="Set `SO_REUSEPORT` on the TCP listener so several pgproxy processes share "
+        "the port (the kernel spreads new connections; each process needs its own "
+        "`unix_socket_dir`, `pidfile` and `logfile`). See [Several processes on one "
+        "port](operations.md#several-processes-on-one-port).",
     )
     peer_id: int = Field(
         default=0,
         ge=0,
         le=16383,
-        description="This process's id in a peered group (0: no peering); cancel keys carry "
-        "it, so a cancel request reaching another process of the group is forwarded here.",
+        description="This process's id (1-16383) in a group of pgproxy processes behind one port "
+        "or load balancer; its cancel keys carry it, so a CancelRequest that reaches another "
+        "process of the group is forwarded here. `0`: no peering.",
     )
     peers: dict[int, PeerConfig] = Field(
-        default_factory=dict, description="The group: peer id → where that process listens."
-    )
+        default_factory=dict, description="`[peers.ID]` tables with `host` (a name, an address, "
+        "or this process's `unix_socket_dir`) and `port` (default 6432): where each process of "
+        "the group takes cancel requests. An entry for the process's own id is ignored, so every "
+        "process can share one list."   )
 
     @field_validator("unix_socket_mode", mode="before")
     @classmethod

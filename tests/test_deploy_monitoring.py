@@ -2,8 +2,8 @@
 metric names that pgproxy exports.
 
 promtool validates and unit-tests the rules (scripts/bootstrap.sh installs it); the rest
-reads the files. The allow-list below is the metrics contract (README, "Metrics, health and
-leaks"): renaming a metric means updating it, the rules and the dashboard together.
+reads the files. The allow-list below is the metrics contract (docs/operations.md, "Metrics,
+health and leaks"): renaming a metric means updating it, the rules and the dashboard together.
 """
 
 from __future__ import annotations
@@ -270,11 +270,12 @@ def _section(text: str, heading: str) -> str:
 
 
 def test_readmes_document_every_metric_and_alert() -> None:
-    """The README's metrics section names every exported series (the contract above), and
-    deploy/prometheus/README.md every alert."""
-    metrics = _section((ROOT / "README.md").read_text(), "## Metrics, health and leaks")
+    """docs/operations.md's metrics section names every exported series (the contract
+    above), and deploy/prometheus/README.md every alert."""
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    metrics = _section(operations, "## Metrics, health and leaks")
     missing = sorted(name for name in _GAUGES | _COUNTERS | _HISTOGRAMS if name not in metrics)
-    assert not missing, f"not in the README's metrics section: {missing}"
+    assert not missing, f"not in docs/operations.md's metrics section: {missing}"
     rules_readme = (PROMETHEUS / "README.md").read_text()
     # (Recorded names may be shortened there to "…:metric:window" after their level.)
     names = ALERTS | {name.split(":", 1)[1] for name in _recorded()}
