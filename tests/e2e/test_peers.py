@@ -222,7 +222,7 @@ def test_restart_on_the_same_port_drops_no_client(
     assert "number of failed transactions: 0" in stdout
     assert old.popen.returncode == 0
     assert not failures, failures[:3]
-    # A connection queued on the old listener at the instant it closes is reset (README:
+    # A connection queued on the old listener at the instant it closes is reset (docs/operations.md:
     # net.ipv4.tcp_migrate_req); that is at most the one or two in flight then.
     assert resets[0] <= 2, resets[0]
     assert group.processes[2].alive()
