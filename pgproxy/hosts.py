@@ -36,7 +36,6 @@ log = logging.getLogger("pgproxy.hosts")
 PRIMARY = "primary"
 STANDBY = "standby"
 UNKNOWN = "unknown"
-ROLES = (PRIMARY, STANDBY, UNKNOWN)
 
 # A host's rank for a policy: the best is served; FALLBACK only when nothing ranks BEST
 # (prefer-standby's primary); UNTRIED: role not known yet; None: does not fit now.

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pgproxy.embedded import EmbeddedPostgres, free_port
 from tests.support import ProxyFactory, ProxyProcess, connect, proxy_config, wait_for
@@ -67,6 +69,7 @@ def ha_proxy(pair: Pair) -> Iterator[ProxyProcess]:
         pair.primary,
         listen_port=free_port(),
         server_check_delay=1,
+        metrics_port=free_port(),
         query_wait_timeout=60,
         admin_users=["app"],
         databases={
@@ -87,6 +90,26 @@ def ha_proxy(pair: Pair) -> Iterator[ProxyProcess]:
         yield factory(config)
     finally:
         factory.close()
+
+
+def _metrics(proxy: ProxyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    url = f"http://127.0.0.1:{proxy.config['metrics_port']}/metrics"
+    wait_for(lambda: _answers(url), 10, "the metrics listener")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def _served_by_standby(proxy: ProxyProcess, dbname: str) -> bool:
@@ -138,6 +161,8 @@ def test_reads_go_to_the_standby_while_it_keeps_up(pair: Pair, ha_proxy: ProxyPr
         row = _row(ha_proxy, "appdb_ro", standby_host)
         assert row["state"] == "lagging"
         assert float(row["lag"]) > MAX_LAG_SECONDS
+        lag = ("pgproxy_replica_lag_seconds", (("database", "appdb_ro"), ("host", standby_host)))
+        assert _metrics(ha_proxy)[lag] > MAX_LAG_SECONDS
         # Still readable meanwhile, from the primary (prefer-standby's fallback).
         assert _row(ha_proxy, "appdb_ro", primary_host)["state"] == "serving"
     finally:
@@ -238,5 +263,12 @@ def test_failover_follows_the_promoted_standby(pair: Pair, ha_proxy: ProxyProces
     assert row["role"] == "primary" and row["state"] == "serving"
     with connect(ha_proxy) as conn:
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+    samples = _metrics(ha_proxy)
+    at = (("database", "appdb"), ("host", standby_host))
+    assert samples[("pgproxy_failovers_total", (("database", "appdb"),))] == 1
+    assert samples[("pgproxy_host_role", (*at, ("role", "primary")))] == 1
+    assert samples[("pgproxy_host_up", at)] == 1
+    gone = (("database", "appdb"), ("host", pair.primary.socket_dir))
+    assert samples[("pgproxy_host_up", gone)] == 0
     # Clients saw errors only for transactions in flight when the primary went away.
     assert all("query_wait_timeout" not in error for error in writers.errors), writers.errors
