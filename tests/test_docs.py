@@ -10,10 +10,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _documented_keys() -> set[str]:
+    """Keys in the first column of a table in the README or a page under docs/."""
     keys = set()
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith("| `"):
-            keys.add(line.split("`")[1])
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in page.read_text().splitlines():
+            if line.startswith("| `"):
+                keys.add(line.split("`")[1])
     return keys
 
 
