@@ -216,7 +216,8 @@ def _host_metrics(daemon: Daemon) -> Iterator[Metric]:
     )
     lag = GaugeMetricFamily(
         "pgproxy_replica_lag_seconds",
-        "Seconds a standby's replay is behind (0 when it has replayed all it received).",
+        "Seconds a standby's replay is behind (0 when it has replayed all it received, "
+        "and for the primary).",
         labels=labels,
     )
     failovers = CounterMetricFamily(
@@ -231,7 +232,9 @@ def _host_metrics(daemon: Daemon) -> Iterator[Metric]:
                 up.add_metric([database, host.name], 1 if host.up else 0)
                 for name in HOST_ROLES:
                     role.add_metric([database, host.name, name], int(host.role == name))
-                if host.lag_seconds is not None:
+                if host.role == "primary":
+                    lag.add_metric([database, host.name], 0.0)
+                elif host.lag_seconds is not None:
                     lag.add_metric([database, host.name], host.lag_seconds)
     yield up
     yield role
