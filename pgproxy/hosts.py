@@ -262,16 +262,17 @@ class HostPolicy:
     def order(self) -> list[HostState]:
         """The hosts to try for a new server: best first, then untried, then fallbacks,
         then the ones that do not fit now (their role may have changed: that is how a
-        promotion is found); down hosts last among equals. Equals keep the order of the
-        host list from the pool's current host (load_balance_hosts)."""
+        promotion is found); the hosts whose last attempt failed after all the others (one
+        that does not answer would spend the whole connect timeout). Equals keep the order
+        of the host list from the pool's current host (load_balance_hosts)."""
         hosts = list(self.topology.hosts.values())
         start = self.pool.host_index % len(hosts)
         rotated = hosts[start:] + hosts[:start]
         order = {BEST: 0, UNTRIED: 1, FALLBACK: 2}
 
-        def key(host: HostState) -> tuple[int, int]:
+        def key(host: HostState) -> tuple[bool, int]:
             rank = self.rank(host)
-            return (order.get(rank, 3) if rank is not None else 3, host.up is False)
+            return (host.up is False, order.get(rank, 3) if rank is not None else 3)
 
         return sorted(rotated, key=key)
 
@@ -292,7 +293,9 @@ class HostPolicy:
         try:
             for host in self.order():
                 rank_before = self.rank(host)
-                if fallback is not None and (rank_before is None or rank_before == FALLBACK):
+                if fallback is not None and (
+                    rank_before is None or rank_before == FALLBACK or host.up is False
+                ):
                     continue  # something that serves is in hand: no need to look further
                 try:
                     server = await connect_host(
@@ -400,6 +403,8 @@ class Topologies:
         if old is not None:
             old.topology.policies.pop(pool, None)
             pool.host_policy = None
+            if not old.topology.policies:  # (hosts changed by a reload: forgotten)
+                self.by_hosts = {k: t for k, t in self.by_hosts.items() if t.policies}
         hosts = pool.target.hosts
         key = (hosts, pool.target.port)
         topology = self.by_hosts.get(key)

@@ -102,8 +102,10 @@ async def test_order_tries_the_best_first_and_the_unfit_last() -> None:
     _set(policy, "db-1", STANDBY)
     _set(policy, "db-2", PRIMARY)
     assert [host.name for host in policy.order()] == ["db-2", "db-3", "db-1"]
-    # Among equals, a host that failed its last attempt comes after those that did not,
-    # and the rotation starts at the pool's current host (load_balance_hosts).
+    # A host that failed its last attempt comes after all that did not, and equals keep
+    # the rotation from the pool's current host (load_balance_hosts).
+    policy.topology.saw_failure(policy.topology.hosts["db-2"], "connection refused")
+    assert [host.name for host in policy.order()] == ["db-3", "db-1", "db-2"]
     everyone = _policy("any")
     everyone.pool.host_index = 1
     assert [host.name for host in everyone.order()] == ["db-2", "db-3", "db-1"]
