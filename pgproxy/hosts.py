@@ -22,6 +22,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from pgproxy.config import DatabaseConfig, ReplicaLagLimit, replica_lag_limit
@@ -74,7 +75,6 @@ class HostState:
     up: bool | None = None  # None: never tried
     lag_seconds: float | None = None  # standbys, from the host checks
     lag_bytes: int | None = None
-    wal_position: int | None = None  # bytes since 0/0: written (primary), replayed (standby)
     seen_at: float = 0.0  # monotonic time of the last login or check
     error: str = ""  # why the last attempt failed
 
@@ -167,10 +167,20 @@ class Topology:
     async def _check_all(self, pool: Pool) -> None:
         try:
             hosts = list(self.hosts.values())
-            found = await asyncio.gather(*(self._check(pool, host) for host in hosts))
-            primary = self.hosts.get(self.primary) if self.primary else None
-            head = primary.wal_position if primary is not None else None
-            for host, position in zip(hosts, found, strict=True):
+            found = await asyncio.gather(
+                *(self._check(pool, host) for host in hosts), return_exceptions=True
+            )
+            positions: dict[str, int] = {}
+            for host, outcome in zip(hosts, found, strict=True):
+                if isinstance(outcome, BaseException):
+                    log.error("host check of %s failed unexpectedly: %r", host.name, outcome)
+                elif outcome is not None:
+                    positions[host.name] = outcome
+            # Bytes behind: the primary's WAL position and each standby's replay position,
+            # both from this round.
+            head = positions.get(self.primary) if self.primary else None
+            for host in hosts:
+                position = positions.get(host.name)
                 if host.role == STANDBY and position is not None and head is not None:
                     host.lag_bytes = max(0, head - position)
             self.rebalance()
@@ -178,7 +188,8 @@ class Topology:
             self._checking = False
 
     async def _check(self, pool: Pool, host: HostState) -> int | None:
-        """Log in to ``host`` and ask its role and lag; its WAL position, if it answered."""
+        """Log in to ``host`` and ask its role and lag; its WAL position (bytes since 0/0:
+        written on a primary, replayed on a standby), if it answered."""
         try:
             conn = await connect_host(
                 pool, host.name, CHECK_TIMEOUT, HostCheckConn,
@@ -201,8 +212,7 @@ class Topology:
             return None
         in_recovery, read_only = row[0] == "t", row[1] == "on"
         self.saw_role(host, in_recovery, read_only)
-        position = int(float(row[2] or 0))
-        host.wal_position = position
+        position = int(Decimal(row[2] or 0))
         if in_recovery:
             host.lag_seconds = max(0.0, float(row[3] or 0))
         return position

@@ -166,6 +166,7 @@ def test_reads_go_to_the_standby_while_it_keeps_up(pair: Pair, ha_proxy: ProxyPr
         row = _row(ha_proxy, "appdb_ro", standby_host)
         assert row["state"] == "lagging"
         assert float(row["lag"]) > MAX_LAG_SECONDS
+        assert row["lag_bytes"] > 0  # the primary's WAL position is past the replayed one
         lag = ("pgproxy_replica_lag_seconds", (("database", "appdb_ro"), ("host", standby_host)))
         assert _metrics(ha_proxy)[lag] > MAX_LAG_SECONDS
         # Still readable meanwhile, from the primary (prefer-standby's fallback).
