@@ -111,11 +111,15 @@ class Topology:
                     former = self.hosts[old]
                     if former.role == PRIMARY:
                         former.role = UNKNOWN
-                    log.warning("primary moved from %s to %s", old, host.name)
+                    log.warning(
+                        "%s: the primary moved from %s to %s", self.databases(), old, host.name
+                    )
                 changed = True
         elif self.primary == host.name:
             self.primary = None
-            log.warning("host %s is no longer the primary (in recovery)", host.name)
+            log.warning(
+                "%s: host %s is no longer the primary (in recovery)", self.databases(), host.name
+            )
         return changed
 
     def saw_login(self, host: HostState, server: ServerConn) -> bool:
@@ -134,6 +138,11 @@ class Topology:
         was_up = host.up is not False
         host.up, host.error, host.seen_at = False, error, time.monotonic()
         return was_up
+
+    def databases(self) -> str:
+        """The database entries on these hosts, for the log."""
+        names = sorted({pool.database for pool in self.policies})
+        return ("database " if len(names) == 1 else "databases ") + ", ".join(names)
 
     # -- changes -------------------------------------------------------------------------
 
