@@ -106,6 +106,8 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names every offending key."""
 
 
+# What a read-only twin (replica_of) takes from the entry it names, unless set itself.
+_TWIN_INHERITS = ("host", "port", "dbname", "user", "password", "load_balance_hosts")
 _LAG_TIME_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0}
 _LAG_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
 
@@ -847,8 +849,6 @@ class Settings(BaseSettings):
         return self.default_pool_size
 
 
-# What a read-only twin (replica_of) takes from the entry it names, unless set itself.
-_TWIN_INHERITS = ("host", "port", "dbname", "user", "password", "load_balance_hosts")
 # The console's database names (pgproxy.admin's; repeated here, below it in the layers).
 _CONSOLE_NAMES = frozenset({"pgbouncer", "pgproxy"})
 _NO_USER_ENTRY = UserConfig()  # the settings of a user without a [users] entry
