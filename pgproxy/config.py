@@ -207,24 +207,24 @@ class DatabaseConfig(BaseModel):
     )
     target_session_attrs: TargetSessionAttrs = Field(
         default="any",
-        description="Which hosts new server connections go to, as libpq's "
-        "target_session_attrs: any; read-write or read-only (hot standby or "
-        "default_transaction_read_only); primary or standby (hot standby); prefer-standby "
-        "(a standby, else the primary). Each host's role is checked at every server login "
-        "and every server_check_delay; servers on a host that no longer fits are closed "
-        "once free.",
+        description="Which of the hosts new server connections go to, as libpq's "
+        "`target_session_attrs`: `any`; `read-write` or `read-only` (hot standby or "
+        "`default_transaction_read_only`); `primary` or `standby` (hot standby); "
+        "`prefer-standby` (a standby, else the primary). Each host's role is checked at "
+        "every server login and every `server_check_delay`; servers on a host that no "
+        "longer fits are closed once free (docs/high-availability.md).",
     )
     max_replica_lag: float | str | None = Field(
         default=None,
         description="A standby further behind its primary than this gets no new servers, "
         "and its servers are closed once free, until it catches up: seconds (a number, or "
-        "'500ms', '5s', '1min') or bytes of WAL ('16MB', '1GB').",
+        "`'500ms'`, `'5s'`, `'1min'`) or bytes of WAL (`'16MB'`, `'1GB'`). Unset: no limit.",
     )
     replica_of: str | None = Field(
         default=None,
-        description="Name of the database entry this one is the read-only twin of: its "
-        "host, port, dbname, user and password are used unless set here, and "
-        "target_session_attrs defaults to prefer-standby.",
+        description="Makes this entry the read-only twin of the entry it names: that "
+        "entry's `host`, `port`, `dbname`, `user`, `password` and `load_balance_hosts` "
+        "unless set here, and `target_session_attrs` `prefer-standby` unless set here.",
     )
 
     @field_validator("max_replica_lag")
