@@ -20,6 +20,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -34,6 +35,10 @@ from pgproxy.sockopts import TcpKeepalive, keepalive_from
 PoolMode = Literal["session", "transaction", "statement"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 TransactionStateGuard = Literal["off", "warn", "reset"]
+# libpq's target_session_attrs: which of a database's hosts its server connections go to.
+TargetSessionAttrs = Literal[
+    "any", "read-write", "read-only", "primary", "standby", "prefer-standby"
+]
 
 # PgBouncer's default auth_query, schema-qualified so that no search_path can redirect it.
 DEFAULT_AUTH_QUERY = (
@@ -99,6 +104,46 @@ class ClientTimeouts:
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names every offending key."""
+
+
+# What a read-only twin (replica_of) takes from the entry it names, unless set itself.
+_TWIN_INHERITS = ("host", "port", "dbname", "user", "password", "load_balance_hosts")
+_LAG_TIME_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0}
+_LAG_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLagLimit:
+    """max_replica_lag read: in seconds, or in bytes of WAL (one of the two is set)."""
+
+    seconds: float | None = None
+    wal_bytes: int | None = None
+
+
+def replica_lag_limit(value: float | str | None) -> ReplicaLagLimit | None:
+    """Read max_replica_lag (None: no limit); raise ValueError for a malformed one."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return ReplicaLagLimit(seconds=float(value))
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if amount >= 0 and unit in _LAG_TIME_UNITS:
+        return ReplicaLagLimit(seconds=amount * _LAG_TIME_UNITS[unit])
+    if amount >= 0 and (unit in _LAG_SIZE_UNITS or unit == ""):
+        if unit == "":  # a bare number in a string: seconds, as a number is
+            return ReplicaLagLimit(seconds=amount)
+        return ReplicaLagLimit(wal_bytes=int(amount * _LAG_SIZE_UNITS[unit]))
+    raise ValueError(
+        "expected seconds ('5s', '500ms', '1min', a number) or WAL bytes ('16MB', '1GB')"
+    )
 
 
 class DatabaseConfig(BaseModel):
@@ -176,6 +221,33 @@ class DatabaseConfig(BaseModel):
         "new server connection at the next host; `disable` stays on one host until a connection "
         "to it fails. A host that cannot be reached is skipped for the next one.",
     )
+    target_session_attrs: TargetSessionAttrs = Field(
+        default="any",
+        description="Which of the hosts new server connections go to, as libpq's "
+        "`target_session_attrs`: `any`; `read-write` or `read-only` (hot standby or "
+        "`default_transaction_read_only`); `primary` or `standby` (hot standby); "
+        "`prefer-standby` (a standby, else the primary). Each host's role is checked at "
+        "every server login and every `server_check_delay`; servers on a host that no "
+        "longer fits are closed once free (docs/high-availability.md).",
+    )
+    max_replica_lag: float | str | None = Field(
+        default=None,
+        description="A standby further behind its primary than this gets no new servers, "
+        "and its servers are closed once free, until it catches up: seconds (a number, or "
+        "`'500ms'`, `'5s'`, `'1min'`) or bytes of WAL (`'16MB'`, `'1GB'`). Unset: no limit.",
+    )
+    replica_of: str | None = Field(
+        default=None,
+        description="Makes this entry the read-only twin of the entry it names: that "
+        "entry's `host`, `port`, `dbname`, `user`, `password` and `load_balance_hosts` "
+        "unless set here, and `target_session_attrs` `prefer-standby` unless set here.",
+    )
+
+    @field_validator("max_replica_lag")
+    @classmethod
+    def _check_replica_lag(cls, value: float | str | None) -> float | str | None:
+        replica_lag_limit(value)  # (raises ValueError naming the expected forms)
+        return value
 
 
 class PeerConfig(BaseModel):
@@ -726,6 +798,37 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _resolve_twins(self) -> Settings:
+        # A read-only twin (replica_of) takes its server's address and login from the
+        # entry it names, unless it sets them itself.
+        for name, entry in list(self.databases.items()):
+            if entry.replica_of is None:
+                continue
+            source = self.databases.get(entry.replica_of)
+            if source is None or entry.replica_of == name:
+                raise ValueError(
+                    f"databases.{name}.replica_of: no other database entry "
+                    f"named {entry.replica_of!r}"
+                )
+            if source.replica_of is not None:
+                raise ValueError(
+                    f"databases.{name}.replica_of: {entry.replica_of!r} is itself a "
+                    "read-only twin"
+                )
+            inherited = {
+                key: getattr(source, key)
+                for key in _TWIN_INHERITS
+                if key not in entry.model_fields_set
+            }
+            if "dbname" in inherited and inherited["dbname"] is None:
+                inherited["dbname"] = entry.replica_of
+            if "target_session_attrs" not in entry.model_fields_set:
+                inherited["target_session_attrs"] = "prefer-standby"
+            if inherited:
+                self.databases[name] = entry.model_copy(update=inherited)
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -27,6 +27,7 @@ from pgproxy.config import (
     load_settings,
 )
 from pgproxy.hba import hba_rules
+from pgproxy.hosts import Topologies
 from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
 from pgproxy.listener import listen_on, remove_unix_socket, start_listeners
@@ -86,6 +87,7 @@ class Daemon:
         self.keepalive = keepalive_from(settings)  # for TCP clients
         self.config_path = config_path
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.topologies = Topologies()  # roles and lag of the databases' hosts
         # Server budgets shared across pools: per database and per (server) user.
         self.db_budgets: dict[str, ServerBudget] = {}
         self.user_budgets: dict[str, ServerBudget] = {}
@@ -182,6 +184,7 @@ class Daemon:
             pool.query_wait_timeout = self.settings.client_timeouts(entry, server_user).query_wait
             if self.settings.metrics_port:
                 pool.measure(PoolHistograms(pool.query_wait_timeout))
+            self.topologies.attach(pool, entry)
             self.pools[key] = pool
         return pool
 
@@ -391,6 +394,7 @@ class Daemon:
             pool.reconfigure(
                 settings.pool_settings(entry, pool.user), _target(entry, pool.database, pool.user)
             )
+            self.topologies.attach(pool, entry)
         for client in self.logged_in_clients():
             if client.pool is not None:
                 client.statements_setting_changed()

@@ -376,6 +376,40 @@ class EmbeddedPostgres:
             raise RuntimeError(f"pg_ctl restart failed: {result.stderr.strip()}")
         self.postmaster_pid = self._read_postmaster_pid()
 
+    def start_as_standby_of(self, primary: EmbeddedPostgres) -> None:
+        """Make this (not yet started) cluster a streaming standby of ``primary``
+        (``pg_basebackup -R`` over primary's unix socket) and start it.
+
+        Raises:
+            RuntimeError: the base backup or the server start failed.
+        """
+        if self._started:
+            raise RuntimeError("EmbeddedPostgres already started")
+        self._started = True
+        atexit.register(self.stop)
+        try:
+            self._create_dirs()
+            argv = [
+                self._bin("pg_basebackup"), "-D", self.data_dir, "-R", "-X", "stream",
+                "-c", "fast", "-h", primary.socket_dir, "-p", str(primary.port),
+                "-U", primary.superuser, "--no-sync",
+            ]  # fmt: skip
+            result = self.run_as_owner(argv, timeout=180)
+            if result.returncode != 0:
+                raise RuntimeError(f"pg_basebackup failed: {result.stderr.strip()}")
+            self._write_conf()  # (its own port, socket directory and addresses)
+            self._pg_ctl_start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def promote(self) -> None:
+        """``pg_ctl promote -w``: this standby becomes a primary (returns once it is)."""
+        argv = [self._bin("pg_ctl"), "-D", self.data_dir, "-w", "-t", "60", "promote"]
+        result = self.run_as_owner(argv, timeout=90)
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl promote failed: {result.stderr.strip()}")
+
     def __enter__(self) -> EmbeddedPostgres:
         """Start the cluster."""
         self.start()

@@ -88,6 +88,8 @@ class Janitor:
             if settings.leak_detection_threshold > 0 and pool.servers:
                 detect_leaks(pool, now, settings.leak_detection_threshold)
             recycle(pool, now)
+            if pool.host_policy is not None:  # roles and lag of the hosts (hosts.py)
+                pool.host_policy.topology.maintain(pool, now)
             if pool.guard != "off" and pool.idle and pool.settings.state_check_period > 0:
                 check_idle_state(pool, now, pool.settings.state_check_period)
             if pool.histograms is not None:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from pgproxy.daemon import Daemon
     from pgproxy.pool import Pool
 
+HOST_ROLES = ("primary", "standby", "unknown")  # the roles pgproxy.hosts tells apart
+
 # Bucket upper bounds in seconds.
 WAIT_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -197,6 +199,47 @@ class PgproxyCollector(Collector):
         yield from _pool_gauges(daemon, pools, now)
         yield from _pool_counters(daemon, pools)
         yield from _pool_histograms(pools)
+        yield from _host_metrics(daemon)
+
+
+def _host_metrics(daemon: Daemon) -> Iterator[Metric]:
+    """The hosts of databases with target_session_attrs, several hosts or max_replica_lag
+    (SHOW HOSTS), by database entry."""
+    labels = ["database", "host"]
+    up = GaugeMetricFamily(
+        "pgproxy_host_up", "1 if the host answered its last login or check, else 0.", labels=labels
+    )
+    role = GaugeMetricFamily(
+        "pgproxy_host_role",
+        "1 for the host's role as last seen (primary, standby or unknown).",
+        labels=[*labels, "role"],
+    )
+    lag = GaugeMetricFamily(
+        "pgproxy_replica_lag_seconds",
+        "Seconds a standby's replay is behind (0 when it has replayed all it received, "
+        "and for the primary).",
+        labels=labels,
+    )
+    failovers = CounterMetricFamily(
+        "pgproxy_failovers",
+        "Times the primary moved to another of the database's hosts.",
+        labels=["database"],
+    )
+    for topology in daemon.topologies:
+        for database in sorted({pool.database for pool in topology.policies}):
+            failovers.add_metric([database], topology.failovers)
+            for host in topology.hosts.values():
+                up.add_metric([database, host.name], 1 if host.up else 0)
+                for name in HOST_ROLES:
+                    role.add_metric([database, host.name, name], int(host.role == name))
+                if host.role == "primary":
+                    lag.add_metric([database, host.name], 0.0)
+                elif host.lag_seconds is not None:
+                    lag.add_metric([database, host.name], host.lag_seconds)
+    yield up
+    yield role
+    yield lag
+    yield failovers
 
 
 def _client_limits(daemon: Daemon) -> Iterator[Metric]:
@@ -435,6 +478,11 @@ _NOT_ADDED: dict[str, Callable[[float, float], float]] = {
     "pgproxy_pool_paused": max,
     "pgproxy_query_wait_timeout_seconds": max,
     "pgproxy_pool_oldest_wait_seconds": max,
+    # Every worker checks the hosts itself: the same figures, seen N times.
+    "pgproxy_host_up": max,
+    "pgproxy_host_role": max,
+    "pgproxy_replica_lag_seconds": max,
+    "pgproxy_failovers": max,
 }
 
 

@@ -42,6 +42,7 @@ from pgproxy.tls import ServerTls
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
+    from pgproxy.hosts import HostPolicy
 
 log = logging.getLogger("pgproxy.pool")
 
@@ -154,6 +155,8 @@ class Pool:
         self.name = f"{database}/{user}"
         self.target = target
         self.host_index = 0  # the target's host the next server connection tries first
+        # target_session_attrs / max_replica_lag over the hosts (None: connect in order).
+        self.host_policy: HostPolicy | None = None
         self.settings = settings
         self.mode: PoolMode = settings.mode
         self.size = settings.size

@@ -556,6 +556,8 @@ async def connect_server(
     (``Pool.host_index``; load_balance_hosts decides whether the next connection starts
     at the following host or stays on the one that worked). ``factory`` and ``startup``
     (more startup parameters): a replication connection's."""
+    if pool.host_policy is not None:  # target_session_attrs, max_replica_lag (hosts.py)
+        return await pool.host_policy.connect(timeout, factory or ServerConn, startup or {})
     target = pool.target
     hosts = target.hosts
     error: ServerLoginError | None = None
@@ -564,7 +566,7 @@ async def connect_server(
         index = pool.host_index % len(hosts)
         host = hosts[index]
         try:
-            server = await _connect_host(
+            server = await connect_host(
                 pool, host, max(0.001, deadline - time.monotonic()), factory or ServerConn,
                 startup or {},
             )  # fmt: skip
@@ -581,9 +583,11 @@ async def connect_server(
     raise error
 
 
-async def _connect_host(
+async def connect_host(
     pool: Pool, host: str, timeout: float, factory: type[ServerConn], startup: dict[str, str]
 ) -> ServerConn:
+    """Open and log in a server connection to one of ``pool``'s hosts; raise
+    ServerLoginError (``unreachable`` when no connection was made)."""
     loop = asyncio.get_running_loop()
     target = pool.target
     server: ServerConn | None = None

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from pgproxy import __version__
-from pgproxy.config import ConfigError, DatabaseConfig, Settings, UserConfig, load_settings
+from pgproxy.config import (
+    ConfigError,
+    DatabaseConfig,
+    Settings,
+    UserConfig,
+    load_settings,
+    replica_lag_limit,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-Hunter2-do-not-print"
@@ -184,6 +191,9 @@ def test_unknown_keys_are_named(tmp_path: Path) -> None:
         ('[databases.x]\nport = "abc"', "databases.x.port"),
         ("[databases.x]\npool_size = 0", "databases.x.pool_size"),
         ('[databases.x]\npool_mode = "tx"', "databases.x.pool_mode"),
+        ('[databases.x]\ntarget_session_attrs = "master"', "databases.x.target_session_attrs"),
+        ('[databases.x]\nmax_replica_lag = "5 parsecs"', "databases.x.max_replica_lag"),
+        ("[databases.x]\nmax_replica_lag = -1", "databases.x.max_replica_lag"),
         ('[users."bob"]\npool_size = 0', "users.bob.pool_size"),
         ("databases = 5", "databases"),
     ],
@@ -205,6 +215,37 @@ def test_transaction_state_guard_reaches_the_pools() -> None:
     )
     resolved = settings.pool_settings(settings.databases["appdb"], "app")
     assert (resolved.state_guard, resolved.state_check_period) == ("reset", 5.0)
+
+
+@pytest.mark.parametrize(
+    "toml, problem",
+    [
+        ('[databases.ro]\nreplica_of = "nowhere"', "databases.ro.replica_of: no other"),
+        ('[databases.ro]\nreplica_of = "ro"', "databases.ro.replica_of: no other"),
+        (
+            '[databases.a]\n[databases.b]\nreplica_of = "a"\n[databases.c]\nreplica_of = "b"',
+            "databases.c.replica_of: 'b' is itself a read-only twin",
+        ),
+    ],
+)
+def test_replica_of_must_name_another_plain_entry(tmp_path: Path, toml: str, problem: str) -> None:
+    assert problem in config_error(write(tmp_path, toml + "\n"))
+
+
+def test_max_replica_lag_units() -> None:
+    def read(value: float | str) -> tuple[float | None, int | None]:
+        limit = replica_lag_limit(value)
+        assert limit is not None
+        return limit.seconds, limit.wal_bytes
+
+    assert read(5) == (5.0, None)
+    assert read("2.5") == (2.5, None)
+    assert read("500ms") == (0.5, None)
+    assert read("1 min") == (60.0, None)
+    assert read("16MB") == (None, 16 * 1024 * 1024)
+    assert read("1GB") == (None, 1024**3)
+    assert read("8192B") == (None, 8192)
+    assert replica_lag_limit(None) is None
 
 
 def test_every_problem_is_listed(tmp_path: Path) -> None:

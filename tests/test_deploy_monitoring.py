@@ -45,6 +45,9 @@ _GAUGES = {
     "pgproxy_pool_oldest_wait_seconds",
     "pgproxy_pool_paused",
     "pgproxy_query_wait_timeout_seconds",
+    "pgproxy_host_up",
+    "pgproxy_host_role",
+    "pgproxy_replica_lag_seconds",
     # prometheus-client's ProcessCollector (Linux)
     "process_resident_memory_bytes",
     "process_virtual_memory_bytes",
@@ -69,6 +72,7 @@ _COUNTERS = {
     "pgproxy_timeouts_total",
     "pgproxy_leaks_total",
     "pgproxy_session_state_leaks_total",
+    "pgproxy_failovers_total",
 }
 _HISTOGRAMS = {
     "pgproxy_client_wait_seconds",
@@ -94,6 +98,8 @@ ALERTS = {
     "PgproxyLeakDetected",
     "PgproxySessionStateLeak",
     "PgproxyServerConnectErrors",
+    "PgproxyHostDown",
+    "PgproxyFailover",
     "PgproxyDown",
 }
 
@@ -270,10 +276,12 @@ def _section(text: str, heading: str) -> str:
 
 
 def test_readmes_document_every_metric_and_alert() -> None:
-    """docs/operations.md's metrics section names every exported series (the contract
+    """docs/operations.md's metrics section (for the hosts' metrics,
+    docs/high-availability.md) names every exported series (the contract
     above), and deploy/prometheus/README.md every alert."""
     operations = (ROOT / "docs" / "operations.md").read_text()
     metrics = _section(operations, "## Metrics, health and leaks")
+    metrics += (ROOT / "docs" / "high-availability.md").read_text()  # the metrics per host
     missing = sorted(name for name in _GAUGES | _COUNTERS | _HISTOGRAMS if name not in metrics)
     assert not missing, f"not in docs/operations.md's metrics section: {missing}"
     rules_readme = (PROMETHEUS / "README.md").read_text()

@@ -17,6 +17,7 @@ _LINK = re.compile(r"\]\((?![a-z]+:)([^)#\s]*)(?:#([^)\s]*))?\)")
 
 
 def _documented_keys() -> set[str]:
+    """Keys in the first column of a table of the generated configuration reference."""
     keys = set()
     for line in REFERENCE.read_text(encoding="utf-8").splitlines():
         if line.startswith("| `"):

@@ -121,6 +121,8 @@ MERGES: dict[str, Merge] = {
         ("name",), frozenset({"current_client_connections"}), frozenset({"paused", "disabled"})
     ),
     "users": Merge(("name",), frozenset({"current_client_connections"})),
+    # Each worker checks the hosts itself: its own view first, the servers of all.
+    "hosts": Merge(("database", "host"), frozenset({"servers"})),
 }
 
 # Name/value tables (merge_named_values).

@@ -20,6 +20,7 @@ from pgproxy.stats import CONSOLE_STATS_KEY, USEC, Totals
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
     from pgproxy.daemon import Daemon
+    from pgproxy.hosts import HostPolicy
     from pgproxy.server import ServerConn
 
 Table = tuple[list[Column], list[list[Value]]]
@@ -428,6 +429,32 @@ def show_pool_stats(daemon: Daemon) -> Table:
     return cols, rows
 
 
+def show_hosts(daemon: Daemon) -> Table:
+    """pgproxy's own: the hosts of each database entry with target_session_attrs, several
+    hosts or max_replica_lag, as its pools see them (role, state, lag, servers)."""
+    cols = columns(
+        "ssisssNqiss",
+        "database", "host", "port", "role", "read_only", "state", "lag", "lag_bytes",
+        "servers", "target_session_attrs", "last_error",
+    )  # fmt: skip
+    rows: list[list[Value]] = []
+    for topology in daemon.topologies:
+        by_database: dict[str, list[HostPolicy]] = {}
+        for pool, policy in topology.policies.items():
+            by_database.setdefault(pool.database, []).append(policy)
+        for database, policies in sorted(by_database.items()):
+            policy = policies[0]  # (the entry's pools share its ranking)
+            for host in topology.hosts.values():
+                lag = f"{host.lag_seconds:.3f}" if host.lag_seconds is not None else None
+                rows.append([
+                    database, host.name, host.port, host.role,
+                    "yes" if host.read_only else "no", policy.state_of(host), lag,
+                    host.lag_bytes, sum(p.servers_on(host.name) for p in policies),
+                    policy.attrs, host.error or None,
+                ])  # fmt: skip
+    return cols, rows
+
+
 # -- the daemon ------------------------------------------------------------------------------
 
 
@@ -513,6 +540,7 @@ SHOW_TABLES: dict[str, Callable[[Daemon], Table]] = {
     "databases": show_databases,
     "dns_hosts": show_dns_hosts,
     "dns_zones": show_dns_zones,
+    "hosts": show_hosts,
     "leaks": show_leaks,
     "lists": show_lists,
     "mem": show_mem,
@@ -536,6 +564,7 @@ HELP = (
     "\tSHOW PEERS|PEER_POOLS\n"
     "\tSHOW SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
     "\tSHOW DNS_HOSTS|DNS_ZONES\n"
+    "\tSHOW HOSTS\n"
     "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|POOL_STATS|LEAKS\n"
     "\tSET key = arg\n"
     "\tRELOAD\n"

@@ -123,8 +123,11 @@ def test_exported_series_are_the_documented_contract(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory
 ) -> None:
     """What a real pgproxy exports is exactly the list the rules, the dashboard and the
-    README are checked against (tests/test_deploy_monitoring.py)."""
-    proxy = _proxy(pg, proxy_factory)
+    README are checked against (tests/test_deploy_monitoring.py). (The hosts' series need
+    a database that chooses among its hosts: target_session_attrs.)"""
+    entry = {"host": "127.0.0.1", "port": pg.port, "user": "app", "password": "app-secret"}
+    databases = {"appdb": {**entry, "target_session_attrs": "read-write"}}
+    proxy = _proxy(pg, proxy_factory, databases=databases)
     assert_healthy(proxy)  # a pool exists: its series too
     exported = {name for name, _ in scrape(proxy)}
     assert exported == EXPORTED - {"up"}  # (up is Prometheus's own)

@@ -450,3 +450,30 @@ def test_a_busy_worker_gives_its_extra_servers_to_a_waiting_one(
             thread.join(timeout=30)
     assert not failures, failures[0]
     assert served_meanwhile > 0  # worker 0 was still running while worker 1 got served
+
+
+def test_show_hosts_adds_up_the_servers_of_every_worker(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    entry = {"host": "127.0.0.1", "port": pg.port, "user": "app", "password": "app-secret"}
+    databases = {"appdb": {**entry, "target_session_attrs": "primary"}}
+    proxy = proxy_factory(
+        proxy_config(pg, workers=2, admin_users=["app"], databases=databases)
+    )
+    dirs = _worker_dirs(proxy, 2)
+    clients = [psycopg.connect(**_via(path, proxy)) for path in dirs]
+    try:
+        for client in clients:
+            assert client.execute("select 1").fetchone() == (1,)
+        with psycopg.connect(
+            proxy.dsn(dbname="pgbouncer"), autocommit=True, prepare_threshold=None
+        ) as console:
+            cursor = console.execute("show hosts")
+            names = [column.name for column in cursor.description or ()]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        assert len(rows) == 1  # one row per database and host, not per worker
+        assert rows[0]["host"] == "127.0.0.1" and rows[0]["role"] == "primary"
+        assert rows[0]["state"] == "serving" and rows[0]["servers"] == 2
+    finally:
+        for client in clients:
+            client.close()
