@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,11 @@ _KIND_WORDS = {
     "advisory_lock": "session advisory locks",
 }
 
+NO_SERVER_TLS = ServerTls("disable", None)
+
+# Opens and logs in one server for a pool within a timeout; raises ServerLoginError.
+Connector = Callable[["Pool", float], Awaitable[ServerConn]]
+
 # Seconds a queued request does not retry opening a server after a budget refused one. A
 # local budget wakes its pools when a place frees (ServerBudget.release); one shared with
 # other workers cannot, so queued requests poll it, and the janitor retries too.
@@ -91,42 +96,52 @@ class ServerTarget:
 
 class ServerBudget:
     """A cap on server connections shared by several pools: max_db_connections for the
-    pools of one database, max_user_connections for the pools of one user."""
+    pools of one database, max_user_connections for the pools of one user, and with
+    workers a pool's pool_size over all of them.
+
+    What every budget does; how places are counted is its implementation's:
+    ``LocalServerBudget`` counts this process's servers, ``workers.SharedServerBudget``
+    those of every worker.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # 0: no limit
-        # Servers connecting or connected in the pools below, counted until their
-        # connection is really closed: PostgreSQL counts a closing backend too.
-        self.used = 0
         self.evicting = False  # an idle server is closing to make room
-        self.pools: list[Pool] = []
+        self.pools: list[Pool] = []  # (each pool adds itself when it is made)
+
+    @property
+    def used(self) -> int:
+        """Servers connecting or connected under this budget, counted until their
+        connection is really closed: PostgreSQL counts a closing backend too."""
+        raise NotImplementedError
 
     @property
     def full(self) -> bool:
         """No server may be opened under this budget now."""
-        return 0 < self.limit <= self.used
+        raise NotImplementedError
+
+    def take(self, reserve: bool) -> bool:
+        """Take a place for a server about to be opened (``reserve``: a reserve_pool one)."""
+        raise NotImplementedError
+
+    def give_back(self) -> None:
+        """A place taken for a server that was not opened after all."""
+        raise NotImplementedError
 
     def evict_idle(self, needy: Pool) -> None:
-        """Close one idle server of another pool under this budget to make room; the
-        room exists once that connection has closed (Pool.server_closed wakes ``needy``)."""
-        if self.evicting:
-            return
+        """Make room for ``needy``'s waiting clients: close one idle server of another pool
+        under this budget; the room exists once that connection has closed
+        (Pool.server_closed wakes ``needy``)."""
+        if not self.evicting:
+            self._close_idle_of_another(needy)
+
+    def _close_idle_of_another(self, needy: Pool) -> bool:
         for pool in self.pools:
             if pool is not needy and pool.idle:
                 self.evicting = True
                 pool.retire(pool.idle[0])
-                return
-
-    def take(self, reserve: bool) -> bool:
-        """Take a place for a server about to be opened (``reserve``: a reserve_pool one)."""
-        if self.full:
-            return False
-        self.used += 1
-        return True
-
-    def give_back(self) -> None:
-        """A place taken for a server that was not opened after all."""
-        self.used -= 1
+                return True
+        return False
 
     def release(self) -> None:
         """A server under this budget has closed: its place is free; wake a waiting pool."""
@@ -136,6 +151,31 @@ class ServerBudget:
             if pool.waiters:
                 pool.grow_blocked_until = 0.0
                 pool.grow()
+
+
+class LocalServerBudget(ServerBudget):
+    """A ServerBudget of this process alone (no workers)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.count = 0
+
+    @property
+    def used(self) -> int:
+        return self.count
+
+    @property
+    def full(self) -> bool:
+        return 0 < self.limit <= self.count
+
+    def take(self, reserve: bool) -> bool:
+        if 0 < self.limit <= self.count:
+            return False
+        self.count += 1
+        return True
+
+    def give_back(self) -> None:
+        self.count -= 1
 
 
 class Pool:
@@ -148,7 +188,22 @@ class Pool:
         target: ServerTarget,
         settings: PoolSettings,
         budgets: tuple[ServerBudget, ...] = (),
+        *,
+        paused: bool = False,
+        server_tls: ServerTls = NO_SERVER_TLS,
+        credential_for: Callable[[str], Credential | None] | None = None,
+        statement_registry: Registry | None = None,
+        query_wait_timeout: float = 0.0,
+        histograms: PoolHistograms | None = None,
+        connect: Connector = connect_server,
     ) -> None:
+        """``budgets``: the caps this pool's servers count under (each learns of the pool
+        here); ``paused``: its database is paused (PAUSE/KILL); ``server_tls``: how servers
+        ask for TLS; ``credential_for``: the passthrough credential of a user when the
+        target has no password; ``statement_registry``: the named prepared statements
+        shared by every pool of the daemon; ``query_wait_timeout``: the one in force for the
+        pool's user (a metrics gauge); ``histograms``: observe waits, queries and
+        transactions (None: metrics off); ``connect``: opens and logs in one server."""
         self.database = database
         self.user = user
         self.name = f"{database}/{user}"
@@ -187,19 +242,22 @@ class Pool:
         self.give_back = 0
         # PAUSE, KILL, SUSPEND or a waiting shutdown: no server is handed out or opened,
         # and each one is closed as it comes free.
-        self.paused = False
+        self.paused = paused
         self.stats = PoolStats()
         # Histograms for /metrics (None when metrics are off: nothing is observed), and the
         # hot path's shortcuts to two of them (see ``measure``).
         self.histograms: PoolHistograms | None = None
         self.record_query: Callable[[float], None] | None = None
         self.record_transaction: Callable[[float], None] | None = None
-        self.query_wait_timeout = 0.0  # in force for this pool's user (a metrics gauge)
-        self.server_tls = ServerTls("disable", None)  # set by the daemon
-        # Named prepared statements: shared by every pool of the daemon (set by it).
-        self.statement_registry = Registry()
-        # Passthrough: the server login's credential when the target has no password.
-        self.credential_for: Callable[[str], Credential | None] | None = None
+        if histograms is not None:
+            self.measure(histograms)
+        self.query_wait_timeout = query_wait_timeout  # in force for this pool's user
+        self.server_tls = server_tls
+        self.statement_registry = (
+            statement_registry if statement_registry is not None else Registry()
+        )
+        self.credential_for = credential_for
+        self.connect = connect
         # ParameterStatus values of the first server: what every client is told at login.
         self.welcome: list[tuple[str, str]] | None = None
         self.welcome_values: tracked.ParamValues = tracked.EMPTY
@@ -671,7 +729,7 @@ class Pool:
     async def _open_server(self, outcome: asyncio.Future[None]) -> None:
         started = time.monotonic()
         try:
-            server = await connect_server(self, self.connect_timeout)
+            server = await self.connect(self, self.connect_timeout)
         except ServerLoginError as exc:
             self.stats.connections_errors += 1
             self.connecting -= 1
