@@ -212,6 +212,7 @@ def test_process_and_limit_metrics_of_several_workers_merge() -> None:
     assert "# TYPE process_max_fds gauge" in merged
 
 
+@pytest.mark.e2e
 def test_workers_that_cannot_start_stop_the_supervisor(tmp_path: Path) -> None:
     import socket
     import subprocess
