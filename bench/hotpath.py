@@ -77,15 +77,13 @@ async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> 
     for _ in range(SERVERS):
         server = ServerConn(pool)
         server.transport = CountingTransport()
-        server.state = IDLE
         server.params = values
         # transaction_state_guard (warn by default) watches the replies, as Pool does for
         # the servers it opens. (Older checkouts, to compare with, have no guard.)
         guard = getattr(server.scan, "guard", None)
         if guard is not None:
             guard(getattr(pool, "guard", "off") != "off")
-        pool.servers.add(server)
-        pool.idle.append(server)
+        pool.change_server_state(server, IDLE)  # logged in: onto the idle list
         servers.append(server)
     daemon = Daemon(Settings(max_packet_size=1 << 30))  # (nothing started: no loop work)
     linked = []

@@ -43,6 +43,7 @@ from pgproxy.protocol.stream import FrontendScanner
 from pgproxy.replication import ReplicationMode, replication_mode, start_replication
 from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
 from pgproxy.sockopts import apply_keepalive
+from pgproxy.states import ClientState
 from pgproxy.stats import next_connection_id
 from pgproxy.tls import ALPN
 
@@ -67,6 +68,7 @@ _INT32 = struct.Struct("!I")
 MAX_PASSWORD_MESSAGE = 64 * 1024  # a password or SASL message longer than this is not one
 
 _READY_IDLE = messages.ready_for_query()
+_WAITING = ClientState.WAITING  # (a module name: the hot path reads it)
 # Bytes a waiting client may send before its reading is paused.
 PENDING_LIMIT = 256 * 1024
 # Seconds a client has to read its FATAL error before the connection is closed under it.
@@ -100,6 +102,9 @@ class ClientConn(asyncio.Protocol):
         self.user = ""
         self.database = ""
         self.outstanding = 0  # ReadyForQuery replies the client still waits for
+        # What it does as its pool sees it (set by Pool.change_client_state only), and
+        # since when it waits for a server (0: it does not).
+        self.pool_state: ClientState = ClientState.IDLE
         self.wait_started_at = 0.0
         self.wait_notified = 0.0  # the wait_started_at of the wait query_wait_notify told
         self.write_paused = False
@@ -157,13 +162,6 @@ class ClientConn(asyncio.Protocol):
         return (self.params[index] if index is not None else "") or ""
 
     @property
-    def pool_state(self) -> str:
-        """PgBouncer's name for what a pool client is doing: waiting, active or idle."""
-        if self.wait_started_at:
-            return "waiting"
-        return "active" if self.server is not None else "idle"
-
-    @property
     def logged_in(self) -> bool:
         """Past the login: a pool client (waiting, linked or not) or a console session."""
         return self.state is READY or self.state is CONSOLE
@@ -191,7 +189,7 @@ class ClientConn(asyncio.Protocol):
         plan = scan.plan  # None unless named prepared statements are in the chunk
         server = self.server
         if server is None:
-            if self.wait_started_at:
+            if self.pool_state is _WAITING:
                 self._keep_pending(data if plan is None else plan)
                 return
             server = pool.acquire(self)
@@ -299,7 +297,6 @@ class ClientConn(asyncio.Protocol):
 
     def flush_pending(self) -> None:
         """Linked after waiting: send what arrived meanwhile, in order."""
-        self.wait_started_at = 0.0
         server = self.server
         assert server is not None
         pending = self._pending
@@ -376,7 +373,7 @@ class ClientConn(asyncio.Protocol):
         if offset > 0 or plan:
             self.outstanding += requests
             server = self.server
-            if server is None and not self.wait_started_at:
+            if server is None and self.pool_state is not _WAITING:
                 server = self.pool.acquire(self)
             before = data[:offset] if plan is None else plan
             if server is None:  # queued: flush_pending sends it, then closes
