@@ -68,7 +68,6 @@ _INT32 = struct.Struct("!I")
 MAX_PASSWORD_MESSAGE = 64 * 1024  # a password or SASL message longer than this is not one
 
 _READY_IDLE = messages.ready_for_query()
-_WAITING = ClientState.WAITING  # (a module name: the hot path reads it)
 # Bytes a waiting client may send before its reading is paused.
 PENDING_LIMIT = 256 * 1024
 # Seconds a client has to read its FATAL error before the connection is closed under it.
@@ -102,10 +101,7 @@ class ClientConn(asyncio.Protocol):
         self.user = ""
         self.database = ""
         self.outstanding = 0  # ReadyForQuery replies the client still waits for
-        # What it does as its pool sees it (set by Pool.change_client_state only), and
-        # since when it waits for a server (0: it does not).
-        self.pool_state: ClientState = ClientState.IDLE
-        self.wait_started_at = 0.0
+        self.wait_started_at = 0.0  # since when it waits for a server (0: it does not)
         self.wait_notified = 0.0  # the wait_started_at of the wait query_wait_notify told
         self.write_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
@@ -162,6 +158,13 @@ class ClientConn(asyncio.Protocol):
         return (self.params[index] if index is not None else "") or ""
 
     @property
+    def pool_state(self) -> ClientState:
+        """What it does as its pool sees it: where Pool.change_client_state put it."""
+        if self.wait_started_at:
+            return ClientState.WAITING
+        return ClientState.ACTIVE if self.server is not None else ClientState.IDLE
+
+    @property
     def logged_in(self) -> bool:
         """Past the login: a pool client (waiting, linked or not) or a console session."""
         return self.state is READY or self.state is CONSOLE
@@ -189,7 +192,7 @@ class ClientConn(asyncio.Protocol):
         plan = scan.plan  # None unless named prepared statements are in the chunk
         server = self.server
         if server is None:
-            if self.pool_state is _WAITING:
+            if self.wait_started_at:  # (waiting: what pool_state says, read quicker)
                 self._keep_pending(data if plan is None else plan)
                 return
             server = pool.acquire(self)
@@ -373,7 +376,7 @@ class ClientConn(asyncio.Protocol):
         if offset > 0 or plan:
             self.outstanding += requests
             server = self.server
-            if server is None and self.pool_state is not _WAITING:
+            if server is None and self.pool_state is not ClientState.WAITING:
                 server = self.pool.acquire(self)
             before = data[:offset] if plan is None else plan
             if server is None:  # queued: flush_pending sends it, then closes

@@ -240,10 +240,10 @@ class Pool:
         # server_check_delay = 0: every idle server is tested before a client gets it.
         self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
         self.max_servers = settings.size + settings.reserve_size  # more: close when free
-        # A list per server state (pgproxy.states), kept by change_server_state; and
-        # every logged-in server, whatever its state (the union of these lists).
+        # A list per server state (pgproxy.states), kept by change_server_state (an
+        # ACTIVE server is held by its client instead); and every logged-in server,
+        # whatever its state.
         self.idle: deque[ServerConn] = deque()  # the longest idle first
-        self.active: set[ServerConn] = set()
         self.used: set[ServerConn] = set()  # RESET
         self.tested: set[ServerConn] = set()
         self.being_canceled: set[ServerConn] = set()
@@ -312,12 +312,10 @@ class Pool:
         """Set ``server``'s state and move it to that state's list in one step (taken off
         the list of the state it leaves). Into IDLE it goes to the warm end of the idle
         list, or with ``oldest`` to the end whose servers have been idle longest. A server
-        leaving LOGIN joins ``servers``; one entering CLOSED leaves it."""
-        # (Branches, not a dict keyed by state: an Enum's hash is a Python call, and the
-        # hot path makes two of these changes per transaction.)
+        leaving LOGIN joins ``servers``; one entering CLOSED leaves it for good."""
+        # (Identity tests, the usual changes first: the hot path makes two per transaction,
+        # IDLE -> ACTIVE and back.)
         old = server.state
-        if old is state:
-            return
         if old is IDLE:
             idle = self.idle
             if idle[-1] is server:  # (the usual: the warmest server is taken)
@@ -325,18 +323,20 @@ class Pool:
             else:
                 idle.remove(server)
         elif old is ACTIVE:
-            self.active.remove(server)
+            pass  # (held by its client: on no list)
         elif old is LOGIN:
             if state is not CLOSED:
                 self.servers.add(server)
         elif old is CLOSED:
+            if state is CLOSED:
+                return
             raise ValueError(f"server {server.id} is closed: it cannot become {state}")
         else:
             self._list_of(old).remove(server)
         server.state = state
         if state is ACTIVE:
-            self.active.add(server)
-        elif state is IDLE:
+            return
+        if state is IDLE:
             if oldest:
                 self.idle.appendleft(server)
             else:
@@ -359,19 +359,15 @@ class Pool:
         self, client: ClientConn, state: ClientState, server: ServerConn | None = None, *,
         first: bool = False,
     ) -> None:  # fmt: skip
-        """Set ``client``'s state as this pool sees it and move it where that state keeps
-        it, in one step: WAITING on the queue of waiters (``first``: at its head; its
-        ``wait_started_at`` says since when), ACTIVE linked to ``server`` (made ACTIVE
-        too), IDLE on neither (an ACTIVE client is unlinked, a WAITING one leaves the
-        queue).
+        """Move ``client`` to where ``state`` keeps it, which is its state as this pool
+        sees it (``ClientConn.pool_state`` reads it back from there): WAITING on the queue
+        of waiters (``first``: at its head; ``wait_started_at`` says since when), ACTIVE
+        linked to ``server`` (made ACTIVE too), IDLE on neither (an ACTIVE client is
+        unlinked, a WAITING one leaves the queue).
 
         This is the critical section: plain code in one callback, nothing awaited."""
-        old = client.pool_state
-        if old is state:
-            return
-        if old is CLIENT_ACTIVE:
-            linked = client.server
-            assert linked is not None
+        linked = client.server
+        if linked is not None:  # leaving ACTIVE: unlinked
             client.request_at = linked.query_started  # SHOW CLIENTS request_time
             client.server = None
             linked.client = None
@@ -381,14 +377,13 @@ class Pool:
                 linked.transport.resume_reading()
             if linked.write_paused:
                 client.transport.resume_reading()
-        elif old is CLIENT_WAITING:
+        elif client.wait_started_at:  # leaving WAITING: off the queue
             waiters = self.waiters
             if waiters[0] is client:  # (the usual: the first waiter is served)
                 waiters.popleft()
             else:
                 waiters.remove(client)
             client.wait_started_at = 0.0
-        client.pool_state = state
         if state is CLIENT_ACTIVE:
             assert server is not None
             self.change_server_state(server, ACTIVE)
@@ -1039,7 +1034,8 @@ class Pool:
         """How many servers are in each state (the lengths of its lists); 'login' counts
         those being opened."""
         return Counter({
-            LOGIN: self.connecting, IDLE: len(self.idle), ACTIVE: len(self.active),
+            LOGIN: self.connecting, IDLE: len(self.idle),
+            ACTIVE: sum(1 for server in self.servers if server.state is ACTIVE),
             RESET: len(self.used), TESTED: len(self.tested),
             BEING_CANCELED: len(self.being_canceled),
         })  # fmt: skip
