@@ -248,6 +248,7 @@ class Pool:
         self.tested: set[ServerConn] = set()
         self.being_canceled: set[ServerConn] = set()
         self.servers: set[ServerConn] = set()
+        self.oversized = False  # more servers than max_servers: close them as they free up
         # Clients queued for a server (kept by change_client_state), first come first served.
         self.waiters: deque[ClientConn] = deque()
         self.connecting = 0
@@ -313,8 +314,8 @@ class Pool:
         the list of the state it leaves). Into IDLE it goes to the warm end of the idle
         list, or with ``oldest`` to the end whose servers have been idle longest. A server
         leaving LOGIN joins ``servers``; one entering CLOSED leaves it for good."""
-        # (Identity tests, the usual changes first: the hot path makes two per transaction,
-        # IDLE -> ACTIVE and back.)
+        # (The hot path makes two changes per transaction, IDLE -> ACTIVE and back: they
+        # are tested first, and an ACTIVE server is on no list, held by its client.)
         old = server.state
         if old is IDLE:
             idle = self.idle
@@ -322,29 +323,29 @@ class Pool:
                 idle.pop()
             else:
                 idle.remove(server)
-        elif old is ACTIVE:
-            pass  # (held by its client: on no list)
-        elif old is LOGIN:
-            if state is not CLOSED:
-                self.servers.add(server)
-        elif old is CLOSED:
-            if state is CLOSED:
-                return
-            raise ValueError(f"server {server.id} is closed: it cannot become {state}")
-        else:
-            self._list_of(old).remove(server)
+        elif old is not ACTIVE:
+            if old is CLOSED:
+                if state is CLOSED:
+                    return
+                raise ValueError(f"server {server.id} is closed: it cannot become {state}")
+            if old is LOGIN:
+                if state is not CLOSED:
+                    self.servers.add(server)
+                    self.oversized = len(self.servers) > self.max_servers
+            else:
+                self._list_of(old).remove(server)
         server.state = state
-        if state is ACTIVE:
-            return
         if state is IDLE:
             if oldest:
                 self.idle.appendleft(server)
             else:
                 self.idle.append(server)
-        elif state is CLOSED:
-            self.servers.discard(server)
-        else:
-            self._list_of(state).add(server)
+        elif state is not ACTIVE:
+            if state is CLOSED:
+                self.servers.discard(server)
+                self.oversized = len(self.servers) > self.max_servers
+            else:
+                self._list_of(state).add(server)
 
     def _list_of(self, state: ServerState) -> set[ServerConn]:
         """The list of the servers in ``state`` (RESET, TESTED or BEING_CANCELED)."""
@@ -385,7 +386,8 @@ class Pool:
                 waiters.remove(client)
             client.wait_started_at = 0.0
         if state is CLIENT_ACTIVE:
-            assert server is not None
+            if TYPE_CHECKING:  # (callers always pass one; not checked on the hot path)
+                assert server is not None
             self.change_server_state(server, ACTIVE)
             client.server = server
             server.client = client
@@ -460,12 +462,7 @@ class Pool:
             return
         if not now:
             now = time.monotonic()
-        if (
-            now >= server.expires_at
-            or len(self.servers) > self.max_servers
-            or self.paused
-            or self.give_back
-        ):
+        if now >= server.expires_at or self.oversized or self.paused or self.give_back:
             # Past its lifetime, the pool was shrunk or paused, or (workers) its place goes
             # to another worker's waiting clients.
             if self.give_back:
@@ -986,6 +983,7 @@ class Pool:
         self.single_use = settings.lifetime == 0
         self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
         self.max_servers = settings.size + settings.reserve_size
+        self.oversized = len(self.servers) > self.max_servers
         self.min_size = min(settings.min_size, settings.size)
         self.reset_query = (
             settings.reset_query if settings.mode == "session" or settings.reset_always else ""
