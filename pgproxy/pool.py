@@ -308,14 +308,20 @@ class Pool:
     # -- states: the one place each changes -------------------------------------------
 
     def change_server_state(
-        self, server: ServerConn, state: ServerState, *, oldest: bool = False
-    ) -> None:
+        self, server: ServerConn, state: ServerState, client: ClientConn | None = None, *,
+        oldest: bool = False,
+    ) -> None:  # fmt: skip
         """Set ``server``'s state and move it to that state's list in one step (taken off
-        the list of the state it leaves). Into IDLE it goes to the warm end of the idle
-        list, or with ``oldest`` to the end whose servers have been idle longest. A server
-        leaving LOGIN joins ``servers``; one entering CLOSED leaves it for good."""
+        the list of the state it leaves).
+
+        ACTIVE means linked to ``client``: entering it makes the link (the client is
+        ACTIVE from then on), leaving it ends the link. Into IDLE a server goes to the warm
+        end of the idle list, or with ``oldest`` to the end whose servers have been idle
+        longest. A server leaving LOGIN joins ``servers``; one entering CLOSED leaves it
+        for good. This is the critical section: plain code in one callback.
+        """
         # (The hot path makes two changes per transaction, IDLE -> ACTIVE and back: they
-        # are tested first, and an ACTIVE server is on no list, held by its client.)
+        # are tested first. An ACTIVE server is on no list: its client holds it.)
         old = server.state
         if old is IDLE:
             idle = self.idle
@@ -323,72 +329,33 @@ class Pool:
                 idle.pop()
             else:
                 idle.remove(server)
-        elif old is not ACTIVE:
-            if old is CLOSED:
-                if state is CLOSED:
-                    return
-                raise ValueError(f"server {server.id} is closed: it cannot become {state}")
-            if old is LOGIN:
-                if state is not CLOSED:
-                    self.servers.add(server)
-                    self.oversized = len(self.servers) > self.max_servers
-            else:
-                self._list_of(old).remove(server)
-        server.state = state
-        if state is IDLE:
-            if oldest:
-                self.idle.appendleft(server)
-            else:
-                self.idle.append(server)
-        elif state is not ACTIVE:
-            if state is CLOSED:
-                self.servers.discard(server)
-                self.oversized = len(self.servers) > self.max_servers
-            else:
-                self._list_of(state).add(server)
-
-    def _list_of(self, state: ServerState) -> set[ServerConn]:
-        """The list of the servers in ``state`` (RESET, TESTED or BEING_CANCELED)."""
-        if state is RESET:
-            return self.used
-        if state is TESTED:
-            return self.tested
-        assert state is BEING_CANCELED
-        return self.being_canceled
-
-    def change_client_state(
-        self, client: ClientConn, state: ClientState, server: ServerConn | None = None, *,
-        first: bool = False,
-    ) -> None:  # fmt: skip
-        """Move ``client`` to where ``state`` keeps it, which is its state as this pool
-        sees it (``ClientConn.pool_state`` reads it back from there): WAITING on the queue
-        of waiters (``first``: at its head; ``wait_started_at`` says since when), ACTIVE
-        linked to ``server`` (made ACTIVE too), IDLE on neither (an ACTIVE client is
-        unlinked, a WAITING one leaves the queue).
-
-        This is the critical section: plain code in one callback, nothing awaited."""
-        linked = client.server
-        if linked is not None:  # leaving ACTIVE: unlinked
-            client.request_at = linked.query_started  # SHOW CLIENTS request_time
-            client.server = None
-            linked.client = None
-            linked.last_client = client
+        elif old is ACTIVE:
+            linked = server.client
+            if TYPE_CHECKING:  # (an ACTIVE server always has one)
+                assert linked is not None
+            linked.request_at = server.query_started  # SHOW CLIENTS request_time
+            linked.server = None
+            server.client = None
+            server.last_client = linked
             # Each side was paused for the other's sake only: unlinked, both may read again.
-            if client.write_paused:
-                linked.transport.resume_reading()
             if linked.write_paused:
-                client.transport.resume_reading()
-        elif client.wait_started_at:  # leaving WAITING: off the queue
-            waiters = self.waiters
-            if waiters[0] is client:  # (the usual: the first waiter is served)
-                waiters.popleft()
-            else:
-                waiters.remove(client)
-            client.wait_started_at = 0.0
-        if state is CLIENT_ACTIVE:
-            if TYPE_CHECKING:  # (callers always pass one; not checked on the hot path)
-                assert server is not None
-            self.change_server_state(server, ACTIVE)
+                server.transport.resume_reading()
+            if server.write_paused:
+                linked.transport.resume_reading()
+        elif old is CLOSED:
+            if state is CLOSED:
+                return
+            raise ValueError(f"server {server.id} is closed: it cannot become {state}")
+        elif old is LOGIN:
+            if state is not CLOSED:
+                self.servers.add(server)
+                self.oversized = len(self.servers) > self.max_servers
+        else:
+            self._list_of(old).remove(server)
+        server.state = state
+        if state is ACTIVE:
+            if TYPE_CHECKING:  # (callers always pass one)
+                assert client is not None
             client.server = server
             server.client = client
             server.linked_at = server.query_started = time.monotonic()
@@ -414,6 +381,48 @@ class Pool:
                 statements.link_start = scan.requests_total - client.outstanding
                 if server.statements is None or statements.names or server.statements.strays:
                     server.link_statements(client, at_link=True)
+        elif state is IDLE:
+            if oldest:
+                self.idle.appendleft(server)
+            else:
+                self.idle.append(server)
+        elif state is CLOSED:
+            self.servers.discard(server)
+            self.oversized = len(self.servers) > self.max_servers
+        else:
+            self._list_of(state).add(server)
+
+    def _list_of(self, state: ServerState) -> set[ServerConn]:
+        """The list of the servers in ``state`` (RESET, TESTED or BEING_CANCELED)."""
+        if state is RESET:
+            return self.used
+        if state is TESTED:
+            return self.tested
+        assert state is BEING_CANCELED
+        return self.being_canceled
+
+    def change_client_state(
+        self, client: ClientConn, state: ClientState, server: ServerConn | None = None, *,
+        first: bool = False,
+    ) -> None:  # fmt: skip
+        """Move a client that has no server to where ``state`` keeps it, which is its
+        state as this pool sees it (``ClientConn.pool_state`` reads it back): WAITING on
+        the queue of waiters (``first``: at its head; ``wait_started_at`` says since
+        when), IDLE off it, ACTIVE linked to ``server`` (off the queue if it waited).
+
+        A link is the server's state as much as the client's: change_server_state makes
+        it (asked here) and ends it when the server moves on."""
+        if client.wait_started_at:  # leaving WAITING: off the queue
+            waiters = self.waiters
+            if waiters[0] is client:  # (the usual: the first waiter is served)
+                waiters.popleft()
+            else:
+                waiters.remove(client)
+            client.wait_started_at = 0.0
+        if state is CLIENT_ACTIVE:
+            if TYPE_CHECKING:  # (callers always pass one)
+                assert server is not None
+            self.change_server_state(server, ACTIVE, client)
         elif state is CLIENT_WAITING:
             client.wait_started_at = time.monotonic()
             if first:
@@ -431,7 +440,8 @@ class Pool:
                 self.change_client_state(client, CLIENT_WAITING, first=True)
                 self._test(server, client.wait_started_at)
                 return None
-            self.change_client_state(client, CLIENT_ACTIVE, server)
+            # (A client with no server and not queued: its link is all there is to make.)
+            self.change_server_state(server, ACTIVE, client)
             histograms = self.histograms
             if histograms is not None:
                 histograms.wait.counts[0] += 1  # no wait: the first bucket
@@ -509,7 +519,8 @@ class Pool:
             record = self.record_transaction
             if record is not None:
                 record(held)
-            self.change_client_state(client, CLIENT_IDLE)
+            # (The link ends with the server's next state: idle, another client's, reset,
+            # checked or closed.)
             if self.reset_query:  # server_reset_query_always
                 self._released(client, server, now)
                 return
@@ -533,7 +544,6 @@ class Pool:
         stats.xact_time += held
         if self.record_transaction is not None:
             self.record_transaction(held)
-        self.change_client_state(client, CLIENT_IDLE)
         self._released(client, server, now)
 
     def _released(self, client: ClientConn, server: ServerConn, now: float) -> None:
@@ -560,13 +570,8 @@ class Pool:
         if server is None:
             self.change_client_state(client, CLIENT_IDLE)  # (off the queue if it waited)
             return
-        self.change_client_state(client, CLIENT_IDLE)
-        clean = (
-            server.is_clean
-            and client.outstanding <= 0
-            and not client.scan.holds_server
-            and server.state is not CLOSED  # (retired while linked: a corrupt stream)
-        )
+        # (The link ends with the server's next state, below.)
+        clean = server.is_clean and client.outstanding <= 0 and not client.scan.holds_server
         if not clean:
             # In a transaction, or replies still owed: nobody else may ever see this state.
             # A vanished client's running query would keep its backend busy (and its locks

@@ -179,6 +179,8 @@ class ServerConn(asyncio.Protocol):
         if scan.error is not None:
             log.error("server %s: %s; closing", self.pool.name, scan.error)
             self.pool.retire(self)  # off the idle list now, not when the close is reported
+            if client is not None:  # (unlinked by the retirement: told now)
+                client.fatal(codes.CONNECTION_FAILURE, "server conn crashed?")
             return
         if scan.deallocated:
             self._deallocated(client)
