@@ -11,9 +11,10 @@ import time
 import pytest
 
 from pgproxy import janitor
-from pgproxy.pool import LocalServerBudget
+from pgproxy.pool import LocalServerBudget, Pool
 from pgproxy.protocol import codes, messages
-from pgproxy.server import ServerLoginError
+from pgproxy.server import ServerConn, ServerLoginError
+from pgproxy.states import ServerState
 from pgproxy.workers import SharedBudgets, SharedServerBudget
 from tests.inprocess import (
     BEGIN,
@@ -304,3 +305,46 @@ async def test_pool_mode_decides_when_the_server_goes_back(mode: str) -> None:
         assert client.server is server and not pool.idle
         client.connection_lost(None)
     assert client.server is None and list(pool.idle) == [server]
+
+
+def where(pool: Pool, server: ServerConn) -> str:
+    """The pool's list that holds ``server`` ('linked' for an active one)."""
+    places = {
+        "idle": server in pool.idle, "reset": server in pool.used,
+        "tested": server in pool.tested, "being_canceled": server in pool.being_canceled,
+        "active": server.client is not None,
+    }  # fmt: skip
+    found = [name for name, holds in places.items() if holds]
+    assert len(found) <= 1, found
+    return found[0] if found else "closed"
+
+
+async def test_a_servers_state_is_always_the_list_that_holds_it() -> None:
+    setup = Setup(pool_mode="session", server_reset_query="DISCARD ALL")
+    pool = setup.pool()
+    client = setup.client(pool)
+    client.data_received(QUERY)
+    await settle()
+    [server] = setup.postgres.opened
+    seen = [(server.state, where(pool, server))]
+    server.data_received(ROWS)
+    client.connection_lost(None)  # session mode: the reset query runs before reuse
+    seen.append((server.state, where(pool, server)))
+    assert writes(server) == QUERY + messages.query("DISCARD ALL")
+    server.data_received(messages.message(b"C", b"DISCARD ALL\0") + messages.ready_for_query())
+    seen.append((server.state, where(pool, server)))
+    pool.check(server, "SELECT 1", time.monotonic())  # server_check_query
+    seen.append((server.state, where(pool, server)))
+    server.data_received(messages.message(b"I") + messages.ready_for_query())
+    seen.append((server.state, where(pool, server)))
+    pool.retire(server)
+    seen.append((server.state, where(pool, server)))
+    assert seen == [
+        ("active", "active"), ("reset", "reset"), ("idle", "idle"), ("tested", "tested"),
+        ("idle", "idle"), ("closed", "closed"),
+    ]
+    assert pool.server_states() == {
+        "login": 0, "idle": 0, "active": 0, "reset": 0, "tested": 0, "being_canceled": 0,
+    }
+    with pytest.raises(ValueError, match="is closed"):
+        pool.change_server_state(server, ServerState.IDLE)  # a closed server stays closed
