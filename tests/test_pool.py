@@ -348,3 +348,16 @@ async def test_a_servers_state_is_always_the_list_that_holds_it() -> None:
     }
     with pytest.raises(ValueError, match="is closed"):
         pool.change_server_state(server, ServerState.IDLE)  # a closed server stays closed
+
+
+async def test_a_corrupt_server_stream_ends_its_client_and_the_server() -> None:
+    setup = Setup()
+    pool = setup.pool()
+    client = setup.client(pool)
+    client.data_received(QUERY)
+    await settle()
+    [server] = setup.postgres.opened
+    server.data_received(b"T\x00\x00\x00\x02")  # a length below 4: not PostgreSQL's stream
+    assert error_of(received(client)) == (codes.CONNECTION_FAILURE, "server conn crashed?")
+    assert terminated(server) and server.state == "closed" and not pool.servers
+    assert client.closed and client.server is None
