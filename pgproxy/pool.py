@@ -872,6 +872,9 @@ class Pool:
             server.expires_at = server.connected_at + self.settings.lifetime * (
                 1 - 0.1 * random.random()
             )
+        # Logged in: one of the pool's servers (idle for the instant until its hand-over,
+        # which counts it against max_servers like the others).
+        self.change_server_state(server, IDLE)
         if self.welcome is None:
             self.welcome = list(server.login_params)
             self.welcome_values = server.params
