@@ -459,7 +459,8 @@ class Pool:
         return None
 
     def _hand_over(self, server: ServerConn, now: float = 0.0) -> None:
-        """A clean, unlinked server: to the first waiter, or onto the idle list.
+        """A clean server its client let go (the link ends with the change made here): to
+        the first waiter, or onto the idle list.
 
         A server past its lifetime is closed instead (a new one is opened in the background
         if a client waits or the pool is under min_pool_size).
