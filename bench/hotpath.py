@@ -24,17 +24,18 @@ import pstats
 import struct
 import sys
 import time
-from typing import Any
 
 import uvloop
 
 from pgproxy import params as tracked
 from pgproxy.client import READY, ClientConn
-from pgproxy.config import PoolSettings
+from pgproxy.config import PoolSettings, Settings
+from pgproxy.daemon import Daemon
 from pgproxy.metrics import PoolHistograms
 from pgproxy.pool import Pool, ServerTarget
 from pgproxy.protocol.prepared import ClientStatements
 from pgproxy.server import IDLE, ServerConn
+from pgproxy.testing import CountingTransport
 
 
 def message(type_byte: bytes, payload: bytes = b"") -> bytes:
@@ -66,37 +67,6 @@ SCENARIOS = {
 SERVERS = 20
 
 
-class MemoryTransport:
-    """Counts writes; flow control is never asked for."""
-
-    def __init__(self) -> None:
-        self.writes = 0
-
-    def write(self, data: bytes) -> None:
-        self.writes += 1
-
-    def pause_reading(self) -> None:
-        raise AssertionError("no back-pressure expected")
-
-    def resume_reading(self) -> None:
-        raise AssertionError("no back-pressure expected")
-
-    def is_closing(self) -> bool:
-        return False
-
-
-class DaemonStandIn:
-    """What a logged-in ClientConn asks of its daemon on the hot path."""
-
-    class settings:  # (read as an attribute, like the daemon's Settings)
-        max_packet_size = 1 << 30
-
-    clients: set[Any] = set()
-
-    def clients_changed(self) -> None:
-        pass
-
-
 async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> float:
     """Seconds of Python per transaction for one scenario."""
     settings = PoolSettings(mode="transaction", size=SERVERS, max_prepared_statements=200)
@@ -106,21 +76,20 @@ async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> 
     servers = []
     for _ in range(SERVERS):
         server = ServerConn(pool)
-        server.transport = MemoryTransport()  # type: ignore[assignment]
-        server.state = IDLE
+        server.transport = CountingTransport()
         server.params = values
         # transaction_state_guard (warn by default) watches the replies, as Pool does for
         # the servers it opens. (Older checkouts, to compare with, have no guard.)
         guard = getattr(server.scan, "guard", None)
         if guard is not None:
             guard(getattr(pool, "guard", "off") != "off")
-        pool.servers.add(server)
-        pool.idle.append(server)
+        pool.change_server_state(server, IDLE)  # logged in: onto the idle list
         servers.append(server)
+    daemon = Daemon(Settings(max_packet_size=1 << 30))  # (nothing started: no loop work)
     linked = []
     for _ in range(clients):
-        client = ClientConn(DaemonStandIn())  # type: ignore[arg-type]
-        client.transport = MemoryTransport()  # type: ignore[assignment]
+        client = ClientConn(daemon)
+        client.transport = CountingTransport()
         client.state = READY
         client.pool = pool
         client.params = values

@@ -43,6 +43,7 @@ from pgproxy.protocol.stream import FrontendScanner
 from pgproxy.replication import ReplicationMode, replication_mode, start_replication
 from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
 from pgproxy.sockopts import apply_keepalive
+from pgproxy.states import ClientState
 from pgproxy.stats import next_connection_id
 from pgproxy.tls import ALPN
 
@@ -100,7 +101,7 @@ class ClientConn(asyncio.Protocol):
         self.user = ""
         self.database = ""
         self.outstanding = 0  # ReadyForQuery replies the client still waits for
-        self.wait_started_at = 0.0
+        self.wait_started_at = 0.0  # since when it waits for a server (0: it does not)
         self.wait_notified = 0.0  # the wait_started_at of the wait query_wait_notify told
         self.write_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
@@ -157,11 +158,11 @@ class ClientConn(asyncio.Protocol):
         return (self.params[index] if index is not None else "") or ""
 
     @property
-    def pool_state(self) -> str:
-        """PgBouncer's name for what a pool client is doing: waiting, active or idle."""
+    def pool_state(self) -> ClientState:
+        """What it does as its pool sees it: where Pool.change_client_state put it."""
         if self.wait_started_at:
-            return "waiting"
-        return "active" if self.server is not None else "idle"
+            return ClientState.WAITING
+        return ClientState.ACTIVE if self.server is not None else ClientState.IDLE
 
     @property
     def logged_in(self) -> bool:
@@ -191,7 +192,7 @@ class ClientConn(asyncio.Protocol):
         plan = scan.plan  # None unless named prepared statements are in the chunk
         server = self.server
         if server is None:
-            if self.wait_started_at:
+            if self.wait_started_at:  # (waiting: what pool_state says, read quicker)
                 self._keep_pending(data if plan is None else plan)
                 return
             server = pool.acquire(self)
@@ -299,7 +300,6 @@ class ClientConn(asyncio.Protocol):
 
     def flush_pending(self) -> None:
         """Linked after waiting: send what arrived meanwhile, in order."""
-        self.wait_started_at = 0.0
         server = self.server
         assert server is not None
         pending = self._pending
@@ -376,7 +376,7 @@ class ClientConn(asyncio.Protocol):
         if offset > 0 or plan:
             self.outstanding += requests
             server = self.server
-            if server is None and not self.wait_started_at:
+            if server is None and self.pool_state is not ClientState.WAITING:
                 server = self.pool.acquire(self)
             before = data[:offset] if plan is None else plan
             if server is None:  # queued: flush_pending sends it, then closes

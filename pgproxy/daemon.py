@@ -32,7 +32,7 @@ from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
 from pgproxy.listener import listen_on, remove_unix_socket, start_listeners
 from pgproxy.metrics import LoginFailureReason, PoolHistograms
-from pgproxy.pool import Pool, ServerBudget, ServerTarget
+from pgproxy.pool import LocalServerBudget, Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
 from pgproxy.protocol.auth import Credential, Md5Hash
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
@@ -162,28 +162,25 @@ class Daemon:
                     f"user:{server_user}", self.settings.max_user_connections_for(server_user)
                 )
             budgets: tuple[ServerBudget, ...] = (db_budget, user_budget)
-            pool_budget = None
             if self.worker is not None:
                 # pool_size caps the sum over workers: a shared budget of its own, asked
                 # first (the one most often full).
-                pool_budget = self._budget(f"pool:{database}/{server_user}", 0)
+                pool_budget = self._budget(f"pool:{database}/{server_user}", 0, per_pool=True)
                 budgets = (pool_budget, *budgets)
+            query_wait = self.settings.client_timeouts(entry, server_user).query_wait
             pool = Pool(
                 database,
                 server_user,
                 target,
                 self.settings.pool_settings(entry, server_user),
                 budgets,
+                paused=self.is_paused(database),
+                server_tls=self.server_tls,
+                credential_for=self.server_credential,
+                statement_registry=self.statement_registry,
+                query_wait_timeout=query_wait,
+                histograms=PoolHistograms(query_wait) if self.settings.metrics_port else None,
             )
-            if isinstance(pool_budget, SharedServerBudget):
-                pool_budget.limit_for = pool.size_limit
-            pool.paused = self.is_paused(database)
-            pool.server_tls = self.server_tls
-            pool.credential_for = self.server_credential
-            pool.statement_registry = self.statement_registry
-            pool.query_wait_timeout = self.settings.client_timeouts(entry, server_user).query_wait
-            if self.settings.metrics_port:
-                pool.measure(PoolHistograms(pool.query_wait_timeout))
             self.topologies.attach(pool, entry)
             self.pools[key] = pool
         return pool
@@ -574,11 +571,14 @@ class Daemon:
                 problems.append(f"database {name}: {entry.host}:{entry.port} unreachable")
         return problems
 
-    def _budget(self, name: str, limit: int) -> ServerBudget:
-        """A server budget: this process's, or with workers one shared by all of them."""
+    def _budget(self, name: str, limit: int, *, per_pool: bool = False) -> ServerBudget:
+        """A server budget: this process's, or with workers one shared by all of them
+        (``per_pool``: the limit is its pool's size, summed over the workers)."""
         if self.worker is None:
-            return ServerBudget(limit)
-        return SharedServerBudget(self.worker.budgets, self.worker.index, name, limit)
+            return LocalServerBudget(limit)
+        return SharedServerBudget(
+            self.worker.budgets, self.worker.index, name, limit, per_pool=per_pool
+        )
 
     def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
         """A fresh random (process id, secret) for ``client``; never a server's key."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pgproxy.client import LOGIN, READY
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.stream import STATUS_IDLE
+from pgproxy.states import ClientState
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -224,11 +225,12 @@ def expire_waiters(pool: Pool, now: float) -> None:
         if 0 < client.timeouts.query_wait <= now - client.wait_started_at
     ]
     for client in expired:
-        pool.waiters.remove(client)
+        waited = now - client.wait_started_at
+        pool.change_client_state(client, ClientState.IDLE)
         pool.stats.requests_errors += 1
         pool.stats.timeouts["query_wait"] += 1
         if pool.histograms is not None:  # the wait p99 must show the waits that failed
-            pool.histograms.wait.observe(now - client.wait_started_at)
+            pool.histograms.wait.observe(waited)
         client.fatal(codes.PROTOCOL_VIOLATION, "query_wait_timeout")
 
 
@@ -261,7 +263,7 @@ def expire_login(client: ClientConn, now: float, timeout: float) -> None:
 
 def expire_idle_client(client: ClientConn, now: float, timeout: float) -> None:
     """client_idle_timeout: end a logged-in client that has no server and sent nothing."""
-    if client.state is not READY or client.server is not None or client.wait_started_at:
+    if client.state is not READY or client.pool_state is not ClientState.IDLE:
         return
     requests = client.scan.requests_total
     if requests != client.idle_requests:

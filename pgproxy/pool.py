@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,9 @@ from pgproxy.reconnect import Reconnect
 from pgproxy.server import (
     ACTIVE,
     BEING_CANCELED,
+    CLOSED,
     IDLE,
+    LOGIN,
     RESET,
     TESTED,
     ServerConn,
@@ -37,6 +39,7 @@ from pgproxy.server import (
     connect_server,
 )
 from pgproxy.state_guard import Guard, RecentLeaks, SessionState, StateLeak
+from pgproxy.states import ClientState, ServerState
 from pgproxy.stats import PoolStats
 from pgproxy.tls import ServerTls
 
@@ -45,6 +48,11 @@ if TYPE_CHECKING:
     from pgproxy.hosts import HostPolicy
 
 log = logging.getLogger("pgproxy.pool")
+
+# Client states as the pool sees them (module names: the hot path reads them).
+CLIENT_IDLE = ClientState.IDLE
+CLIENT_WAITING = ClientState.WAITING
+CLIENT_ACTIVE = ClientState.ACTIVE
 
 # Why a state check runs (transaction_state_guard): the first on a server that was not
 # checked at its login (the guard was off then), the one after its reset query ran (both
@@ -63,6 +71,11 @@ _KIND_WORDS = {
     "temp_table": "temporary tables",
     "advisory_lock": "session advisory locks",
 }
+
+NO_SERVER_TLS = ServerTls("disable", None)
+
+# Opens and logs in one server for a pool within a timeout; raises ServerLoginError.
+Connector = Callable[["Pool", float], Awaitable[ServerConn]]
 
 # Seconds a queued request does not retry opening a server after a budget refused one. A
 # local budget wakes its pools when a place frees (ServerBudget.release); one shared with
@@ -92,42 +105,52 @@ class ServerTarget:
 
 class ServerBudget:
     """A cap on server connections shared by several pools: max_db_connections for the
-    pools of one database, max_user_connections for the pools of one user."""
+    pools of one database, max_user_connections for the pools of one user, and with
+    workers a pool's pool_size over all of them.
+
+    What every budget does; how places are counted is its implementation's:
+    ``LocalServerBudget`` counts this process's servers, ``workers.SharedServerBudget``
+    those of every worker.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # 0: no limit
-        # Servers connecting or connected in the pools below, counted until their
-        # connection is really closed: PostgreSQL counts a closing backend too.
-        self.used = 0
         self.evicting = False  # an idle server is closing to make room
-        self.pools: list[Pool] = []
+        self.pools: list[Pool] = []  # (each pool adds itself when it is made)
+
+    @property
+    def used(self) -> int:
+        """Servers connecting or connected under this budget, counted until their
+        connection is really closed: PostgreSQL counts a closing backend too."""
+        raise NotImplementedError
 
     @property
     def full(self) -> bool:
         """No server may be opened under this budget now."""
-        return 0 < self.limit <= self.used
+        raise NotImplementedError
+
+    def take(self, reserve: bool) -> bool:
+        """Take a place for a server about to be opened (``reserve``: a reserve_pool one)."""
+        raise NotImplementedError
+
+    def give_back(self) -> None:
+        """A place taken for a server that was not opened after all."""
+        raise NotImplementedError
 
     def evict_idle(self, needy: Pool) -> None:
-        """Close one idle server of another pool under this budget to make room; the
-        room exists once that connection has closed (Pool.server_closed wakes ``needy``)."""
-        if self.evicting:
-            return
+        """Make room for ``needy``'s waiting clients: close one idle server of another pool
+        under this budget; the room exists once that connection has closed
+        (Pool.server_closed wakes ``needy``)."""
+        if not self.evicting:
+            self._close_idle_of_another(needy)
+
+    def _close_idle_of_another(self, needy: Pool) -> bool:
         for pool in self.pools:
             if pool is not needy and pool.idle:
                 self.evicting = True
                 pool.retire(pool.idle[0])
-                return
-
-    def take(self, reserve: bool) -> bool:
-        """Take a place for a server about to be opened (``reserve``: a reserve_pool one)."""
-        if self.full:
-            return False
-        self.used += 1
-        return True
-
-    def give_back(self) -> None:
-        """A place taken for a server that was not opened after all."""
-        self.used -= 1
+                return True
+        return False
 
     def release(self) -> None:
         """A server under this budget has closed: its place is free; wake a waiting pool."""
@@ -137,6 +160,31 @@ class ServerBudget:
             if pool.waiters:
                 pool.grow_blocked_until = 0.0
                 pool.grow()
+
+
+class LocalServerBudget(ServerBudget):
+    """A ServerBudget of this process alone (no workers)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.count = 0
+
+    @property
+    def used(self) -> int:
+        return self.count
+
+    @property
+    def full(self) -> bool:
+        return 0 < self.limit <= self.count
+
+    def take(self, reserve: bool) -> bool:
+        if 0 < self.limit <= self.count:
+            return False
+        self.count += 1
+        return True
+
+    def give_back(self) -> None:
+        self.count -= 1
 
 
 class Pool:
@@ -149,7 +197,22 @@ class Pool:
         target: ServerTarget,
         settings: PoolSettings,
         budgets: tuple[ServerBudget, ...] = (),
+        *,
+        paused: bool = False,
+        server_tls: ServerTls = NO_SERVER_TLS,
+        credential_for: Callable[[str], Credential | None] | None = None,
+        statement_registry: Registry | None = None,
+        query_wait_timeout: float = 0.0,
+        histograms: PoolHistograms | None = None,
+        connect: Connector = connect_server,
     ) -> None:
+        """``budgets``: the caps this pool's servers count under (each learns of the pool
+        here); ``paused``: its database is paused (PAUSE/KILL); ``server_tls``: how servers
+        ask for TLS; ``credential_for``: the passthrough credential of a user when the
+        target has no password; ``statement_registry``: the named prepared statements
+        shared by every pool of the daemon; ``query_wait_timeout``: the one in force for the
+        pool's user (a metrics gauge); ``histograms``: observe waits, queries and
+        transactions (None: metrics off); ``connect``: opens and logs in one server."""
         self.database = database
         self.user = user
         self.name = f"{database}/{user}"
@@ -173,14 +236,24 @@ class Pool:
         self.guard: Guard = _guard(settings)
         self.state_leaks = RecentLeaks()  # SHOW LEAKS
         self._check_failure_logged = False
-        self.null_pool = settings.null_pool
+        # The hand-over of a clean server (see _hand_over): a null pool's closes a server
+        # nobody waits for.
+        self.hand_over = self._hand_over_or_close if settings.null_pool else self._hand_over
         self.single_use = settings.lifetime == 0  # PgBouncer's server_lifetime = 0
         # server_check_delay = 0: every idle server is tested before a client gets it.
         self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
         self.max_servers = settings.size + settings.reserve_size  # more: close when free
-        self.idle: deque[ServerConn] = deque()
+        # A list per server state (pgproxy.states), kept by change_server_state (an
+        # ACTIVE server is held by its client instead); and every logged-in server,
+        # whatever its state.
+        self.idle: deque[ServerConn] = deque()  # the longest idle first
+        self.used: set[ServerConn] = set()  # RESET
+        self.tested: set[ServerConn] = set()
+        self.being_canceled: set[ServerConn] = set()
+        self.servers: set[ServerConn] = set()
+        self.oversized = False  # more servers than max_servers: close them as they free up
+        # Clients queued for a server (kept by change_client_state), first come first served.
         self.waiters: deque[ClientConn] = deque()
-        self.servers: set[ServerConn] = set()  # logged-in servers in any state
         self.connecting = 0
         # Places for replication connections (pgproxy.replication), made at the first one.
         self.replication_slots: asyncio.Semaphore | None = None
@@ -190,19 +263,22 @@ class Pool:
         self.give_back = 0
         # PAUSE, KILL, SUSPEND or a waiting shutdown: no server is handed out or opened,
         # and each one is closed as it comes free.
-        self.paused = False
+        self.paused = paused
         self.stats = PoolStats()
         # Histograms for /metrics (None when metrics are off: nothing is observed), and the
         # hot path's shortcuts to two of them (see ``measure``).
         self.histograms: PoolHistograms | None = None
         self.record_query: Callable[[float], None] | None = None
         self.record_transaction: Callable[[float], None] | None = None
-        self.query_wait_timeout = 0.0  # in force for this pool's user (a metrics gauge)
-        self.server_tls = ServerTls("disable", None)  # set by the daemon
-        # Named prepared statements: shared by every pool of the daemon (set by it).
-        self.statement_registry = Registry()
-        # Passthrough: the server login's credential when the target has no password.
-        self.credential_for: Callable[[str], Credential | None] | None = None
+        if histograms is not None:
+            self.measure(histograms)
+        self.query_wait_timeout = query_wait_timeout  # in force for this pool's user
+        self.server_tls = server_tls
+        self.statement_registry = (
+            statement_registry if statement_registry is not None else Registry()
+        )
+        self.credential_for = credential_for
+        self.connect = connect
         # ParameterStatus values of the first server: what every client is told at login.
         self.welcome: list[tuple[str, str]] | None = None
         self.welcome_values: tracked.ParamValues = tracked.EMPTY
@@ -232,18 +308,143 @@ class Pool:
         """Servers this pool may have (with its reserve when ``reserve``)."""
         return self.max_servers if reserve else self.size
 
+    # -- states: the one place each changes -------------------------------------------
+
+    def change_server_state(
+        self, server: ServerConn, state: ServerState, client: ClientConn | None = None, *,
+        oldest: bool = False,
+    ) -> None:  # fmt: skip
+        """Set ``server``'s state and move it to that state's list in one step (taken off
+        the list of the state it leaves).
+
+        ACTIVE means linked to ``client``: entering it makes the link (the client is
+        ACTIVE from then on), leaving it ends the link. Into IDLE a server goes to the warm
+        end of the idle list, or with ``oldest`` to the end whose servers have been idle
+        longest. A server leaving LOGIN joins ``servers``; one entering CLOSED leaves it
+        for good. This is the critical section: plain code in one callback.
+        """
+        # (The hot path makes two changes per transaction, IDLE -> ACTIVE and back: they
+        # are tested first. An ACTIVE server is on no list: its client holds it.)
+        old = server.state
+        if old is IDLE:
+            idle = self.idle
+            if idle[-1] is server:  # (the usual: the warmest server is taken)
+                idle.pop()
+            else:
+                idle.remove(server)
+        elif old is ACTIVE:
+            linked = server.client
+            if TYPE_CHECKING:  # (an ACTIVE server always has one)
+                assert linked is not None
+            linked.request_at = server.query_started  # SHOW CLIENTS request_time
+            linked.server = None
+            server.client = None
+            server.last_client = linked
+            # Each side was paused for the other's sake only: unlinked, both may read again.
+            if linked.write_paused:
+                server.transport.resume_reading()
+            if server.write_paused:
+                linked.transport.resume_reading()
+        elif old is CLOSED:
+            if state is CLOSED:
+                return
+            raise ValueError(f"server {server.id} is closed: it cannot become {state}")
+        elif old is LOGIN:
+            if state is not CLOSED:
+                self.servers.add(server)
+                self.oversized = len(self.servers) > self.max_servers
+        else:
+            self._list_of(old).remove(server)
+        server.state = state
+        if state is ACTIVE:
+            if TYPE_CHECKING:  # (callers always pass one)
+                assert client is not None
+            client.server = server
+            server.client = client
+            server.linked_at = server.query_started = time.monotonic()
+            self.stats.server_assignment_count += 1
+            if self.single_use:  # server_lifetime = 0: closed when this client lets it go
+                server.expires_at = server.connected_at
+            if client.write_paused:
+                server.transport.pause_reading()
+            if server.write_paused:
+                client.transport.pause_reading()
+            if client.params is not server.params:  # (equal values are one tuple: params.py)
+                server.sync_params(client.params)
+            # Named prepared statements: tied to this link now if the client has any, if the
+            # server has stray names to close first, or at the server's first link (from then
+            # on it counts the replies the ledger needs); else at the client's first named
+            # statement (_send_plan), so that a link is as cheap as before for the rest.
+            server.statements_client = None
+            scan = client.scan
+            statements = scan.statements
+            if statements is not None:
+                # Every request from here on goes to this server (those before were answered):
+                # where the client's unnamed statement was parsed (ClientStatements).
+                statements.link_start = scan.requests_total - client.outstanding
+                if server.statements is None or statements.names or server.statements.strays:
+                    server.link_statements(client, at_link=True)
+        elif state is IDLE:
+            if oldest:
+                self.idle.appendleft(server)
+            else:
+                self.idle.append(server)
+        elif state is CLOSED:
+            self.servers.discard(server)
+            self.oversized = len(self.servers) > self.max_servers
+        else:
+            self._list_of(state).add(server)
+
+    def _list_of(self, state: ServerState) -> set[ServerConn]:
+        """The list of the servers in ``state`` (RESET, TESTED or BEING_CANCELED)."""
+        if state is RESET:
+            return self.used
+        if state is TESTED:
+            return self.tested
+        assert state is BEING_CANCELED
+        return self.being_canceled
+
+    def change_client_state(
+        self, client: ClientConn, state: ClientState, server: ServerConn | None = None, *,
+        first: bool = False,
+    ) -> None:  # fmt: skip
+        """Move a client that has no server to where ``state`` keeps it, which is its
+        state as this pool sees it (``ClientConn.pool_state`` reads it back): WAITING on
+        the queue of waiters (``first``: at its head; ``wait_started_at`` says since
+        when), IDLE off it, ACTIVE linked to ``server`` (off the queue if it waited).
+
+        A link is the server's state as much as the client's: change_server_state makes
+        it (asked here) and ends it when the server moves on."""
+        if client.wait_started_at:  # leaving WAITING: off the queue
+            waiters = self.waiters
+            if waiters[0] is client:  # (the usual: the first waiter is served)
+                waiters.popleft()
+            else:
+                waiters.remove(client)
+            client.wait_started_at = 0.0
+        if state is CLIENT_ACTIVE:
+            if TYPE_CHECKING:  # (callers always pass one)
+                assert server is not None
+            self.change_server_state(server, ACTIVE, client)
+        elif state is CLIENT_WAITING:
+            client.wait_started_at = time.monotonic()
+            if first:
+                self.waiters.appendleft(client)
+            else:
+                self.waiters.append(client)
+
     # -- the critical section: linking clients and servers ---------------------------
 
     def acquire(self, client: ClientConn) -> ServerConn | None:
         """Link an idle server to ``client`` now, or queue the client and return None."""
         if self.idle and not self.paused:
-            server = self.idle.pop()  # LIFO: the warmest server, as PgBouncer does
+            server = self.idle[-1]  # LIFO: the warmest server, as PgBouncer does
             if self.check_before_use:  # server_check_delay = 0: test it first
-                client.wait_started_at = time.monotonic()
-                self.waiters.appendleft(client)
+                self.change_client_state(client, CLIENT_WAITING, first=True)
                 self._test(server, client.wait_started_at)
                 return None
-            self._link(client, server)
+            # (A client with no server and not queued: its link is all there is to make.)
+            self.change_server_state(server, ACTIVE, client)
             histograms = self.histograms
             if histograms is not None:
                 histograms.wait.counts[0] += 1  # no wait: the first bucket
@@ -253,73 +454,29 @@ class Pool:
             client.fatal(codes.TOO_MANY_CONNECTIONS, "too many clients waiting (max_waiting)")
             return None
         self.stats.requests_queued += 1
-        client.wait_started_at = now = time.monotonic()
-        self.waiters.append(client)
+        self.change_client_state(client, CLIENT_WAITING)
+        now = client.wait_started_at
         # (grow has nothing to do in a full pool, nor right after a budget said no.)
         if len(self.servers) + self.connecting < self.size and now >= self.grow_blocked_until:
             self.grow()
         return None
 
-    def _link(self, client: ClientConn, server: ServerConn) -> None:
-        client.server = server
-        server.client = client
-        server.state = ACTIVE
-        server.linked_at = server.query_started = time.monotonic()
-        self.stats.server_assignment_count += 1
-        if self.single_use:  # server_lifetime = 0: closed when this client lets it go
-            server.expires_at = server.connected_at
-        if client.write_paused:
-            server.transport.pause_reading()
-        if server.write_paused:
-            client.transport.pause_reading()
-        if client.params is not server.params:  # (equal values are one tuple: params.py)
-            server.sync_params(client.params)
-        # Named prepared statements: tied to this link now if the client has any, if the
-        # server has stray names to close first, or at the server's first link (from then
-        # on it counts the replies the ledger needs); else at the client's first named
-        # statement (_send_plan), so that a link is as cheap as before for the rest.
-        server.statements_client = None
-        scan = client.scan
-        statements = scan.statements
-        if statements is not None:
-            # Every request from here on goes to this server (those before were answered):
-            # where the client's unnamed statement was parsed (ClientStatements).
-            statements.link_start = scan.requests_total - client.outstanding
-            if server.statements is None or statements.names or server.statements.strays:
-                server.link_statements(client, at_link=True)
-
-    def _unlink(self, client: ClientConn, server: ServerConn) -> None:
-        client.request_at = server.query_started  # SHOW CLIENTS request_time
-        client.server = None
-        server.client = None
-        server.last_client = client
-        # Each side was paused for the other's sake only: unlinked, both may read again.
-        if client.write_paused:
-            server.transport.resume_reading()
-        if server.write_paused:
-            client.transport.resume_reading()
-
     def _hand_over(self, server: ServerConn, now: float = 0.0) -> None:
-        """A clean, unlinked server: to the first waiter, or onto the idle list.
+        """A clean server its client let go (the link ends with the change made here): to
+        the first waiter, or onto the idle list.
 
         A server past its lifetime is closed instead (a new one is opened in the background
-        if a client waits or the pool is under min_pool_size), and so is any server nobody
-        waits for in a null pool.
+        if a client waits or the pool is under min_pool_size).
         """
         if server.cancels_in_flight:
             # A cancel request for its last client may still reach the backend: nobody
             # else gets it until PostgreSQL has answered them all (else the next client's
             # query could be the one cancelled).
-            server.state = BEING_CANCELED
+            self.change_server_state(server, BEING_CANCELED)
             return
         if not now:
             now = time.monotonic()
-        if (
-            now >= server.expires_at
-            or len(self.servers) > self.max_servers
-            or self.paused
-            or self.give_back
-        ):
+        if now >= server.expires_at or self.oversized or self.paused or self.give_back:
             # Past its lifetime, the pool was shrunk or paused, or (workers) its place goes
             # to another worker's waiting clients.
             if self.give_back:
@@ -328,8 +485,9 @@ class Pool:
             return
         waiters = self.waiters
         while waiters:
-            client = waiters.popleft()
+            client = waiters[0]
             if client.closed:
+                self.change_client_state(client, CLIENT_IDLE)
                 continue
             waited = now - client.wait_started_at
             stats = self.stats
@@ -337,15 +495,20 @@ class Pool:
             stats.waiters_served += 1
             if self.histograms is not None:
                 self.histograms.wait.record(waited)
-            self._link(client, server)
+            self.change_client_state(client, CLIENT_ACTIVE, server)
             client.flush_pending()
             return
-        if self.null_pool:
-            self.retire(server)
-            return
-        server.state = IDLE
+        self.change_server_state(server, IDLE)
         server.idle_since = server.checked_at = now
-        self.idle.append(server)
+
+    def _hand_over_or_close(self, server: ServerConn, now: float = 0.0) -> None:
+        """null_pool's hand-over: a server nobody waits for is closed rather than kept
+        idle, so that each transaction (or session) runs on a fresh server unless a client
+        already waits for this one."""
+        if server.cancels_in_flight or self.give_back or self.oldest_waiter() is not None:
+            self._hand_over(server, now)
+        else:
+            self.retire(server)
 
     def transaction_done(self, client: ClientConn, server: ServerConn, now: float) -> None:
         """ReadyForQuery 'I' with nothing outstanding: count it; free the server if due.
@@ -360,11 +523,12 @@ class Pool:
             record = self.record_transaction
             if record is not None:
                 record(held)
-            self._unlink(client, server)
+            # (The link ends with the server's next state: idle, another client's, reset,
+            # checked or closed.)
             if self.reset_query:  # server_reset_query_always
                 self._released(client, server, now)
                 return
-            self._hand_over(server, now)
+            self.hand_over(server, now)
 
     def suspect_transaction_done(
         self, client: ClientConn, server: ServerConn, now: float
@@ -384,35 +548,33 @@ class Pool:
         stats.xact_time += held
         if self.record_transaction is not None:
             self.record_transaction(held)
-        self._unlink(client, server)
         self._released(client, server, now)
 
     def _released(self, client: ClientConn, server: ServerConn, now: float) -> None:
         """A clean server its client let go: checked for the session state the client may
         have left, reset (session mode, server_reset_query_always), or handed over."""
         if server.scan.suspect and self.guard != "off":
-            server.check_state(CHECK_RELEASE, client)
+            self._check_state(server, CHECK_RELEASE, client)
         elif self.reset_query:
             self._reset(server)
         else:
-            self._hand_over(server, now)
+            self.hand_over(server, now)
 
     def _reset(self, server: ServerConn) -> None:
         query = self.settings.reset_query
         if not query:  # (transaction_state_guard = reset without a server_reset_query)
             self.retire(server)
             return
-        server.state = RESET
+        self.change_server_state(server, RESET)
         server.run_hidden(query)
 
     def client_gone(self, client: ClientConn) -> None:
         """``client`` disconnected: leave the queue, and free or close its server."""
         server = client.server
         if server is None:
-            if client.wait_started_at and client in self.waiters:
-                self.waiters.remove(client)
+            self.change_client_state(client, CLIENT_IDLE)  # (off the queue if it waited)
             return
-        self._unlink(client, server)
+        # (The link ends with the server's next state, below.)
         clean = server.is_clean and client.outstanding <= 0 and not client.scan.holds_server
         if not clean:
             # In a transaction, or replies still owed: nobody else may ever see this state.
@@ -432,17 +594,20 @@ class Pool:
             # What the state check will compare with from now on: what the reset query
             # leaves (learnt once per server).
             if server.reset_state is None:
-                server.check_state(CHECK_AFTER_RESET, None)
+                self._check_state(server, CHECK_AFTER_RESET, None)
                 return
             server.known_state = server.clean_state = server.reset_state
-        self._hand_over(server)
+        self.hand_over(server)
 
     # -- transaction_state_guard -------------------------------------------------------
 
     def check_idle_state(self, server: ServerConn) -> None:
         """The janitor's state check of an idle server (off the idle list meanwhile)."""
-        self.idle.remove(server)
-        server.check_state(CHECK_PERIODIC, server.last_client)
+        self._check_state(server, CHECK_PERIODIC, server.last_client)
+
+    def _check_state(self, server: ServerConn, purpose: str, client: ClientConn | None) -> None:
+        self.change_server_state(server, TESTED)
+        server.check_state(purpose, client)
 
     def state_checked(self, server: ServerConn, found: SessionState | str) -> None:
         """The state check on ``server`` answered: report what its last client left, then
@@ -473,7 +638,7 @@ class Pool:
         elif purpose == CHECK_PERIODIC:
             self.check_done(server)
         else:
-            self._hand_over(server)
+            self.hand_over(server)
 
     def state_check_failed(self, reason: str) -> None:
         """A state check failed (a permission revoked, say): logged once per pool; that
@@ -535,12 +700,11 @@ class Pool:
 
     def check(self, server: ServerConn, query: str, now: float) -> None:
         """server_check_query: test an idle server off the idle list (PgBouncer's 'tested')."""
-        self.idle.remove(server)
         self._test(server, now)
 
     def _test(self, server: ServerConn, now: float) -> None:
         query = self.settings.check_query
-        server.state = TESTED
+        self.change_server_state(server, TESTED)
         server.checked_at = now
         # PgBouncer's default, <empty>, is an empty query: the cheapest round trip.
         server.run_hidden("" if query == EMPTY_CHECK_QUERY else query)
@@ -548,10 +712,10 @@ class Pool:
     def check_done(self, server: ServerConn) -> None:
         """The check passed: to a waiter, or back to the idle list keeping its idle age."""
         if self.waiters or self.paused:  # (_hand_over closes it if the pool is paused)
-            self._hand_over(server)
+            self.hand_over(server)
         else:
-            server.state = IDLE
-            self.idle.appendleft(server)  # it has been idle longest: keep the order
+            # It has been idle longest: back to that end, its idle age kept.
+            self.change_server_state(server, IDLE, oldest=True)
 
     def retire(self, server: ServerConn) -> None:
         """Close a server pgproxy no longer wants. It leaves the pool's lists now, not when
@@ -574,9 +738,7 @@ class Pool:
         if server.statements is not None:
             server.statements.release()
             server.statements = server.scan.statements = server.scan.ledger = None
-        self.servers.discard(server)
-        if server in self.idle:
-            self.idle.remove(server)
+        self.change_server_state(server, CLOSED)
 
     # -- background growth -------------------------------------------------------------
 
@@ -651,7 +813,7 @@ class Pool:
         finally:
             server.cancels_in_flight -= 1
             if server.cancels_in_flight == 0 and server.state is BEING_CANCELED:
-                self._hand_over(server)
+                self.hand_over(server)
 
 
     def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -674,7 +836,7 @@ class Pool:
     async def _open_server(self, outcome: asyncio.Future[None]) -> None:
         started = time.monotonic()
         try:
-            server = await connect_server(self, self.connect_timeout)
+            server = await self.connect(self, self.connect_timeout)
         except ServerLoginError as exc:
             self.stats.connections_errors += 1
             self.connecting -= 1
@@ -716,13 +878,15 @@ class Pool:
             server.expires_at = server.connected_at + self.settings.lifetime * (
                 1 - 0.1 * random.random()
             )
-        self.servers.add(server)
+        # Logged in: one of the pool's servers (idle for the instant until its hand-over,
+        # which counts it against max_servers like the others).
+        self.change_server_state(server, IDLE)
         if self.welcome is None:
             self.welcome = list(server.login_params)
             self.welcome_values = server.params
         outcome.set_result(None)
         server.scan.guard(self.guard != "off")
-        self._hand_over(server)
+        self.hand_over(server)
 
     def _refuse_waiters(self, error: ServerLoginError) -> None:
         """PostgreSQL refused the login (PgBouncer's kill_pool_logins): while the pool has
@@ -731,9 +895,8 @@ class Pool:
         instead: it is likely back soon, and the clients' transactions then run."""
         if self.servers or error.transient:
             return
-        waiters, self.waiters = self.waiters, deque()
-        for client in waiters:
-            client.wait_started_at = 0.0
+        for client in list(self.waiters):
+            self.change_client_state(client, CLIENT_IDLE)
             client.fatal(error.sqlstate, error.message)
 
     def parameter_statuses(self, values: tracked.ParamValues) -> bytes:
@@ -822,17 +985,19 @@ class Pool:
                 # What the idle servers hold now is no client's doing: learnt first. (A
                 # linked server's is learnt by the check after its client's transaction.)
                 for server in [server for server in self.idle if server.known_state is None]:
-                    self.idle.remove(server)
-                    server.check_state(CHECK_FIRST, None)
+                    self._check_state(server, CHECK_FIRST, None)
         for server in self.servers:
             if server.statements is not None and settings.max_prepared_statements > 0:
                 server.statements.capacity = settings.max_prepared_statements
         self.settings = settings
         self.size = settings.size
-        self.null_pool = settings.null_pool
+        # The hand-over of a clean server (see _hand_over): a null pool's closes a server
+        # nobody waits for.
+        self.hand_over = self._hand_over_or_close if settings.null_pool else self._hand_over
         self.single_use = settings.lifetime == 0
         self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
         self.max_servers = settings.size + settings.reserve_size
+        self.oversized = len(self.servers) > self.max_servers
         self.min_size = min(settings.min_size, settings.size)
         self.reset_query = (
             settings.reset_query if settings.mode == "session" or settings.reset_always else ""
@@ -878,10 +1043,14 @@ class Pool:
         return sum(1 for server in self.servers if server.expires_at == 0.0)
 
     def server_states(self) -> Counter[str]:
-        """How many servers are in each state; 'login' counts those being opened."""
-        states = Counter(server.state for server in self.servers)
-        states["login"] = self.connecting
-        return states
+        """How many servers are in each state (the lengths of its lists); 'login' counts
+        those being opened."""
+        return Counter({
+            LOGIN: self.connecting, IDLE: len(self.idle),
+            ACTIVE: sum(1 for server in self.servers if server.state is ACTIVE),
+            RESET: len(self.used), TESTED: len(self.tested),
+            BEING_CANCELED: len(self.being_canceled),
+        })  # fmt: skip
 
     def oldest_waiter(self) -> ClientConn | None:
         """The client that has waited longest for a server, if any still waits."""

@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Literal
 
 from pgproxy.protocol import codes, messages
-from pgproxy.server import CLOSED, LOGIN, ServerConn, ServerLoginError, connect_server
+from pgproxy.server import ServerConn, ServerLoginError, connect_server
 
 if TYPE_CHECKING:
     from pgproxy.client import ClientConn
@@ -54,12 +54,10 @@ class ReplicationServerConn(ServerConn):
         client.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state is LOGIN:
-            super().connection_lost(exc)  # (wakes the login, which fails)
-            return
-        # Never in a pool: nothing to give back there; its client ends with it.
-        self.state = CLOSED
+        # Never in a pool's lists (its state stays LOGIN until it closes): nothing to give
+        # back there; a relaying client ends with it.
         client, self.client = self.client, None
+        super().connection_lost(exc)  # (during the login: wakes it, and it fails)
         if client is not None:
             client.transport.close()
 

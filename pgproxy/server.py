@@ -23,6 +23,7 @@ from pgproxy.protocol.auth import Credential, ServerAuthenticator, ServerAuthErr
 from pgproxy.protocol.prepared import ServerStatements
 from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
 from pgproxy.sockopts import apply_keepalive
+from pgproxy.states import ServerState
 from pgproxy.stats import next_connection_id
 
 if TYPE_CHECKING:
@@ -34,14 +35,14 @@ log = logging.getLogger("pgproxy.server")
 
 _INT32 = struct.Struct("!I")
 
-# Server states, as SHOW SERVERS will name them.
-LOGIN = "login"
-IDLE = "idle"
-ACTIVE = "active"
-RESET = "reset"  # running the reset query after a session client left; no client linked
-TESTED = "tested"  # running server_check_query or the state check; no client linked
-CLOSED = "closed"
-BEING_CANCELED = "being_canceled"  # free, but a cancel request for it is under way
+# The server states (pgproxy.states), as module names: the hot path reads them often.
+LOGIN = ServerState.LOGIN
+IDLE = ServerState.IDLE
+ACTIVE = ServerState.ACTIVE
+RESET = ServerState.RESET
+TESTED = ServerState.TESTED
+CLOSED = ServerState.CLOSED
+BEING_CANCELED = ServerState.BEING_CANCELED
 
 CANCEL_TIMEOUT = 5.0  # seconds to deliver a CancelRequest to PostgreSQL
 CLOSE_GRACE = 5.0  # seconds PostgreSQL has to close after Terminate
@@ -78,7 +79,8 @@ class ServerConn(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.state = LOGIN
+        # Set by its pool's change_server_state only; LOGIN until the pool takes it.
+        self.state: ServerState = LOGIN
         self.client: ClientConn | None = None
         self.scan = BackendScanner()
         self.params: tracked.ParamValues = tracked.EMPTY
@@ -178,6 +180,8 @@ class ServerConn(asyncio.Protocol):
         if scan.error is not None:
             log.error("server %s: %s; closing", self.pool.name, scan.error)
             self.pool.retire(self)  # off the idle list now, not when the close is reported
+            if client is not None:  # (unlinked by the retirement: told now)
+                client.fatal(codes.CONNECTION_FAILURE, "server conn crashed?")
             return
         if scan.deallocated:
             self._deallocated(client)
@@ -234,9 +238,8 @@ class ServerConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        previous = self.state
-        self.state = CLOSED
-        if previous is LOGIN:
+        if self.state is LOGIN:  # (the login fails; nothing of the pool's to give back)
+            self.pool.change_server_state(self, CLOSED)
             self._wake_login()
             return
         client = self.client
@@ -338,10 +341,9 @@ class ServerConn(asyncio.Protocol):
 
     def check_state(self, purpose: str, client: ClientConn | None) -> None:
         """Run the state check (transaction_state_guard); its replies are hidden and kept
-        for ``Pool.state_checked``. The caller has unlinked the server."""
+        for ``Pool.state_checked``. The pool has made the server TESTED."""
         self.scan.suspect = False
         self.transaction_done = self.pool.transaction_done
-        self.state = TESTED
         self.check_purpose = purpose
         self.check_client = client
         self.check_reply = bytearray()
@@ -531,8 +533,7 @@ class ServerConn(asyncio.Protocol):
                     await self._run_connect_query(self.pool.settings.connect_query)
                 if self.pool.guard != "off" and not startup:
                     await self._first_state_check()
-                self.state = IDLE
-                return
+                return  # (still LOGIN: the pool takes it from here)
             elif type_byte == messages.ERROR_RESPONSE:
                 fields = messages.parse_error_fields(payload)
                 raise ServerLoginError(

@@ -332,26 +332,27 @@ def supervise(
 
 class SharedServerBudget(ServerBudget):
     """A ServerBudget counted over all workers: max_db_connections, max_user_connections,
-    or (``limit_for`` set) a pool's pool_size, plus its reserve for reserve servers."""
+    or (``per_pool``) its one pool's pool_size, plus its reserve for reserve servers."""
 
-    def __init__(self, shared: SharedBudgets, worker: int, name: str, limit: int) -> None:
-        # (No super().__init__: ``used`` is the shared total here, not a field.)
+    def __init__(
+        self, shared: SharedBudgets, worker: int, name: str, limit: int, *, per_pool: bool = False
+    ) -> None:
+        super().__init__(limit)
         self.shared = shared
         self.worker = worker
         self.slot = shared.slot(name)
-        self.limit = limit
-        self.limit_for: Callable[[bool], int] | None = None
-        self.evicting = False
-        self.pools: list[Pool] = []
+        self.per_pool = per_pool
         self.asked = False  # needy said again since the janitor's last pass
 
     @property
-    def used(self) -> int:  # type: ignore[override]
+    def used(self) -> int:
         """Servers under this budget in every worker."""
         return self.shared.total(self.slot)
 
     def _limit(self, reserve: bool) -> int:
-        return self.limit_for(reserve) if self.limit_for is not None else self.limit
+        if self.per_pool and self.pools:
+            return self.pools[0].size_limit(reserve)
+        return self.limit
 
     @property
     def full(self) -> bool:
@@ -381,12 +382,8 @@ class SharedServerBudget(ServerBudget):
         """An idle server of this worker makes room if there is one; else, if this worker
         holds less than its share of the budget, ask the others to close an idle one.
         (Under its share only: two busy workers must not close each other's servers.)"""
-        if not self.evicting:
-            for pool in self.pools:
-                if pool is not needy and pool.idle:
-                    self.evicting = True
-                    pool.retire(pool.idle[0])
-                    return
+        if not self.evicting and self._close_idle_of_another(needy):
+            return
         if self.shared.mine(self.slot, self.worker) < self.share:
             self.shared.ask_eviction(self.slot)
             self.shared.set_needy(self.slot, self.worker, True)

@@ -15,10 +15,13 @@ trustuser  (none)         -                       trust
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pgproxy.embedded import EmbeddedPostgres, quote_ident
+from tests import support
 from tests.support import (
     LEAKED_SECRETS,
     ProxyFactory,
@@ -56,6 +59,45 @@ def _setup_cluster(pg: EmbeddedPostgres) -> None:
         "RESET ROLE;\n",
         dbname="appdb",
     )
+
+
+E2E_DIR = Path(__file__).parent / "e2e"
+# Fixtures that start PostgreSQL or a pgproxy process: a test that uses one (directly or
+# through another fixture) is end to end.
+E2E_FIXTURES = frozenset(
+    {"pg", "proxy_factory", "module_proxy_factory", "proxy_tx", "proxy_session",
+     "proxy_statement"}
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``e2e`` every test under tests/e2e/ and every test that uses a fixture that
+    starts PostgreSQL or pgproxy, so that ``pytest -m "not e2e"`` runs the in-process
+    part alone (tests that start such processes by other means carry the mark
+    themselves)."""
+    for item in items:
+        in_e2e_dir = E2E_DIR in Path(str(item.path)).parents
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if in_e2e_dir or fixtures & E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def no_processes_outside_e2e(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test not marked ``e2e`` fails if it starts PostgreSQL or a pgproxy process: the
+    mark is what keeps ``-m "not e2e"`` fast and free of them."""
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(
+            f"{request.node.nodeid} starts PostgreSQL or pgproxy: mark it e2e"
+        )
+
+    monkeypatch.setattr(EmbeddedPostgres, "start", refuse)
+    monkeypatch.setattr(support, "launch_proxy", refuse)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -45,6 +47,7 @@ def test_paired_ratio_pairs_runs_of_the_same_round() -> None:
     assert middle == 0.9
 
 
+@pytest.mark.e2e
 def test_login_flood_keeps_the_victim_served_and_salts_stable() -> None:
     """bench/login_flood.py against a real PostgreSQL and pgproxy, briefly: under a flood
     of SCRAM openings (an existing, an unknown and a plain-password user) the victim's

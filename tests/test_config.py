@@ -396,6 +396,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 def test_cli_check_valid_file(tmp_path: Path) -> None:
     path = write(tmp_path, '[databases.appdb]\nhost = "127.0.0.1"\nport = 5432\n')
     result = run_cli("--check", "-c", path)
@@ -403,6 +404,7 @@ def test_cli_check_valid_file(tmp_path: Path) -> None:
     assert result.stdout.strip() == "pgproxy: configuration OK (1 database entries)"
 
 
+@pytest.mark.e2e
 def test_cli_check_invalid_file(tmp_path: Path) -> None:
     path = write(tmp_path, f'[databases.x]\nport = 99999\npassword = ["{SECRET}"]\n')
     result = run_cli("--check", "-c", path)
@@ -413,6 +415,7 @@ def test_cli_check_invalid_file(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_cli_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0

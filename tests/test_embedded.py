@@ -134,6 +134,7 @@ def test_run_as_owner_runs_as_cluster_owner(pg: EmbeddedPostgres) -> None:
     assert result.stdout.strip() == expected
 
 
+@pytest.mark.e2e
 def test_start_stop_removes_everything() -> None:
     pg = EmbeddedPostgres(password_encryption="md5", extra_conf={"work_mem": "8MB"})
     pg.start()
@@ -150,6 +151,7 @@ def test_start_stop_removes_everything() -> None:
     pg.stop()  # idempotent
 
 
+@pytest.mark.e2e
 def test_stop_kills_a_hung_postmaster() -> None:
     """pg_ctl stop failing (here: no data dir any more) still gets the postmaster killed."""
     with EmbeddedPostgres() as pg:
@@ -162,6 +164,7 @@ def test_stop_kills_a_hung_postmaster() -> None:
         assert not pid_running(pid)
 
 
+@pytest.mark.e2e
 def test_start_failure_reports_log() -> None:
     pg = EmbeddedPostgres(extra_conf={"no_such_setting_xyz": "1"})
     with pytest.raises(RuntimeError, match="no_such_setting_xyz"):

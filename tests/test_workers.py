@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
 
 import pytest
 
 from pgproxy.cli import main
 from pgproxy.workers import SharedBudgets, SharedServerBudget, evict_for_other_workers
+from tests.inprocess import BEGIN, IN_TRANSACTION, Setup, settle
 
 
 def test_take_give_back_and_forget() -> None:
@@ -37,14 +36,15 @@ def test_eviction_requests_are_taken_once() -> None:
     assert not budgets.take_eviction(slot)
 
 
-def test_a_worker_past_its_share_leaves_places_to_a_waiting_one() -> None:
+async def test_a_worker_past_its_share_leaves_places_to_a_waiting_one() -> None:
     shared = SharedBudgets(2)
     busy = SharedServerBudget(shared, 0, "pool:appdb/app", 4)  # share: 2 each
     waiting = SharedServerBudget(shared, 1, "pool:appdb/app", 4)
+    waiting_pool = Setup().pool(budgets=(waiting,))  # (worker 1's pool under it)
     assert all(busy.take(False) for _ in range(4))
     assert not waiting.take(False)
     assert busy.balance() == 0  # nobody waits yet: worker 0 may hold everything
-    waiting.evict_idle(cast(Any, None))  # its clients wait, it holds less than its share
+    waiting.evict_idle(waiting_pool)  # its clients wait, it holds less than its share
     assert busy.balance() == 2  # give back what is past its share
     busy.give_back()
     assert not busy.take(False)  # a freed place is not taken back...
@@ -57,20 +57,24 @@ def test_a_worker_past_its_share_leaves_places_to_a_waiting_one() -> None:
     assert busy.balance() == 0 and busy.take(False) is False  # (the pool is full again)
 
 
-def test_the_janitor_spreads_a_give_back_over_the_pools_of_a_budget() -> None:
+async def test_the_janitor_spreads_a_give_back_over_the_pools_of_a_budget() -> None:
+    setup = Setup()
     shared = SharedBudgets(2)
     database = SharedServerBudget(shared, 0, "db:appdb", 6)  # share: 3
     other = SharedServerBudget(shared, 1, "db:appdb", 6)
-    pools = [
-        SimpleNamespace(budgets=(database,), servers={1, 2, 3}, idle=[], give_back=0),
-        SimpleNamespace(budgets=(database,), servers={4, 5, 6}, idle=[], give_back=0),
-    ]
-    database.pools = cast(Any, pools)
-    assert all(database.take(False) for _ in range(6))
-    other.evict_idle(cast(Any, None))
-    evict_for_other_workers(cast(Any, pools))
+    pools = [setup.pool(user="a", budgets=(database,)), setup.pool(user="b", budgets=(database,))]
+    other_pool = setup.pool(budgets=(other,))  # (the other worker's)
+    for pool in pools:  # three busy servers in each pool: six places taken here
+        for _ in range(3):
+            setup.client(pool).data_received(BEGIN)
+    await settle()
+    for server in setup.postgres.opened:
+        server.data_received(IN_TRANSACTION)
+    assert [len(pool.servers) for pool in pools] == [3, 3] and database.used == 6
+    other.evict_idle(other_pool)
+    evict_for_other_workers(pools)
     assert [pool.give_back for pool in pools] == [3, 0]  # 3 past the share, once
-    evict_for_other_workers(cast(Any, pools))  # the next pass counts afresh
+    evict_for_other_workers(pools)  # the next pass counts afresh
     assert [pool.give_back for pool in pools] == [3, 0]
 
 
@@ -212,6 +216,7 @@ def test_process_and_limit_metrics_of_several_workers_merge() -> None:
     assert "# TYPE process_max_fds gauge" in merged
 
 
+@pytest.mark.e2e
 def test_workers_that_cannot_start_stop_the_supervisor(tmp_path: Path) -> None:
     import socket
     import subprocess
