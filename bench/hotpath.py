@@ -31,7 +31,7 @@ import uvloop
 from pgproxy import params as tracked
 from pgproxy.client import READY, ClientConn
 from pgproxy.config import PoolSettings
-from pgproxy.metrics import PoolHistograms
+from pgproxy.histograms import PoolHistograms
 from pgproxy.pool import Pool, ServerTarget
 from pgproxy.protocol.prepared import ClientStatements
 from pgproxy.server import IDLE, ServerConn

@@ -26,7 +26,6 @@ from pgproxy.admin.console import WELCOME_PARAMS, Console
 from pgproxy.admin.gather import PEER_APPLICATION
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
 from pgproxy.config import ClientTimeouts
-from pgproxy.metrics import LoginFailureReason, login_failure_reason
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
 from pgproxy.protocol.client_auth import Method as PasswordMethod
@@ -43,7 +42,7 @@ from pgproxy.protocol.stream import FrontendScanner
 from pgproxy.replication import ReplicationMode, replication_mode, start_replication
 from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
 from pgproxy.sockopts import apply_keepalive
-from pgproxy.stats import next_connection_id
+from pgproxy.stats import LoginFailureReason, login_failure_reason, next_connection_id
 from pgproxy.tls import ALPN
 
 if TYPE_CHECKING:

@@ -26,10 +26,10 @@ from pgproxy.config import (
     load_settings,
 )
 from pgproxy.hba import hba_rules
+from pgproxy.histograms import PoolHistograms
 from pgproxy.http import MetricsServer
 from pgproxy.janitor import Janitor
 from pgproxy.listener import listen_on, remove_unix_socket, start_listeners
-from pgproxy.metrics import LoginFailureReason, PoolHistograms
 from pgproxy.pool import Pool, ServerBudget, ServerTarget
 from pgproxy.protocol import codes
 from pgproxy.protocol.auth import Credential, Md5Hash
@@ -37,7 +37,14 @@ from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.protocol.prepared import Registry
 from pgproxy.server import cancel_backend
 from pgproxy.sockopts import keepalive_from
-from pgproxy.stats import CONSOLE_STATS_KEY, PoolStats, StatsWindow, Totals, set_connection_id_base
+from pgproxy.stats import (
+    CONSOLE_STATS_KEY,
+    LoginFailureReason,
+    PoolStats,
+    StatsWindow,
+    Totals,
+    set_connection_id_base,
+)
 from pgproxy.tls import certificate_hash, client_context, server_tls
 from pgproxy.userlist import read_userlist
 from pgproxy.workers import SharedServerBudget, WorkerContext, evict_for_other_workers

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pgproxy import params as tracked
 from pgproxy import state_guard
 from pgproxy.config import EMPTY_CHECK_QUERY, PoolMode, PoolSettings
-from pgproxy.metrics import PoolHistograms
+from pgproxy.histograms import PoolHistograms
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.auth import Credential
 from pgproxy.protocol.prepared import Registry
