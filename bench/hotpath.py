@@ -32,9 +32,9 @@ from pgproxy import params as tracked
 from pgproxy.client import READY, ClientConn
 from pgproxy.config import PoolSettings
 from pgproxy.histograms import PoolHistograms
-from pgproxy.pool import Pool, ServerTarget
+from pgproxy.pool import Pool
 from pgproxy.protocol.prepared import ClientStatements
-from pgproxy.server import IDLE, ServerConn
+from pgproxy.server import IDLE, ServerConn, ServerTarget
 
 
 def message(type_byte: bytes, payload: bytes = b"") -> bytes:
@@ -85,16 +85,22 @@ class MemoryTransport:
         return False
 
 
-class DaemonStandIn:
-    """What a logged-in ClientConn asks of its daemon on the hot path."""
-
-    class settings:  # (read as an attribute, like the daemon's Settings)
-        max_packet_size = 1 << 30
+class RegistryStandIn:
+    """What a logged-in ClientConn asks of the pool registry on the hot path."""
 
     clients: set[Any] = set()
 
     def clients_changed(self) -> None:
         pass
+
+
+class HostStandIn:
+    """What a logged-in ClientConn asks of the proxy around it on the hot path."""
+
+    class settings:  # (read as an attribute, like the daemon's Settings)
+        max_packet_size = 1 << 30
+
+    registry = RegistryStandIn()
 
 
 async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> float:
@@ -119,7 +125,7 @@ async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> 
         servers.append(server)
     linked = []
     for _ in range(clients):
-        client = ClientConn(DaemonStandIn())  # type: ignore[arg-type]
+        client = ClientConn(HostStandIn())  # type: ignore[arg-type]
         client.transport = MemoryTransport()  # type: ignore[assignment]
         client.state = READY
         client.pool = pool

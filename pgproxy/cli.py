@@ -19,8 +19,10 @@ from typing import Any
 import uvloop
 
 from pgproxy import VERSION_LINE, logs
-from pgproxy.config import ConfigError, Settings, load_settings
-from pgproxy.daemon import Daemon, client_secrets
+from pgproxy.config import ConfigError, Settings
+from pgproxy.config_file import load_settings
+from pgproxy.credentials import client_secrets
+from pgproxy.daemon import Daemon
 from pgproxy.hba import hba_rules
 from pgproxy.workers import WorkerContext, supervise, worker_count
 

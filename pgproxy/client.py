@@ -17,18 +17,16 @@ import ssl
 import struct
 import time
 from asyncio import sslproto
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 from pgproxy import __version__
 from pgproxy import params as tracked
-from pgproxy.admin import CONSOLE_DATABASE, CONSOLE_DATABASES
-from pgproxy.admin.console import WELCOME_PARAMS, Console
-from pgproxy.admin.gather import PEER_APPLICATION
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
 from pgproxy.config import ClientTimeouts
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
 from pgproxy.protocol.client_auth import Method as PasswordMethod
+from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
 from pgproxy.protocol.prepared import ClientStatements, Plan
 from pgproxy.protocol.startup import (
     CancelRequest,
@@ -46,8 +44,14 @@ from pgproxy.stats import LoginFailureReason, login_failure_reason, next_connect
 from pgproxy.tls import ALPN
 
 if TYPE_CHECKING:
-    from pgproxy.daemon import Daemon
+    from collections import Counter
+
+    from pgproxy.config import Settings
+    from pgproxy.hba import HbaRules
+    from pgproxy.pause_state import PauseState
     from pgproxy.pool import Pool
+    from pgproxy.protocol.auth import Credential
+    from pgproxy.sockopts import TcpKeepalive
 
 log = logging.getLogger("pgproxy.client")
 
@@ -63,7 +67,6 @@ RELAY = "relay"  # a replication connection: bytes pass both ways untouched
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 _INT32 = struct.Struct("!I")
-MAX_PASSWORD_MESSAGE = 64 * 1024  # a password or SASL message longer than this is not one
 
 _READY_IDLE = messages.ready_for_query()
 # Bytes a waiting client may send before its reading is paused.
@@ -72,15 +75,116 @@ PENDING_LIMIT = 256 * 1024
 CLOSE_GRACE = 2.0
 
 
+class LoginCredentials(Protocol):
+    """What a login checks a client against (pgproxy.credentials)."""
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None: ...  # None: no TLS for clients
+
+    @property
+    def client_tls_binding(self) -> bytes | None: ...  # SCRAM-SHA-256-PLUS data
+
+    @property
+    def hba(self) -> HbaRules | None: ...
+
+    def secret_for(self, user: str) -> Secret | None: ...
+
+    def knows_user(self, database: str, user: str) -> bool | None: ...
+
+    async def lookup_secret(self, database: str, user: str) -> Secret | None: ...
+
+    def auth_database_problem(self, database: str) -> str | None: ...
+
+    def remember(self, user: str, credential: Credential) -> None: ...
+
+
+class ClientRegistry(Protocol):
+    """Where a client finds its pool, is counted in and out, and gets its cancel key
+    (pgproxy.registry)."""
+
+    clients: set[ClientConn]
+    login_failures: Counter[LoginFailureReason]
+    login_timeouts: int
+
+    def pool_for(self, database: str, user: str) -> Pool | None: ...
+
+    def admit_client(
+        self, database: str, user: str, *, console: bool = False, exempt: bool = False
+    ) -> str | None: ...
+
+    def client_left(self, database: str, user: str) -> None: ...
+
+    def client_count(self) -> int: ...
+
+    def clients_changed(self) -> None: ...
+
+    def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]: ...
+
+    def forget_cancel_key(self, key: tuple[int, bytes]) -> None: ...
+
+    def forward_cancel(self, process_id: int, secret_key: bytes) -> None: ...
+
+
+class ConsoleSession(Protocol):
+    """The admin console's side of a client logged in to it (pgproxy.admin.console)."""
+
+    peer: bool  # another worker of this pgproxy asking for this worker's own rows
+
+    def feed(self, data: bytes) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class ConsoleDoor(Protocol):
+    """How a client reaches the admin console: which database names lead there, who may
+    enter, and the session it gets."""
+
+    @property
+    def name(self) -> str: ...  # the name console clients are counted and shown under
+
+    @property
+    def welcome_params(self) -> tuple[tuple[str, str], ...]: ...
+
+    def serves(self, database: str) -> bool: ...
+
+    def may_log_in(self, user: str, local_admin: bool) -> bool: ...
+
+    def is_peer(self, application_name: str | None) -> bool: ...
+
+    def open(self, client: ClientConn, *, local_admin: bool, peer: bool) -> ConsoleSession: ...
+
+
+class ClientHost(Protocol):
+    """What a client connection needs of the proxy around it (pgproxy.daemon's Daemon)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def keepalive(self) -> TcpKeepalive | None: ...  # for TCP clients
+
+    @property
+    def credentials(self) -> LoginCredentials: ...
+
+    @property
+    def registry(self) -> ClientRegistry: ...
+
+    @property
+    def pauses(self) -> PauseState: ...
+
+    @property
+    def consoles(self) -> ConsoleDoor: ...
+
+
 class ClientConn(asyncio.Protocol):
     """One application connection."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, host: ClientHost) -> None:
+        self.host = host
         self.id = next_connection_id()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = STARTUP
-        self.console: Console | None = None
+        self.console: ConsoleSession | None = None
         self.peer_pid = 0  # the client's process id, known over a Unix socket
         self.peer_uid = -1
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
@@ -94,7 +198,7 @@ class ClientConn(asyncio.Protocol):
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
         self.server: ServerConn | None = None
-        self.scan = FrontendScanner(daemon.settings.max_packet_size)
+        self.scan = FrontendScanner(host.settings.max_packet_size)
         self.params: tracked.ParamValues = tracked.EMPTY
         self.user = ""
         self.database = ""
@@ -104,7 +208,7 @@ class ClientConn(asyncio.Protocol):
         self.write_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
         self.terminated = False  # left with a Terminate message rather than vanishing
-        self.admitted = False  # counted in daemon.db_clients / user_clients
+        self.admitted = False  # counted in the registry's db_clients / user_clients
         # client_idle_timeout bookkeeping, kept by the janitor (its request count at the
         # pass where it last changed, and when that was).
         self.idle_requests = 0
@@ -130,14 +234,14 @@ class ClientConn(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.connected_at = time.monotonic()
-        self.daemon.clients.add(self)
-        self.daemon.clients_changed()
+        self.host.registry.clients.add(self)
+        self.host.registry.clients_changed()
         peer = transport.get_extra_info("peername")
         if not isinstance(peer, tuple):
             self._read_peer_credentials()
             self.address = f"unix({self.peer_pid})" if self.peer_pid else "unix"
         else:
-            apply_keepalive(transport.get_extra_info("socket"), self.daemon.keepalive)
+            apply_keepalive(transport.get_extra_info("socket"), self.host.keepalive)
             host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
             self.address = f"{host}:{peer[1]}"
 
@@ -248,7 +352,7 @@ class ClientConn(asyncio.Protocol):
             relay_server.client = None
             relay_server.transport.close()  # (never pooled: PostgreSQL ends the walsender)
         internal = self.console is not None and self.console.peer  # another worker
-        if self.user and self.daemon.settings.log_disconnections and not internal:
+        if self.user and self.host.settings.log_disconnections and not internal:
             # (Clients that never sent a startup packet, such as port probes, are not
             # logged: they would drown the rest.)
             reason = self.close_reason or (
@@ -257,12 +361,12 @@ class ClientConn(asyncio.Protocol):
             age = time.monotonic() - self.connected_at
             log.info("%s closing because: %s (age=%ds)", self.describe(), reason, age)
         self.state = CLOSED
-        self.daemon.clients.discard(self)
-        self.daemon.clients_changed()
+        self.host.registry.clients.discard(self)
+        self.host.registry.clients_changed()
         if self.admitted:
-            self.daemon.client_left(self.database, self.user)
+            self.host.registry.client_left(self.database, self.user)
         if self.cancel_key is not None:
-            self.daemon.cancel_keys.pop(self.cancel_key, None)
+            self.host.registry.forget_cancel_key(self.cancel_key)
         if self.scan.statements is not None:
             unsent = [plan for plan in self._pending if not isinstance(plan, bytes)]
             self.scan.statements.release(unsent)
@@ -340,8 +444,8 @@ class ClientConn(asyncio.Protocol):
         if self.closed or self.transport.is_closing():
             return
         if not self.logged_in:
-            self.daemon.login_failures[reason or login_failure_reason(sqlstate)] += 1
-        if self.daemon.settings.log_pooler_errors:
+            self.host.registry.login_failures[reason or login_failure_reason(sqlstate)] += 1
+        if self.host.settings.log_pooler_errors:
             # PgBouncer's log_pooler_errors: an error pgproxy itself sends is a problem to
             # look at, except the goodbye of a shutdown.
             level = logging.INFO if sqlstate == codes.ADMIN_SHUTDOWN else logging.WARNING
@@ -411,7 +515,7 @@ class ClientConn(asyncio.Protocol):
                 self._internal_error("authentication")
 
     def _parse_startup(self) -> None:
-        context = self.daemon.client_tls
+        context = self.host.credentials.client_tls
         if self._startup_buffer[:1] == TLS_HANDSHAKE and not self.tls and context is not None:
             self._direct_tls(context)
             return
@@ -431,7 +535,7 @@ class ClientConn(asyncio.Protocol):
             if isinstance(packet, SSLRequest | GSSEncRequest):
                 self.transport.write(b"N")
             elif isinstance(packet, CancelRequest):
-                self.daemon.forward_cancel(packet.process_id, packet.secret_key)
+                self.host.registry.forward_cancel(packet.process_id, packet.secret_key)
                 self._leave()
                 return
             elif isinstance(packet, StartupMessage):
@@ -443,7 +547,7 @@ class ClientConn(asyncio.Protocol):
 
     def _tls_offered(self) -> bool:
         """Answer an SSLRequest with 'S' and start the handshake, if TLS is configured."""
-        context = self.daemon.client_tls
+        context = self.host.credentials.client_tls
         if context is None or self.tls:
             return False
         if self._startup_buffer:
@@ -527,7 +631,7 @@ class ClientConn(asyncio.Protocol):
     def _begin_login(self, startup: StartupMessage) -> None:
         """Checks that need no I/O; then finish at once, or in a task if a server must
         be reached first (the pool's first login, to learn the server's parameters)."""
-        settings = self.daemon.settings
+        settings = self.host.settings
         user = startup.params.get("user", "")
         if not user:
             self.fatal(
@@ -543,7 +647,7 @@ class ClientConn(asyncio.Protocol):
             return
         if self.replication != "none":
             pass  # (its startup parameters all go to its own server, as the client sent them)
-        elif self.database not in CONSOLE_DATABASES:  # (the console keeps no settings)
+        elif not self.host.consoles.serves(self.database):  # (the console keeps no settings)
             ignored = frozenset(name.lower() for name in settings.ignore_startup_parameters)
             try:
                 self._settings = tracked.startup_settings(startup.params, ignored)
@@ -552,7 +656,7 @@ class ClientConn(asyncio.Protocol):
                 return
         if startup.minor_version > 0 or startup.protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
-        if self.daemon.client_count() > settings.max_client_conn:
+        if self.host.registry.client_count() > settings.max_client_conn:
             self.fatal(
                 codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)",
                 reason="limit_reached",
@@ -569,7 +673,7 @@ class ClientConn(asyncio.Protocol):
         # PgBouncer's rule: the user 'pgbouncer' over the Unix socket, from the daemon's
         # own OS user, reaches the console without a password.
         self.local_admin = (
-            self.database in CONSOLE_DATABASES
+            self.host.consoles.serves(self.database)
             and user == "pgbouncer"
             and self.peer_uid == os.getuid()
         )
@@ -590,11 +694,11 @@ class ClientConn(asyncio.Protocol):
             # The password comes before anything about the database is said, so that
             # neither user nor database names can be probed.
             self._method = method
-            secret = self.daemon.secret_for(user)
+            secret = self.host.credentials.secret_for(user)
             if (
                 secret is None
                 # (For the console, only with a global auth_dbname to run it in.)
-                and (self.database not in CONSOLE_DATABASES or settings.auth_dbname)
+                and (not self.host.consoles.serves(self.database) or settings.auth_dbname)
                 and settings.auth_user_for(self.database) is not None
             ):
                 loop = asyncio.get_running_loop()
@@ -602,8 +706,8 @@ class ClientConn(asyncio.Protocol):
                 return
             self._challenge(secret, startup)
             return
-        if not self.local_admin and self.database not in CONSOLE_DATABASES:
-            known = self.daemon.knows_user(self.database, user)
+        if not self.local_admin and not self.host.consoles.serves(self.database):
+            known = self.host.credentials.knows_user(self.database, user)
             if known is None:  # auth_query says (trust: no password asked after it)
                 loop = asyncio.get_running_loop()
                 self._login_task = loop.create_task(self._look_up_secret(startup, trust=True))
@@ -615,12 +719,12 @@ class ClientConn(asyncio.Protocol):
 
     async def _look_up_secret(self, startup: StartupMessage, *, trust: bool = False) -> None:
         """auth_query, then the password exchange (none under trust)."""
-        problem = self.daemon.auth_database_problem(self.database)
+        problem = self.host.credentials.auth_database_problem(self.database)
         if problem is not None:
             self.fatal(codes.INVALID_AUTHORIZATION, problem)
             return
         try:
-            secret = await self.daemon.lookup_secret(self.database, self.user)
+            secret = await self.host.credentials.lookup_secret(self.database, self.user)
         except AuthQueryError:
             self.fatal(codes.CONNECTION_FAILURE, "authentication query failed")
             return
@@ -654,7 +758,7 @@ class ClientConn(asyncio.Protocol):
     def _hba_method(self) -> PasswordMethod | Literal["trust"] | None:
         """auth_type = hba: the method of the first matching rule, after its own checks
         (reject, cert, peer); None when the client has been refused."""
-        hba = self.daemon.hba
+        hba = self.host.credentials.hba
         assert hba is not None
         peer = self.transport.get_extra_info("peername")
         local = not isinstance(peer, tuple)
@@ -698,13 +802,13 @@ class ClientConn(asyncio.Protocol):
         return "plain" if rule.method == "password" else cast(PasswordMethod, rule.method)
 
     def _challenge(self, secret: Secret | None, startup: StartupMessage) -> None:
-        settings = self.daemon.settings
+        settings = self.host.settings
         self._auth = ClientAuthenticator(
             self._method,
             self.user,
             secret,
             settings.scram_iterations,
-            self.daemon.client_tls_binding if self.tls else None,
+            self.host.credentials.client_tls_binding if self.tls else None,
         )
         self._authenticated_startup = startup
         self.transport.write(self._auth.start())
@@ -715,15 +819,14 @@ class ClientConn(asyncio.Protocol):
         """Run the password exchange over the complete messages received so far."""
         buffer = self._startup_buffer
         while self._auth is not None and not self.closed and len(buffer) >= 5:
-            length = _INT32.unpack_from(buffer, 1)[0]
-            if buffer[0] != ord("p") or length < 4 or length > MAX_PASSWORD_MESSAGE:
+            try:
+                message = next_message(buffer, MAX_CLIENT_MESSAGE, only=ord("p"))
+            except BadFrame:
                 self.fatal(codes.PROTOCOL_VIOLATION, "expected a password response")
                 return
-            if len(buffer) < 1 + length:
+            if message is None:
                 return
-            payload = bytes(buffer[5 : 1 + length])
-            del buffer[: 1 + length]
-            reply, outcome = self._auth.step(payload)
+            reply, outcome = self._auth.step(message[1])
             if reply:
                 self.transport.write(reply)
             if outcome is False:
@@ -737,42 +840,41 @@ class ClientConn(asyncio.Protocol):
                 return
             if outcome is True:
                 if self._auth.credential is not None:
-                    self.daemon.passthrough[self.user] = self._auth.credential
+                    self.host.credentials.remember(self.user, self._auth.credential)
                 self._auth = None
                 startup = self._authenticated_startup
                 assert startup is not None
                 self._after_auth(startup)
 
     def _after_auth(self, startup: StartupMessage) -> None:
-        settings = self.daemon.settings
+        settings = self.host.settings
         user = self.user
-        if self.database in CONSOLE_DATABASES:
+        if self.host.consoles.serves(self.database):
             self._console_login(startup)
             return
-        if self.daemon.shutdown_mode is not None:
+        if self.host.pauses.shutting_down:
             self.fatal(codes.PROTOCOL_VIOLATION, "pooler is shutting down")
             return
-        pool = self.daemon.pool_for(self.database, user)
+        pool = self.host.registry.pool_for(self.database, user)
         if pool is None:
             self.fatal(
                 codes.PROTOCOL_VIOLATION, f"no such database: {self.database}",
                 reason="no_such_database",
             )  # fmt: skip
             return
-        flags = self.daemon.database_flags.get(self.database)
-        if flags is not None and flags.disabled:
+        if self.host.pauses.is_disabled(self.database):
             self.fatal(codes.PROTOCOL_VIOLATION, f'database "{self.database}" is disabled')
             return
         entry = settings.database(self.database)
         if entry is not None:
             self.timeouts = settings.client_timeouts(entry, user)
-        refusal = self.daemon.admit_client(self.database, user)
+        refusal = self.host.registry.admit_client(self.database, user)
         if refusal is not None:
             self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
             return
         self.admitted = True
         if self.replication != "none":
-            self.cancel_key = self.daemon.register_cancel_key(self)
+            self.cancel_key = self.host.registry.register_cancel_key(self)
             if settings.log_connections:
                 log.info("%s login: replication=%s", self.describe(), self.replication)
             self._login_task = asyncio.get_running_loop().create_task(
@@ -828,28 +930,29 @@ class ClientConn(asyncio.Protocol):
 
     def _console_login(self, startup: StartupMessage) -> None:
         local_admin = self.local_admin
-        if not Console.may_log_in(self.daemon, self.user, local_admin):
+        if not self.host.consoles.may_log_in(self.user, local_admin):
             log.warning("console login refused for user %s", self.user)
             self.fatal(codes.INVALID_AUTHORIZATION, "not allowed")
             return
         # Another worker of this pgproxy asking for this worker's own rows (workers = N).
-        peer = local_admin and startup.params.get("application_name") == PEER_APPLICATION
+        peer = local_admin and self.host.consoles.is_peer(startup.params.get("application_name"))
         if not peer:
-            refusal = self.daemon.admit_client(
-                CONSOLE_DATABASE, self.user, console=True, exempt=local_admin
+            refusal = self.host.registry.admit_client(
+                self.host.consoles.name, self.user, console=True, exempt=local_admin
             )
             if refusal is not None:
                 self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
                 return
-            self.database = CONSOLE_DATABASE  # (counted under one name, whichever was used)
+            self.database = self.host.consoles.name  # (counted under one name, whichever was used)
             self.admitted = True
-        self.console = Console(self, self.daemon, local_admin=local_admin, peer=peer)
-        if self.daemon.settings.log_connections and not peer:
+        self.console = self.host.consoles.open(self, local_admin=local_admin, peer=peer)
+        if self.host.settings.log_connections and not peer:
             log.info("%s login: console, tls=%s", self.describe(), "yes" if self.tls else "no")
-        self.cancel_key = self.daemon.register_cancel_key(self)
+        self.cancel_key = self.host.registry.register_cancel_key(self)
         parts = [messages.AUTHENTICATION_OK]
         parts.append(messages.parameter_status("server_version", f"{__version__}/pgproxy"))
-        parts.extend(messages.parameter_status(name, value) for name, value in WELCOME_PARAMS)
+        welcome = self.host.consoles.welcome_params
+        parts.extend(messages.parameter_status(name, value) for name, value in welcome)
         parts.append(messages.backend_key_data(*self.cancel_key))
         parts.append(messages.ready_for_query())
         self.transport.write(b"".join(parts))
@@ -868,14 +971,14 @@ class ClientConn(asyncio.Protocol):
         self.pool = pool
         pool.stats.client_logins += 1
         self.params = tracked.from_pairs(self._settings, pool.welcome_values)
-        if self.daemon.settings.log_connections:
+        if self.host.settings.log_connections:
             log.info(
                 "%s login: tls=%s application_name=%s",
                 self.describe(), "yes" if self.tls else "no", self.application_name,
             )  # fmt: skip
         if pool.settings.max_prepared_statements > 0:
             self.scan.statements = ClientStatements(pool.statement_registry, pool.stats)
-        self.cancel_key = self.daemon.register_cancel_key(self)
+        self.cancel_key = self.host.registry.register_cancel_key(self)
         self.idle_since = time.monotonic()
         self.transport.write(self._welcome(pool))
         self.state = READY

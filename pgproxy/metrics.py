@@ -32,7 +32,8 @@ from pgproxy.state_guard import KINDS as STATE_LEAK_KINDS
 from pgproxy.stats import LOGIN_FAILURE_REASONS
 
 if TYPE_CHECKING:
-    from pgproxy.daemon import Daemon
+    # (The daemon as the console and /metrics see it: an interface pgproxy.daemon meets.)
+    from pgproxy.control import DaemonView as Daemon
     from pgproxy.pool import Pool
 
 TIMEOUT_KINDS = (
@@ -54,7 +55,7 @@ class PgproxyCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         daemon = self.daemon
-        pools = list(daemon.pools.values())
+        pools = list(daemon.registry.pools.values())
         now = daemon.loop_time()
         yield _gauge("pgproxy_up", "1 while pgproxy serves.", 1)
         info = GaugeMetricFamily("pgproxy_info", "pgproxy's version.", labels=["version"])
@@ -70,9 +71,10 @@ class PgproxyCollector(Collector):
         yield _gauge(
             "pgproxy_shutting_down",
             "1 while a shutdown waits for servers or clients.",
-            int(daemon.shutdown_mode is not None),
+            int(daemon.pauses.shutdown_mode is not None),
         )
-        yield _gauge("pgproxy_client_connections", "Client connections.", len(daemon.clients))
+        clients = len(daemon.registry.clients)
+        yield _gauge("pgproxy_client_connections", "Client connections.", clients)
         yield from _client_limits(daemon)
         failures = CounterMetricFamily(
             "pgproxy_client_login_failures",
@@ -80,7 +82,7 @@ class PgproxyCollector(Collector):
             labels=["reason"],
         )
         for reason in LOGIN_FAILURE_REASONS:  # every one, at 0 until it happens
-            failures.add_metric([reason], daemon.login_failures[reason])
+            failures.add_metric([reason], daemon.registry.login_failures[reason])
         yield failures
         yield from _pool_gauges(daemon, pools, now)
         yield from _pool_counters(daemon, pools)
@@ -109,7 +111,7 @@ def _client_limits(daemon: Daemon) -> Iterator[Metric]:
     # The databases SHOW DATABASES lists: the console, the configured ones, and those a
     # client reached through '*'.
     names = [CONSOLE_DATABASE, *(name for name in settings.databases if name != "*")]
-    names += sorted({pool.database for pool in daemon.pools.values()} - set(names))
+    names += sorted({pool.database for pool in daemon.registry.pools.values()} - set(names))
     for name in names:
         entry = settings.database(name) if name != CONSOLE_DATABASE else None
         if entry is not None:
@@ -118,7 +120,7 @@ def _client_limits(daemon: Daemon) -> Iterator[Metric]:
             limit = settings.max_db_client_connections
         else:
             continue  # removed by a reload: its clients are leaving
-        db_count.add_metric([name], daemon.db_clients[name])
+        db_count.add_metric([name], daemon.registry.db_clients[name])
         db_limit.add_metric([name], limit)
     yield db_count
     yield db_limit
@@ -134,10 +136,10 @@ def _client_limits(daemon: Daemon) -> Iterator[Metric]:
     )
     # The users SHOW USERS lists: configured, with a pool, or with clients now. (Not every
     # name ever seen: under trust any name may log in, and the series would pile up.)
-    users = set(settings.users) | {pool.user for pool in daemon.pools.values()}
-    users |= {user for user, count in daemon.user_clients.items() if count > 0}
+    users = set(settings.users) | {pool.user for pool in daemon.registry.pools.values()}
+    users |= {user for user, count in daemon.registry.user_clients.items() if count > 0}
     for user in sorted(users):
-        user_count.add_metric([user], daemon.user_clients[user])
+        user_count.add_metric([user], daemon.registry.user_clients[user])
         user_limit.add_metric([user], settings.max_user_client_connections_for(user))
     yield user_count
     yield user_limit
@@ -181,7 +183,7 @@ def _pool_gauges(daemon: Daemon, pools: list[Pool], now: float) -> Iterator[Metr
         "The query_wait_timeout in force for the pool's user and database (0: none).",
         labels=POOL_LABELS,
     )
-    census, _ = daemon.client_census()
+    census, _ = daemon.registry.client_census()
     for pool in pools:
         labels = _labels(pool)
         for state in ("active", "waiting", "idle"):
@@ -246,7 +248,7 @@ def _pool_counters(daemon: Daemon, pools: list[Pool]) -> Iterator[Metric]:
             if kind != "client_login":
                 timeouts.add_metric([*_labels(pool), kind], pool.stats.timeouts.get(kind, 0))
     # A login timeout happens before the client has a pool.
-    timeouts.add_metric(["", "", "client_login"], daemon.login_timeouts)
+    timeouts.add_metric(["", "", "client_login"], daemon.registry.login_timeouts)
     yield timeouts
     state_leaks = CounterMetricFamily(
         "pgproxy_session_state_leaks",

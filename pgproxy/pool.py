@@ -14,7 +14,6 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pgproxy import params as tracked
@@ -33,6 +32,7 @@ from pgproxy.server import (
     TESTED,
     ServerConn,
     ServerLoginError,
+    ServerTarget,
     cancel_backend,
     connect_server,
 )
@@ -41,7 +41,8 @@ from pgproxy.stats import PoolStats
 from pgproxy.tls import ServerTls
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
+    # (The client as a pool sees it: an interface that pgproxy.client's ClientConn meets.)
+    from pgproxy.server import LinkedClient as ClientConn
 
 log = logging.getLogger("pgproxy.pool")
 
@@ -69,24 +70,7 @@ _KIND_WORDS = {
 BUDGET_RETRY = 0.02
 
 
-@dataclass(frozen=True, slots=True)
-class ServerTarget:
-    """Where a pool's servers connect and as whom (the password is never logged)."""
-
-    host: str  # one host, or several separated by commas
-    port: int
-    dbname: str
-    user: str
-    password: str | None
-    round_robin: bool = True  # load_balance_hosts = round-robin
-
-    @property
-    def hosts(self) -> tuple[str, ...]:
-        """The hosts to try, in order."""
-        return tuple(part.strip() for part in self.host.split(",") if part.strip()) or ("",)
-
-    def __repr__(self) -> str:
-        return f"ServerTarget({self.user}@{self.host}:{self.port}/{self.dbname})"
+NO_SERVER_TLS = ServerTls("disable", None)  # server_tls_sslmode = disable
 
 
 class ServerBudget:
@@ -148,6 +132,13 @@ class Pool:
         target: ServerTarget,
         settings: PoolSettings,
         budgets: tuple[ServerBudget, ...] = (),
+        *,
+        paused: bool = False,
+        server_tls: ServerTls = NO_SERVER_TLS,
+        credential_for: Callable[[str], Credential | None] | None = None,
+        statement_registry: Registry | None = None,
+        query_wait_timeout: float = 0.0,
+        histograms: PoolHistograms | None = None,
     ) -> None:
         self.database = database
         self.user = user
@@ -187,19 +178,21 @@ class Pool:
         self.give_back = 0
         # PAUSE, KILL, SUSPEND or a waiting shutdown: no server is handed out or opened,
         # and each one is closed as it comes free.
-        self.paused = False
+        self.paused = paused
         self.stats = PoolStats()
         # Histograms for /metrics (None when metrics are off: nothing is observed), and the
         # hot path's shortcuts to two of them (see ``measure``).
         self.histograms: PoolHistograms | None = None
         self.record_query: Callable[[float], None] | None = None
         self.record_transaction: Callable[[float], None] | None = None
-        self.query_wait_timeout = 0.0  # in force for this pool's user (a metrics gauge)
-        self.server_tls = ServerTls("disable", None)  # set by the daemon
-        # Named prepared statements: shared by every pool of the daemon (set by it).
-        self.statement_registry = Registry()
+        if histograms is not None:
+            self.measure(histograms)
+        self.query_wait_timeout = query_wait_timeout  # for this pool's user (a metrics gauge)
+        self.server_tls = server_tls
+        # Named prepared statements: shared by every pool of the daemon.
+        self.statement_registry = statement_registry or Registry()
         # Passthrough: the server login's credential when the target has no password.
-        self.credential_for: Callable[[str], Credential | None] | None = None
+        self.credential_for = credential_for
         # ParameterStatus values of the first server: what every client is told at login.
         self.welcome: list[tuple[str, str]] | None = None
         self.welcome_values: tracked.ParamValues = tracked.EMPTY

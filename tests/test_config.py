@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pgproxy import __version__
-from pgproxy.config import ConfigError, DatabaseConfig, Settings, UserConfig, load_settings
+from pgproxy.config import ConfigError, DatabaseConfig, Settings, UserConfig
+from pgproxy.config_file import load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-Hunter2-do-not-print"

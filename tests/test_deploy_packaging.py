@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pgproxy.cli import build_parser
-from pgproxy.config import load_settings
+from pgproxy.config_file import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pgproxy.config import DatabaseConfig, Settings, UserConfig, load_settings
+from pgproxy.config import DatabaseConfig, Settings, UserConfig
+from pgproxy.config_file import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
