@@ -100,6 +100,9 @@ class HostStandIn:
     class settings:  # (read as an attribute, like the daemon's Settings)
         max_packet_size = 1 << 30
 
+    class credentials:  # (read when the connection is made: no TLS here)
+        client_tls = None
+
     registry = RegistryStandIn()
 
 

@@ -8,7 +8,6 @@ server its pool links to it, walking only message headers on the way.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import pwd
@@ -23,18 +22,24 @@ from pgproxy import __version__
 from pgproxy import params as tracked
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
 from pgproxy.config import ClientTimeouts
+from pgproxy.hba import HbaRefusal, login_method
 from pgproxy.protocol import codes, messages
-from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
 from pgproxy.protocol.client_auth import Method as PasswordMethod
-from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
+from pgproxy.protocol.client_auth import Secret
+from pgproxy.protocol.client_login import Action as LoginAction
+from pgproxy.protocol.client_login import (
+    Authenticated,
+    ClientLogin,
+    DirectTls,
+    ForwardCancel,
+    Refuse,
+    Send,
+    StartTls,
+    Startup,
+)
 from pgproxy.protocol.prepared import ClientStatements, Plan
 from pgproxy.protocol.startup import (
-    CancelRequest,
-    GSSEncRequest,
-    SSLRequest,
-    StartupError,
     StartupMessage,
-    parse_startup,
 )
 from pgproxy.protocol.stream import FrontendScanner
 from pgproxy.replication import ReplicationMode, replication_mode, start_replication
@@ -48,7 +53,6 @@ if TYPE_CHECKING:
 
     from pgproxy.config import Settings
     from pgproxy.hba import HbaRules
-    from pgproxy.pause_state import PauseState
     from pgproxy.pool import Pool
     from pgproxy.protocol.auth import Credential
     from pgproxy.sockopts import TcpKeepalive
@@ -61,7 +65,6 @@ LOGIN = "login"  # authenticating, waiting for the pool's welcome
 READY = "ready"  # logged in: the hot path
 CONSOLE = "console"  # logged in to the admin console
 TLS = "tls"  # answered 'S' to an SSLRequest, or got a ClientHello: the handshake runs
-TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
 CLOSED = "closed"
 RELAY = "relay"  # a replication connection: bytes pass both ways untouched
 
@@ -154,6 +157,16 @@ class ConsoleDoor(Protocol):
     def open(self, client: ClientConn, *, local_admin: bool, peer: bool) -> ConsoleSession: ...
 
 
+class DatabaseGate(Protocol):
+    """Whether new clients are taken: a shutdown under way, a disabled database
+    (pgproxy.pause_state)."""
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    def is_disabled(self, database: str) -> bool: ...
+
+
 class ClientHost(Protocol):
     """What a client connection needs of the proxy around it (pgproxy.daemon's Daemon)."""
 
@@ -170,7 +183,7 @@ class ClientHost(Protocol):
     def registry(self) -> ClientRegistry: ...
 
     @property
-    def pauses(self) -> PauseState: ...
+    def pauses(self) -> DatabaseGate: ...
 
     @property
     def consoles(self) -> ConsoleDoor: ...
@@ -190,11 +203,11 @@ class ClientConn(asyncio.Protocol):
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
         self.timeouts = ClientTimeouts()  # resolved for its user and database at login
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
-        self._method: PasswordMethod = "md5"  # the password exchange chosen at login
         self.tls = False  # the connection is encrypted
         self._settings: dict[str, str] = {}  # tracked settings from the startup packet
-        self._auth: ClientAuthenticator | None = None  # the password exchange under way
-        self._authenticated_startup: StartupMessage | None = None
+        # The login's state machine (sans-I/O), with the TLS context it may offer.
+        self._tls_context = host.credentials.client_tls
+        self._login = ClientLogin(tls_offered=self._tls_context is not None)
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
         self.server: ServerConn | None = None
@@ -224,7 +237,6 @@ class ClientConn(asyncio.Protocol):
         self._pending: list[bytes | Plan] = []
         self._pending_size = 0
         self._paused_while_waiting = False
-        self._startup_buffer = bytearray()
         self._login_task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -505,65 +517,53 @@ class ClientConn(asyncio.Protocol):
             assert self.console is not None
             self.console.feed(data)
             return
-        self._startup_buffer += data
-        if self.state is STARTUP:
-            self._parse_startup()
-        elif self._auth is not None:
-            try:
-                self._password_messages()
-            except Exception:
-                self._internal_error("authentication")
+        try:
+            self._act(self._login.receive(data))
+        except Exception:
+            self._internal_error("authentication" if self.state is LOGIN else "login")
 
-    def _parse_startup(self) -> None:
-        context = self.host.credentials.client_tls
-        if self._startup_buffer[:1] == TLS_HANDSHAKE and not self.tls and context is not None:
-            self._direct_tls(context)
-            return
-        # (Without TLS configured a ClientHello is garbage like any other: 08P01 below.)
-        while self.state is STARTUP and not self.closed:
-            try:
-                result = parse_startup(bytes(self._startup_buffer))
-            except StartupError as exc:
-                self.fatal(exc.sqlstate, exc.message)
+    def _act(self, actions: list[LoginAction]) -> None:
+        """Carry out what the login state machine asks, in order."""
+        for action in actions:
+            if self.closed:
                 return
-            if result is None:
-                return
-            packet, used = result
-            del self._startup_buffer[:used]
-            if isinstance(packet, SSLRequest) and self._tls_offered():
-                return
-            if isinstance(packet, SSLRequest | GSSEncRequest):
-                self.transport.write(b"N")
-            elif isinstance(packet, CancelRequest):
-                self.host.registry.forward_cancel(packet.process_id, packet.secret_key)
-                self._leave()
-                return
-            elif isinstance(packet, StartupMessage):
+            if isinstance(action, Send):
+                self.transport.write(action.data)
+            elif isinstance(action, Startup):
                 self.state = LOGIN
                 try:
-                    self._begin_login(packet)
+                    self._begin_login(action.packet)
                 except Exception:
                     self._internal_error("login")
+            elif isinstance(action, Authenticated):
+                if action.credential is not None:
+                    self.host.credentials.remember(self.user, action.credential)
+                self._after_auth()
+            elif isinstance(action, Refuse):
+                if action.log is not None:
+                    log.warning("%s", action.log)
+                self.fatal(action.sqlstate, action.text)
+            elif isinstance(action, StartTls):
+                self.state = TLS
+                self._login_task = asyncio.get_running_loop().create_task(self._start_tls())
+            elif isinstance(action, DirectTls):
+                self._direct_tls(action.hello)
+            elif isinstance(action, ForwardCancel):
+                self.host.registry.forward_cancel(action.process_id, action.secret_key)
+                self._leave()
 
-    def _tls_offered(self) -> bool:
-        """Answer an SSLRequest with 'S' and start the handshake, if TLS is configured."""
-        context = self.host.credentials.client_tls
-        if context is None or self.tls:
-            return False
-        if self._startup_buffer:
-            # Bytes sent before the handshake would be read as if they came through TLS.
-            self.fatal(codes.PROTOCOL_VIOLATION, "unexpected data after SSLRequest")
-            return True
-        self.transport.write(b"S")
-        self.state = TLS
-        loop = asyncio.get_running_loop()
-        self._login_task = loop.create_task(self._start_tls(context))
-        return True
-
-    def _direct_tls(self, context: ssl.SSLContext) -> None:
+    def _direct_tls(self, hello_bytes: bytes) -> None:
         """PostgreSQL 17's direct TLS (sslnegotiation=direct): the client opens with a TLS
-        ClientHello instead of an SSLRequest. The hello has already been read, so the TLS
-        protocol is set up by hand (as loop.start_tls does) and fed those bytes first."""
+        ClientHello instead of an SSLRequest.
+
+        loop.start_tls cannot serve here: it starts the handshake on bytes still to be
+        read from the socket, and the hello has already been read (it is how a direct TLS
+        client is told from others; peeking at the socket instead would bypass the event
+        loop's transport). So the TLS protocol is set up by hand, as loop.start_tls does
+        inside, and fed the hello first; its application transport, which start_tls would
+        return, is then only reachable through SSLProtocol's _get_app_transport."""
+        context = self._tls_context
+        assert context is not None  # (the login offers TLS only with a context)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         tls = sslproto.SSLProtocol(
@@ -573,8 +573,7 @@ class ClientConn(asyncio.Protocol):
         raw = self.transport
         raw.set_protocol(tls)
         tls.connection_made(raw)
-        hello = memoryview(bytes(self._startup_buffer))
-        self._startup_buffer.clear()
+        hello = memoryview(hello_bytes)
         while hello:
             buffer = tls.get_buffer(len(hello))
             size = min(len(buffer), len(hello))
@@ -610,15 +609,16 @@ class ClientConn(asyncio.Protocol):
         self.transport = transport
         self.tls = True
         self.state = STARTUP
-        if self._startup_buffer:
-            self._parse_startup()
+        self._act(self._login.tls_established())
 
-    async def _start_tls(self, context: ssl.SSLContext) -> None:
+    async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self._tls_context is not None  # (the login offers TLS only with a context)
         try:
             transport = await loop.start_tls(
-                self.transport, self, context, server_side=True, ssl_handshake_timeout=10
-            )
+                self.transport, self, self._tls_context, server_side=True,
+                ssl_handshake_timeout=10,
+            )  # fmt: skip
         except (OSError, ConnectionError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             log.info("client TLS handshake failed: %s", exc)
             self.transport.close()
@@ -693,7 +693,6 @@ class ClientConn(asyncio.Protocol):
         if method != "trust":
             # The password comes before anything about the database is said, so that
             # neither user nor database names can be probed.
-            self._method = method
             secret = self.host.credentials.secret_for(user)
             if (
                 secret is None
@@ -701,23 +700,36 @@ class ClientConn(asyncio.Protocol):
                 and (not self.host.consoles.serves(self.database) or settings.auth_dbname)
                 and settings.auth_user_for(self.database) is not None
             ):
-                loop = asyncio.get_running_loop()
-                self._login_task = loop.create_task(self._look_up_secret(startup))
+                self._look_up_secret(method)
                 return
-            self._challenge(secret, startup)
+            self._authenticate(method, secret)
             return
         if not self.local_admin and not self.host.consoles.serves(self.database):
             known = self.host.credentials.knows_user(self.database, user)
             if known is None:  # auth_query says (trust: no password asked after it)
-                loop = asyncio.get_running_loop()
-                self._login_task = loop.create_task(self._look_up_secret(startup, trust=True))
+                self._look_up_secret("trust")
                 return
             if not known:
                 self.fatal(codes.INVALID_AUTHORIZATION, '"trust" authentication failed')
                 return
-        self._after_auth(startup)
+        self._authenticate("trust", None)
 
-    async def _look_up_secret(self, startup: StartupMessage, *, trust: bool = False) -> None:
+    def _authenticate(
+        self, method: PasswordMethod | Literal["trust"], secret: Secret | None
+    ) -> None:
+        self._act(
+            self._login.authenticate(
+                method, self.user, secret, self.host.settings.scram_iterations,
+                self.host.credentials.client_tls_binding,
+            )
+        )  # fmt: skip
+
+    def _look_up_secret(self, method: PasswordMethod | Literal["trust"]) -> None:
+        self._login.wait_for_secret()
+        loop = asyncio.get_running_loop()
+        self._login_task = loop.create_task(self._secret_then_login(method))
+
+    async def _secret_then_login(self, method: PasswordMethod | Literal["trust"]) -> None:
         """auth_query, then the password exchange (none under trust)."""
         problem = self.host.credentials.auth_database_problem(self.database)
         if problem is not None:
@@ -736,117 +748,55 @@ class ClientConn(asyncio.Protocol):
         if secret is UNKNOWN_USER:
             # PgBouncer's answer too (it cannot mock the exchange here either).
             self.fatal(codes.INVALID_AUTHORIZATION, "no such user")
-        elif trust:
-            self._after_auth(startup)
-        else:
-            self._challenge(secret, startup)
+            return
+        try:
+            self._authenticate(method, secret)
+        except Exception:
+            self._internal_error("authentication")
 
     def _certificate_names_user(self) -> bool:
         """cert: the client's (verified) certificate has the user name as its CN; else the
         client is refused here."""
-        ssl_object = self.transport.get_extra_info("ssl_object")
-        cert = ssl_object.getpeercert() if ssl_object is not None else None
-        names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
-                 if key == "commonName"]  # fmt: skip
-        if self.user in names:
+        if self.user in self._certificate_names():
             return True
         self.fatal(
             codes.INVALID_AUTHORIZATION, f'certificate authentication failed for user "{self.user}"'
         )
         return False
 
+    def _certificate_names(self) -> list[str]:
+        """The common names in the client's verified TLS certificate."""
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        cert = ssl_object.getpeercert() if ssl_object is not None else None
+        return [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
+                if key == "commonName"]  # fmt: skip
+
+    def _os_user(self) -> str | None:
+        """The OS user at the other end of the Unix socket (None: unknown)."""
+        try:
+            return pwd.getpwuid(self.peer_uid).pw_name
+        except (KeyError, OverflowError):  # an unknown uid, or none (-1)
+            return None
+
     def _hba_method(self) -> PasswordMethod | Literal["trust"] | None:
         """auth_type = hba: the method of the first matching rule, after its own checks
         (reject, cert, peer); None when the client has been refused."""
-        hba = self.host.credentials.hba
-        assert hba is not None
+        rules = self.host.credentials.hba
+        assert rules is not None
         peer = self.transport.get_extra_info("peername")
-        local = not isinstance(peer, tuple)
-        address = None if local else ipaddress.ip_address(peer[0])
-        rule = hba.match(
-            local=local, tls=self.tls, database=self.database, user=self.user, address=address,
-            replication=self.replication == "physical",
+        method = login_method(
+            rules, peer=peer[0] if isinstance(peer, tuple) else None, tls=self.tls,
+            database=self.database, user=self.user, replication=self.replication == "physical",
+            certificate_names=self._certificate_names, os_user=self._os_user,
         )  # fmt: skip
-        where = "local" if local else f'host "{peer[0]}"'
-        encryption = "SSL encryption" if self.tls else "no encryption"
-        if rule is None:
-            self.fatal(
-                codes.INVALID_AUTHORIZATION,
-                f'no pg_hba.conf entry for {where}, user "{self.user}", '
-                f'database "{self.database}", {encryption}',
-            )
+        if isinstance(method, HbaRefusal):
+            self.fatal(codes.INVALID_AUTHORIZATION, method.message)
             return None
-        if rule.method == "reject":
-            self.fatal(
-                codes.INVALID_AUTHORIZATION,
-                f'pg_hba.conf rejects connection for {where}, user "{self.user}", '
-                f'database "{self.database}", {encryption}',
-            )
-            return None
-        if rule.method == "cert":
-            return "trust" if self._certificate_names_user() else None
-        if rule.method == "peer":
-            try:
-                os_user = pwd.getpwuid(self.peer_uid).pw_name if local else None
-            except (KeyError, OverflowError):  # an unknown uid, or none (-1)
-                os_user = None
-            if os_user != self.user:
-                self.fatal(
-                    codes.INVALID_AUTHORIZATION,
-                    f'Peer authentication failed for user "{self.user}"',
-                )
-                return None
-            return "trust"
-        if rule.method == "trust":
-            return "trust"
-        return "plain" if rule.method == "password" else cast(PasswordMethod, rule.method)
+        return method
 
-    def _challenge(self, secret: Secret | None, startup: StartupMessage) -> None:
-        settings = self.host.settings
-        self._auth = ClientAuthenticator(
-            self._method,
-            self.user,
-            secret,
-            settings.scram_iterations,
-            self.host.credentials.client_tls_binding if self.tls else None,
-        )
-        self._authenticated_startup = startup
-        self.transport.write(self._auth.start())
-        if self._startup_buffer:
-            self._password_messages()
-
-    def _password_messages(self) -> None:
-        """Run the password exchange over the complete messages received so far."""
-        buffer = self._startup_buffer
-        while self._auth is not None and not self.closed and len(buffer) >= 5:
-            try:
-                message = next_message(buffer, MAX_CLIENT_MESSAGE, only=ord("p"))
-            except BadFrame:
-                self.fatal(codes.PROTOCOL_VIOLATION, "expected a password response")
-                return
-            if message is None:
-                return
-            reply, outcome = self._auth.step(message[1])
-            if reply:
-                self.transport.write(reply)
-            if outcome is False:
-                refusal = self._auth.refusal
-                if refusal is not None:  # (the same for every user, known or not)
-                    log.warning("client %s: %s", self.user, refusal[1])
-                    self.fatal(*refusal)
-                    return
-                log.warning("client %s: password authentication failed", self.user)
-                self.fatal(codes.INVALID_PASSWORD, failure_message(self.user))
-                return
-            if outcome is True:
-                if self._auth.credential is not None:
-                    self.host.credentials.remember(self.user, self._auth.credential)
-                self._auth = None
-                startup = self._authenticated_startup
-                assert startup is not None
-                self._after_auth(startup)
-
-    def _after_auth(self, startup: StartupMessage) -> None:
+    def _after_auth(self) -> None:
+        startup = self._login.startup
+        assert startup is not None
         settings = self.host.settings
         user = self.user
         if self.host.consoles.serves(self.database):
@@ -910,9 +860,8 @@ class ClientConn(asyncio.Protocol):
         """From now on, bytes go between this client and ``server`` untouched."""
         self.server = server
         self.state = RELAY
-        if self._startup_buffer:  # sent behind the startup packet
-            early = bytes(self._startup_buffer)
-            self._startup_buffer.clear()
+        early = self._login.logged_in()
+        if early:  # sent behind the startup packet
             server.transport.write(early)
 
     async def _await_welcome(self, pool: Pool, startup: StartupMessage) -> None:
@@ -957,9 +906,8 @@ class ClientConn(asyncio.Protocol):
         parts.append(messages.ready_for_query())
         self.transport.write(b"".join(parts))
         self.state = CONSOLE
-        if self._startup_buffer:  # queries pipelined behind the login
-            early = bytes(self._startup_buffer)
-            self._startup_buffer.clear()
+        early = self._login.logged_in()
+        if early:  # queries pipelined behind the login
             self.console.feed(early)
 
     def _internal_error(self, during: str) -> None:
@@ -982,9 +930,8 @@ class ClientConn(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.transport.write(self._welcome(pool))
         self.state = READY
-        if self._startup_buffer:  # the client pipelined its first query behind the login
-            early = bytes(self._startup_buffer)
-            self._startup_buffer.clear()
+        early = self._login.logged_in()
+        if early:  # the client pipelined its first query behind the login
             self.data_received(early)
 
     def _welcome(self, pool: Pool) -> bytes:
