@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from pgproxy.config import Settings
     from pgproxy.hba import HbaRules
     from pgproxy.pool import Pool
-    from pgproxy.protocol.auth import Credential
+    from pgproxy.protocol.server_login import Credential
     from pgproxy.sockopts import TcpKeepalive
 
 log = logging.getLogger("pgproxy.client")

@@ -21,8 +21,8 @@ from pgproxy import state_guard
 from pgproxy.config import EMPTY_CHECK_QUERY, PoolMode, PoolSettings
 from pgproxy.histograms import PoolHistograms
 from pgproxy.protocol import codes, messages
-from pgproxy.protocol.auth import Credential
 from pgproxy.protocol.prepared import Registry
+from pgproxy.protocol.server_login import Credential
 from pgproxy.reconnect import Reconnect
 from pgproxy.server import (
     ACTIVE,

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Protocol, cast
 from pgproxy import params as tracked
 from pgproxy import state_guard
 from pgproxy.protocol import codes, messages
-from pgproxy.protocol.auth import Credential, ServerAuthenticator, ServerAuthError
 from pgproxy.protocol.framing import MAX_SERVER_LOGIN_MESSAGE, BadFrame, next_message
 from pgproxy.protocol.prepared import ServerStatements
+from pgproxy.protocol.server_login import Credential, ServerAuthenticator, ServerAuthError
 from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
 from pgproxy.sockopts import apply_keepalive
 from pgproxy.stats import next_connection_id

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pgproxy.protocol import codes
-from pgproxy.protocol.auth import Credential
 from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
 from pgproxy.protocol.client_auth import Method as PasswordMethod
 from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
+from pgproxy.protocol.server_login import Credential
 from pgproxy.protocol.startup import (
     CancelRequest,
     GSSEncRequest,
