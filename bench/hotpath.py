@@ -28,13 +28,13 @@ from typing import Any
 
 import uvloop
 
-from pgproxy import params as tracked
-from pgproxy.client import READY, ClientConn
 from pgproxy.config import PoolSettings
-from pgproxy.histograms import PoolHistograms
-from pgproxy.pool import Pool
+from pgproxy.core import params as tracked
+from pgproxy.core.client import READY, ClientConn
+from pgproxy.core.histograms import PoolHistograms
+from pgproxy.core.pool import Pool
+from pgproxy.core.server import IDLE, ServerConn, ServerTarget
 from pgproxy.protocol.prepared import ClientStatements
-from pgproxy.server import IDLE, ServerConn, ServerTarget
 
 
 def message(type_byte: bytes, payload: bytes = b"") -> bytes:

@@ -17,14 +17,14 @@ import socket
 import time
 
 from pgproxy import __version__, logs, sdnotify
-from pgproxy import params as tracked
 from pgproxy.admin.console import ConsoleDoor
 from pgproxy.config import RESTART_ONLY, ConfigError, Settings, changed_setting
 from pgproxy.config_file import load_settings
 from pgproxy.control import ConsoleControl
+from pgproxy.core import params as tracked
+from pgproxy.core.janitor import Janitor
 from pgproxy.credentials import Credentials
 from pgproxy.http import MetricsServer
-from pgproxy.janitor import Janitor
 from pgproxy.listener import listen_on, remove_unix_socket, start_listeners
 from pgproxy.pause_state import PauseState, ShutdownMode
 from pgproxy.protocol import codes

@@ -10,7 +10,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from pgproxy.client import ClientConn, ClientHost
+from pgproxy.core.client import ClientConn, ClientHost
 
 if TYPE_CHECKING:
     from pgproxy.config import Settings

@@ -26,15 +26,15 @@ from prometheus_client.registry import Collector
 
 from pgproxy import BUILD, __version__
 from pgproxy.admin import CONSOLE_DATABASE
-from pgproxy.histograms import Histogram
+from pgproxy.core.histograms import Histogram
+from pgproxy.core.state_guard import KINDS as STATE_LEAK_KINDS
 from pgproxy.protocol.messages import printable
-from pgproxy.state_guard import KINDS as STATE_LEAK_KINDS
 from pgproxy.stats import LOGIN_FAILURE_REASONS
 
 if TYPE_CHECKING:
     # (The daemon as the console and /metrics see it: an interface pgproxy.daemon meets.)
     from pgproxy.control import DaemonView as Daemon
-    from pgproxy.pool import Pool
+    from pgproxy.core.pool import Pool
 
 TIMEOUT_KINDS = (
     "query_wait", "query", "idle_transaction", "transaction", "client_idle", "client_login",

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING
 
 from pgproxy import cancel
 from pgproxy.config import DatabaseConfig, Settings
-from pgproxy.histograms import PoolHistograms
+from pgproxy.core.histograms import PoolHistograms
+from pgproxy.core.pool import Pool, ServerBudget
+from pgproxy.core.server import ServerTarget, cancel_backend
 from pgproxy.pause_state import PauseState
-from pgproxy.pool import Pool, ServerBudget
 from pgproxy.protocol.prepared import Registry
-from pgproxy.server import ServerTarget, cancel_backend
 from pgproxy.stats import LoginFailureReason
 from pgproxy.workers import SharedServerBudget, WorkerContext
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
+    from pgproxy.core.client import ClientConn
     from pgproxy.credentials import Credentials
 
 log = logging.getLogger("pgproxy")

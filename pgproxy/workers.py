@@ -38,12 +38,12 @@ from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawArray
 from typing import TYPE_CHECKING, Any
 
-from pgproxy.pool import ServerBudget
+from pgproxy.core.pool import ServerBudget
 from pgproxy.protocol.messages import wire
 
 if TYPE_CHECKING:
     from pgproxy.config import Settings
-    from pgproxy.pool import Pool
+    from pgproxy.core.pool import Pool
 
 log = logging.getLogger("pgproxy.workers")
 

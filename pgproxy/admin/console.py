@@ -32,8 +32,8 @@ from pgproxy.protocol import codes, messages
 from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
     from pgproxy.control import DaemonView
+    from pgproxy.core.client import ClientConn
     from pgproxy.pause_state import ShutdownMode
 
 log = logging.getLogger("pgproxy.admin")

@@ -11,18 +11,17 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from pgproxy import VERSION_LINE
-from pgproxy import params as tracked
 from pgproxy.admin import CONSOLE_DATABASES
 from pgproxy.admin.resultset import Column, Value, columns
 from pgproxy.config import Settings
+from pgproxy.core import params as tracked
 from pgproxy.stats import CONSOLE_STATS_KEY, USEC, Totals
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
-
     # (The daemon as the console and /metrics see it: an interface pgproxy.daemon meets.)
     from pgproxy.control import DaemonView as Daemon
-    from pgproxy.server import ServerConn
+    from pgproxy.core.client import ClientConn
+    from pgproxy.core.server import ServerConn
 
 Table = tuple[list[Column], list[list[Value]]]
 
@@ -370,7 +369,7 @@ def show_leaks(daemon: Daemon) -> Table:
     ``held``), then the recent session state leaks (transaction_state_guard), one row per
     client and kind: ``state`` says whether the state was ``kept`` on the server or
     ``reset``, ``detail`` what was found, ``count`` how many times, ``seen_at`` the last."""
-    from pgproxy.janitor import held_for
+    from pgproxy.core.janitor import held_for
 
     cols = columns(
         "issssisqssssis", "id", "user", "database", "application_name", "addr", "port",

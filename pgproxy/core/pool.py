@@ -16,15 +16,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from pgproxy import params as tracked
-from pgproxy import state_guard
 from pgproxy.config import EMPTY_CHECK_QUERY, PoolMode, PoolSettings
-from pgproxy.histograms import PoolHistograms
-from pgproxy.protocol import codes, messages
-from pgproxy.protocol.prepared import Registry
-from pgproxy.protocol.server_login import Credential
-from pgproxy.reconnect import Reconnect
-from pgproxy.server import (
+from pgproxy.core import params as tracked
+from pgproxy.core import state_guard
+from pgproxy.core.histograms import PoolHistograms
+from pgproxy.core.reconnect import Reconnect
+from pgproxy.core.server import (
     ACTIVE,
     BEING_CANCELED,
     IDLE,
@@ -36,13 +33,16 @@ from pgproxy.server import (
     cancel_backend,
     connect_server,
 )
-from pgproxy.state_guard import Guard, RecentLeaks, SessionState, StateLeak
+from pgproxy.core.state_guard import Guard, RecentLeaks, SessionState, StateLeak
+from pgproxy.protocol import codes, messages
+from pgproxy.protocol.prepared import Registry
+from pgproxy.protocol.server_login import Credential
 from pgproxy.stats import PoolStats
 from pgproxy.tls import ServerTls
 
 if TYPE_CHECKING:
     # (The client as a pool sees it: an interface that pgproxy.client's ClientConn meets.)
-    from pgproxy.server import LinkedClient as ClientConn
+    from pgproxy.core.server import LinkedClient as ClientConn
 
 log = logging.getLogger("pgproxy.pool")
 

@@ -14,15 +14,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from pgproxy.client import LOGIN, READY
+from pgproxy.core.client import LOGIN, READY
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.stream import STATUS_IDLE
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
     from pgproxy.config import Settings
-    from pgproxy.pool import Pool
-    from pgproxy.server import ServerConn
+    from pgproxy.core.client import ClientConn
+    from pgproxy.core.pool import Pool
+    from pgproxy.core.server import ServerConn
 
 log = logging.getLogger("pgproxy.janitor")
 

@@ -19,9 +19,11 @@ from asyncio import sslproto
 from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 from pgproxy import __version__
-from pgproxy import params as tracked
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
 from pgproxy.config import ClientTimeouts
+from pgproxy.core import params as tracked
+from pgproxy.core.replication import ReplicationMode, replication_mode, start_replication
+from pgproxy.core.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
 from pgproxy.hba import HbaRefusal, login_method
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.client_auth import Method as PasswordMethod
@@ -42,8 +44,6 @@ from pgproxy.protocol.startup import (
     StartupMessage,
 )
 from pgproxy.protocol.stream import FrontendScanner
-from pgproxy.replication import ReplicationMode, replication_mode, start_replication
-from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
 from pgproxy.sockopts import apply_keepalive
 from pgproxy.stats import LoginFailureReason, login_failure_reason, next_connection_id
 from pgproxy.tls import ALPN
@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from collections import Counter
 
     from pgproxy.config import Settings
+    from pgproxy.core.pool import Pool
     from pgproxy.hba import HbaRules
-    from pgproxy.pool import Pool
     from pgproxy.protocol.server_login import Credential
     from pgproxy.sockopts import TcpKeepalive
 

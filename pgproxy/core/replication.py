@@ -14,8 +14,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from pgproxy.protocol import codes, messages
-from pgproxy.server import (
+from pgproxy.core.server import (
     CLOSED,
     LOGIN,
     LinkedClient,
@@ -23,9 +22,10 @@ from pgproxy.server import (
     ServerLoginError,
     connect_server,
 )
+from pgproxy.protocol import codes, messages
 
 if TYPE_CHECKING:
-    from pgproxy.pool import Pool
+    from pgproxy.core.pool import Pool
 
 log = logging.getLogger("pgproxy.replication")
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
-from pgproxy import params as tracked
-from pgproxy import state_guard
+from pgproxy.core import params as tracked
+from pgproxy.core import state_guard
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.framing import MAX_SERVER_LOGIN_MESSAGE, BadFrame, next_message
 from pgproxy.protocol.prepared import ServerStatements
@@ -29,9 +29,9 @@ from pgproxy.stats import next_connection_id
 
 if TYPE_CHECKING:
     from pgproxy.config import ClientTimeouts, PoolSettings
+    from pgproxy.core.state_guard import Guard, SessionState
     from pgproxy.protocol.prepared import Registry
     from pgproxy.protocol.stream import FrontendScanner
-    from pgproxy.state_guard import Guard, SessionState
     from pgproxy.stats import LoginFailureReason, PoolStats
     from pgproxy.tls import ServerTls
 
