@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 
 from pgproxy.cli import main
-from pgproxy.workers import SharedBudgets, SharedServerBudget, evict_for_other_workers
+from pgproxy.services.workers import SharedBudgets, SharedServerBudget, evict_for_other_workers
 
 
 def test_take_give_back_and_forget() -> None:
@@ -100,7 +100,7 @@ def test_peer_id_and_workers_conflict(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_metrics_of_several_workers_merge() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from pgproxy.metrics import merge_expositions
+    from pgproxy.services.metrics import merge_expositions
 
     def worker(transactions: int, clients: int, bucket: int) -> str:
         return (
@@ -141,7 +141,7 @@ def test_process_and_limit_metrics_of_several_workers_merge() -> None:
     files add up; the file limit, the start time and the configured caps do not."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from pgproxy.metrics import merge_expositions
+    from pgproxy.services.metrics import merge_expositions
 
     def worker(rss: int, cpu: float, fds: int, started: float, clients: int) -> str:
         return (

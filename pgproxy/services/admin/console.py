@@ -13,8 +13,11 @@ import os
 import signal
 from typing import TYPE_CHECKING
 
-from pgproxy.admin import CONSOLE_DATABASE, CONSOLE_DATABASES, show
-from pgproxy.admin.gather import (
+from pgproxy.config import ConfigError
+from pgproxy.protocol import codes, messages
+from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
+from pgproxy.services.admin import CONSOLE_DATABASE, CONSOLE_DATABASES, show
+from pgproxy.services.admin.gather import (
     MERGES,
     METRICS_TEXT,
     NAMED_MERGES,
@@ -24,17 +27,14 @@ from pgproxy.admin.gather import (
     peer_commands,
     peer_rows,
 )
-from pgproxy.admin.parse import Command, ConsoleSyntaxError, SetCommand, parse_command
-from pgproxy.admin.resultset import columns, result
-from pgproxy.config import ConfigError
-from pgproxy.metrics import registry_for, render
-from pgproxy.protocol import codes, messages
-from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
+from pgproxy.services.admin.parse import Command, ConsoleSyntaxError, SetCommand, parse_command
+from pgproxy.services.admin.resultset import columns, result
+from pgproxy.services.metrics import registry_for, render
 
 if TYPE_CHECKING:
-    from pgproxy.control import DaemonView
     from pgproxy.core.client import ClientConn
-    from pgproxy.pause_state import ShutdownMode
+    from pgproxy.services.control import DaemonView
+    from pgproxy.services.pause_state import ShutdownMode
 
 log = logging.getLogger("pgproxy.admin")
 

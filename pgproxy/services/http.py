@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from pgproxy.admin.gather import METRICS_TEXT, peer_rows, silent_peers
-from pgproxy.metrics import merge_expositions, registry_for, render
+from pgproxy.services.admin.gather import METRICS_TEXT, peer_rows, silent_peers
+from pgproxy.services.metrics import merge_expositions, registry_for, render
 
 if TYPE_CHECKING:
-    from pgproxy.control import DaemonView
+    from pgproxy.services.control import DaemonView
 
 log = logging.getLogger("pgproxy.http")
 

@@ -25,16 +25,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pgproxy import BUILD, __version__
-from pgproxy.admin import CONSOLE_DATABASE
 from pgproxy.core.histograms import Histogram
 from pgproxy.core.state_guard import KINDS as STATE_LEAK_KINDS
 from pgproxy.protocol.messages import printable
+from pgproxy.services.admin import CONSOLE_DATABASE
 from pgproxy.stats import LOGIN_FAILURE_REASONS
 
 if TYPE_CHECKING:
     # (The daemon as the console and /metrics see it: an interface pgproxy.daemon meets.)
-    from pgproxy.control import DaemonView as Daemon
     from pgproxy.core.pool import Pool
+    from pgproxy.services.control import DaemonView as Daemon
 
 TIMEOUT_KINDS = (
     "query_wait", "query", "idle_transaction", "transaction", "client_idle", "client_login",

@@ -19,14 +19,14 @@ from pgproxy.config import DatabaseConfig, Settings
 from pgproxy.core.histograms import PoolHistograms
 from pgproxy.core.pool import Pool, ServerBudget
 from pgproxy.core.server import ServerTarget, cancel_backend
-from pgproxy.pause_state import PauseState
 from pgproxy.protocol.prepared import Registry
+from pgproxy.services.pause_state import PauseState
+from pgproxy.services.workers import SharedServerBudget, WorkerContext
 from pgproxy.stats import LoginFailureReason
-from pgproxy.workers import SharedServerBudget, WorkerContext
 
 if TYPE_CHECKING:
     from pgproxy.core.client import ClientConn
-    from pgproxy.credentials import Credentials
+    from pgproxy.services.credentials import Credentials
 
 log = logging.getLogger("pgproxy")
 

@@ -13,9 +13,9 @@ import ssl
 from pgproxy.auth_query import AuthQuery
 from pgproxy.config import ConfigError, Settings
 from pgproxy.hba import HbaRules, hba_rules
-from pgproxy.pause_state import PauseState
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.protocol.server_login import Credential, Md5Hash
+from pgproxy.services.pause_state import PauseState
 from pgproxy.tls import ServerTls, certificate_hash, client_context, server_tls
 from pgproxy.userlist import read_userlist
 

@@ -16,22 +16,23 @@ import signal
 import socket
 import time
 
-from pgproxy import __version__, logs, sdnotify
-from pgproxy.admin.console import ConsoleDoor
+from pgproxy import __version__, logs
 from pgproxy.config import RESTART_ONLY, ConfigError, Settings, changed_setting
 from pgproxy.config_file import load_settings
-from pgproxy.control import ConsoleControl
 from pgproxy.core import params as tracked
 from pgproxy.core.janitor import Janitor
-from pgproxy.credentials import Credentials
-from pgproxy.http import MetricsServer
-from pgproxy.listener import listen_on, remove_unix_socket, start_listeners
-from pgproxy.pause_state import PauseState, ShutdownMode
 from pgproxy.protocol import codes
-from pgproxy.registry import PoolRegistry
+from pgproxy.services import sdnotify
+from pgproxy.services.admin.console import ConsoleDoor
+from pgproxy.services.control import ConsoleControl
+from pgproxy.services.credentials import Credentials
+from pgproxy.services.http import MetricsServer
+from pgproxy.services.listener import listen_on, remove_unix_socket, start_listeners
+from pgproxy.services.pause_state import PauseState, ShutdownMode
+from pgproxy.services.registry import PoolRegistry
+from pgproxy.services.workers import WorkerContext, evict_for_other_workers
 from pgproxy.sockopts import keepalive_from
 from pgproxy.stats import CONSOLE_STATS_KEY, PoolStats, StatsWindow, Totals, set_connection_id_base
-from pgproxy.workers import WorkerContext, evict_for_other_workers
 
 log = logging.getLogger("pgproxy")
 # The periodic stats line is logged at INFO whatever -v says, as PgBouncer's log_stats.

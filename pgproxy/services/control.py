@@ -8,15 +8,15 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from pgproxy.pause_state import PauseState, ShutdownMode
 from pgproxy.protocol import codes
-from pgproxy.registry import PoolRegistry
+from pgproxy.services.pause_state import PauseState, ShutdownMode
+from pgproxy.services.registry import PoolRegistry
 
 if TYPE_CHECKING:
     from pgproxy.config import Settings
-    from pgproxy.credentials import Credentials
+    from pgproxy.services.credentials import Credentials
+    from pgproxy.services.workers import WorkerContext
     from pgproxy.stats import PoolStats, StatsWindow
-    from pgproxy.workers import WorkerContext
 
 log = logging.getLogger("pgproxy")
 

@@ -11,17 +11,17 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from pgproxy import VERSION_LINE
-from pgproxy.admin import CONSOLE_DATABASES
-from pgproxy.admin.resultset import Column, Value, columns
 from pgproxy.config import Settings
 from pgproxy.core import params as tracked
+from pgproxy.services.admin import CONSOLE_DATABASES
+from pgproxy.services.admin.resultset import Column, Value, columns
 from pgproxy.stats import CONSOLE_STATS_KEY, USEC, Totals
 
 if TYPE_CHECKING:
     # (The daemon as the console and /metrics see it: an interface pgproxy.daemon meets.)
-    from pgproxy.control import DaemonView as Daemon
     from pgproxy.core.client import ClientConn
     from pgproxy.core.server import ServerConn
+    from pgproxy.services.control import DaemonView as Daemon
 
 Table = tuple[list[Column], list[list[Value]]]
 
