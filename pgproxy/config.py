@@ -745,7 +745,7 @@ class Settings(BaseSettings):
         return self.default_pool_size
 
 
-# The console's database names (pgproxy.admin's; repeated here, below it in the layers).
+# The console's database names (pgproxy.services.admin's; repeated here, below it in the layers).
 _CONSOLE_NAMES = frozenset({"pgbouncer", "pgproxy"})
 _NO_USER_ENTRY = UserConfig()  # the settings of a user without a [users] entry
 

@@ -29,7 +29,7 @@ KUBERNETES = ROOT / "deploy" / "kubernetes"
 CHART = ROOT / "deploy" / "helm" / "pgproxy"
 RULES = ROOT / "deploy" / "prometheus" / "pgproxy-rules.yml"
 KUBERNETES_VERSION = "1.29.0"  # the oldest with native sidecars, which the manifests use
-HTTP_PATHS = {"/healthz", "/readyz", "/metrics"}  # pgproxy/http.py
+HTTP_PATHS = {"/healthz", "/readyz", "/metrics"}  # pgproxy/services/http.py
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: no schema offline
 
 

@@ -1,4 +1,4 @@
-"""The import graph of pgproxy/ has no circle.
+"""The import graph of pgproxy/ has no circle, and its layers point one way.
 
 Every module under pgproxy/ is a node and every import an edge: top-level imports, imports
 inside functions and under ``if TYPE_CHECKING:`` alike (a circle held together by lazy or
@@ -12,6 +12,13 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pgproxy"
+
+# The layers, lowest first: the wire protocol (sans-I/O), the pooling core, the daemon's
+# services, the command line. A module may import its own layer and those below. The
+# modules in no layer (configuration, counters, TLS contexts, hba rules, ...) are shared
+# foundations: they may import the protocol layer only.
+LAYERS = ("pgproxy.protocol", "pgproxy.core", "pgproxy.services", "command line")
+COMMAND_LINE = frozenset({"pgproxy.cli", "pgproxy.__main__", "pgproxy.demo"})
 
 
 def module_name(path: Path) -> str:
@@ -116,3 +123,32 @@ def test_find_cycle_finds_one() -> None:
 def test_no_import_circle() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def layer_of(module: str) -> int | None:
+    """The index of ``module``'s layer in LAYERS; None for a shared foundation."""
+    if module in COMMAND_LINE:
+        return LAYERS.index("command line")
+    for index, package in enumerate(LAYERS):
+        if module == package or module.startswith(package + "."):
+            return index
+    return None
+
+
+def test_layers_point_one_way() -> None:
+    protocol, core = LAYERS.index("pgproxy.protocol"), LAYERS.index("pgproxy.core")
+    upward = []
+    for module, targets in import_graph().items():
+        for target in targets:
+            mine, theirs = layer_of(module), layer_of(target)
+            if mine is None:  # a foundation: the protocol layer at most
+                if theirs is not None and theirs > protocol:
+                    upward.append(f"{module} -> {target}")
+            elif theirs is None:  # the protocol layer needs no foundation
+                if mine == protocol:
+                    upward.append(f"{module} -> {target}")
+            elif theirs > mine:
+                upward.append(f"{module} -> {target}")
+    assert not upward, "imports that point up a layer: " + ", ".join(sorted(upward))
+    assert layer_of("pgproxy.core.pool") == core
+    assert layer_of("pgproxy.config") is None

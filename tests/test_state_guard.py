@@ -1,4 +1,4 @@
-"""pgproxy.state_guard without a server: the check's SQL, reading its replies, comparing."""
+"""pgproxy.core.state_guard without a server: the check's SQL, reading its replies, comparing."""
 
 from __future__ import annotations
 

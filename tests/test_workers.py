@@ -1,4 +1,4 @@
-"""Shared budgets for workers = N (pgproxy/workers.py): exact across processes."""
+"""Shared budgets for workers = N (pgproxy/services/workers.py): exact across processes."""
 
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ CLOSE_GRACE = 2.0
 
 
 class LoginCredentials(Protocol):
-    """What a login checks a client against (pgproxy.credentials)."""
+    """What a login checks a client against (pgproxy.services.credentials)."""
 
     @property
     def client_tls(self) -> ssl.SSLContext | None: ...  # None: no TLS for clients
@@ -103,7 +103,7 @@ class LoginCredentials(Protocol):
 
 class ClientRegistry(Protocol):
     """Where a client finds its pool, is counted in and out, and gets its cancel key
-    (pgproxy.registry)."""
+    (pgproxy.services.registry)."""
 
     clients: set[ClientConn]
     login_failures: Counter[LoginFailureReason]
@@ -129,7 +129,7 @@ class ClientRegistry(Protocol):
 
 
 class ConsoleSession(Protocol):
-    """The admin console's side of a client logged in to it (pgproxy.admin.console)."""
+    """The admin console's side of a client logged in to it (pgproxy.services.admin.console)."""
 
     peer: bool  # another worker of this pgproxy asking for this worker's own rows
 
@@ -159,7 +159,7 @@ class ConsoleDoor(Protocol):
 
 class DatabaseGate(Protocol):
     """Whether new clients are taken: a shutdown under way, a disabled database
-    (pgproxy.pause_state)."""
+    (pgproxy.services.pause_state)."""
 
     @property
     def shutting_down(self) -> bool: ...
@@ -168,7 +168,7 @@ class DatabaseGate(Protocol):
 
 
 class ClientHost(Protocol):
-    """What a client connection needs of the proxy around it (pgproxy.daemon's Daemon)."""
+    """What a client connection needs of the proxy around it (pgproxy.services.daemon's Daemon)."""
 
     @property
     def settings(self) -> Settings: ...

@@ -41,7 +41,7 @@ from pgproxy.stats import PoolStats
 from pgproxy.tls import ServerTls
 
 if TYPE_CHECKING:
-    # (The client as a pool sees it: an interface that pgproxy.client's ClientConn meets.)
+    # (The client as a pool sees it: an interface that pgproxy.core.client's ClientConn meets.)
     from pgproxy.core.server import LinkedClient as ClientConn
 
 log = logging.getLogger("pgproxy.pool")
@@ -170,7 +170,7 @@ class Pool:
         self.waiters: deque[ClientConn] = deque()
         self.servers: set[ServerConn] = set()  # logged-in servers in any state
         self.connecting = 0
-        # Places for replication connections (pgproxy.replication), made at the first one.
+        # Places for replication connections (pgproxy.core.replication), made at the first one.
         self.replication_slots: asyncio.Semaphore | None = None
         self.grow_blocked_until = 0.0  # (monotonic) see BUDGET_RETRY
         # Workers: servers to close at the ends of transactions, their places wanted by

@@ -50,7 +50,7 @@ def replication_mode(value: str | None) -> ReplicationMode:
 
 
 class RelayClient(LinkedClient, Protocol):
-    """What a replication connection needs of its client (pgproxy.client's ClientConn)."""
+    """What a replication connection needs of its client (pgproxy.core.client's ClientConn)."""
 
     cancel_key: tuple[int, bytes] | None
     replication_slot: asyncio.Semaphore | None  # held while relaying

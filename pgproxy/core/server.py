@@ -78,7 +78,7 @@ class ServerTarget:
 
 
 class LinkedClient(Protocol):
-    """What a server and its pool need of the client linked to it (pgproxy.client's
+    """What a server and its pool need of the client linked to it (pgproxy.core.client's
     ClientConn): its stream, its counters and a way to end it."""
 
     id: int
@@ -110,7 +110,7 @@ class LinkedClient(Protocol):
 
 
 class ServerOwner(Protocol):
-    """What a server needs of the pool that owns it (pgproxy.pool's Pool)."""
+    """What a server needs of the pool that owns it (pgproxy.core.pool's Pool)."""
 
     name: str
     database: str
@@ -222,7 +222,7 @@ class ServerConn(asyncio.Protocol):
         self.transaction_done: Callable[[LinkedClient, ServerConn, float], None] = (
             pool.transaction_done
         )
-        # transaction_state_guard (pgproxy.state_guard), kept by the pool: the session
+        # transaction_state_guard (pgproxy.core.state_guard), kept by the pool: the session
         # state found at the last check (None: not known yet), before any client, the
         # state its reset query leaves, and the state check under way (its replies, why
         # it runs, for whom).

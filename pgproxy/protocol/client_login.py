@@ -4,7 +4,7 @@ Everything that decides what comes next in a login lives here, as in h11: the fi
 packets (SSLRequest, GSSENCRequest, CancelRequest, a TLS ClientHello, StartupMessage), the
 password exchange (cleartext, md5, SCRAM), the wait for auth_query's answer, and the bytes
 a client pipelines behind its login. ``ClientLogin`` is fed bytes and events and returns
-actions; ``pgproxy.client``'s ClientConn performs them (writes, TLS, the pool) and makes
+actions; ``pgproxy.core.client``'s ClientConn performs them (writes, TLS, the pool) and makes
 the decisions that need the proxy around it (which method, which secret, which pool),
 handing their outcome back as events.
 

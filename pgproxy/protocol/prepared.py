@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pgproxy.stats import PoolStats
+from typing import Protocol
 
 _HEADER = struct.Struct("!cI")
 _S = ord("S")
@@ -60,6 +57,14 @@ _UNNAMED = 4
 # _DEALLOCATE_MESSAGES) so that the server answers it in its place, whichever statements
 # it has.
 _DEALLOCATE = 5
+
+
+class StatementCounters(Protocol):
+    """The counters the statements bump (pgproxy.stats' PoolStats, SHOW STATS)."""
+
+    client_parse_count: int
+    bind_count: int
+    server_parse_count: int
 
 
 class Op:
@@ -302,7 +307,7 @@ class ClientStatements:
         "unnamed_batch",
     )
 
-    def __init__(self, registry: Registry, stats: PoolStats) -> None:
+    def __init__(self, registry: Registry, stats: StatementCounters) -> None:
         self.registry = registry
         self.stats = stats
         self.names: dict[bytes, Statement] = {}
@@ -443,7 +448,7 @@ class ServerStatements:
         "strays",
     )  # fmt: skip
 
-    def __init__(self, registry: Registry, stats: PoolStats, capacity: int) -> None:
+    def __init__(self, registry: Registry, stats: StatementCounters, capacity: int) -> None:
         self.registry = registry
         self.stats = stats
         self.capacity = capacity

@@ -97,7 +97,7 @@ class ConsoleControl:
 
 
 class DaemonView(Protocol):
-    """What the console, SHOW and /metrics use of the running daemon (pgproxy.daemon)."""
+    """What the console, SHOW and /metrics use of the running daemon (pgproxy.services.daemon)."""
 
     settings: Settings
     worker: WorkerContext | None

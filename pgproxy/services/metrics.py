@@ -32,7 +32,7 @@ from pgproxy.services.admin import CONSOLE_DATABASE
 from pgproxy.stats import LOGIN_FAILURE_REASONS
 
 if TYPE_CHECKING:
-    # (The daemon as the console and /metrics see it: an interface pgproxy.daemon meets.)
+    # (The daemon as the console and /metrics see it: an interface pgproxy.services.daemon meets.)
     from pgproxy.core.pool import Pool
     from pgproxy.services.control import DaemonView as Daemon
 

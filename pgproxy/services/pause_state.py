@@ -2,7 +2,7 @@
 
 Plain state with no pools in it: the pool registry asks it whether a new pool starts
 paused, the login whether a database takes clients; the console's verbs change it
-(pgproxy.control) and then apply it to the pools.
+(pgproxy.services.control) and then apply it to the pools.
 """
 
 from __future__ import annotations

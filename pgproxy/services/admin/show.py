@@ -18,7 +18,7 @@ from pgproxy.services.admin.resultset import Column, Value, columns
 from pgproxy.stats import CONSOLE_STATS_KEY, USEC, Totals
 
 if TYPE_CHECKING:
-    # (The daemon as the console and /metrics see it: an interface pgproxy.daemon meets.)
+    # (The daemon as the console and /metrics see it: an interface pgproxy.services.daemon meets.)
     from pgproxy.core.client import ClientConn
     from pgproxy.core.server import ServerConn
     from pgproxy.services.control import DaemonView as Daemon
