@@ -13,6 +13,8 @@ from pgproxy.protocol.client_login import (
     ClientLogin,
     DirectTls,
     ForwardCancel,
+    LoginFacts,
+    LookUpSecret,
     Phase,
     Refuse,
     Send,
@@ -25,11 +27,16 @@ GSSENC_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x30"
 STARTUP = messages.startup_message({"user": "app", "database": "appdb"})
 
 
+def _facts(method: str, secret: str | None = None, *, auth_query: bool = False,
+           known: bool | None = True) -> LoginFacts:  # fmt: skip
+    stored = parse_secret(secret) if secret is not None else None
+    return LoginFacts(method, stored, auth_query, known, 4096, None)  # type: ignore[arg-type]
+
+
 def _password(login: ClientLogin, secret: str | None, method: str = "md5") -> list[object]:
     """A login past its StartupMessage, asked for ``method`` against ``secret``."""
     assert isinstance(login.receive(STARTUP)[0], Startup)
-    stored = parse_secret(secret) if secret is not None else None
-    return list(login.authenticate(method, "app", stored, 4096, None))  # type: ignore[arg-type]
+    return list(login.choose("app", _facts(method, secret)))
 
 
 def test_startup_message_asks_for_the_checks() -> None:
@@ -84,8 +91,15 @@ def test_trust_authenticates_at_once_and_keeps_pipelined_bytes() -> None:
     login = ClientLogin(tls_offered=False)
     query = messages.query("SELECT 1")
     assert isinstance(login.receive(STARTUP + query)[0], Startup)
-    assert login.authenticate("trust", "app", None, 4096, None) == [Authenticated(None)]
+    assert login.choose("app", _facts("trust")) == [Authenticated(None)]
     assert login.phase is Phase.ADMISSION
+    welcome = login.welcome(messages.parameter_status("TimeZone", "UTC"), (7, b"key!"))
+    assert welcome == (
+        messages.AUTHENTICATION_OK
+        + messages.parameter_status("TimeZone", "UTC")
+        + messages.backend_key_data(7, b"key!")
+        + messages.ready_for_query()
+    )
     assert login.logged_in() == query
     assert login.phase is Phase.DONE
 
@@ -142,9 +156,34 @@ def test_scram_exchange_in_pieces() -> None:
 def test_auth_query_wait_holds_the_bytes() -> None:
     login = ClientLogin(tls_offered=False)
     login.receive(STARTUP)
-    login.wait_for_secret()
+    assert login.choose("app", _facts("plain", auth_query=True)) == [LookUpSecret()]
     assert login.phase is Phase.LOOKUP
     assert login.receive(messages.password_message(b"secret\0")) == []  # (held)
-    actions = login.authenticate("plain", "app", parse_secret("secret"), 4096, None)
+    actions = login.secret_found(parse_secret("secret"))
     assert isinstance(actions[0], Send)  # the cleartext request ...
     assert isinstance(actions[1], Authenticated)  # ... answered by the held message
+
+
+def test_a_stored_secret_needs_no_auth_query() -> None:
+    login = ClientLogin(tls_offered=False)
+    login.receive(STARTUP)
+    actions = login.choose("app", _facts("md5", "secret", auth_query=True))
+    assert isinstance(actions[0], Send) and login.phase is Phase.PASSWORD
+
+
+def test_trust_checks_the_user() -> None:
+    login = ClientLogin(tls_offered=False)
+    login.receive(STARTUP)
+    assert login.choose("app", _facts("trust", known=False)) == [
+        Refuse(codes.INVALID_AUTHORIZATION, '"trust" authentication failed')
+    ]
+    login = ClientLogin(tls_offered=False)
+    login.receive(STARTUP)
+    assert login.choose("app", _facts("trust", known=None)) == [LookUpSecret()]
+    assert login.secret_found(None, unknown_user=True) == [
+        Refuse(codes.INVALID_AUTHORIZATION, "no such user")
+    ]
+    login = ClientLogin(tls_offered=False)
+    login.receive(STARTUP)
+    login.choose("app", _facts("trust", known=None))
+    assert login.secret_found(None) == [Authenticated(None)]  # (trust: no password)

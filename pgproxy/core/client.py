@@ -34,6 +34,8 @@ from pgproxy.protocol.client_login import (
     ClientLogin,
     DirectTls,
     ForwardCancel,
+    LoginFacts,
+    LookUpSecret,
     Refuse,
     Send,
     StartTls,
@@ -71,7 +73,6 @@ RELAY = "relay"  # a replication connection: bytes pass both ways untouched
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 _INT32 = struct.Struct("!I")
 
-_READY_IDLE = messages.ready_for_query()
 # Bytes a waiting client may send before its reading is paused.
 PENDING_LIMIT = 256 * 1024
 # Seconds a client has to read its FATAL error before the connection is closed under it.
@@ -203,7 +204,6 @@ class ClientConn(asyncio.Protocol):
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
         self.timeouts = ClientTimeouts()  # resolved for its user and database at login
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
-        self.tls = False  # the connection is encrypted
         self._settings: dict[str, str] = {}  # tracked settings from the startup packet
         # The login's state machine (sans-I/O), with the TLS context it may offer.
         self._tls_context = host.credentials.client_tls
@@ -277,6 +277,11 @@ class ClientConn(asyncio.Protocol):
         if self.wait_started_at:
             return "waiting"
         return "active" if self.server is not None else "idle"
+
+    @property
+    def tls(self) -> bool:
+        """The connection is encrypted."""
+        return self._login.tls
 
     @property
     def logged_in(self) -> bool:
@@ -535,6 +540,9 @@ class ClientConn(asyncio.Protocol):
                     self._begin_login(action.packet)
                 except Exception:
                     self._internal_error("login")
+            elif isinstance(action, LookUpSecret):
+                loop = asyncio.get_running_loop()
+                self._login_task = loop.create_task(self._look_up_secret())
             elif isinstance(action, Authenticated):
                 if action.credential is not None:
                     self.host.credentials.remember(self.user, action.credential)
@@ -607,7 +615,6 @@ class ClientConn(asyncio.Protocol):
     def _tls_established(self, transport: asyncio.Transport) -> None:
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport = transport
-        self.tls = True
         self.state = STARTUP
         self._act(self._login.tls_established())
 
@@ -690,46 +697,21 @@ class ClientConn(asyncio.Protocol):
             method = "trust"
         else:
             method = settings.auth_type
-        if method != "trust":
-            # The password comes before anything about the database is said, so that
-            # neither user nor database names can be probed.
-            secret = self.host.credentials.secret_for(user)
-            if (
-                secret is None
-                # (For the console, only with a global auth_dbname to run it in.)
-                and (not self.host.consoles.serves(self.database) or settings.auth_dbname)
-                and settings.auth_user_for(self.database) is not None
-            ):
-                self._look_up_secret(method)
-                return
-            self._authenticate(method, secret)
-            return
-        if not self.local_admin and not self.host.consoles.serves(self.database):
-            known = self.host.credentials.knows_user(self.database, user)
-            if known is None:  # auth_query says (trust: no password asked after it)
-                self._look_up_secret("trust")
-                return
-            if not known:
-                self.fatal(codes.INVALID_AUTHORIZATION, '"trust" authentication failed')
-                return
-        self._authenticate("trust", None)
+        console = self.host.consoles.serves(self.database)
+        trusted = self.local_admin or console  # (no user to look for: admin_users decide)
+        facts = LoginFacts(
+            method=method,
+            secret=self.host.credentials.secret_for(user) if method != "trust" else None,
+            # (For the console, only with a global auth_dbname to run it in.)
+            auth_query=(not console or bool(settings.auth_dbname))
+            and settings.auth_user_for(self.database) is not None,
+            known=True if trusted else self.host.credentials.knows_user(self.database, user),
+            iterations=settings.scram_iterations,
+            channel_binding=self.host.credentials.client_tls_binding,
+        )
+        self._act(self._login.choose(user, facts))
 
-    def _authenticate(
-        self, method: PasswordMethod | Literal["trust"], secret: Secret | None
-    ) -> None:
-        self._act(
-            self._login.authenticate(
-                method, self.user, secret, self.host.settings.scram_iterations,
-                self.host.credentials.client_tls_binding,
-            )
-        )  # fmt: skip
-
-    def _look_up_secret(self, method: PasswordMethod | Literal["trust"]) -> None:
-        self._login.wait_for_secret()
-        loop = asyncio.get_running_loop()
-        self._login_task = loop.create_task(self._secret_then_login(method))
-
-    async def _secret_then_login(self, method: PasswordMethod | Literal["trust"]) -> None:
+    async def _look_up_secret(self) -> None:
         """auth_query, then the password exchange (none under trust)."""
         problem = self.host.credentials.auth_database_problem(self.database)
         if problem is not None:
@@ -745,12 +727,9 @@ class ClientConn(asyncio.Protocol):
             return
         if self.closed:
             return
-        if secret is UNKNOWN_USER:
-            # PgBouncer's answer too (it cannot mock the exchange here either).
-            self.fatal(codes.INVALID_AUTHORIZATION, "no such user")
-            return
         try:
-            self._authenticate(method, secret)
+            unknown = secret is UNKNOWN_USER
+            self._act(self._login.secret_found(None if unknown else secret, unknown_user=unknown))
         except Exception:
             self._internal_error("authentication")
 
@@ -898,13 +877,10 @@ class ClientConn(asyncio.Protocol):
         if self.host.settings.log_connections and not peer:
             log.info("%s login: console, tls=%s", self.describe(), "yes" if self.tls else "no")
         self.cancel_key = self.host.registry.register_cancel_key(self)
-        parts = [messages.AUTHENTICATION_OK]
-        parts.append(messages.parameter_status("server_version", f"{__version__}/pgproxy"))
+        statuses = [messages.parameter_status("server_version", f"{__version__}/pgproxy")]
         welcome = self.host.consoles.welcome_params
-        parts.extend(messages.parameter_status(name, value) for name, value in welcome)
-        parts.append(messages.backend_key_data(*self.cancel_key))
-        parts.append(messages.ready_for_query())
-        self.transport.write(b"".join(parts))
+        statuses.extend(messages.parameter_status(name, value) for name, value in welcome)
+        self.transport.write(self._login.welcome(b"".join(statuses), self.cancel_key))
         self.state = CONSOLE
         early = self._login.logged_in()
         if early:  # queries pipelined behind the login
@@ -928,20 +904,10 @@ class ClientConn(asyncio.Protocol):
             self.scan.statements = ClientStatements(pool.statement_registry, pool.stats)
         self.cancel_key = self.host.registry.register_cancel_key(self)
         self.idle_since = time.monotonic()
-        self.transport.write(self._welcome(pool))
+        self.transport.write(
+            self._login.welcome(pool.parameter_statuses(self.params), self.cancel_key)
+        )
         self.state = READY
         early = self._login.logged_in()
         if early:  # the client pipelined its first query behind the login
             self.data_received(early)
-
-    def _welcome(self, pool: Pool) -> bytes:
-        assert self.cancel_key is not None
-        process_id, secret = self.cancel_key
-        return b"".join(
-            (
-                messages.AUTHENTICATION_OK,
-                pool.parameter_statuses(self.params),
-                messages.backend_key_data(process_id, secret),
-                _READY_IDLE,
-            )
-        )

@@ -9,9 +9,10 @@ the decisions that need the proxy around it (which method, which secret, which p
 handing their outcome back as events.
 
     STARTUP ──SSLRequest, TLS offered──▶ TLS ──tls_established──▶ STARTUP
-    STARTUP ──StartupMessage──▶ CHECKS ──authenticate(trust)──▶ ADMISSION
-                                  │ └──wait_for_secret──▶ LOOKUP ──authenticate──┐
-                                  └──authenticate(password method)──▶ PASSWORD ◀─┘
+    STARTUP ──StartupMessage──▶ CHECKS ──choose(trust, known user)──▶ ADMISSION
+                                  │ └──choose(no secret: auth_query)──▶ LOOKUP ─┐
+                                  └──choose(password method)──▶ PASSWORD ◀──────┘
+                                                   (LOOKUP ──secret_found──▶ PASSWORD)
     PASSWORD ──exchange done──▶ ADMISSION ──logged_in──▶ DONE
     any ──Refuse / CancelRequest──▶ ENDED
 """
@@ -22,7 +23,7 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
-from pgproxy.protocol import codes
+from pgproxy.protocol import codes, messages
 from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
 from pgproxy.protocol.client_auth import Method as PasswordMethod
 from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
@@ -36,7 +37,8 @@ from pgproxy.protocol.startup import (
     parse_startup,
 )
 
-TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a handshake
+_TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
+_READY_IDLE = messages.ready_for_query()
 
 
 class Phase(enum.Enum):
@@ -91,9 +93,14 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class Startup:
-    """A StartupMessage: choose the login (``authenticate``, ``wait_for_secret``)."""
+    """A StartupMessage: check it, then give the facts of the login to ``choose``."""
 
     packet: StartupMessage
+
+
+@dataclass(frozen=True, slots=True)
+class LookUpSecret:
+    """Ask auth_query for the user's secret; then ``secret_found``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +111,22 @@ class Authenticated:
     credential: Credential | None
 
 
-Action = Send | StartTls | DirectTls | ForwardCancel | Refuse | Startup | Authenticated
+Action = (
+    Send | StartTls | DirectTls | ForwardCancel | Refuse | Startup | LookUpSecret | Authenticated
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFacts:
+    """What the proxy says about a client once its StartupMessage passed the checks: the
+    login its rules ask for, and what is known of its user."""
+
+    method: PasswordMethod | Literal["trust"]
+    secret: Secret | None  # the stored secret (auth_file, [users]); None: none stored
+    auth_query: bool  # a missing secret may come from auth_query
+    known: bool | None  # under trust: the user exists (None: auth_query must tell)
+    iterations: int  # for a SCRAM verifier made from a plain password
+    channel_binding: bytes | None  # SCRAM-SHA-256-PLUS data, used over TLS only
 
 
 class ClientLogin:
@@ -118,6 +140,8 @@ class ClientLogin:
         self._buffer = bytearray()
         self._auth: ClientAuthenticator | None = None
         self.startup: StartupMessage | None = None
+        self._user = ""
+        self._facts: LoginFacts | None = None  # given by ``choose``
 
     def receive(self, data: bytes) -> list[Action]:
         """Bytes from the client, before it is logged in."""
@@ -134,23 +158,45 @@ class ClientLogin:
         self.phase = Phase.STARTUP
         return self._startup_packets()
 
-    def wait_for_secret(self) -> None:
-        """The user's secret comes from auth_query: hold the client meanwhile."""
-        self.phase = Phase.LOOKUP
+    def choose(self, user: str, facts: LoginFacts) -> list[Action]:
+        """The StartupMessage passed the checks: log ``user`` in as ``facts`` say.
 
-    def authenticate(
-        self, method: PasswordMethod | Literal["trust"], user: str, secret: Secret | None,
-        iterations: int, channel_binding: bytes | None,
-    ) -> list[Action]:  # fmt: skip
-        """Run the login chosen for the StartupMessage: none under trust, else the
-        password exchange of ``method`` against ``secret`` (None: an unknown user, who
-        goes through the same exchange and fails)."""
-        if method == "trust":
+        A password method asks for the password before anything about the database is
+        said, so that neither user nor database names can be probed; a user with no
+        stored secret is looked up first when auth_query may know it, else goes through
+        the same exchange and fails. Trust lets a known user in at once."""
+        self._user, self._facts = user, facts
+        if facts.method != "trust":
+            if facts.secret is None and facts.auth_query:
+                self.phase = Phase.LOOKUP
+                return [LookUpSecret()]
+            return self._authenticate(facts.secret)
+        if facts.known is None:  # auth_query says (trust: no password asked after it)
+            self.phase = Phase.LOOKUP
+            return [LookUpSecret()]
+        if not facts.known:
+            self.refused()
+            return [Refuse(codes.INVALID_AUTHORIZATION, '"trust" authentication failed')]
+        return self._authenticate(None)
+
+    def secret_found(self, secret: Secret | None, *, unknown_user: bool = False) -> list[Action]:
+        """auth_query's answer: ``secret`` (None: an expired user), or ``unknown_user``."""
+        if unknown_user:
+            # PgBouncer's answer too (it cannot mock the exchange here either).
+            self.refused()
+            return [Refuse(codes.INVALID_AUTHORIZATION, "no such user")]
+        return self._authenticate(secret)
+
+    def _authenticate(self, secret: Secret | None) -> list[Action]:
+        facts = self._facts
+        assert facts is not None
+        if facts.method == "trust":
             self.phase = Phase.ADMISSION
             return [Authenticated(None)]
         self._auth = ClientAuthenticator(
-            method, user, secret, iterations, channel_binding if self.tls else None
-        )
+            facts.method, self._user, secret, facts.iterations,
+            facts.channel_binding if self.tls else None,
+        )  # fmt: skip
         self.phase = Phase.PASSWORD
         return [Send(self._auth.start()), *self._password_messages()]
 
@@ -158,6 +204,19 @@ class ClientLogin:
         """The caller ended the login (a check failed)."""
         self.phase = Phase.ENDED
         self._auth = None
+
+    def welcome(self, parameter_statuses: bytes, cancel_key: tuple[int, bytes]) -> bytes:
+        """What a client admitted to a pool or the console is told: AuthenticationOk, the
+        ParameterStatus messages, its cancel key (BackendKeyData), ReadyForQuery idle."""
+        assert self.phase is Phase.ADMISSION
+        return b"".join(
+            (
+                messages.AUTHENTICATION_OK,
+                parameter_statuses,
+                messages.backend_key_data(*cancel_key),
+                _READY_IDLE,
+            )
+        )
 
     def logged_in(self) -> bytes:
         """The welcome is sent: from now on the caller reads the client's bytes itself.
@@ -171,7 +230,7 @@ class ClientLogin:
 
     def _startup_packets(self) -> list[Action]:
         buffer = self._buffer
-        if buffer[:1] == b"\x16" and self._tls_offered and not self.tls:
+        if buffer[:1] == _TLS_HANDSHAKE and self._tls_offered and not self.tls:
             # (Without TLS a ClientHello is garbage like any other: 08P01 below.)
             self.phase = Phase.TLS
             hello = bytes(buffer)
