@@ -27,14 +27,14 @@ import time
 
 import uvloop
 
-from pgproxy import params as tracked
-from pgproxy.client import READY, ClientConn
 from pgproxy.config import PoolSettings, Settings
-from pgproxy.daemon import Daemon
-from pgproxy.metrics import PoolHistograms
-from pgproxy.pool import Pool, ServerTarget
+from pgproxy.core import params as tracked
+from pgproxy.core.client import READY, ClientConn
+from pgproxy.core.histograms import PoolHistograms
+from pgproxy.core.pool import Pool
+from pgproxy.core.server import IDLE, ServerConn, ServerTarget
 from pgproxy.protocol.prepared import ClientStatements
-from pgproxy.server import IDLE, ServerConn
+from pgproxy.services.daemon import Daemon
 from pgproxy.testing import CountingTransport
 
 

@@ -19,10 +19,12 @@ from typing import Any
 import uvloop
 
 from pgproxy import VERSION_LINE, logs
-from pgproxy.config import ConfigError, Settings, load_settings
-from pgproxy.daemon import Daemon, client_secrets
+from pgproxy.config import ConfigError, Settings
+from pgproxy.config_file import load_settings
 from pgproxy.hba import hba_rules
-from pgproxy.workers import WorkerContext, supervise, worker_count
+from pgproxy.services.credentials import client_secrets
+from pgproxy.services.daemon import Daemon
+from pgproxy.services.workers import WorkerContext, supervise, worker_count
 
 #: Middle-generation collections between two full ones (CPython's default is 10).
 FULL_COLLECTION_EVERY = 100

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -968,8 +967,8 @@ class Settings(BaseSettings):
         return self.default_pool_size
 
 
-# The console's database names (pgproxy.admin's; repeated here, below it in the layers):
-# auth_query cannot run there, so neither can be an auth_dbname.
+# The console's database names (pgproxy.services.admin's; repeated here, below it in the
+# layers): auth_query cannot run there, so neither can be an auth_dbname.
 _CONSOLE_NAMES = RESERVED_AUTH_DBNAMES = frozenset({"pgbouncer", "pgproxy"})
 _NO_USER_ENTRY = UserConfig()  # the settings of a user without a [users] entry
 
@@ -1013,29 +1012,10 @@ def _log_environment_overrides(file_keys: set[str]) -> None:
             log.info("%s: set by %s", name, key)
 
 
-def load_settings(path: str | None, *, log_overrides: bool = False) -> Settings:
-    """Read ``path`` (TOML; None for defaults only) and ``PGPROXY_*``; raise ConfigError.
-    ``log_overrides``: log which settings the environment sets (done once, at start)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as config_file:
-                text = config_file.read()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        # (Imported here: the converter builds on this module's models.)
-        from pgproxy import pgbouncer_ini
-
-        if pgbouncer_ini.is_pgbouncer_ini(text):
-            conversion = pgbouncer_ini.convert(path)
-            for warning in conversion.warnings:
-                logging.getLogger("pgproxy.config").warning("%s", warning)
-            data = conversion.data
-        else:
-            try:
-                data = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+def settings_from(data: dict[str, Any], *, log_overrides: bool = False) -> Settings:
+    """Settings from a config file's ``data`` and ``PGPROXY_*``; raise ConfigError.
+    ``log_overrides``: log which settings the environment sets (done once, at start).
+    (pgproxy.config_file reads the file, TOML or pgbouncer.ini.)"""
     unknown = _unknown_env_keys()
     if unknown:
         raise ConfigError("unknown environment setting(s): " + ", ".join(unknown))

@@ -17,8 +17,8 @@ import sys
 import uvloop
 
 from pgproxy.config import Settings
-from pgproxy.daemon import Daemon
 from pgproxy.embedded import EmbeddedPostgres, find_pg_bindir
+from pgproxy.services.daemon import Daemon
 
 
 def main(argv: list[str] | None = None) -> int:

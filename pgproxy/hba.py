@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pgproxy.config import ConfigError, Settings
 
+# The login a matching rule asks for: a password exchange, or none.
+LoginMethod = Literal["trust", "plain", "md5", "scram-sha-256"]
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 METHODS = frozenset({"trust", "reject", "md5", "scram-sha-256", "password", "cert", "peer"})
@@ -101,6 +105,58 @@ class HbaRules:
             ):  # fmt: skip
                 return rule
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class HbaRefusal:
+    """The rules refuse the client; ``message`` (PostgreSQL's words) goes to it as 28000."""
+
+    message: str
+
+
+def login_method(
+    rules: HbaRules, *, peer: str | None, tls: bool, database: str, user: str,
+    replication: bool, certificate_names: Callable[[], Sequence[str]],
+    os_user: Callable[[], str | None],
+) -> LoginMethod | HbaRefusal:  # fmt: skip
+    """auth_type = hba: the login the first matching rule asks of a client, after that
+    rule's own checks (reject, cert, peer), or why it is refused.
+
+    ``peer``: the client's IP address (None over the Unix socket). ``certificate_names``:
+    the common names of the client's verified certificate; ``os_user``: the name of the
+    OS user at the other end of the Unix socket (each asked only if a rule needs it)."""
+    local = peer is None
+    address = None if peer is None else ipaddress.ip_address(peer)
+    rule = rules.match(
+        local=local, tls=tls, database=database, user=user, address=address,
+        replication=replication,
+    )  # fmt: skip
+    where = "local" if peer is None else f'host "{peer}"'
+    encryption = "SSL encryption" if tls else "no encryption"
+    if rule is None:
+        return HbaRefusal(
+            f'no pg_hba.conf entry for {where}, user "{user}", '
+            f'database "{database}", {encryption}'
+        )
+    if rule.method == "reject":
+        return HbaRefusal(
+            f'pg_hba.conf rejects connection for {where}, user "{user}", '
+            f'database "{database}", {encryption}'
+        )
+    if rule.method == "cert":
+        if user in certificate_names():
+            return "trust"
+        return HbaRefusal(f'certificate authentication failed for user "{user}"')
+    if rule.method == "peer":
+        if not local or os_user() != user:
+            return HbaRefusal(f'Peer authentication failed for user "{user}"')
+        return "trust"
+    if rule.method == "trust":
+        return "trust"
+    if rule.method == "password":
+        return "plain"
+    assert rule.method in ("md5", "scram-sha-256")
+    return "md5" if rule.method == "md5" else "scram-sha-256"
 
 
 def _tokens(line: str, where: str) -> list[list[Item]]:

@@ -11,6 +11,30 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from typing import Literal, get_args
+
+from pgproxy.protocol import codes
+
+# Why a client's login failed (pgproxy_client_login_failures_total{reason}): the password or
+# authorization (auth_failed), an unknown database, a client cap (limit_reached), the pool's
+# own login to PostgreSQL (server_login_failed), client_login_timeout, anything else.
+LoginFailureReason = Literal[
+    "auth_failed", "no_such_database", "limit_reached", "server_login_failed", "timeout", "other",
+]  # fmt: skip
+LOGIN_FAILURE_REASONS: tuple[LoginFailureReason, ...] = get_args(LoginFailureReason)
+
+
+def login_failure_reason(sqlstate: str) -> LoginFailureReason:
+    """The reason a login that ended with ``sqlstate`` is counted under, when the code that
+    refused it did not name one (ClientConn.fatal's ``reason``). The SQLSTATE alone cannot
+    tell everything: PostgreSQL refusing the pool's own login also sends 28P01, and
+    pgproxy's PgBouncer-worded refusals (no such database, the client caps) are 08P01."""
+    if sqlstate in (codes.INVALID_PASSWORD, codes.INVALID_AUTHORIZATION):
+        return "auth_failed"
+    if sqlstate == codes.TOO_MANY_CONNECTIONS:
+        return "limit_reached"
+    return "other"
+
 
 USEC = 1_000_000
 

@@ -8,13 +8,13 @@ import asyncio
 import struct
 import time
 
-from pgproxy import params as tracked
-from pgproxy.client import READY, ClientConn
 from pgproxy.config import Settings
-from pgproxy.daemon import Daemon
-from pgproxy.pool import Pool, ServerBudget, ServerTarget
+from pgproxy.core import params as tracked
+from pgproxy.core.client import READY, ClientConn
+from pgproxy.core.pool import Pool, ServerBudget, ServerTarget
+from pgproxy.core.server import ServerConn, ServerLoginError
 from pgproxy.protocol import messages
-from pgproxy.server import ServerConn, ServerLoginError
+from pgproxy.services.daemon import Daemon
 from pgproxy.testing import MemoryTransport
 
 QUERY = messages.query("SELECT 1")

@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from pgproxy.admin.parse import Command, ConsoleSyntaxError, SetCommand, parse_command
-from pgproxy.admin.resultset import INT4, NUMERIC, TEXT, columns, data_row, result
 from pgproxy.config import ConfigError, Settings, changed_setting
+from pgproxy.services.admin.parse import Command, ConsoleSyntaxError, SetCommand, parse_command
+from pgproxy.services.admin.resultset import INT4, NUMERIC, TEXT, columns, data_row, result
 from pgproxy.stats import PoolStats, StatsWindow, Totals
 
 

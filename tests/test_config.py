@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 from pgproxy import __version__
-from pgproxy.config import (
-    ConfigError,
-    DatabaseConfig,
-    Settings,
-    UserConfig,
-    load_settings,
-    replica_lag_limit,
-)
+from pgproxy.config import ConfigError, DatabaseConfig, Settings, UserConfig, replica_lag_limit
+from pgproxy.config_file import load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-Hunter2-do-not-print"

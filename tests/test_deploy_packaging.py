@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pgproxy.cli import build_parser
-from pgproxy.config import load_settings
+from pgproxy.config_file import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
@@ -29,7 +29,7 @@ KUBERNETES = ROOT / "deploy" / "kubernetes"
 CHART = ROOT / "deploy" / "helm" / "pgproxy"
 RULES = ROOT / "deploy" / "prometheus" / "pgproxy-rules.yml"
 KUBERNETES_VERSION = "1.29.0"  # the oldest with native sidecars, which the manifests use
-HTTP_PATHS = {"/healthz", "/readyz", "/metrics"}  # pgproxy/http.py
+HTTP_PATHS = {"/healthz", "/readyz", "/metrics"}  # pgproxy/services/http.py
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: no schema offline
 
 

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 from pgproxy import docs_config
-from pgproxy.config import DatabaseConfig, PeerConfig, Settings, UserConfig, load_settings
+from pgproxy.config import DatabaseConfig, PeerConfig, Settings, UserConfig
+from pgproxy.config_file import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "configuration.md"

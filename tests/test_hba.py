@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pgproxy.config import ConfigError
-from pgproxy.hba import load_hba, parse_hba
+from pgproxy.hba import HbaRefusal, load_hba, login_method, parse_hba
 
 HERE = ipaddress.ip_address("127.0.0.1")
 
@@ -111,3 +111,42 @@ def test_unreadable_files(tmp_path: Path) -> None:
     (tmp_path / "hba.conf").write_text("host all @nobody all trust\n")
     with pytest.raises(ConfigError, match="line 1: cannot read"):
         load_hba(str(tmp_path / "hba.conf"))
+
+
+def _login(text: str, *, peer: str | None = "127.0.0.1", user: str = "u", tls: bool = False,
+           names: tuple[str, ...] = (), os_user: str | None = None) -> object:  # fmt: skip
+    return login_method(
+        parse_hba(text, "/etc/hba.conf"), peer=peer, tls=tls, database="db", user=user,
+        replication=False, certificate_names=lambda: names, os_user=lambda: os_user,
+    )  # fmt: skip
+
+
+def test_login_method_maps_rules_to_logins() -> None:
+    assert _login("host all all all password") == "plain"
+    assert _login("host all all all md5") == "md5"
+    assert _login("host all all all scram-sha-256") == "scram-sha-256"
+    assert _login("host all all all trust") == "trust"
+
+
+def test_login_method_refusals_use_postgresql_words() -> None:
+    assert _login("local all all trust") == HbaRefusal(
+        'no pg_hba.conf entry for host "127.0.0.1", user "u", database "db", no encryption'
+    )
+    assert _login("local all all reject", peer=None) == HbaRefusal(
+        'pg_hba.conf rejects connection for local, user "u", database "db", no encryption'
+    )
+    assert _login("hostssl all all all reject", tls=True) == HbaRefusal(
+        'pg_hba.conf rejects connection for host "127.0.0.1", user "u", database "db", '
+        "SSL encryption"
+    )
+
+
+def test_login_method_checks_cert_and_peer() -> None:
+    assert _login("hostssl all all all cert", tls=True, names=("u",)) == "trust"
+    assert _login("hostssl all all all cert", tls=True, names=("v",)) == HbaRefusal(
+        'certificate authentication failed for user "u"'
+    )
+    assert _login("local all all peer", peer=None, os_user="u") == "trust"
+    assert _login("local all all peer", peer=None, os_user=None) == HbaRefusal(
+        'Peer authentication failed for user "u"'
+    )

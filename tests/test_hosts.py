@@ -1,4 +1,4 @@
-"""pgproxy.hosts without a network: ranking hosts by role and lag, failovers, attaching.
+"""pgproxy.core.hosts without a network: ranking hosts by role and lag, failovers, attaching.
 
 The end-to-end behaviour (a real primary, a real standby, a promotion) is in
 tests/e2e/test_failover.py.
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pgproxy.config import DatabaseConfig, PoolSettings, Settings, TargetSessionAttrs
-from pgproxy.hosts import (
+from pgproxy.core.hosts import (
     BEST,
     FALLBACK,
     PRIMARY,
@@ -23,8 +23,8 @@ from pgproxy.hosts import (
     Topologies,
     Topology,
 )
-from pgproxy.pool import Pool, ServerTarget
-from pgproxy.server import ServerConn
+from pgproxy.core.pool import Pool, ServerTarget
+from pgproxy.core.server import ServerConn
 
 HOSTS = ("db-1", "db-2", "db-3")
 

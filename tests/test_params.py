@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgproxy import params
-from pgproxy.params import EMPTY, TRACKED, from_pairs, sync_sql, tracked_index, with_value
+from pgproxy.core import params
+from pgproxy.core.params import EMPTY, TRACKED, from_pairs, sync_sql, tracked_index, with_value
 from pgproxy.protocol.messages import from_wire
 
 
@@ -189,7 +189,7 @@ def test_with_value_then_sync_reaches_the_client_values(pairs: list[tuple[str, s
 
 
 def test_startup_settings_follow_pgbouncer() -> None:
-    from pgproxy.params import UnsupportedParameter, startup_settings
+    from pgproxy.core.params import UnsupportedParameter, startup_settings
 
     none: frozenset[str] = frozenset()
     params = {

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pgproxy.cli import main
-from pgproxy.config import ConfigError, Settings, load_settings
+from pgproxy.config import ConfigError, Settings
+from pgproxy.config_file import load_settings
 from pgproxy.pgbouncer_ini import convert, is_pgbouncer_ini, parse_connstr, read_ini
 
 # Every [pgbouncer] setting pgproxy carries over, with a value that is not its default.

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from pgproxy import janitor
-from pgproxy.pool import LocalServerBudget, Pool
+from pgproxy.core import janitor
+from pgproxy.core.pool import LocalServerBudget, Pool
+from pgproxy.core.server import ServerConn, ServerLoginError
+from pgproxy.core.states import ServerState
 from pgproxy.protocol import codes, messages
-from pgproxy.server import ServerConn, ServerLoginError
-from pgproxy.states import ServerState
-from pgproxy.workers import SharedBudgets, SharedServerBudget
+from pgproxy.services.workers import SharedBudgets, SharedServerBudget
 from tests.inprocess import (
     BEGIN,
     IN_TRANSACTION,

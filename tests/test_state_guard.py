@@ -1,13 +1,11 @@
-"""pgproxy.state_guard without a server: the check's SQL, reading its replies, comparing."""
+"""pgproxy.core.state_guard without a server: the check's SQL, reading its replies, comparing."""
 
 from __future__ import annotations
 
 import json
 
-from pgproxy import params as tracked
-from pgproxy.protocol import messages
-from pgproxy.protocol.messages import message
-from pgproxy.state_guard import (
+from pgproxy.core import params as tracked
+from pgproxy.core.state_guard import (
     COUNTED_KINDS,
     KINDS,
     RecentLeaks,
@@ -17,6 +15,8 @@ from pgproxy.state_guard import (
     check_query,
     parse_check,
 )
+from pgproxy.protocol import messages
+from pgproxy.protocol.messages import message
 
 
 def data_row(*values: str | None) -> bytes:

@@ -1,4 +1,4 @@
-"""Shared budgets for workers = N (pgproxy/workers.py): exact across processes."""
+"""Shared budgets for workers = N (pgproxy/services/workers.py): exact across processes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pgproxy.cli import main
-from pgproxy.workers import SharedBudgets, SharedServerBudget, evict_for_other_workers
+from pgproxy.services.workers import SharedBudgets, SharedServerBudget, evict_for_other_workers
 from tests.inprocess import BEGIN, IN_TRANSACTION, Setup, settle
 
 
@@ -104,7 +104,7 @@ def test_peer_id_and_workers_conflict(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_metrics_of_several_workers_merge() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from pgproxy.metrics import merge_expositions
+    from pgproxy.services.metrics import merge_expositions
 
     def worker(transactions: int, clients: int, bucket: int) -> str:
         return (
@@ -145,7 +145,7 @@ def test_process_and_limit_metrics_of_several_workers_merge() -> None:
     files add up; the file limit, the start time and the configured caps do not."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from pgproxy.metrics import merge_expositions
+    from pgproxy.services.metrics import merge_expositions
 
     def worker(rss: int, cpu: float, fds: int, started: float, clients: int) -> str:
         return (

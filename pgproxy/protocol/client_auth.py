@@ -28,7 +28,7 @@ from typing import Literal
 import scramp
 
 from pgproxy.protocol import codes, messages
-from pgproxy.protocol.auth import Credential, Md5Hash, ScramKeys
+from pgproxy.protocol.server_login import Credential, Md5Hash, ScramKeys
 
 Method = Literal["plain", "md5", "scram-sha-256"]
 SCRAM = "SCRAM-SHA-256"

@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pgproxy.stats import PoolStats
+from typing import Protocol
 
 _HEADER = struct.Struct("!cI")
 _S = ord("S")
@@ -67,6 +64,14 @@ _SQL_PREPARE = 6
 # here if missing and the Query (``raw``: rewritten to pgproxy's name) is run through the
 # extended protocol (see _execute_messages), so that its errors come in their place.
 _SQL_EXECUTE = 7
+
+
+class StatementCounters(Protocol):
+    """The counters the statements bump (pgproxy.stats' PoolStats, SHOW STATS)."""
+
+    client_parse_count: int
+    bind_count: int
+    server_parse_count: int
 
 
 class Op:
@@ -455,7 +460,7 @@ class ClientStatements:
         "unnamed_batch",
     )
 
-    def __init__(self, registry: Registry, stats: PoolStats) -> None:
+    def __init__(self, registry: Registry, stats: StatementCounters) -> None:
         self.registry = registry
         self.stats = stats
         self.names: dict[bytes, Statement] = {}
@@ -627,7 +632,7 @@ class ServerStatements:
         "strays",
     )  # fmt: skip
 
-    def __init__(self, registry: Registry, stats: PoolStats, capacity: int) -> None:
+    def __init__(self, registry: Registry, stats: StatementCounters, capacity: int) -> None:
         self.registry = registry
         self.stats = stats
         self.capacity = capacity

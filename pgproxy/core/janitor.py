@@ -14,16 +14,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from pgproxy.client import LOGIN, READY
+from pgproxy.core.client import LOGIN, READY
+from pgproxy.core.hosts import HostPolicy
+from pgproxy.core.states import ClientState
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.stream import STATUS_IDLE
-from pgproxy.states import ClientState
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
     from pgproxy.config import Settings
-    from pgproxy.pool import Pool
-    from pgproxy.server import ServerConn
+    from pgproxy.core.client import ClientConn
+    from pgproxy.core.pool import Pool
+    from pgproxy.core.server import ServerConn
 
 log = logging.getLogger("pgproxy.janitor")
 
@@ -89,8 +90,9 @@ class Janitor:
             if settings.leak_detection_threshold > 0 and pool.servers:
                 detect_leaks(pool, now, settings.leak_detection_threshold)
             recycle(pool, now)
-            if pool.host_policy is not None:  # roles and lag of the hosts (hosts.py)
-                pool.host_policy.topology.maintain(pool, now)
+            policy = pool.host_policy
+            if isinstance(policy, HostPolicy):  # roles and lag of the hosts (hosts.py)
+                policy.topology.maintain(pool, now)
             if pool.guard != "off" and pool.idle and pool.settings.state_check_period > 0:
                 check_idle_state(pool, now, pool.settings.state_check_period)
             if pool.histograms is not None:
@@ -252,7 +254,7 @@ def expire_login(client: ClientConn, now: float, timeout: float) -> None:
     """client_login_timeout: a client still logging in after ``timeout`` seconds."""
     if not client.closed and now - client.connected_at >= timeout:
         # PgBouncer's wording tells a stalled client from one waiting for a dead server.
-        client.daemon.login_timeouts += 1
+        client.host.registry.login_timeouts += 1
         if client.state is LOGIN:
             client.fatal(
                 codes.PROTOCOL_VIOLATION, "client_login_timeout (server down)", reason="timeout"

@@ -11,11 +11,8 @@ so no lock is needed. Labels: ``database`` and ``user`` of a pool, never anythin
 from __future__ import annotations
 
 import platform
-from bisect import bisect_left
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from functools import partial
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -28,136 +25,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pgproxy import BUILD, __version__
-from pgproxy.admin import CONSOLE_DATABASE
-from pgproxy.protocol import codes
+from pgproxy.core.histograms import Histogram
+from pgproxy.core.state_guard import KINDS as STATE_LEAK_KINDS
 from pgproxy.protocol.messages import printable
-from pgproxy.state_guard import KINDS as STATE_LEAK_KINDS
+from pgproxy.services.admin import CONSOLE_DATABASE
+from pgproxy.stats import LOGIN_FAILURE_REASONS
 
 if TYPE_CHECKING:
-    from pgproxy.daemon import Daemon
-    from pgproxy.pool import Pool
+    # (The daemon as the console and /metrics see it: an interface pgproxy.services.daemon meets.)
+    from pgproxy.core.pool import Pool
+    from pgproxy.services.control import DaemonView as Daemon
 
-HOST_ROLES = ("primary", "standby", "unknown")  # the roles pgproxy.hosts tells apart
+HOST_ROLES = ("primary", "standby", "unknown")  # the roles pgproxy.core.hosts tells apart
 
-# Bucket upper bounds in seconds.
-WAIT_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    30.0, 60.0, 120.0, 300.0,
-)  # fmt: skip
-CONNECT_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0,
-)  # fmt: skip
-DURATION_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    30.0, 60.0, 300.0,
-)  # fmt: skip
 TIMEOUT_KINDS = (
     "query_wait", "query", "idle_transaction", "transaction", "client_idle", "client_login",
 )  # fmt: skip
-# Why a client's login failed (pgproxy_client_login_failures_total{reason}): the password or
-# authorization (auth_failed), an unknown database, a client cap (limit_reached), the pool's
-# own login to PostgreSQL (server_login_failed), client_login_timeout, anything else.
-LoginFailureReason = Literal[
-    "auth_failed", "no_such_database", "limit_reached", "server_login_failed", "timeout", "other",
-]  # fmt: skip
-LOGIN_FAILURE_REASONS: tuple[LoginFailureReason, ...] = get_args(LoginFailureReason)
 POOL_LABELS = ("database", "user")
 # (ServerConn state, metric label): a server running the session reset is PgBouncer's 'used'.
 SERVER_STATES = (
     ("active", "active"), ("idle", "idle"), ("reset", "used"), ("tested", "tested"),
     ("login", "login"),
 )  # fmt: skip
-
-
-def login_failure_reason(sqlstate: str) -> LoginFailureReason:
-    """The reason a login that ended with ``sqlstate`` is counted under, when the code that
-    refused it did not name one (ClientConn.fatal's ``reason``). The SQLSTATE alone cannot
-    tell everything: PostgreSQL refusing the pool's own login also sends 28P01, and
-    pgproxy's PgBouncer-worded refusals (no such database, the client caps) are 08P01."""
-    if sqlstate in (codes.INVALID_PASSWORD, codes.INVALID_AUTHORIZATION):
-        return "auth_failed"
-    if sqlstate == codes.TOO_MANY_CONNECTIONS:
-        return "limit_reached"
-    return "other"
-
-
-def wait_buckets(query_wait_timeout: float) -> tuple[float, ...]:
-    """WAIT_BUCKETS plus the timeout itself and twice it, so that a p99 near the timeout
-    (waits ended by query_wait_timeout are observed too) has buckets around it."""
-    extra = {query_wait_timeout, 2 * query_wait_timeout} if query_wait_timeout > 0 else set()
-    return tuple(sorted(set(WAIT_BUCKETS) | extra))
-
-
-class Histogram:
-    """A Prometheus histogram as plain lists: ``counts[i]`` observations fell in bucket i
-    (the last one is +Inf). Cumulated only when scraped.
-
-    The hot path only appends to ``pending`` (``record`` is its bound ``append``: one C
-    call, no Python frame); ``fold`` sorts what was recorded into the buckets in bulk when
-    the histogram is read and on every janitor pass, so ``pending`` stays short (a third of
-    a second of transactions at most).
-    """
-
-    __slots__ = ("_sum", "bounds", "counts", "pending", "record")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self._sum = 0.0
-        self.pending: list[float] = []
-        self.record: Callable[[float], None] = self.pending.append
-
-    def observe(self, value: float) -> None:
-        """Record one observation (seconds)."""
-        self.pending.append(value)
-
-    def fold(self) -> None:
-        """Sort the recorded observations into their buckets."""
-        pending = self.pending
-        if not pending:
-            return
-        counts = self.counts
-        for index, count in Counter(map(partial(bisect_left, self.bounds), pending)).items():
-            counts[index] += count
-        self._sum += sum(pending)
-        pending.clear()
-
-    @property
-    def sum(self) -> float:
-        """The sum of every observation."""
-        self.fold()
-        return self._sum
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative (le, count) pairs, +Inf last."""
-        self.fold()
-        result = []
-        running = 0
-        for bound, count in zip([*map(_le, self.bounds), "+Inf"], self.counts, strict=True):
-            running += count
-            result.append((bound, float(running)))
-        return result
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
-
-
-class PoolHistograms:
-    """A pool's four histograms."""
-
-    __slots__ = ("connect", "query", "transaction", "wait")
-
-    def __init__(self, query_wait_timeout: float) -> None:
-        self.wait = Histogram(wait_buckets(query_wait_timeout))
-        self.connect = Histogram(CONNECT_BUCKETS)
-        self.query = Histogram(DURATION_BUCKETS)
-        self.transaction = Histogram(DURATION_BUCKETS)
-
-    def fold(self) -> None:
-        """Sort every histogram's recorded observations into its buckets."""
-        for histogram in (self.wait, self.connect, self.query, self.transaction):
-            histogram.fold()
 
 
 class PgproxyCollector(Collector):
@@ -168,7 +57,7 @@ class PgproxyCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         daemon = self.daemon
-        pools = list(daemon.pools.values())
+        pools = list(daemon.registry.pools.values())
         now = daemon.loop_time()
         yield _gauge("pgproxy_up", "1 while pgproxy serves.", 1)
         info = GaugeMetricFamily("pgproxy_info", "pgproxy's version.", labels=["version"])
@@ -184,9 +73,10 @@ class PgproxyCollector(Collector):
         yield _gauge(
             "pgproxy_shutting_down",
             "1 while a shutdown waits for servers or clients.",
-            int(daemon.shutdown_mode is not None),
+            int(daemon.pauses.shutdown_mode is not None),
         )
-        yield _gauge("pgproxy_client_connections", "Client connections.", len(daemon.clients))
+        clients = len(daemon.registry.clients)
+        yield _gauge("pgproxy_client_connections", "Client connections.", clients)
         yield from _client_limits(daemon)
         failures = CounterMetricFamily(
             "pgproxy_client_login_failures",
@@ -194,7 +84,7 @@ class PgproxyCollector(Collector):
             labels=["reason"],
         )
         for reason in LOGIN_FAILURE_REASONS:  # every one, at 0 until it happens
-            failures.add_metric([reason], daemon.login_failures[reason])
+            failures.add_metric([reason], daemon.registry.login_failures[reason])
         yield failures
         yield from _pool_gauges(daemon, pools, now)
         yield from _pool_counters(daemon, pools)
@@ -225,7 +115,7 @@ def _host_metrics(daemon: Daemon) -> Iterator[Metric]:
         "Times the primary moved to another of the database's hosts.",
         labels=["database"],
     )
-    for topology in daemon.topologies:
+    for topology in daemon.registry.topologies:
         for database in sorted({pool.database for pool in topology.policies}):
             failovers.add_metric([database], topology.failovers)
             for host in topology.hosts.values():
@@ -264,7 +154,7 @@ def _client_limits(daemon: Daemon) -> Iterator[Metric]:
     # The databases SHOW DATABASES lists: the console, the configured ones, and those a
     # client reached through '*'.
     names = [CONSOLE_DATABASE, *(name for name in settings.databases if name != "*")]
-    names += sorted({pool.database for pool in daemon.pools.values()} - set(names))
+    names += sorted({pool.database for pool in daemon.registry.pools.values()} - set(names))
     for name in names:
         entry = settings.database(name) if name != CONSOLE_DATABASE else None
         if entry is not None:
@@ -273,7 +163,7 @@ def _client_limits(daemon: Daemon) -> Iterator[Metric]:
             limit = settings.max_db_client_connections
         else:
             continue  # removed by a reload: its clients are leaving
-        db_count.add_metric([name], daemon.db_clients[name])
+        db_count.add_metric([name], daemon.registry.db_clients[name])
         db_limit.add_metric([name], limit)
     yield db_count
     yield db_limit
@@ -289,10 +179,10 @@ def _client_limits(daemon: Daemon) -> Iterator[Metric]:
     )
     # The users SHOW USERS lists: configured, with a pool, or with clients now. (Not every
     # name ever seen: under trust any name may log in, and the series would pile up.)
-    users = set(settings.users) | {pool.user for pool in daemon.pools.values()}
-    users |= {user for user, count in daemon.user_clients.items() if count > 0}
+    users = set(settings.users) | {pool.user for pool in daemon.registry.pools.values()}
+    users |= {user for user, count in daemon.registry.user_clients.items() if count > 0}
     for user in sorted(users):
-        user_count.add_metric([user], daemon.user_clients[user])
+        user_count.add_metric([user], daemon.registry.user_clients[user])
         user_limit.add_metric([user], settings.max_user_client_connections_for(user))
     yield user_count
     yield user_limit
@@ -336,7 +226,7 @@ def _pool_gauges(daemon: Daemon, pools: list[Pool], now: float) -> Iterator[Metr
         "The query_wait_timeout in force for the pool's user and database (0: none).",
         labels=POOL_LABELS,
     )
-    census, _ = daemon.client_census()
+    census, _ = daemon.registry.client_census()
     for pool in pools:
         labels = _labels(pool)
         for state in ("active", "waiting", "idle"):
@@ -401,7 +291,7 @@ def _pool_counters(daemon: Daemon, pools: list[Pool]) -> Iterator[Metric]:
             if kind != "client_login":
                 timeouts.add_metric([*_labels(pool), kind], pool.stats.timeouts.get(kind, 0))
     # A login timeout happens before the client has a pool.
-    timeouts.add_metric(["", "", "client_login"], daemon.login_timeouts)
+    timeouts.add_metric(["", "", "client_login"], daemon.registry.login_timeouts)
     yield timeouts
     state_leaks = CounterMetricFamily(
         "pgproxy_session_state_leaks",

@@ -11,33 +11,33 @@ import asyncio
 import logging
 import os
 import signal
-import struct
 from typing import TYPE_CHECKING
 
-from pgproxy.admin import show
-from pgproxy.admin.gather import (
+from pgproxy.config import ConfigError
+from pgproxy.protocol import codes, messages
+from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
+from pgproxy.services.admin import CONSOLE_DATABASE, CONSOLE_DATABASES, show
+from pgproxy.services.admin.gather import (
     MERGES,
     METRICS_TEXT,
     NAMED_MERGES,
+    PEER_APPLICATION,
     merge_named_values,
     merge_table,
     peer_commands,
     peer_rows,
 )
-from pgproxy.admin.parse import Command, ConsoleSyntaxError, SetCommand, parse_command
-from pgproxy.admin.resultset import columns, result
-from pgproxy.config import ConfigError
-from pgproxy.metrics import registry_for, render
-from pgproxy.protocol import codes, messages
+from pgproxy.services.admin.parse import Command, ConsoleSyntaxError, SetCommand, parse_command
+from pgproxy.services.admin.resultset import columns, result
+from pgproxy.services.metrics import registry_for, render
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
-    from pgproxy.daemon import Daemon, ShutdownMode
+    from pgproxy.core.client import ClientConn
+    from pgproxy.services.control import DaemonView
+    from pgproxy.services.pause_state import ShutdownMode
 
 log = logging.getLogger("pgproxy.admin")
 
-_LENGTH = struct.Struct("!I")
-MAX_QUERY = 64 * 1024  # a console query longer than this is not one
 # Parameters some drivers ask about with SHOW/SET; the console answers for itself.
 FAKE_PARAMS = {
     "client_encoding": "UTF-8",
@@ -69,11 +69,39 @@ class ConsoleError(Exception):
         self.detail = detail
 
 
+class ConsoleDoor:
+    """The way in to the console for a client whose database is the console's name."""
+
+    name = CONSOLE_DATABASE
+    welcome_params = WELCOME_PARAMS
+
+    def __init__(self, daemon: DaemonView) -> None:
+        self.daemon = daemon
+
+    def serves(self, database: str) -> bool:
+        """Whether a client of ``database`` reaches the console."""
+        return database in CONSOLE_DATABASES
+
+    def may_log_in(self, user: str, local_admin: bool) -> bool:
+        """Whether ``user`` may open a console session at all."""
+        settings = self.daemon.settings
+        return local_admin or user in settings.admin_users or user in settings.stats_users
+
+    def is_peer(self, application_name: str | None) -> bool:
+        """Whether a local admin login is another worker's (admin.gather) asking for this
+        worker's own rows."""
+        return application_name == PEER_APPLICATION
+
+    def open(self, client: ClientConn, *, local_admin: bool, peer: bool) -> Console:
+        """The session of ``client``, logged in."""
+        return Console(client, self.daemon, local_admin=local_admin, peer=peer)
+
+
 class Console:
     """The console side of one client connection."""
 
     def __init__(
-        self, client: ClientConn, daemon: Daemon, *, local_admin: bool, peer: bool = False
+        self, client: ClientConn, daemon: DaemonView, *, local_admin: bool, peer: bool = False
     ) -> None:
         self.client = client
         self.peer = peer  # a worker's peer asking for this worker's rows only
@@ -84,12 +112,6 @@ class Console:
         self._task: asyncio.Task[None] | None = None
 
     # -- access ---------------------------------------------------------------------------
-
-    @staticmethod
-    def may_log_in(daemon: Daemon, user: str, local_admin: bool) -> bool:
-        """Whether ``user`` may open a console session at all."""
-        settings = daemon.settings
-        return local_admin or user in settings.admin_users or user in settings.stats_users
 
     @property
     def is_admin(self) -> bool:
@@ -113,19 +135,11 @@ class Console:
             self._task.cancel()
 
     def _next_message(self) -> tuple[int, bytes] | None:
-        buffer = self._buffer
-        if len(buffer) < 5:
+        try:
+            return next_message(self._buffer, MAX_CLIENT_MESSAGE)
+        except BadFrame as exc:
+            self.client.fatal(codes.PROTOCOL_VIOLATION, str(exc))
             return None
-        length = _LENGTH.unpack_from(buffer, 1)[0]
-        if length < 4 or length > MAX_QUERY:
-            self.client.fatal(codes.PROTOCOL_VIOLATION, f"invalid message length {length}")
-            return None
-        if len(buffer) < 1 + length:
-            return None
-        type_byte = buffer[0]
-        payload = bytes(buffer[5 : 1 + length])
-        del buffer[: 1 + length]
-        return type_byte, payload
 
     async def _run(self) -> None:
         client = self.client
@@ -227,7 +241,7 @@ class Console:
     async def _kill_client_anywhere(self, arg: str, query: str) -> bytes:
         if not arg.isdigit():
             raise ConsoleError("invalid client pointer supplied")
-        if self.daemon.kill_client(int(arg)):
+        if self.daemon.control.kill_client(int(arg)):
             return _done("KILL_CLIENT")
         worker = self.daemon.worker
         assert worker is not None
@@ -284,73 +298,73 @@ class Console:
 
     async def _pause(self, arg: str) -> bytes:
         daemon = self.daemon
-        if daemon.pause_mode != "none":
+        if daemon.pauses.pause_mode != "none":
             raise ConsoleError("already suspended/paused")
         database = self._database(arg, "pause") if arg else None
-        daemon.pause(database)
-        await daemon.wait_for_no_servers(database)
+        daemon.control.pause(database)
+        await daemon.control.wait_for_no_servers(database)
         return _done("PAUSE")
 
     async def _suspend(self, arg: str) -> bytes:
         daemon = self.daemon
         if arg:
             raise ConsoleError(f"invalid command 'SUSPEND {arg}', use SHOW HELP;")
-        if daemon.pause_mode != "none":
+        if daemon.pauses.pause_mode != "none":
             raise ConsoleError("already suspended/paused")
-        if any(flags.paused for flags in daemon.database_flags.values()):
+        if any(flags.paused for flags in daemon.pauses.database_flags.values()):
             raise ConsoleError("cannot suspend with paused databases")
-        daemon.pause(None, suspend=True)
-        await daemon.wait_for_no_servers(None)
+        daemon.control.pause(None, suspend=True)
+        await daemon.control.wait_for_no_servers(None)
         return _done("SUSPEND")
 
     async def _resume(self, arg: str) -> bytes:
         daemon = self.daemon
         if not arg:
-            if daemon.shutdown_mode is not None:
+            if daemon.pauses.shutdown_mode is not None:
                 raise ConsoleError("pooler is shutting down")
-            if daemon.pause_mode == "none":
+            if daemon.pauses.pause_mode == "none":
                 raise ConsoleError("pooler is not paused/suspended")
-            daemon.resume(None)
+            daemon.control.resume(None)
         else:
             if daemon.settings.database(arg) is None:
                 raise ConsoleError(f"no such database: {arg}")
-            if not daemon.db_flags(arg).paused:
+            if not daemon.pauses.db_flags(arg).paused:
                 raise ConsoleError(f"database {arg} is not paused")
-            daemon.resume(arg)
+            daemon.control.resume(arg)
         return _done("RESUME")
 
     async def _disable(self, arg: str) -> bytes:
         if not arg:
             raise ConsoleError("a database is required")
-        self.daemon.db_flags(self._database(arg, "disable")).disabled = True
+        self.daemon.pauses.db_flags(self._database(arg, "disable")).disabled = True
         return _done("DISABLE")
 
     async def _enable(self, arg: str) -> bytes:
         if not arg:
             raise ConsoleError("a database is required")
-        self.daemon.db_flags(self._database(arg, "enable")).disabled = False
+        self.daemon.pauses.db_flags(self._database(arg, "enable")).disabled = False
         return _done("ENABLE")
 
     async def _reconnect(self, arg: str) -> bytes:
-        self.daemon.reconnect(self._database(arg, "reconnect") if arg else None)
+        self.daemon.control.reconnect(self._database(arg, "reconnect") if arg else None)
         return _done("RECONNECT")
 
     async def _kill(self, arg: str) -> bytes:
-        if self.daemon.pause_mode != "none":
+        if self.daemon.pauses.pause_mode != "none":
             raise ConsoleError("already suspended/paused")
-        self.daemon.kill(self._database(arg, "kill") if arg else None)
+        self.daemon.control.kill(self._database(arg, "kill") if arg else None)
         return _done("KILL")
 
     async def _kill_client(self, arg: str) -> bytes:
         if not arg.isdigit():
             raise ConsoleError("invalid client pointer supplied")
-        if not self.daemon.kill_client(int(arg)):
+        if not self.daemon.control.kill_client(int(arg)):
             raise ConsoleError("client not found")
         return _done("KILL_CLIENT")
 
     async def _wait_close(self, arg: str) -> bytes:
         database = self._database(arg, "wait in") if arg else None
-        await self.daemon.wait_close(database)
+        await self.daemon.control.wait_close(database)
         return _done("WAIT_CLOSE")
 
     async def _reload(self, arg: str) -> bytes:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from pgproxy.admin.resultset import Column, Value
+from pgproxy.services.admin.resultset import Column, Value
 
 if TYPE_CHECKING:
-    from pgproxy.workers import WorkerContext
+    from pgproxy.services.workers import WorkerContext
 
 log = logging.getLogger("pgproxy.admin")
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from pgproxy.admin.gather import METRICS_TEXT, peer_rows, silent_peers
-from pgproxy.metrics import merge_expositions, registry_for, render
+from pgproxy.services.admin.gather import METRICS_TEXT, peer_rows, silent_peers
+from pgproxy.services.metrics import merge_expositions, registry_for, render
 
 if TYPE_CHECKING:
-    from pgproxy.daemon import Daemon
+    from pgproxy.services.control import DaemonView
 
 log = logging.getLogger("pgproxy.http")
 
@@ -33,7 +33,7 @@ REACH_TIMEOUT = 1.0  # seconds for a readiness probe's TCP connect to a database
 class MetricsServer:
     """Serves the daemon's metrics and health on ``metrics_addr:metrics_port``."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonView) -> None:
         self.daemon = daemon
         self.registry = registry_for(daemon)
         self._server: asyncio.Server | None = None

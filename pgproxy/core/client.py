@@ -1,14 +1,16 @@
 """The client side of a link: an application's connection to pgproxy.
 
-A ``ClientConn`` parses the first packet through the sans-I/O startup parser, logs the
-client in (a coroutine: the slow path), then forwards every chunk the client sends to the
-server its pool links to it, walking only message headers on the way.
+A ``ClientConn`` feeds the client's first bytes to the login state machine
+(``pgproxy.protocol.client_login``) and carries out what it asks: writes, the TLS
+handshake, auth_query, the pool's first server login (coroutines: the slow path). Once
+logged in, it forwards every chunk the client sends to the server its pool links to it,
+walking only message headers on the way. What it needs of the proxy around it is the
+``ClientHost`` interface below, met by ``pgproxy.services.daemon``'s Daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import pwd
@@ -17,39 +19,49 @@ import ssl
 import struct
 import time
 from asyncio import sslproto
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 from pgproxy import __version__
-from pgproxy import params as tracked
-from pgproxy.admin import CONSOLE_DATABASE, CONSOLE_DATABASES
-from pgproxy.admin.console import WELCOME_PARAMS, Console
-from pgproxy.admin.gather import PEER_APPLICATION
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
 from pgproxy.config import ClientTimeouts
-from pgproxy.metrics import LoginFailureReason, login_failure_reason
+from pgproxy.core import params as tracked
+from pgproxy.core.replication import ReplicationMode, replication_mode, start_replication
+from pgproxy.core.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
+from pgproxy.core.states import ClientState
+from pgproxy.hba import HbaRefusal, login_method
 from pgproxy.protocol import codes, messages
-from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
 from pgproxy.protocol.client_auth import Method as PasswordMethod
+from pgproxy.protocol.client_auth import Secret
+from pgproxy.protocol.client_login import Action as LoginAction
+from pgproxy.protocol.client_login import (
+    Authenticated,
+    ClientLogin,
+    DirectTls,
+    ForwardCancel,
+    LoginFacts,
+    LookUpSecret,
+    Refuse,
+    Send,
+    StartTls,
+    Startup,
+)
 from pgproxy.protocol.prepared import ClientStatements, Plan
 from pgproxy.protocol.startup import (
-    CancelRequest,
-    GSSEncRequest,
-    SSLRequest,
-    StartupError,
     StartupMessage,
-    parse_startup,
 )
 from pgproxy.protocol.stream import FrontendScanner
-from pgproxy.replication import ReplicationMode, replication_mode, start_replication
-from pgproxy.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
 from pgproxy.sockopts import apply_keepalive
-from pgproxy.states import ClientState
-from pgproxy.stats import next_connection_id
+from pgproxy.stats import LoginFailureReason, login_failure_reason, next_connection_id
 from pgproxy.tls import ALPN
 
 if TYPE_CHECKING:
-    from pgproxy.daemon import Daemon
-    from pgproxy.pool import Pool
+    from collections import Counter
+
+    from pgproxy.config import Settings
+    from pgproxy.core.pool import Pool
+    from pgproxy.hba import HbaRules
+    from pgproxy.protocol.server_login import Credential
+    from pgproxy.sockopts import TcpKeepalive
 
 log = logging.getLogger("pgproxy.client")
 
@@ -59,44 +71,151 @@ LOGIN = "login"  # authenticating, waiting for the pool's welcome
 READY = "ready"  # logged in: the hot path
 CONSOLE = "console"  # logged in to the admin console
 TLS = "tls"  # answered 'S' to an SSLRequest, or got a ClientHello: the handshake runs
-TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
 CLOSED = "closed"
 RELAY = "relay"  # a replication connection: bytes pass both ways untouched
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 _INT32 = struct.Struct("!I")
-MAX_PASSWORD_MESSAGE = 64 * 1024  # a password or SASL message longer than this is not one
 
-_READY_IDLE = messages.ready_for_query()
 # Bytes a waiting client may send before its reading is paused.
 PENDING_LIMIT = 256 * 1024
 # Seconds a client has to read its FATAL error before the connection is closed under it.
 CLOSE_GRACE = 2.0
 
 
+class LoginCredentials(Protocol):
+    """What a login checks a client against (pgproxy.services.credentials)."""
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None: ...  # None: no TLS for clients
+
+    @property
+    def client_tls_binding(self) -> bytes | None: ...  # SCRAM-SHA-256-PLUS data
+
+    @property
+    def hba(self) -> HbaRules | None: ...
+
+    def secret_for(self, user: str) -> Secret | None: ...
+
+    def knows_user(self, database: str, user: str) -> bool | None: ...
+
+    async def lookup_secret(self, database: str, user: str) -> Secret | None: ...
+
+    def auth_database_problem(self, database: str) -> str | None: ...
+
+    def remember(self, user: str, credential: Credential) -> None: ...
+
+
+class ClientRegistry(Protocol):
+    """Where a client finds its pool, is counted in and out, and gets its cancel key
+    (pgproxy.services.registry)."""
+
+    clients: set[ClientConn]
+    login_failures: Counter[LoginFailureReason]
+    login_timeouts: int
+
+    def pool_for(self, database: str, user: str) -> Pool | None: ...
+
+    def admit_client(
+        self, database: str, user: str, *, console: bool = False, exempt: bool = False
+    ) -> str | None: ...
+
+    def client_left(self, database: str, user: str) -> None: ...
+
+    def client_count(self) -> int: ...
+
+    def clients_changed(self) -> None: ...
+
+    def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]: ...
+
+    def forget_cancel_key(self, key: tuple[int, bytes]) -> None: ...
+
+    def forward_cancel(self, process_id: int, secret_key: bytes) -> None: ...
+
+
+class ConsoleSession(Protocol):
+    """The admin console's side of a client logged in to it (pgproxy.services.admin.console)."""
+
+    peer: bool  # another worker of this pgproxy asking for this worker's own rows
+
+    def feed(self, data: bytes) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class ConsoleDoor(Protocol):
+    """How a client reaches the admin console: which database names lead there, who may
+    enter, and the session it gets."""
+
+    @property
+    def name(self) -> str: ...  # the name console clients are counted and shown under
+
+    @property
+    def welcome_params(self) -> tuple[tuple[str, str], ...]: ...
+
+    def serves(self, database: str) -> bool: ...
+
+    def may_log_in(self, user: str, local_admin: bool) -> bool: ...
+
+    def is_peer(self, application_name: str | None) -> bool: ...
+
+    def open(self, client: ClientConn, *, local_admin: bool, peer: bool) -> ConsoleSession: ...
+
+
+class DatabaseGate(Protocol):
+    """Whether new clients are taken: a shutdown under way, a disabled database
+    (pgproxy.services.pause_state)."""
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    def is_disabled(self, database: str) -> bool: ...
+
+
+class ClientHost(Protocol):
+    """What a client connection needs of the proxy around it (pgproxy.services.daemon's Daemon)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def keepalive(self) -> TcpKeepalive | None: ...  # for TCP clients
+
+    @property
+    def credentials(self) -> LoginCredentials: ...
+
+    @property
+    def registry(self) -> ClientRegistry: ...
+
+    @property
+    def pauses(self) -> DatabaseGate: ...
+
+    @property
+    def consoles(self) -> ConsoleDoor: ...
+
+
 class ClientConn(asyncio.Protocol):
     """One application connection."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, host: ClientHost) -> None:
+        self.host = host
         self.id = next_connection_id()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = STARTUP
-        self.console: Console | None = None
+        self.console: ConsoleSession | None = None
         self.peer_pid = 0  # the client's process id, known over a Unix socket
         self.peer_uid = -1
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
         self.timeouts = ClientTimeouts()  # resolved for its user and database at login
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
-        self._method: PasswordMethod = "md5"  # the password exchange chosen at login
-        self.tls = False  # the connection is encrypted
         self._settings: dict[str, str] = {}  # tracked settings from the startup packet
-        self._auth: ClientAuthenticator | None = None  # the password exchange under way
-        self._authenticated_startup: StartupMessage | None = None
+        # The login's state machine (sans-I/O), with the TLS context it may offer.
+        self._tls_context = host.credentials.client_tls
+        self._login = ClientLogin(tls_offered=self._tls_context is not None)
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
         self.server: ServerConn | None = None
-        self.scan = FrontendScanner(daemon.settings.max_packet_size)
+        self.scan = FrontendScanner(host.settings.max_packet_size)
         self.params: tracked.ParamValues = tracked.EMPTY
         self.user = ""
         self.database = ""
@@ -106,7 +225,7 @@ class ClientConn(asyncio.Protocol):
         self.write_paused = False
         self.cancel_key: tuple[int, bytes] | None = None
         self.terminated = False  # left with a Terminate message rather than vanishing
-        self.admitted = False  # counted in daemon.db_clients / user_clients
+        self.admitted = False  # counted in the registry's db_clients / user_clients
         # client_idle_timeout bookkeeping, kept by the janitor (its request count at the
         # pass where it last changed, and when that was).
         self.idle_requests = 0
@@ -122,7 +241,6 @@ class ClientConn(asyncio.Protocol):
         self._pending: list[bytes | Plan] = []
         self._pending_size = 0
         self._paused_while_waiting = False
-        self._startup_buffer = bytearray()
         self._login_task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -132,14 +250,14 @@ class ClientConn(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.connected_at = time.monotonic()
-        self.daemon.clients.add(self)
-        self.daemon.clients_changed()
+        self.host.registry.clients.add(self)
+        self.host.registry.clients_changed()
         peer = transport.get_extra_info("peername")
         if not isinstance(peer, tuple):
             self._read_peer_credentials()
             self.address = f"unix({self.peer_pid})" if self.peer_pid else "unix"
         else:
-            apply_keepalive(transport.get_extra_info("socket"), self.daemon.keepalive)
+            apply_keepalive(transport.get_extra_info("socket"), self.host.keepalive)
             host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
             self.address = f"{host}:{peer[1]}"
 
@@ -163,6 +281,11 @@ class ClientConn(asyncio.Protocol):
         if self.wait_started_at:
             return ClientState.WAITING
         return ClientState.ACTIVE if self.server is not None else ClientState.IDLE
+
+    @property
+    def tls(self) -> bool:
+        """The connection is encrypted."""
+        return self._login.tls
 
     @property
     def logged_in(self) -> bool:
@@ -250,7 +373,7 @@ class ClientConn(asyncio.Protocol):
             relay_server.client = None
             relay_server.transport.close()  # (never pooled: PostgreSQL ends the walsender)
         internal = self.console is not None and self.console.peer  # another worker
-        if self.user and self.daemon.settings.log_disconnections and not internal:
+        if self.user and self.host.settings.log_disconnections and not internal:
             # (Clients that never sent a startup packet, such as port probes, are not
             # logged: they would drown the rest.)
             reason = self.close_reason or (
@@ -259,12 +382,12 @@ class ClientConn(asyncio.Protocol):
             age = time.monotonic() - self.connected_at
             log.info("%s closing because: %s (age=%ds)", self.describe(), reason, age)
         self.state = CLOSED
-        self.daemon.clients.discard(self)
-        self.daemon.clients_changed()
+        self.host.registry.clients.discard(self)
+        self.host.registry.clients_changed()
         if self.admitted:
-            self.daemon.client_left(self.database, self.user)
+            self.host.registry.client_left(self.database, self.user)
         if self.cancel_key is not None:
-            self.daemon.cancel_keys.pop(self.cancel_key, None)
+            self.host.registry.forget_cancel_key(self.cancel_key)
         if self.scan.statements is not None:
             unsent = [plan for plan in self._pending if not isinstance(plan, bytes)]
             self.scan.statements.release(unsent)
@@ -341,8 +464,8 @@ class ClientConn(asyncio.Protocol):
         if self.closed or self.transport.is_closing():
             return
         if not self.logged_in:
-            self.daemon.login_failures[reason or login_failure_reason(sqlstate)] += 1
-        if self.daemon.settings.log_pooler_errors:
+            self.host.registry.login_failures[reason or login_failure_reason(sqlstate)] += 1
+        if self.host.settings.log_pooler_errors:
             # PgBouncer's log_pooler_errors: an error pgproxy itself sends is a problem to
             # look at, except the goodbye of a shutdown.
             level = logging.INFO if sqlstate == codes.ADMIN_SHUTDOWN else logging.WARNING
@@ -402,65 +525,56 @@ class ClientConn(asyncio.Protocol):
             assert self.console is not None
             self.console.feed(data)
             return
-        self._startup_buffer += data
-        if self.state is STARTUP:
-            self._parse_startup()
-        elif self._auth is not None:
-            try:
-                self._password_messages()
-            except Exception:
-                self._internal_error("authentication")
+        try:
+            self._act(self._login.receive(data))
+        except Exception:
+            self._internal_error("authentication" if self.state is LOGIN else "login")
 
-    def _parse_startup(self) -> None:
-        context = self.daemon.client_tls
-        if self._startup_buffer[:1] == TLS_HANDSHAKE and not self.tls and context is not None:
-            self._direct_tls(context)
-            return
-        # (Without TLS configured a ClientHello is garbage like any other: 08P01 below.)
-        while self.state is STARTUP and not self.closed:
-            try:
-                result = parse_startup(bytes(self._startup_buffer))
-            except StartupError as exc:
-                self.fatal(exc.sqlstate, exc.message)
+    def _act(self, actions: list[LoginAction]) -> None:
+        """Carry out what the login state machine asks, in order."""
+        for action in actions:
+            if self.closed:
                 return
-            if result is None:
-                return
-            packet, used = result
-            del self._startup_buffer[:used]
-            if isinstance(packet, SSLRequest) and self._tls_offered():
-                return
-            if isinstance(packet, SSLRequest | GSSEncRequest):
-                self.transport.write(b"N")
-            elif isinstance(packet, CancelRequest):
-                self.daemon.forward_cancel(packet.process_id, packet.secret_key)
-                self._leave()
-                return
-            elif isinstance(packet, StartupMessage):
+            if isinstance(action, Send):
+                self.transport.write(action.data)
+            elif isinstance(action, Startup):
                 self.state = LOGIN
                 try:
-                    self._begin_login(packet)
+                    self._begin_login(action.packet)
                 except Exception:
                     self._internal_error("login")
+            elif isinstance(action, LookUpSecret):
+                loop = asyncio.get_running_loop()
+                self._login_task = loop.create_task(self._look_up_secret())
+            elif isinstance(action, Authenticated):
+                if action.credential is not None:
+                    self.host.credentials.remember(self.user, action.credential)
+                self._after_auth()
+            elif isinstance(action, Refuse):
+                if action.log is not None:
+                    log.warning("%s", action.log)
+                self.fatal(action.sqlstate, action.text)
+            elif isinstance(action, StartTls):
+                self.state = TLS
+                self._login_task = asyncio.get_running_loop().create_task(self._start_tls())
+            elif isinstance(action, DirectTls):
+                self._direct_tls(action.hello)
+            elif isinstance(action, ForwardCancel):
+                self.host.registry.forward_cancel(action.process_id, action.secret_key)
+                self._leave()
 
-    def _tls_offered(self) -> bool:
-        """Answer an SSLRequest with 'S' and start the handshake, if TLS is configured."""
-        context = self.daemon.client_tls
-        if context is None or self.tls:
-            return False
-        if self._startup_buffer:
-            # Bytes sent before the handshake would be read as if they came through TLS.
-            self.fatal(codes.PROTOCOL_VIOLATION, "unexpected data after SSLRequest")
-            return True
-        self.transport.write(b"S")
-        self.state = TLS
-        loop = asyncio.get_running_loop()
-        self._login_task = loop.create_task(self._start_tls(context))
-        return True
-
-    def _direct_tls(self, context: ssl.SSLContext) -> None:
+    def _direct_tls(self, hello_bytes: bytes) -> None:
         """PostgreSQL 17's direct TLS (sslnegotiation=direct): the client opens with a TLS
-        ClientHello instead of an SSLRequest. The hello has already been read, so the TLS
-        protocol is set up by hand (as loop.start_tls does) and fed those bytes first."""
+        ClientHello instead of an SSLRequest.
+
+        loop.start_tls cannot serve here: it starts the handshake on bytes still to be
+        read from the socket, and the hello has already been read (it is how a direct TLS
+        client is told from others; peeking at the socket instead would bypass the event
+        loop's transport). So the TLS protocol is set up by hand, as loop.start_tls does
+        inside, and fed the hello first; its application transport, which start_tls would
+        return, is then only reachable through SSLProtocol's _get_app_transport."""
+        context = self._tls_context
+        assert context is not None  # (the login offers TLS only with a context)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         tls = sslproto.SSLProtocol(
@@ -470,8 +584,7 @@ class ClientConn(asyncio.Protocol):
         raw = self.transport
         raw.set_protocol(tls)
         tls.connection_made(raw)
-        hello = memoryview(bytes(self._startup_buffer))
-        self._startup_buffer.clear()
+        hello = memoryview(hello_bytes)
         while hello:
             buffer = tls.get_buffer(len(hello))
             size = min(len(buffer), len(hello))
@@ -505,17 +618,17 @@ class ClientConn(asyncio.Protocol):
     def _tls_established(self, transport: asyncio.Transport) -> None:
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport = transport
-        self.tls = True
         self.state = STARTUP
-        if self._startup_buffer:
-            self._parse_startup()
+        self._act(self._login.tls_established())
 
-    async def _start_tls(self, context: ssl.SSLContext) -> None:
+    async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self._tls_context is not None  # (the login offers TLS only with a context)
         try:
             transport = await loop.start_tls(
-                self.transport, self, context, server_side=True, ssl_handshake_timeout=10
-            )
+                self.transport, self, self._tls_context, server_side=True,
+                ssl_handshake_timeout=10,
+            )  # fmt: skip
         except (OSError, ConnectionError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             log.info("client TLS handshake failed: %s", exc)
             self.transport.close()
@@ -528,7 +641,7 @@ class ClientConn(asyncio.Protocol):
     def _begin_login(self, startup: StartupMessage) -> None:
         """Checks that need no I/O; then finish at once, or in a task if a server must
         be reached first (the pool's first login, to learn the server's parameters)."""
-        settings = self.daemon.settings
+        settings = self.host.settings
         user = startup.params.get("user", "")
         if not user:
             self.fatal(
@@ -544,7 +657,7 @@ class ClientConn(asyncio.Protocol):
             return
         if self.replication != "none":
             pass  # (its startup parameters all go to its own server, as the client sent them)
-        elif self.database not in CONSOLE_DATABASES:  # (the console keeps no settings)
+        elif not self.host.consoles.serves(self.database):  # (the console keeps no settings)
             ignored = frozenset(name.lower() for name in settings.ignore_startup_parameters)
             try:
                 self._settings = tracked.startup_settings(startup.params, ignored)
@@ -553,7 +666,7 @@ class ClientConn(asyncio.Protocol):
                 return
         if startup.minor_version > 0 or startup.protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
-        if self.daemon.client_count() > settings.max_client_conn:
+        if self.host.registry.client_count() > settings.max_client_conn:
             self.fatal(
                 codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)",
                 reason="limit_reached",
@@ -570,7 +683,7 @@ class ClientConn(asyncio.Protocol):
         # PgBouncer's rule: the user 'pgbouncer' over the Unix socket, from the daemon's
         # own OS user, reaches the console without a password.
         self.local_admin = (
-            self.database in CONSOLE_DATABASES
+            self.host.consoles.serves(self.database)
             and user == "pgbouncer"
             and self.peer_uid == os.getuid()
         )
@@ -587,38 +700,28 @@ class ClientConn(asyncio.Protocol):
             method = "trust"
         else:
             method = settings.auth_type
-        if method != "trust":
-            # The password comes before anything about the database is said, so that
-            # neither user nor database names can be probed.
-            self._method = method
-            secret = self.daemon.secret_for(user)
+        console = self.host.consoles.serves(self.database)
+        trusted = self.local_admin or console  # (no user to look for: admin_users decide)
+        facts = LoginFacts(
+            method=method,
+            secret=self.host.credentials.secret_for(user) if method != "trust" else None,
             # (For the console, auth_query runs in the global auth_dbname; without one,
             # PgBouncer's "bouncer config error": see auth_database_problem.)
-            if secret is None and settings.auth_user_for(self.database) is not None:
-                loop = asyncio.get_running_loop()
-                self._login_task = loop.create_task(self._look_up_secret(startup))
-                return
-            self._challenge(secret, startup)
-            return
-        if not self.local_admin and self.database not in CONSOLE_DATABASES:
-            known = self.daemon.knows_user(self.database, user)
-            if known is None:  # auth_query says (trust: no password asked after it)
-                loop = asyncio.get_running_loop()
-                self._login_task = loop.create_task(self._look_up_secret(startup, trust=True))
-                return
-            if not known:
-                self.fatal(codes.INVALID_AUTHORIZATION, '"trust" authentication failed')
-                return
-        self._after_auth(startup)
+            auth_query=settings.auth_user_for(self.database) is not None,
+            known=True if trusted else self.host.credentials.knows_user(self.database, user),
+            iterations=settings.scram_iterations,
+            channel_binding=self.host.credentials.client_tls_binding,
+        )
+        self._act(self._login.choose(user, facts))
 
-    async def _look_up_secret(self, startup: StartupMessage, *, trust: bool = False) -> None:
+    async def _look_up_secret(self) -> None:
         """auth_query, then the password exchange (none under trust)."""
-        problem = self.daemon.auth_database_problem(self.database)
+        problem = self.host.credentials.auth_database_problem(self.database)
         if problem is not None:
             self.fatal(codes.INVALID_AUTHORIZATION, problem)
             return
         try:
-            secret = await self.daemon.lookup_secret(self.database, self.user)
+            secret = await self.host.credentials.lookup_secret(self.database, self.user)
         except AuthQueryError as exc:
             self.fatal(codes.CONNECTION_FAILURE, exc.client_message)
             return
@@ -627,150 +730,83 @@ class ClientConn(asyncio.Protocol):
             return
         if self.closed:
             return
-        if secret is UNKNOWN_USER:
-            # PgBouncer's answer too (it cannot mock the exchange here either).
-            self.fatal(codes.INVALID_AUTHORIZATION, "no such user")
-        elif trust:
-            self._after_auth(startup)
-        else:
-            self._challenge(secret, startup)
+        try:
+            unknown = secret is UNKNOWN_USER
+            self._act(self._login.secret_found(None if unknown else secret, unknown_user=unknown))
+        except Exception:
+            self._internal_error("authentication")
 
     def _certificate_names_user(self) -> bool:
         """cert: the client's (verified) certificate has the user name as its CN; else the
         client is refused here."""
-        ssl_object = self.transport.get_extra_info("ssl_object")
-        cert = ssl_object.getpeercert() if ssl_object is not None else None
-        names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
-                 if key == "commonName"]  # fmt: skip
-        if self.user in names:
+        if self.user in self._certificate_names():
             return True
         self.fatal(
             codes.INVALID_AUTHORIZATION, f'certificate authentication failed for user "{self.user}"'
         )
         return False
 
+    def _certificate_names(self) -> list[str]:
+        """The common names in the client's verified TLS certificate."""
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        cert = ssl_object.getpeercert() if ssl_object is not None else None
+        return [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
+                if key == "commonName"]  # fmt: skip
+
+    def _os_user(self) -> str | None:
+        """The OS user at the other end of the Unix socket (None: unknown)."""
+        try:
+            return pwd.getpwuid(self.peer_uid).pw_name
+        except (KeyError, OverflowError):  # an unknown uid, or none (-1)
+            return None
+
     def _hba_method(self) -> PasswordMethod | Literal["trust"] | None:
         """auth_type = hba: the method of the first matching rule, after its own checks
         (reject, cert, peer); None when the client has been refused."""
-        hba = self.daemon.hba
-        assert hba is not None
+        rules = self.host.credentials.hba
+        assert rules is not None
         peer = self.transport.get_extra_info("peername")
-        local = not isinstance(peer, tuple)
-        address = None if local else ipaddress.ip_address(peer[0])
-        rule = hba.match(
-            local=local, tls=self.tls, database=self.database, user=self.user, address=address,
-            replication=self.replication == "physical",
+        method = login_method(
+            rules, peer=peer[0] if isinstance(peer, tuple) else None, tls=self.tls,
+            database=self.database, user=self.user, replication=self.replication == "physical",
+            certificate_names=self._certificate_names, os_user=self._os_user,
         )  # fmt: skip
-        where = "local" if local else f'host "{peer[0]}"'
-        encryption = "SSL encryption" if self.tls else "no encryption"
-        if rule is None:
-            self.fatal(
-                codes.INVALID_AUTHORIZATION,
-                f'no pg_hba.conf entry for {where}, user "{self.user}", '
-                f'database "{self.database}", {encryption}',
-            )
+        if isinstance(method, HbaRefusal):
+            self.fatal(codes.INVALID_AUTHORIZATION, method.message)
             return None
-        if rule.method == "reject":
-            self.fatal(
-                codes.INVALID_AUTHORIZATION,
-                f'pg_hba.conf rejects connection for {where}, user "{self.user}", '
-                f'database "{self.database}", {encryption}',
-            )
-            return None
-        if rule.method == "cert":
-            return "trust" if self._certificate_names_user() else None
-        if rule.method == "peer":
-            try:
-                os_user = pwd.getpwuid(self.peer_uid).pw_name if local else None
-            except (KeyError, OverflowError):  # an unknown uid, or none (-1)
-                os_user = None
-            if os_user != self.user:
-                self.fatal(
-                    codes.INVALID_AUTHORIZATION,
-                    f'Peer authentication failed for user "{self.user}"',
-                )
-                return None
-            return "trust"
-        if rule.method == "trust":
-            return "trust"
-        return "plain" if rule.method == "password" else cast(PasswordMethod, rule.method)
+        return method
 
-    def _challenge(self, secret: Secret | None, startup: StartupMessage) -> None:
-        settings = self.daemon.settings
-        self._auth = ClientAuthenticator(
-            self._method,
-            self.user,
-            secret,
-            settings.scram_iterations,
-            self.daemon.client_tls_binding if self.tls else None,
-        )
-        self._authenticated_startup = startup
-        self.transport.write(self._auth.start())
-        if self._startup_buffer:
-            self._password_messages()
-
-    def _password_messages(self) -> None:
-        """Run the password exchange over the complete messages received so far."""
-        buffer = self._startup_buffer
-        while self._auth is not None and not self.closed and len(buffer) >= 5:
-            length = _INT32.unpack_from(buffer, 1)[0]
-            if buffer[0] != ord("p") or length < 4 or length > MAX_PASSWORD_MESSAGE:
-                self.fatal(codes.PROTOCOL_VIOLATION, "expected a password response")
-                return
-            if len(buffer) < 1 + length:
-                return
-            payload = bytes(buffer[5 : 1 + length])
-            del buffer[: 1 + length]
-            reply, outcome = self._auth.step(payload)
-            if reply:
-                self.transport.write(reply)
-            if outcome is False:
-                refusal = self._auth.refusal
-                if refusal is not None:  # (the same for every user, known or not)
-                    log.warning("client %s: %s", self.user, refusal[1])
-                    self.fatal(*refusal)
-                    return
-                log.warning("client %s: password authentication failed", self.user)
-                self.fatal(codes.INVALID_PASSWORD, failure_message(self.user))
-                return
-            if outcome is True:
-                if self._auth.credential is not None:
-                    self.daemon.passthrough[self.user] = self._auth.credential
-                self._auth = None
-                startup = self._authenticated_startup
-                assert startup is not None
-                self._after_auth(startup)
-
-    def _after_auth(self, startup: StartupMessage) -> None:
-        settings = self.daemon.settings
+    def _after_auth(self) -> None:
+        startup = self._login.startup
+        assert startup is not None
+        settings = self.host.settings
         user = self.user
-        if self.database in CONSOLE_DATABASES:
+        if self.host.consoles.serves(self.database):
             self._console_login(startup)
             return
-        if self.daemon.shutdown_mode is not None:
+        if self.host.pauses.shutting_down:
             self.fatal(codes.PROTOCOL_VIOLATION, "pooler is shutting down")
             return
-        pool = self.daemon.pool_for(self.database, user)
+        pool = self.host.registry.pool_for(self.database, user)
         if pool is None:
             self.fatal(
                 codes.PROTOCOL_VIOLATION, f"no such database: {self.database}",
                 reason="no_such_database",
             )  # fmt: skip
             return
-        flags = self.daemon.database_flags.get(self.database)
-        if flags is not None and flags.disabled:
+        if self.host.pauses.is_disabled(self.database):
             self.fatal(codes.PROTOCOL_VIOLATION, f'database "{self.database}" is disabled')
             return
         entry = settings.database(self.database)
         if entry is not None:
             self.timeouts = settings.client_timeouts(entry, user)
-        refusal = self.daemon.admit_client(self.database, user)
+        refusal = self.host.registry.admit_client(self.database, user)
         if refusal is not None:
             self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
             return
         self.admitted = True
         if self.replication != "none":
-            self.cancel_key = self.daemon.register_cancel_key(self)
+            self.cancel_key = self.host.registry.register_cancel_key(self)
             if settings.log_connections:
                 log.info("%s login: replication=%s", self.describe(), self.replication)
             self._login_task = asyncio.get_running_loop().create_task(
@@ -806,9 +842,8 @@ class ClientConn(asyncio.Protocol):
         """From now on, bytes go between this client and ``server`` untouched."""
         self.server = server
         self.state = RELAY
-        if self._startup_buffer:  # sent behind the startup packet
-            early = bytes(self._startup_buffer)
-            self._startup_buffer.clear()
+        early = self._login.logged_in()
+        if early:  # sent behind the startup packet
             server.transport.write(early)
 
     async def _await_welcome(self, pool: Pool, startup: StartupMessage) -> None:
@@ -826,35 +861,32 @@ class ClientConn(asyncio.Protocol):
 
     def _console_login(self, startup: StartupMessage) -> None:
         local_admin = self.local_admin
-        if not Console.may_log_in(self.daemon, self.user, local_admin):
+        if not self.host.consoles.may_log_in(self.user, local_admin):
             log.warning("console login refused for user %s", self.user)
             self.fatal(codes.INVALID_AUTHORIZATION, "not allowed")
             return
         # Another worker of this pgproxy asking for this worker's own rows (workers = N).
-        peer = local_admin and startup.params.get("application_name") == PEER_APPLICATION
+        peer = local_admin and self.host.consoles.is_peer(startup.params.get("application_name"))
         if not peer:
-            refusal = self.daemon.admit_client(
-                CONSOLE_DATABASE, self.user, console=True, exempt=local_admin
+            refusal = self.host.registry.admit_client(
+                self.host.consoles.name, self.user, console=True, exempt=local_admin
             )
             if refusal is not None:
                 self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
                 return
-            self.database = CONSOLE_DATABASE  # (counted under one name, whichever was used)
+            self.database = self.host.consoles.name  # (counted under one name, whichever was used)
             self.admitted = True
-        self.console = Console(self, self.daemon, local_admin=local_admin, peer=peer)
-        if self.daemon.settings.log_connections and not peer:
+        self.console = self.host.consoles.open(self, local_admin=local_admin, peer=peer)
+        if self.host.settings.log_connections and not peer:
             log.info("%s login: console, tls=%s", self.describe(), "yes" if self.tls else "no")
-        self.cancel_key = self.daemon.register_cancel_key(self)
-        parts = [messages.AUTHENTICATION_OK]
-        parts.append(messages.parameter_status("server_version", f"{__version__}/pgproxy"))
-        parts.extend(messages.parameter_status(name, value) for name, value in WELCOME_PARAMS)
-        parts.append(messages.backend_key_data(*self.cancel_key))
-        parts.append(messages.ready_for_query())
-        self.transport.write(b"".join(parts))
+        self.cancel_key = self.host.registry.register_cancel_key(self)
+        statuses = [messages.parameter_status("server_version", f"{__version__}/pgproxy")]
+        welcome = self.host.consoles.welcome_params
+        statuses.extend(messages.parameter_status(name, value) for name, value in welcome)
+        self.transport.write(self._login.welcome(b"".join(statuses), self.cancel_key))
         self.state = CONSOLE
-        if self._startup_buffer:  # queries pipelined behind the login
-            early = bytes(self._startup_buffer)
-            self._startup_buffer.clear()
+        early = self._login.logged_in()
+        if early:  # queries pipelined behind the login
             self.console.feed(early)
 
     def _internal_error(self, during: str) -> None:
@@ -866,30 +898,19 @@ class ClientConn(asyncio.Protocol):
         self.pool = pool
         pool.stats.client_logins += 1
         self.params = tracked.from_pairs(self._settings, pool.welcome_values)
-        if self.daemon.settings.log_connections:
+        if self.host.settings.log_connections:
             log.info(
                 "%s login: tls=%s application_name=%s",
                 self.describe(), "yes" if self.tls else "no", self.application_name,
             )  # fmt: skip
         if pool.settings.max_prepared_statements > 0:
             self.scan.statements = ClientStatements(pool.statement_registry, pool.stats)
-        self.cancel_key = self.daemon.register_cancel_key(self)
+        self.cancel_key = self.host.registry.register_cancel_key(self)
         self.idle_since = time.monotonic()
-        self.transport.write(self._welcome(pool))
-        self.state = READY
-        if self._startup_buffer:  # the client pipelined its first query behind the login
-            early = bytes(self._startup_buffer)
-            self._startup_buffer.clear()
-            self.data_received(early)
-
-    def _welcome(self, pool: Pool) -> bytes:
-        assert self.cancel_key is not None
-        process_id, secret = self.cancel_key
-        return b"".join(
-            (
-                messages.AUTHENTICATION_OK,
-                pool.parameter_statuses(self.params),
-                messages.backend_key_data(process_id, secret),
-                _READY_IDLE,
-            )
+        self.transport.write(
+            self._login.welcome(pool.parameter_statuses(self.params), self.cancel_key)
         )
+        self.state = READY
+        early = self._login.logged_in()
+        if early:  # the client pipelined its first query behind the login
+            self.data_received(early)

@@ -14,7 +14,7 @@ import pytest
 import scramp
 
 from pgproxy.protocol import messages
-from pgproxy.protocol.auth import ServerAuthenticator, ServerAuthError, md5_password
+from pgproxy.protocol.server_login import ServerAuthenticator, ServerAuthError, md5_password
 
 USER = "app"
 PASSWORD = "app-secret"

@@ -26,11 +26,11 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from pgproxy.config import DatabaseConfig, ReplicaLagLimit, replica_lag_limit
+from pgproxy.core.server import CLOSED, ServerConn, ServerLoginError, connect_host
 from pgproxy.protocol import codes, messages
-from pgproxy.server import CLOSED, ServerConn, ServerLoginError, connect_host
 
 if TYPE_CHECKING:
-    from pgproxy.pool import Pool
+    from pgproxy.core.pool import Pool
 
 log = logging.getLogger("pgproxy.hosts")
 
@@ -419,7 +419,7 @@ class Topologies:
         """Give ``pool`` its host policy for ``entry`` (at creation and at each reload); a
         plain entry (one host, any role, no lag limit) gets none and connects as before."""
         old = pool.host_policy
-        if old is not None:
+        if isinstance(old, HostPolicy):
             old.topology.policies.pop(pool, None)
             pool.host_policy = None
             if not old.topology.policies:  # (hosts changed by a reload: forgotten)
@@ -435,7 +435,7 @@ class Topologies:
         self.by_hosts[key] = topology
         topology.policies[pool] = policy
         pool.host_policy = policy
-        if old is None or old.topology is not topology:
+        if not isinstance(old, HostPolicy) or old.topology is not topology:
             topology.check_soon()
 
     def __iter__(self) -> Iterator[Topology]:

@@ -11,17 +11,18 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from pgproxy import VERSION_LINE
-from pgproxy import params as tracked
-from pgproxy.admin import CONSOLE_DATABASES
-from pgproxy.admin.resultset import Column, Value, columns
 from pgproxy.config import Settings
+from pgproxy.core import params as tracked
+from pgproxy.services.admin import CONSOLE_DATABASES
+from pgproxy.services.admin.resultset import Column, Value, columns
 from pgproxy.stats import CONSOLE_STATS_KEY, USEC, Totals
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
-    from pgproxy.daemon import Daemon
-    from pgproxy.hosts import HostPolicy
-    from pgproxy.server import ServerConn
+    # (The daemon as the console and /metrics see it: an interface pgproxy.services.daemon meets.)
+    from pgproxy.core.client import ClientConn
+    from pgproxy.core.hosts import HostPolicy
+    from pgproxy.core.server import ServerConn
+    from pgproxy.services.control import DaemonView as Daemon
 
 Table = tuple[list[Column], list[list[Value]]]
 
@@ -66,7 +67,7 @@ def show_pools(daemon: Daemon) -> Table:
         "load_balance_hosts",
     )  # fmt: skip
     now = daemon.loop_time()
-    census, consoles = daemon.client_census()
+    census, consoles = daemon.registry.client_census()
     rows: list[list[Value]] = [
         [ADMIN_DB, ADMIN_DB, consoles, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, "statement", None]
     ]
@@ -143,12 +144,12 @@ def _server_row(server: ServerConn, clock: tuple[float, float], now: float) -> l
 
 def show_clients(daemon: Daemon) -> Table:
     clock = _clock(daemon)
-    rows = [_client_row(client, clock, clock[0]) for client in daemon.logged_in_clients()]
+    rows = [_client_row(client, clock, clock[0]) for client in daemon.registry.logged_in_clients()]
     return list(_SOCKET_COLUMNS), rows
 
 
 def _servers(daemon: Daemon) -> Iterator[ServerConn]:
-    for pool in daemon.pools.values():
+    for pool in daemon.registry.pools.values():
         yield from pool.servers
 
 
@@ -169,7 +170,7 @@ def show_sockets(daemon: Daemon) -> Table:
     pgproxy forwards chunks as they come and keeps no buffers to report)."""
     clock = _clock(daemon)
     rows: list[list[Value]] = []
-    for client in daemon.logged_in_clients():
+    for client in daemon.registry.logged_in_clients():
         row = _client_row(client, clock, clock[0])
         row[4] = "cl_" + str(row[4])
         rows.append(row + [0] * 7)
@@ -195,17 +196,17 @@ def show_databases(daemon: Daemon) -> Table:
     rows: list[list[Value]] = [
         [ADMIN_DB, None, settings.listen_port, ADMIN_DB, "pgbouncer", 2, 0, 0,
          int(settings.server_lifetime), "statement", None, 0, 0,
-         settings.max_db_client_connections, daemon.db_clients[ADMIN_DB], 0, 0]
+         settings.max_db_client_connections, daemon.registry.db_clients[ADMIN_DB], 0, 0]
     ]  # fmt: skip
     names = [name for name in settings.databases if name != "*"]
     # Databases served through the '*' entry appear once a client used them (PgBouncer).
-    names += sorted({pool.database for pool in daemon.pools.values()} - set(names))
+    names += sorted({pool.database for pool in daemon.registry.pools.values()} - set(names))
     for name in names:
         entry = settings.database(name)
         if entry is None:
             continue  # removed by a reload; its pools drain
-        budget = daemon.db_budgets.get(name)
-        flags = daemon.db_flags(name)
+        budget = daemon.registry.db_budgets.get(name)
+        flags = daemon.pauses.db_flags(name)
         lifetime = entry.server_lifetime if entry.server_lifetime is not None else None
         rows.append([
             name, entry.host, entry.port, entry.dbname or name, entry.user,
@@ -217,7 +218,7 @@ def show_databases(daemon: Daemon) -> Table:
             entry.pool_mode, entry.load_balance_hosts if "," in entry.host else None,
             settings.max_db_connections_for(entry),
             budget.used if budget else 0, settings.client_limits_for(entry, "")[0],
-            daemon.db_clients[name], int(flags.paused), int(flags.disabled),
+            daemon.registry.db_clients[name], int(flags.paused), int(flags.disabled),
         ])  # fmt: skip
     return cols, rows
 
@@ -229,15 +230,15 @@ def show_users(daemon: Daemon) -> Table:
         "current_connections", "max_user_client_connections", "current_client_connections",
     )  # fmt: skip
     settings = daemon.settings
-    names = set(settings.users) | {pool.user for pool in daemon.pools.values()}
-    names |= {user for user, count in daemon.user_clients.items() if count > 0}
+    names = set(settings.users) | {pool.user for pool in daemon.registry.pools.values()}
+    names |= {user for user, count in daemon.registry.user_clients.items() if count > 0}
     names.add(ADMIN_DB)  # PgBouncer's console user, always listed
     rows: list[list[Value]] = []
     for name in sorted(names):
         entry = settings.users.get(name)
         pool_size = entry.pool_size if entry is not None else None
         reserve = entry.reserve_pool_size if entry is not None else None
-        budget = daemon.user_budgets.get(name)
+        budget = daemon.registry.user_budgets.get(name)
         client_limit = (
             entry.max_user_client_connections
             if entry is not None and entry.max_user_client_connections is not None
@@ -248,7 +249,7 @@ def show_users(daemon: Daemon) -> Table:
             f"{reserve:9d}" if reserve is not None else None,
             entry.pool_mode if entry is not None else None,
             settings.max_user_connections_for(name), budget.used if budget else 0,
-            client_limit, daemon.user_clients[name],
+            client_limit, daemon.registry.user_clients[name],
         ])  # fmt: skip
     return cols, rows
 
@@ -298,7 +299,7 @@ def _database_totals(daemon: Daemon) -> list[tuple[str, Totals, Totals]]:
     by_db: dict[str, tuple[Totals, Totals]] = {
         ADMIN_DB: (Totals.of(daemon.console_stats), window.older_totals(CONSOLE_STATS_KEY))
     }
-    for key, pool in daemon.pools.items():
+    for key, pool in daemon.registry.pools.items():
         live, older = by_db.setdefault(pool.database, (Totals(), Totals()))
         live.add(Totals.of(pool.stats))
         older.add(window.older_totals(key))
@@ -369,7 +370,7 @@ def show_leaks(daemon: Daemon) -> Table:
     ``held``), then the recent session state leaks (transaction_state_guard), one row per
     client and kind: ``state`` says whether the state was ``kept`` on the server or
     ``reset``, ``detail`` what was found, ``count`` how many times, ``seen_at`` the last."""
-    from pgproxy.janitor import held_for
+    from pgproxy.core.janitor import held_for
 
     cols = columns(
         "issssisqssssis", "id", "user", "database", "application_name", "addr", "port",
@@ -379,7 +380,7 @@ def show_leaks(daemon: Daemon) -> Table:
     rows: list[list[Value]] = []
     clock = _clock(daemon)
     now = clock[0]
-    for pool in daemon.pools.values() if threshold > 0 else ():
+    for pool in daemon.registry.pools.values() if threshold > 0 else ():
         for server in pool.servers:
             client = server.client
             held = held_for(pool, server, now)
@@ -393,7 +394,8 @@ def show_leaks(daemon: Daemon) -> Table:
                 state, int(held * USEC), since, "held", f"over {threshold:g} s", since, 1,
                 _date(now, clock),
             ])  # fmt: skip
-    leaks = [leak for pool in daemon.pools.values() for leak in pool.state_leaks.entries.values()]
+    pools = daemon.registry.pools.values()
+    leaks = [leak for pool in pools for leak in pool.state_leaks.entries.values()]
     for leak in sorted(leaks, key=lambda leak: leak.last_seen):
         addr, port = _address(leak.peer)
         rows.append([
@@ -412,9 +414,9 @@ def show_pool_stats(daemon: Daemon) -> Table:
         "connections_num", "connections_ms", "connections_errors", "connections_lost",
     )  # fmt: skip
     cols = columns("ss" + "q" * len(names), "database", "user", *names)
-    census, _ = daemon.client_census()
+    census, _ = daemon.registry.client_census()
     rows: list[list[Value]] = []
-    for pool in daemon.pools.values():
+    for pool in daemon.registry.pools.values():
         stats = pool.stats
         waiting = census[pool]["waiting"]
         served_at_once = stats.server_assignment_count - stats.waiters_served
@@ -438,7 +440,7 @@ def show_hosts(daemon: Daemon) -> Table:
         "servers", "target_session_attrs", "last_error",
     )  # fmt: skip
     rows: list[list[Value]] = []
-    for topology in daemon.topologies:
+    for topology in daemon.registry.topologies:
         by_database: dict[str, list[HostPolicy]] = {}
         for pool, policy in topology.policies.items():
             by_database.setdefault(pool.database, []).append(policy)
@@ -459,16 +461,16 @@ def show_hosts(daemon: Daemon) -> Table:
 
 
 def show_lists(daemon: Daemon) -> Table:
-    clients = list(daemon.clients)
-    logged_in = sum(1 for client in daemon.logged_in_clients())
-    users = set(daemon.settings.users) | {pool.user for pool in daemon.pools.values()}
-    users |= {user for user, count in daemon.user_clients.items() if count > 0}
+    clients = list(daemon.registry.clients)
+    logged_in = sum(1 for client in daemon.registry.logged_in_clients())
+    users = set(daemon.settings.users) | {pool.user for pool in daemon.registry.pools.values()}
+    users |= {user for user, count in daemon.registry.user_clients.items() if count > 0}
     users.add(ADMIN_DB)
     rows: list[list[Value]] = [
         ["databases", len(show_databases(daemon)[1])],
         ["users", len(users)],
         ["peers", len(show_peers(daemon)[1])],
-        ["pools", len(daemon.pools) + 1],
+        ["pools", len(daemon.registry.pools) + 1],
         ["peer_pools", 0],
         ["free_clients", 0],
         ["used_clients", len(clients)],
@@ -476,7 +478,7 @@ def show_lists(daemon: Daemon) -> Table:
         ["free_servers", 0],
         [
             "used_servers",
-            sum(len(pool.servers) + pool.connecting for pool in daemon.pools.values()),
+            sum(len(pool.servers) + pool.connecting for pool in daemon.registry.pools.values()),
         ],
         ["dns_names", 0],
         ["dns_zones", 0],
@@ -487,7 +489,7 @@ def show_lists(daemon: Daemon) -> Table:
 
 
 def show_state(daemon: Daemon) -> Table:
-    mode = daemon.pause_mode
+    mode = daemon.pauses.pause_mode
     rows: list[list[Value]] = [
         ["active", "yes" if mode == "none" else "no"],
         ["paused", "yes" if mode == "pause" else "no"],

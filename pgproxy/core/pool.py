@@ -14,18 +14,14 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pgproxy import params as tracked
-from pgproxy import state_guard
 from pgproxy.config import EMPTY_CHECK_QUERY, PoolMode, PoolSettings
-from pgproxy.metrics import PoolHistograms
-from pgproxy.protocol import codes, messages
-from pgproxy.protocol.auth import Credential
-from pgproxy.protocol.prepared import Registry
-from pgproxy.reconnect import Reconnect
-from pgproxy.server import (
+from pgproxy.core import params as tracked
+from pgproxy.core import state_guard
+from pgproxy.core.histograms import PoolHistograms
+from pgproxy.core.reconnect import Reconnect
+from pgproxy.core.server import (
     ACTIVE,
     BEING_CANCELED,
     CLOSED,
@@ -33,19 +29,25 @@ from pgproxy.server import (
     LOGIN,
     RESET,
     TESTED,
+    HostChooser,
     ServerConn,
     ServerLoginError,
+    ServerTarget,
     cancel_backend,
     connect_server,
 )
-from pgproxy.state_guard import Guard, RecentLeaks, SessionState, StateLeak
-from pgproxy.states import ClientState, ServerState
+from pgproxy.core.state_guard import Guard, RecentLeaks, SessionState, StateLeak
+from pgproxy.core.states import ClientState, ServerState
+from pgproxy.protocol import codes, messages
+from pgproxy.protocol.prepared import Registry
+from pgproxy.protocol.server_login import Credential
 from pgproxy.stats import PoolStats
 from pgproxy.tls import ServerTls
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
-    from pgproxy.hosts import HostPolicy
+
+    # (The client as a pool sees it: an interface that pgproxy.core.client's ClientConn meets.)
+    from pgproxy.core.server import LinkedClient as ClientConn
 
 log = logging.getLogger("pgproxy.pool")
 
@@ -83,24 +85,7 @@ Connector = Callable[["Pool", float], Awaitable[ServerConn]]
 BUDGET_RETRY = 0.02
 
 
-@dataclass(frozen=True, slots=True)
-class ServerTarget:
-    """Where a pool's servers connect and as whom (the password is never logged)."""
-
-    host: str  # one host, or several separated by commas
-    port: int
-    dbname: str
-    user: str
-    password: str | None
-    round_robin: bool = True  # load_balance_hosts = round-robin
-
-    @property
-    def hosts(self) -> tuple[str, ...]:
-        """The hosts to try, in order."""
-        return tuple(part.strip() for part in self.host.split(",") if part.strip()) or ("",)
-
-    def __repr__(self) -> str:
-        return f"ServerTarget({self.user}@{self.host}:{self.port}/{self.dbname})"
+NO_SERVER_TLS = ServerTls("disable", None)  # server_tls_sslmode = disable
 
 
 class ServerBudget:
@@ -219,7 +204,8 @@ class Pool:
         self.target = target
         self.host_index = 0  # the target's host the next server connection tries first
         # target_session_attrs / max_replica_lag over the hosts (None: connect in order).
-        self.host_policy: HostPolicy | None = None
+        # target_session_attrs, max_replica_lag: set by pgproxy.core.hosts (a HostPolicy).
+        self.host_policy: HostChooser | None = None
         self.settings = settings
         self.mode: PoolMode = settings.mode
         self.size = settings.size
@@ -243,7 +229,7 @@ class Pool:
         # server_check_delay = 0: every idle server is tested before a client gets it.
         self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
         self.max_servers = settings.size + settings.reserve_size  # more: close when free
-        # A list per server state (pgproxy.states), kept by change_server_state (an
+        # A list per server state (pgproxy.core.states), kept by change_server_state (an
         # ACTIVE server is held by its client instead); and every logged-in server,
         # whatever its state.
         self.idle: deque[ServerConn] = deque()  # the longest idle first
@@ -255,7 +241,7 @@ class Pool:
         # Clients queued for a server (kept by change_client_state), first come first served.
         self.waiters: deque[ClientConn] = deque()
         self.connecting = 0
-        # Places for replication connections (pgproxy.replication), made at the first one.
+        # Places for replication connections (pgproxy.core.replication), made at the first one.
         self.replication_slots: asyncio.Semaphore | None = None
         self.grow_blocked_until = 0.0  # (monotonic) see BUDGET_RETRY
         # Workers: servers to close at the ends of transactions, their places wanted by
@@ -272,11 +258,13 @@ class Pool:
         self.record_transaction: Callable[[float], None] | None = None
         if histograms is not None:
             self.measure(histograms)
-        self.query_wait_timeout = query_wait_timeout  # in force for this pool's user
+        self.query_wait_timeout = query_wait_timeout  # for this pool's user (a metrics gauge)
         self.server_tls = server_tls
+        # Named prepared statements: shared by every pool of the daemon.
         self.statement_registry = (
             statement_registry if statement_registry is not None else Registry()
         )
+        # Passthrough: the server login's credential when the target has no password.
         self.credential_for = credential_for
         self.connect = connect
         # ParameterStatus values of the first server: what every client is told at login.

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawArray
 from typing import TYPE_CHECKING, Any
 
-from pgproxy.pool import ServerBudget
+from pgproxy.core.pool import ServerBudget
 from pgproxy.protocol.messages import wire
 
 if TYPE_CHECKING:
     from pgproxy.config import Settings
-    from pgproxy.pool import Pool
+    from pgproxy.core.pool import Pool
 
 log = logging.getLogger("pgproxy.workers")
 
@@ -221,7 +221,12 @@ def worker_count(settings: Settings) -> int:
 
 def bind_unix_socket(settings: Settings) -> socket.socket | None:
     """The public Unix listener, bound once for all workers."""
-    from pgproxy.listener import BACKLOG, claim_unix_socket, set_socket_access, unix_socket_path
+    from pgproxy.services.listener import (
+        BACKLOG,
+        claim_unix_socket,
+        set_socket_access,
+        unix_socket_path,
+    )
 
     if not settings.unix_socket_dir:
         return None
@@ -323,7 +328,7 @@ def supervise(
         spawn(index, restarted=True)
     shutil.rmtree(peer_root, ignore_errors=True)
     if unix_socket is not None and settings.unix_socket_dir:
-        from pgproxy.listener import unix_socket_path
+        from pgproxy.services.listener import unix_socket_path
 
         with contextlib.suppress(OSError):
             os.unlink(unix_socket_path(settings.unix_socket_dir, settings.listen_port))

@@ -25,8 +25,8 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from pgproxy import params as tracked
 from pgproxy.config import TransactionStateGuard
+from pgproxy.core import params as tracked
 from pgproxy.protocol import messages
 
 Guard = TransactionStateGuard

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
+from pgproxy.core.server import (
+    LinkedClient,
+    ServerConn,
+    ServerLoginError,
+    connect_server,
+)
 from pgproxy.protocol import codes, messages
-from pgproxy.server import ServerConn, ServerLoginError, connect_server
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
-    from pgproxy.pool import Pool
+    from pgproxy.core.pool import Pool
 
 log = logging.getLogger("pgproxy.replication")
 
@@ -41,6 +45,17 @@ def replication_mode(value: str | None) -> ReplicationMode:
     if lowered in ("false", "off", "no", "0"):
         return "none"
     raise ValueError(f'invalid value for parameter "replication": "{value}"')
+
+
+class RelayClient(LinkedClient, Protocol):
+    """What a replication connection needs of its client (pgproxy.core.client's ClientConn)."""
+
+    cancel_key: tuple[int, bytes] | None
+    replication_slot: asyncio.Semaphore | None  # held while relaying
+
+    def describe(self) -> str: ...
+
+    def start_relay(self, server: ServerConn) -> None: ...
 
 
 class ReplicationServerConn(ServerConn):
@@ -70,7 +85,7 @@ def slots_of(pool: Pool) -> asyncio.Semaphore:
     return slots
 
 
-async def start_replication(client: ClientConn, pool: Pool, params: dict[str, str]) -> None:
+async def start_replication(client: RelayClient, pool: Pool, params: dict[str, str]) -> None:
     """Give ``client`` a replication server of its own and relay between them.
 
     Runs as the client's login task: a failure ends the client with the server's error."""

@@ -10,11 +10,10 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from pgproxy.client import ClientConn
+from pgproxy.core.client import ClientConn, ClientHost
 
 if TYPE_CHECKING:
     from pgproxy.config import Settings
-    from pgproxy.daemon import Daemon
 
 BACKLOG = 1024
 
@@ -65,17 +64,17 @@ def set_socket_access(path: str, settings: Settings) -> None:
         os.chown(path, -1, group_id)
 
 
-async def start_listeners(daemon: Daemon) -> list[asyncio.Server]:
+async def start_listeners(host: ClientHost) -> list[asyncio.Server]:
     """Open every configured listener; raise OSError if one cannot be bound (nothing is
     left open or created then)."""
-    settings = daemon.settings
+    settings = host.settings
     listeners: list[asyncio.Server] = []
     socket_path = None
     if settings.unix_socket_dir:
         socket_path = unix_socket_path(settings.unix_socket_dir, settings.listen_port)
         claim_unix_socket(socket_path)
     try:
-        await _bind(daemon, listeners, socket_path)
+        await _bind(host, listeners, socket_path)
     except BaseException:
         for listener in listeners:
             listener.close()
@@ -87,12 +86,12 @@ async def start_listeners(daemon: Daemon) -> list[asyncio.Server]:
     return listeners
 
 
-async def _bind(daemon: Daemon, listeners: list[asyncio.Server], socket_path: str | None) -> None:
+async def _bind(host: ClientHost, listeners: list[asyncio.Server], socket_path: str | None) -> None:
     loop = asyncio.get_running_loop()
-    settings = daemon.settings
+    settings = host.settings
 
     def factory() -> ClientConn:
-        return ClientConn(daemon)
+        return ClientConn(host)
 
     if settings.listen_addr:
         hosts = (
@@ -117,8 +116,8 @@ async def _bind(daemon: Daemon, listeners: list[asyncio.Server], socket_path: st
         set_socket_access(socket_path, settings)
 
 
-async def listen_on(daemon: Daemon, sock: socket.socket) -> asyncio.Server:
+async def listen_on(host: ClientHost, sock: socket.socket) -> asyncio.Server:
     """Serve clients on a listening socket bound by someone else (the workers'
     supervisor binds the Unix socket once for all of them)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: ClientConn(daemon), sock=sock, backlog=BACKLOG)
+    return await loop.create_unix_server(lambda: ClientConn(host), sock=sock, backlog=BACKLOG)

@@ -14,28 +14,33 @@ import ssl
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
 
-from pgproxy import params as tracked
-from pgproxy import state_guard
+from pgproxy.core import params as tracked
+from pgproxy.core import state_guard
+from pgproxy.core.states import ServerState
 from pgproxy.protocol import codes, messages
-from pgproxy.protocol.auth import Credential, ServerAuthenticator, ServerAuthError
+from pgproxy.protocol.framing import MAX_SERVER_LOGIN_MESSAGE, BadFrame, next_message
 from pgproxy.protocol.prepared import ServerStatements
+from pgproxy.protocol.server_login import Credential, ServerAuthenticator, ServerAuthError
 from pgproxy.protocol.stream import STATUS_IDLE, BackendScanner
 from pgproxy.sockopts import apply_keepalive
-from pgproxy.states import ServerState
 from pgproxy.stats import next_connection_id
 
 if TYPE_CHECKING:
-    from pgproxy.client import ClientConn
-    from pgproxy.pool import Pool, ServerTarget
+    from pgproxy.config import ClientTimeouts, PoolSettings
+    from pgproxy.core.state_guard import Guard, SessionState
+    from pgproxy.protocol.prepared import Registry
+    from pgproxy.protocol.stream import FrontendScanner
+    from pgproxy.stats import LoginFailureReason, PoolStats
     from pgproxy.tls import ServerTls
 
 log = logging.getLogger("pgproxy.server")
 
 _INT32 = struct.Struct("!I")
 
-# The server states (pgproxy.states), as module names: the hot path reads them often.
+# The server states (pgproxy.core.states), as module names: the hot path reads them often.
 LOGIN = ServerState.LOGIN
 IDLE = ServerState.IDLE
 ACTIVE = ServerState.ACTIVE
@@ -50,6 +55,114 @@ CLOSE_GRACE = 5.0  # seconds PostgreSQL has to close after Terminate
 # Write-buffer marks: past HIGH the peer's reading pauses, under LOW it resumes.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTarget:
+    """Where a pool's servers connect and as whom (the password is never logged)."""
+
+    host: str  # one host, or several separated by commas
+    port: int
+    dbname: str
+    user: str
+    password: str | None
+    round_robin: bool = True  # load_balance_hosts = round-robin
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The hosts to try, in order."""
+        return tuple(part.strip() for part in self.host.split(",") if part.strip()) or ("",)
+
+    def __repr__(self) -> str:
+        return f"ServerTarget({self.user}@{self.host}:{self.port}/{self.dbname})"
+
+
+
+class LinkedClient(Protocol):
+    """What a server and its pool need of the client linked to it (pgproxy.core.client's
+    ClientConn): its stream, its counters and a way to end it."""
+
+    id: int
+    user: str
+    database: str
+    address: str
+    transport: asyncio.Transport
+    scan: FrontendScanner
+    params: tracked.ParamValues
+    server: ServerConn | None
+    outstanding: int  # ReadyForQuery replies the client still waits for
+    wait_started_at: float  # (0: not waiting for a server)
+    request_at: float
+    write_paused: bool
+    terminated: bool
+    closed: bool
+    leaks_logged: set[str] | None
+    timeouts: ClientTimeouts  # (the janitor's, for clients waiting in a pool)
+    wait_notified: float
+
+    @property
+    def application_name(self) -> str: ...
+
+    def flush_pending(self) -> None: ...
+
+    def fatal(
+        self, sqlstate: str, text: str, *, reason: LoginFailureReason | None = None
+    ) -> None: ...
+
+
+class HostChooser(Protocol):
+    """What opening a server needs of a pool's host policy (pgproxy.core.hosts'
+    HostPolicy: target_session_attrs, max_replica_lag)."""
+
+    async def connect(
+        self, timeout: float, factory: type[ServerConn], startup: dict[str, str]
+    ) -> ServerConn: ...
+
+
+class ServerOwner(Protocol):
+    """What a server needs of the pool that owns it (pgproxy.core.pool's Pool)."""
+
+    name: str
+    database: str
+    user: str
+    settings: PoolSettings
+    stats: PoolStats
+    target: ServerTarget
+    host_index: int
+    server_tls: ServerTls
+    credential_for: Callable[[str], Credential | None] | None
+    statement_mode: bool
+    statement_registry: Registry
+    guard: Guard
+    record_query: Callable[[float], None] | None
+
+    @property
+    def host_policy(self) -> HostChooser | None: ...
+
+    def change_server_state(
+        self, server: ServerConn, state: ServerState, client: LinkedClient | None = None, *,
+        oldest: bool = False,
+    ) -> None: ...  # fmt: skip
+
+    def transaction_done(self, client: LinkedClient, server: ServerConn, now: float) -> None: ...
+
+    def suspect_transaction_done(
+        self, client: LinkedClient, server: ServerConn, now: float
+    ) -> None: ...
+
+    def retire(self, server: ServerConn) -> None: ...
+
+    def server_closed(self, server: ServerConn) -> None: ...
+
+    def reset_done(self, server: ServerConn) -> None: ...
+
+    def check_done(self, server: ServerConn) -> None: ...
+
+    def state_checked(self, server: ServerConn, found: SessionState | str) -> None: ...
+
+    def state_check_failed(self, reason: str) -> None: ...
+
+    def cancel_running_query(self, server: ServerConn) -> None: ...
 
 
 class ServerLoginError(Exception):
@@ -76,12 +189,12 @@ class ServerLoginError(Exception):
 class ServerConn(asyncio.Protocol):
     """One connection to PostgreSQL, owned by a pool."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: ServerOwner) -> None:
         self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         # Set by its pool's change_server_state only; LOGIN until the pool takes it.
         self.state: ServerState = LOGIN
-        self.client: ClientConn | None = None
+        self.client: LinkedClient | None = None
         self.scan = BackendScanner()
         self.params: tracked.ParamValues = tracked.EMPTY
         # Everything the server reported at login, in order: the pool's welcome to clients.
@@ -120,16 +233,16 @@ class ServerConn(asyncio.Protocol):
         # Named prepared statements: set at the first link of a client that uses them, and
         # the client they are tied to in the current link (None: not tied yet).
         self.statements: ServerStatements | None = None
-        self.statements_client: ClientConn | None = None
-        self.last_client: ClientConn | None = None  # the client it was last linked to
+        self.statements_client: LinkedClient | None = None
+        self.last_client: LinkedClient | None = None  # the client it was last linked to
         # Called at the end of a transaction with nothing owed: the pool's, or, once the
         # scanner has flagged a reply that may leave session state (``scan.suspect``), the
         # one that checks the session first (set by _chunk, where such replies are walked;
         # the quick path pays nothing for the guard).
-        self.transaction_done: Callable[[ClientConn, ServerConn, float], None] = (
+        self.transaction_done: Callable[[LinkedClient, ServerConn, float], None] = (
             pool.transaction_done
         )
-        # transaction_state_guard (pgproxy.state_guard), kept by the pool: the session
+        # transaction_state_guard (pgproxy.core.state_guard), kept by the pool: the session
         # state found at the last check (None: not known yet), before any client, the
         # state its reset query leaves, and the state check under way (its replies, why
         # it runs, for whom).
@@ -138,7 +251,7 @@ class ServerConn(asyncio.Protocol):
         self.reset_state: state_guard.SessionState | None = None
         self.check_reply: bytearray | None = None
         self.check_purpose = ""
-        self.check_client: ClientConn | None = None
+        self.check_client: LinkedClient | None = None
         self.state_checked_at = 0.0
         self.checked_replies = 0  # ``replies`` at the last state check
 
@@ -171,7 +284,7 @@ class ServerConn(asyncio.Protocol):
         if ready:
             self._answered(client, ready)
 
-    def _chunk(self, data: bytes, client: ClientConn | None) -> None:
+    def _chunk(self, data: bytes, client: LinkedClient | None) -> None:
         # Every other chunk: parameters reported, a corrupt stream, DEALLOCATE ALL, no
         # client linked, hidden or cut replies, a COPY starting or ending.
         scan = self.scan
@@ -209,14 +322,14 @@ class ServerConn(asyncio.Protocol):
             self._answered(client, scan.ready)
 
     @staticmethod
-    def _transaction_in_statement_mode(client: ClientConn) -> None:
+    def _transaction_in_statement_mode(client: LinkedClient) -> None:
         # As PgBouncer: the client never sees this ReadyForQuery, so the error arrives
         # as the answer to its BEGIN rather than while it is idle.
         client.fatal(
             codes.PROTOCOL_VIOLATION, "transaction blocks not allowed in statement pooling mode"
         )
 
-    def _answered(self, client: ClientConn, ready: int) -> None:
+    def _answered(self, client: LinkedClient, ready: int) -> None:
         # ``ready`` ReadyForQuery messages went to the client: time the request, and give
         # the server back at the end of a transaction with nothing more owed.
         now = self.clock()
@@ -260,7 +373,7 @@ class ServerConn(asyncio.Protocol):
 
     # -- linked operation -------------------------------------------------------------
 
-    def _copy_progress(self, client: ClientConn) -> None:
+    def _copy_progress(self, client: LinkedClient) -> None:
         # A COPY FROM STDIN started or ended in this chunk (see BackendScanner). At the end,
         # what the client is still owed is what it asked after its CopyDone/CopyFail:
         # PostgreSQL ignored the Syncs that reached it during the COPY.
@@ -275,7 +388,7 @@ class ServerConn(asyncio.Protocol):
                     client.scan.requests_total, client.outstanding,
                 )  # fmt: skip
 
-    def _deallocated(self, client: ClientConn | None) -> None:
+    def _deallocated(self, client: LinkedClient | None) -> None:
         # DEALLOCATE ALL or DISCARD ALL ran: nothing is prepared here any more, and the
         # linked client's names are gone (PgBouncer clears them too). Handled whether or
         # not a client is linked (a reset or check query), so that no flag is left over.
@@ -285,7 +398,7 @@ class ServerConn(asyncio.Protocol):
         if client is not None and client.scan.statements is not None:
             client.scan.statements.forget_all()
 
-    def link_statements(self, client: ClientConn, *, at_link: bool = False) -> ServerStatements:
+    def link_statements(self, client: LinkedClient, *, at_link: bool = False) -> ServerStatements:
         """Linked to a client that uses named prepared statements: close stray names left
         by an earlier client (replies hidden; only at the link, before any client byte),
         and tie its requests to our batches (any time during the link: the relation of
@@ -339,7 +452,7 @@ class ServerConn(asyncio.Protocol):
         self.scan.hidden_failed = False
         self.transport.write(messages.query(sql))
 
-    def check_state(self, purpose: str, client: ClientConn | None) -> None:
+    def check_state(self, purpose: str, client: LinkedClient | None) -> None:
         """Run the state check (transaction_state_guard); its replies are hidden and kept
         for ``Pool.state_checked``. The pool has made the server TESTED."""
         self.scan.suspect = False
@@ -414,18 +527,14 @@ class ServerConn(asyncio.Protocol):
 
     async def _read_login_message(self) -> tuple[int, bytes]:
         while True:
-            buffer = self._login_buffer
-            if len(buffer) >= 5:
-                length = _INT32.unpack_from(buffer, 1)[0]
-                if length < 4 or length > 1024 * 1024:
-                    raise ServerLoginError(
-                        codes.PROTOCOL_VIOLATION, "invalid message from server during login"
-                    )
-                if len(buffer) >= 1 + length:
-                    type_byte = buffer[0]
-                    payload = bytes(buffer[5 : 1 + length])
-                    del buffer[: 1 + length]
-                    return type_byte, payload
+            try:
+                message = next_message(self._login_buffer, MAX_SERVER_LOGIN_MESSAGE)
+            except BadFrame:
+                raise ServerLoginError(
+                    codes.PROTOCOL_VIOLATION, "invalid message from server during login"
+                ) from None
+            if message is not None:
+                return message
             await self._more_login_data("server closed the connection during login")
 
     async def _run_connect_query(self, sql: str) -> None:
@@ -545,7 +654,7 @@ class ServerConn(asyncio.Protocol):
 
 
 async def connect_server(
-    pool: Pool,
+    pool: ServerOwner,
     timeout: float,
     *,
     factory: type[ServerConn] | None = None,
@@ -585,7 +694,7 @@ async def connect_server(
 
 
 async def connect_host(
-    pool: Pool, host: str, timeout: float, factory: type[ServerConn], startup: dict[str, str]
+    pool: ServerOwner, host: str, timeout: float, factory: type[ServerConn], startup: dict[str, str]
 ) -> ServerConn:
     """Open and log in a server connection to one of ``pool``'s hosts; raise
     ServerLoginError (``unreachable`` when no connection was made)."""

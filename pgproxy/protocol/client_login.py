@@ -1,0 +1,303 @@
+"""A client's login to pgproxy as a state machine over bytes (sans-I/O).
+
+Everything that decides what comes next in a login lives here, as in h11: the first
+packets (SSLRequest, GSSENCRequest, CancelRequest, a TLS ClientHello, StartupMessage), the
+password exchange (cleartext, md5, SCRAM), the wait for auth_query's answer, and the bytes
+a client pipelines behind its login. ``ClientLogin`` is fed bytes and events and returns
+actions; ``pgproxy.core.client``'s ClientConn performs them (writes, TLS, the pool) and makes
+the decisions that need the proxy around it (which method, which secret, which pool),
+handing their outcome back as events.
+
+    STARTUP ──SSLRequest, TLS offered──▶ TLS ──tls_established──▶ STARTUP
+    STARTUP ──StartupMessage──▶ CHECKS ──choose(trust, known user)──▶ ADMISSION
+                                  │ └──choose(no secret: auth_query)──▶ LOOKUP ─┐
+                                  └──choose(password method)──▶ PASSWORD ◀──────┘
+                                                   (LOOKUP ──secret_found──▶ PASSWORD)
+    PASSWORD ──exchange done──▶ ADMISSION ──logged_in──▶ DONE
+    any ──Refuse / CancelRequest──▶ ENDED
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Literal
+
+from pgproxy.protocol import codes, messages
+from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
+from pgproxy.protocol.client_auth import Method as PasswordMethod
+from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
+from pgproxy.protocol.server_login import Credential
+from pgproxy.protocol.startup import (
+    CancelRequest,
+    GSSEncRequest,
+    SSLRequest,
+    StartupError,
+    StartupMessage,
+    parse_startup,
+)
+
+_TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
+_READY_IDLE = messages.ready_for_query()
+
+
+class Phase(enum.Enum):
+    """Where a login is."""
+
+    STARTUP = "startup"  # reading the first packets
+    TLS = "tls"  # 'S' answered or a ClientHello seen: the caller runs the handshake
+    CHECKS = "checks"  # a StartupMessage arrived: the caller chooses the login
+    LOOKUP = "lookup"  # waiting for the user's secret from auth_query
+    PASSWORD = "password"  # the password exchange runs
+    ADMISSION = "admission"  # authenticated: the caller finds the pool and welcomes
+    DONE = "done"  # logged in: bytes go to the pool or the console now
+    ENDED = "ended"  # refused, or a cancel request served
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write ``data`` to the client."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Run the TLS handshake (server side) on the connection; then ``tls_established``."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirectTls:
+    """The client opened with a TLS ClientHello (PostgreSQL 17's sslnegotiation=direct):
+    run the handshake, feeding it ``hello`` first; then ``tls_established``."""
+
+    hello: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardCancel:
+    """A CancelRequest: cancel what this key's owner runs, then close the connection."""
+
+    process_id: int
+    secret_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """End the client with this FATAL error; ``log``: what to log first, if anything."""
+
+    sqlstate: str
+    text: str
+    log: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Startup:
+    """A StartupMessage: check it, then give the facts of the login to ``choose``."""
+
+    packet: StartupMessage
+
+
+@dataclass(frozen=True, slots=True)
+class LookUpSecret:
+    """Ask auth_query for the user's secret; then ``secret_found``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """The client proved who it is; ``credential``: what its password exchange proved
+    (for server logins without a password), None under trust."""
+
+    credential: Credential | None
+
+
+Action = (
+    Send | StartTls | DirectTls | ForwardCancel | Refuse | Startup | LookUpSecret | Authenticated
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFacts:
+    """What the proxy says about a client once its StartupMessage passed the checks: the
+    login its rules ask for, and what is known of its user."""
+
+    method: PasswordMethod | Literal["trust"]
+    secret: Secret | None  # the stored secret (auth_file, [users]); None: none stored
+    auth_query: bool  # a missing secret may come from auth_query
+    known: bool | None  # under trust: the user exists (None: auth_query must tell)
+    iterations: int  # for a SCRAM verifier made from a plain password
+    channel_binding: bytes | None  # SCRAM-SHA-256-PLUS data, used over TLS only
+
+
+class ClientLogin:
+    """One client's login, from its first byte to its welcome."""
+
+    def __init__(self, *, tls_offered: bool) -> None:
+        """``tls_offered``: pgproxy has a TLS context for clients."""
+        self.phase = Phase.STARTUP
+        self.tls = False  # the connection is encrypted
+        self._tls_offered = tls_offered
+        self._buffer = bytearray()
+        self._auth: ClientAuthenticator | None = None
+        self.startup: StartupMessage | None = None
+        self._user = ""
+        self._facts: LoginFacts | None = None  # given by ``choose``
+
+    def receive(self, data: bytes) -> list[Action]:
+        """Bytes from the client, before it is logged in."""
+        self._buffer += data
+        if self.phase is Phase.STARTUP:
+            return self._startup_packets()
+        if self.phase is Phase.PASSWORD:
+            return self._password_messages()
+        return []  # (kept: pipelined behind the login, or ignored once it ended)
+
+    def tls_established(self) -> list[Action]:
+        """The handshake that StartTls or DirectTls asked for is done."""
+        self.tls = True
+        self.phase = Phase.STARTUP
+        return self._startup_packets()
+
+    def choose(self, user: str, facts: LoginFacts) -> list[Action]:
+        """The StartupMessage passed the checks: log ``user`` in as ``facts`` say.
+
+        A password method asks for the password before anything about the database is
+        said, so that neither user nor database names can be probed; a user with no
+        stored secret is looked up first when auth_query may know it, else goes through
+        the same exchange and fails. Trust lets a known user in at once."""
+        self._user, self._facts = user, facts
+        if facts.method != "trust":
+            if facts.secret is None and facts.auth_query:
+                self.phase = Phase.LOOKUP
+                return [LookUpSecret()]
+            return self._authenticate(facts.secret)
+        if facts.known is None:  # auth_query says (trust: no password asked after it)
+            self.phase = Phase.LOOKUP
+            return [LookUpSecret()]
+        if not facts.known:
+            self.refused()
+            return [Refuse(codes.INVALID_AUTHORIZATION, '"trust" authentication failed')]
+        return self._authenticate(None)
+
+    def secret_found(self, secret: Secret | None, *, unknown_user: bool = False) -> list[Action]:
+        """auth_query's answer: ``secret`` (None: an expired user), or ``unknown_user``."""
+        if unknown_user:
+            # PgBouncer's answer too (it cannot mock the exchange here either).
+            self.refused()
+            return [Refuse(codes.INVALID_AUTHORIZATION, "no such user")]
+        return self._authenticate(secret)
+
+    def _authenticate(self, secret: Secret | None) -> list[Action]:
+        facts = self._facts
+        assert facts is not None
+        if facts.method == "trust":
+            self.phase = Phase.ADMISSION
+            return [Authenticated(None)]
+        self._auth = ClientAuthenticator(
+            facts.method, self._user, secret, facts.iterations,
+            facts.channel_binding if self.tls else None,
+        )  # fmt: skip
+        self.phase = Phase.PASSWORD
+        return [Send(self._auth.start()), *self._password_messages()]
+
+    def refused(self) -> None:
+        """The caller ended the login (a check failed)."""
+        self.phase = Phase.ENDED
+        self._auth = None
+
+    def welcome(self, parameter_statuses: bytes, cancel_key: tuple[int, bytes]) -> bytes:
+        """What a client admitted to a pool or the console is told: AuthenticationOk, the
+        ParameterStatus messages, its cancel key (BackendKeyData), ReadyForQuery idle."""
+        assert self.phase is Phase.ADMISSION
+        return b"".join(
+            (
+                messages.AUTHENTICATION_OK,
+                parameter_statuses,
+                messages.backend_key_data(*cancel_key),
+                _READY_IDLE,
+            )
+        )
+
+    def logged_in(self) -> bytes:
+        """The welcome is sent: from now on the caller reads the client's bytes itself.
+        Returns what the client sent behind its login (its first query, say)."""
+        self.phase = Phase.DONE
+        early = bytes(self._buffer)
+        self._buffer.clear()
+        return early
+
+    # -- the phases ---------------------------------------------------------------------
+
+    def _startup_packets(self) -> list[Action]:
+        buffer = self._buffer
+        if buffer[:1] == _TLS_HANDSHAKE and self._tls_offered and not self.tls:
+            # (Without TLS a ClientHello is garbage like any other: 08P01 below.)
+            self.phase = Phase.TLS
+            hello = bytes(buffer)
+            buffer.clear()
+            return [DirectTls(hello)]
+        actions: list[Action] = []
+        while self.phase is Phase.STARTUP:
+            try:
+                result = parse_startup(bytes(buffer))
+            except StartupError as exc:
+                self.phase = Phase.ENDED
+                actions.append(Refuse(exc.sqlstate, exc.message))
+                break
+            if result is None:
+                break
+            packet, used = result
+            del buffer[:used]
+            if isinstance(packet, SSLRequest) and self._tls_offered and not self.tls:
+                if buffer:
+                    # Bytes sent before the handshake would be read as if they came
+                    # through TLS.
+                    self.phase = Phase.ENDED
+                    actions.append(
+                        Refuse(codes.PROTOCOL_VIOLATION, "unexpected data after SSLRequest")
+                    )
+                    break
+                self.phase = Phase.TLS
+                actions += [Send(b"S"), StartTls()]
+            elif isinstance(packet, SSLRequest | GSSEncRequest):
+                actions.append(Send(b"N"))
+            elif isinstance(packet, CancelRequest):
+                self.phase = Phase.ENDED
+                actions.append(ForwardCancel(packet.process_id, packet.secret_key))
+            elif isinstance(packet, StartupMessage):
+                self.phase = Phase.CHECKS
+                self.startup = packet
+                actions.append(Startup(packet))
+        return actions
+
+    def _password_messages(self) -> list[Action]:
+        """The password exchange over the complete messages received so far."""
+        actions: list[Action] = []
+        buffer = self._buffer
+        while (auth := self._auth) is not None:
+            try:
+                message = next_message(buffer, MAX_CLIENT_MESSAGE, only=ord("p"))
+            except BadFrame:
+                self.refused()
+                actions.append(Refuse(codes.PROTOCOL_VIOLATION, "expected a password response"))
+                break
+            if message is None:
+                break
+            reply, outcome = auth.step(message[1])
+            if reply:
+                actions.append(Send(reply))
+            if outcome is False:
+                self.refused()
+                if auth.refusal is not None:  # (the same for every user, known or not)
+                    sqlstate, text = auth.refusal
+                    actions.append(Refuse(sqlstate, text, f"client {auth.user}: {text}"))
+                else:
+                    text = failure_message(auth.user)
+                    why = f"client {auth.user}: password authentication failed"
+                    actions.append(Refuse(codes.INVALID_PASSWORD, text, why))
+                break
+            if outcome is True:
+                self._auth = None
+                self.phase = Phase.ADMISSION
+                actions.append(Authenticated(auth.credential))
+        return actions

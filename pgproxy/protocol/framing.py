@@ -1,0 +1,43 @@
+"""Whole messages off a buffer, for the slow paths that read one message at a time: a
+client's password exchange, a console query, a server's login.
+
+(The hot path never frames: ``stream``'s scanners walk headers across chunks instead.)
+"""
+
+from __future__ import annotations
+
+import struct
+
+_LENGTH = struct.Struct("!I")
+
+# The longest message each slow path takes. Password and SASL messages and console queries
+# are short; a server's login replies (ParameterStatus, an error with its detail) may be
+# longer, and come from a server pgproxy was configured to trust.
+MAX_CLIENT_MESSAGE = 64 * 1024
+MAX_SERVER_LOGIN_MESSAGE = 1024 * 1024
+
+
+class BadFrame(ValueError):
+    """A message header with a length below 4 or above the caller's limit, or a type
+    the caller does not take."""
+
+
+def next_message(
+    buffer: bytearray, max_length: int, *, only: int | None = None
+) -> tuple[int, bytes] | None:
+    """Take the first complete message (type byte, payload) off ``buffer``; None while
+    it is incomplete; raise BadFrame for a length below 4 or above ``max_length``, or a
+    type byte other than ``only`` (when given)."""
+    if len(buffer) < 5:
+        return None
+    if only is not None and buffer[0] != only:
+        raise BadFrame(f"unexpected message type {buffer[0]:#04x}")
+    length = _LENGTH.unpack_from(buffer, 1)[0]
+    if length < 4 or length > max_length:
+        raise BadFrame(f"invalid message length {length}")
+    if len(buffer) < 1 + length:
+        return None
+    type_byte = buffer[0]
+    payload = bytes(buffer[5 : 1 + length])
+    del buffer[: 1 + length]
+    return type_byte, payload

@@ -1,0 +1,277 @@
+"""The pools of the running proxy, the server budgets they share, and client admission.
+
+One ``PoolRegistry`` per process: it makes each (database, user) pool when its first
+client logs in, with its database's and user's server budgets (shared by every worker
+with workers = N), counts clients in against the client caps, and keeps the cancel keys
+it gave out. It is what the login asks for a pool; the console and /metrics read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from pgproxy import cancel
+from pgproxy.config import DatabaseConfig, Settings
+from pgproxy.core.histograms import PoolHistograms
+from pgproxy.core.hosts import Topologies
+from pgproxy.core.pool import LocalServerBudget, Pool, ServerBudget
+from pgproxy.core.server import ServerTarget, cancel_backend
+from pgproxy.protocol.prepared import Registry
+from pgproxy.services.pause_state import PauseState
+from pgproxy.services.workers import SharedServerBudget, WorkerContext
+from pgproxy.stats import LoginFailureReason
+
+if TYPE_CHECKING:
+    from pgproxy.core.client import ClientConn
+    from pgproxy.services.credentials import Credentials
+
+log = logging.getLogger("pgproxy")
+
+
+class PoolRegistry:
+    """Pools by (database, server user), their budgets, the clients and their cancel keys."""
+
+    def __init__(
+        self, settings: Settings, worker: WorkerContext | None, pauses: PauseState,
+        credentials: Credentials,
+    ) -> None:  # fmt: skip
+        self.settings = settings  # (the daemon's, replaced on reload)
+        self.worker = worker  # with workers = N: this process is one of them
+        self.pauses = pauses
+        self.credentials = credentials
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.topologies = Topologies()  # roles and lag of the databases' hosts
+        # Server budgets shared across pools: per database and per (server) user.
+        self.db_budgets: dict[str, ServerBudget] = {}
+        self.user_budgets: dict[str, ServerBudget] = {}
+        self.statement_registry = Registry()  # named prepared statements, proxy-wide
+        self.clients: set[ClientConn] = set()
+        # Logged-in clients per database and per user (max_db/user_client_connections).
+        self.db_clients: Counter[str] = Counter()
+        self.user_clients: Counter[str] = Counter()
+        self.login_failures: Counter[LoginFailureReason] = Counter()  # failed logins, by reason
+        self.login_timeouts = 0  # of which client_login_timeout
+        self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
+        self._cancel_tasks: set[asyncio.Future[None]] = set()  # forwards to peers
+
+    def logged_in_clients(self) -> Iterator[ClientConn]:
+        """Clients past their login: pool clients and console sessions."""
+        return (client for client in self.clients if client.logged_in)
+
+    def client_census(self) -> tuple[dict[Pool, Counter[str]], int]:
+        """Logged-in pool clients per pool by ``pool_state``, and console sessions."""
+        by_pool: dict[Pool, Counter[str]] = {pool: Counter() for pool in self.pools.values()}
+        consoles = 0
+        for client in self.logged_in_clients():
+            if client.console is not None:
+                consoles += 1
+            elif client.pool in by_pool:
+                by_pool[client.pool][client.pool_state] += 1
+        return by_pool, consoles
+
+    def pools_of(self, database: str | None) -> list[Pool]:
+        """The pools of ``database``, or every pool."""
+        return [p for p in self.pools.values() if database is None or p.database == database]
+
+    def pool_for(self, database: str, user: str) -> Pool | None:
+        """The pool serving ``user`` on ``database``; None if no entry serves the database."""
+        entry = self.settings.database(database)
+        if entry is None:
+            return None
+        # A database entry with a forced user has one pool for all its clients.
+        server_user = entry.user or user
+        key = (database, server_user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = self._new_pool(entry, database, server_user)
+        return pool
+
+    def _new_pool(self, entry: DatabaseConfig, database: str, server_user: str) -> Pool:
+        settings = self.settings
+        db_budget = self.db_budgets.get(database)
+        if db_budget is None:
+            db_budget = self.db_budgets[database] = self._budget(
+                f"db:{database}", settings.max_db_connections_for(entry)
+            )
+        user_budget = self.user_budgets.get(server_user)
+        if user_budget is None:
+            user_budget = self.user_budgets[server_user] = self._budget(
+                f"user:{server_user}", settings.max_user_connections_for(server_user)
+            )
+        budgets: tuple[ServerBudget, ...] = (db_budget, user_budget)
+        if self.worker is not None:
+            # pool_size caps the sum over workers: a shared budget of its own, asked
+            # first (the one most often full).
+            pool_budget = self._budget(f"pool:{database}/{server_user}", 0, per_pool=True)
+            budgets = (pool_budget, *budgets)
+        query_wait_timeout = settings.client_timeouts(entry, server_user).query_wait
+        pool = Pool(
+            database,
+            server_user,
+            server_target(entry, database, server_user),
+            settings.pool_settings(entry, server_user),
+            budgets,
+            paused=self.pauses.is_paused(database),
+            server_tls=self.credentials.server_tls,
+            credential_for=self.credentials.server_credential,
+            statement_registry=self.statement_registry,
+            query_wait_timeout=query_wait_timeout,
+            histograms=PoolHistograms(query_wait_timeout) if settings.metrics_port else None,
+        )
+        self.topologies.attach(pool, entry)
+        return pool
+
+    def _budget(self, name: str, limit: int, *, per_pool: bool = False) -> ServerBudget:
+        """A server budget: this process's, or with workers one shared by all of them
+        (``per_pool``: the limit is its pool's size, summed over the workers)."""
+        if self.worker is None:
+            return LocalServerBudget(limit)
+        return SharedServerBudget(
+            self.worker.budgets, self.worker.index, name, limit, per_pool=per_pool
+        )
+
+    def reconfigure(self, settings: Settings) -> None:
+        """New settings (RELOAD, SET): resize and retarget every pool in place."""
+        self.settings = settings
+        for client in self.logged_in_clients():
+            entry = settings.database(client.database)
+            if client.console is None and entry is not None:
+                client.timeouts = settings.client_timeouts(entry, client.user)
+        for pool in self.pools.values():
+            entry = settings.database(pool.database)
+            if entry is None:
+                log.warning("database %s is no longer configured; it drains", pool.database)
+                continue
+            pool.query_wait_timeout = settings.client_timeouts(entry, pool.user).query_wait
+            pool.server_tls = self.credentials.server_tls
+            self.db_budgets[pool.database].limit = settings.max_db_connections_for(entry)
+            self.user_budgets[pool.user].limit = settings.max_user_connections_for(pool.user)
+            pool.reconfigure(
+                settings.pool_settings(entry, pool.user),
+                server_target(entry, pool.database, pool.user),
+            )
+            self.topologies.attach(pool, entry)
+        for client in self.logged_in_clients():
+            if client.pool is not None:
+                client.statements_setting_changed()
+
+    # -- client admission --------------------------------------------------------------
+
+    def admit_client(
+        self, database: str, user: str, *, console: bool = False, exempt: bool = False
+    ) -> str | None:
+        """Count a client in, or say which client cap (PgBouncer's words) refuses it.
+
+        ``console``: a console login (``database`` is then the console's name). It counts
+        under the global caps, and an admin_users member (or ``exempt``: the local
+        pgbouncer user) is counted but never refused, as in PgBouncer, so that an operator
+        can always get in."""
+        settings = self.settings
+        entry = settings.database(database) if not console else None
+        if entry is not None:
+            db_limit, user_limit = settings.client_limits_for(entry, user)
+        elif console and (exempt or user in settings.admin_users):
+            db_limit, user_limit = 0, 0
+        elif console:
+            db_limit = settings.max_db_client_connections
+            user_limit = settings.max_user_client_connections_for(user)
+        else:
+            db_limit, user_limit = 0, 0
+        worker = self.worker
+        if worker is not None:  # the caps hold for the sum over workers
+            shared, index = worker.budgets, worker.index
+            db_slot = shared.slot(f"clients-db:{database}")
+            user_slot = shared.slot(f"clients-user:{user}")
+            if not shared.take(db_slot, index, db_limit):
+                return "client connections exceeded (max_db_client_connections)"
+            if not shared.take(user_slot, index, user_limit):
+                shared.give_back(db_slot, index)
+                return "client connections exceeded (max_user_client_connections)"
+        else:
+            if 0 < db_limit <= self.db_clients[database]:
+                return "client connections exceeded (max_db_client_connections)"
+            if 0 < user_limit <= self.user_clients[user]:
+                return "client connections exceeded (max_user_client_connections)"
+        self.db_clients[database] += 1
+        self.user_clients[user] += 1
+        return None
+
+    def client_left(self, database: str, user: str) -> None:
+        """Count out a client that admit_client counted in."""
+        self.db_clients[database] -= 1
+        self.user_clients[user] -= 1
+        worker = self.worker
+        if worker is not None:
+            shared = worker.budgets
+            shared.give_back(shared.slot(f"clients-db:{database}"), worker.index)
+            shared.give_back(shared.slot(f"clients-user:{user}"), worker.index)
+
+    def client_count(self) -> int:
+        """Client connections (max_client_conn): of every worker, with workers = N."""
+        worker = self.worker
+        if worker is None:
+            return len(self.clients)
+        shared = worker.budgets
+        slot = shared.slot("clients")
+        shared.set_mine(slot, worker.index, len(self.clients))
+        return shared.total(slot)
+
+    def clients_changed(self) -> None:
+        """A client connected or left: publish the count the other workers check."""
+        if self.worker is not None:
+            self.client_count()
+
+    # -- cancel keys -------------------------------------------------------------------
+
+    def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
+        """A fresh random (process id, secret) for ``client``; never a server's key."""
+        while True:
+            key = cancel.new_key(self.settings.peer_id)
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = client
+                return key
+
+    def forget_cancel_key(self, key: tuple[int, bytes]) -> None:
+        """The client that held ``key`` has left."""
+        self.cancel_keys.pop(key, None)
+
+    def forward_cancel(self, process_id: int, secret_key: bytes) -> None:
+        """Cancel what the owner of this key is running now, if anything; else nothing.
+        A key another process of the group issued goes to that process (``peers``)."""
+        route = cancel.route(process_id, self.settings.peer_id)
+        if route is None:
+            return
+        if route.peer is not None:
+            peer = self.settings.peers.get(route.peer)
+            if peer is None:
+                log.info("cancel request for unknown peer %d: dropped", route.peer)
+                return
+            target = ServerTarget(peer.host, peer.port, "", "", None)
+            self._cancel_tasks.add(
+                task := asyncio.ensure_future(
+                    cancel_backend(target, route.process_id, secret_key)
+                )
+            )
+            task.add_done_callback(self._cancel_tasks.discard)
+            return
+        client = self.cancel_keys.get((route.process_id, secret_key))
+        server = client.server if client is not None else None
+        if server is None or not server.backend_key:
+            return
+        server.pool.cancel_running_query(server)
+
+
+def server_target(entry: DatabaseConfig, database: str, server_user: str) -> ServerTarget:
+    """Where ``entry``'s pool for ``server_user`` connects, and as whom."""
+    return ServerTarget(
+        host=entry.host,
+        port=entry.port,
+        dbname=entry.dbname or database,
+        user=server_user,
+        password=entry.password.get_secret_value() if entry.password else None,
+        round_robin=entry.load_balance_hosts == "round-robin",
+    )
