@@ -83,6 +83,7 @@ class PoolSettings:
     max_prepared_statements: int = 0
     connect_query: str | None = None  # run on each new server after its login
     keepalive: TcpKeepalive | None = None  # for TCP server connections
+    log_connections: bool = True  # a new server connection is logged (INFO)
     # transaction_state_guard (transaction and statement mode), and the period of its
     # checks of idle servers (0: none).
     state_guard: TransactionStateGuard = "warn"
@@ -667,8 +668,9 @@ class Settings(BaseSettings):
     verbose: int = Field(
         default=0,
         ge=0,
-        description="More logging, as `-v`: 1 or more logs at DEBUG (the higher of this and the "
-        "command line's applies); `SET verbose = N` on the console changes it at once.",
+        description="More logging, as `-v`: 1 adds pgproxy's DEBUG detail, 2 every library's "
+        "DEBUG too (the higher of this and the command line's applies); `SET verbose = N` on "
+        "the console changes it at once.",
     )
     log_format: Literal["text", "json"] = Field(
         default="text", description="`text`, or `json`: one object per line with `time`, `level`, "
@@ -885,6 +887,7 @@ class Settings(BaseSettings):
             max_prepared_statements=0 if mode == "session" else self.max_prepared_statements,
             connect_query=database.connect_query or None,
             keepalive=keepalive_from(self),
+            log_connections=self.log_connections,
             state_guard=self.transaction_state_guard,
             state_check_period=self.transaction_state_check_period,
         )

@@ -62,11 +62,12 @@ class JsonFormatter(logging.Formatter):
 def configure(
     verbosity: int, log_format: str = "text", logfile: str | None = None, quiet: bool = False
 ) -> None:
-    """Log at INFO (PgBouncer's LOG: logins, disconnections, stats), or DEBUG (-v), as
-    text or JSON, to stderr (unless ``quiet``, PgBouncer's -q) and to ``logfile`` if set.
-    Called again on reload, which reopens the file (after a rotation, as PgBouncer's HUP
-    does)."""
-    level = _level(verbosity)
+    """Log at INFO (PgBouncer's LOG: routine operations, logins, disconnections, stats;
+    problems at WARNING and above), pgproxy's own DEBUG detail too with -v (the life of
+    each server connection, the console's sessions), and every library's DEBUG with -vv;
+    as text or JSON, to stderr (unless ``quiet``, PgBouncer's -q) and to ``logfile`` if
+    set. Called again on reload, which reopens the file (after a rotation, as
+    PgBouncer's HUP does)."""
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handlers: list[logging.Handler] = [] if quiet else [logging.StreamHandler()]
     if logfile:
@@ -84,10 +85,11 @@ def configure(
         if old not in handlers:
             old.close()
     root.handlers[:] = handlers
-    root.setLevel(level)
     _current.update(verbosity=verbosity, quiet=quiet)
+    root_level, own_level = _apply_levels()
     for record in held:  # what was logged before the destination was known
-        if record.levelno >= level:
+        own = record.name == "pgproxy" or record.name.startswith("pgproxy.")
+        if record.levelno >= (own_level if own else root_level):
             root.handle(record)
 
 
@@ -110,13 +112,22 @@ def hold() -> None:
     root = logging.getLogger()
     root.handlers[:] = [_Holding()]
     root.setLevel(logging.DEBUG)
+    logging.getLogger("pgproxy").setLevel(logging.NOTSET)
 
 
 _current: dict[str, int | bool] = {"verbosity": 0, "quiet": False, "setting": 0}
 
 
-def _level(verbosity: int) -> int:
-    return logging.DEBUG if max(verbosity, int(_current["setting"])) > 0 else logging.INFO
+def _apply_levels() -> tuple[int, int]:
+    """Set the root logger's level (the libraries') and pgproxy's from the command line's
+    -v count and the ``verbose`` setting, the larger of the two: 0 INFO, 1 pgproxy's DEBUG,
+    2 everyone's. Returns (root level, pgproxy's level)."""
+    verbosity = max(int(_current["verbosity"]), int(_current["setting"]))
+    root_level = logging.DEBUG if verbosity >= 2 else logging.INFO
+    own_level = logging.DEBUG if verbosity >= 1 else logging.INFO
+    logging.getLogger().setLevel(root_level)
+    logging.getLogger("pgproxy").setLevel(own_level)
+    return root_level, own_level
 
 
 def set_verbose(setting: int) -> None:
@@ -124,7 +135,7 @@ def set_verbose(setting: int) -> None:
     _current["setting"] = setting
     root = logging.getLogger()
     if not any(isinstance(handler, _Holding) for handler in root.handlers):
-        root.setLevel(_level(int(_current["verbosity"])))
+        _apply_levels()
 
 
 def reopen(log_format: str, logfile: str | None) -> None:

@@ -139,7 +139,7 @@ def recycle(pool: Pool, now: float) -> None:
         and pool.reconnect.may_try(now)
         and pool.take_budgets(reserve=True)
     ):
-        log.warning("pool %s: taking a connection from reserve_pool", pool.name)
+        log.info("pool %s: taking connection from reserve_pool", pool.name)  # (PgBouncer's words)
         pool.open_server()
 
 

@@ -121,7 +121,7 @@ class Reconnect:
     def succeeded(self) -> None:
         """A server logged in: the outage (if any) is over."""
         if self.failing_since is not None:
-            log.warning("pool %s: server login works again", self.pool_name)
+            log.info("pool %s: server login works again", self.pool_name)
         self.failing_since = None
         self.retry_at = 0.0
         self.failures = 0

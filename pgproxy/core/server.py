@@ -500,6 +500,7 @@ class ServerConn(asyncio.Protocol):
         """
         if self._lost or self.closing or self.transport is None:
             return
+        log.debug("S-%d %s: closing (state %s)", self.id, self.pool.name, self.state.value)
         self.closing = True
         self.transport.write(messages.TERMINATE)
         asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.close)
@@ -711,6 +712,13 @@ async def connect_host(
                 apply_keepalive(server.transport.get_extra_info("socket"), pool.settings.keepalive)
             server.connected_at = time.monotonic()
             server.host = host
+            if pool.settings.log_connections:  # (PgBouncer's wording)
+                local = server.transport.get_extra_info("sockname")
+                log.info(
+                    "S-%d %s/%s@%s:%d new connection to server (from %s)",
+                    server.id, pool.database, target.user, host, target.port,
+                    f"{local[0]}:{local[1]}" if isinstance(local, tuple) else "unix socket",
+                )  # fmt: skip
             tls = pool.server_tls
             if tls.context is not None and not host.startswith("/"):
                 await server.negotiate_tls(tls, host)
@@ -718,6 +726,10 @@ async def connect_host(
             if credential is None and pool.credential_for is not None:
                 credential = pool.credential_for(target.user)
             await server.login(target.user, credential, target.dbname, startup)
+            log.debug(
+                "S-%d %s: logged in to %s:%d, backend pid %d",
+                server.id, pool.name, host, target.port, server.backend_pid,
+            )  # fmt: skip
     except TimeoutError:
         if server is not None:
             server.transport.close()

@@ -45,7 +45,7 @@ class ConsoleControl:
             self.pauses.pause_mode = "suspend" if suspend else "pause"
         else:
             self.pauses.db_flags(database).paused = True
-        log.warning("paused %s", database or "all databases")
+        log.info("paused %s", database or "all databases")
         self.apply_pauses()
 
     def resume(self, database: str | None) -> None:
@@ -54,7 +54,7 @@ class ConsoleControl:
             self.pauses.pause_mode = "none"
         else:
             self.pauses.db_flags(database).paused = False
-        log.warning("resumed %s", database or "all databases")
+        log.info("resumed %s", database or "all databases")
         self.apply_pauses()
 
     async def wait_for_no_servers(self, database: str | None) -> None:
@@ -78,7 +78,7 @@ class ConsoleControl:
             self.pauses.pause_mode = "pause"
         else:
             self.pauses.db_flags(database).paused = True
-        log.warning("KILL %s", database or "all databases")
+        log.info("KILL %s", database or "all databases")
         self.apply_pauses()
         for client in list(self.registry.clients):
             if client.console is None and (database is None or client.database == database):

@@ -144,11 +144,11 @@ class Daemon:
         if self._speaks_for_systemd:
             sdnotify.stopping()
         if mode == "immediate" or self.pauses.shutdown_mode is not None:
-            log.warning("shutting down now")
+            log.info("shutting down now")
             self.stop()
             return
         self.pauses.shutdown_mode = mode
-        log.warning(
+        log.info(
             "shutting down once %s",
             "no server is in use" if mode == "servers" else "every client has left",
         )

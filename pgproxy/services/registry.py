@@ -144,7 +144,7 @@ class PoolRegistry:
         for pool in self.pools.values():
             entry = settings.database(pool.database)
             if entry is None:
-                log.warning("database %s is no longer configured; it drains", pool.database)
+                log.info("database %s is no longer configured; it drains", pool.database)
                 continue
             pool.query_wait_timeout = settings.client_timeouts(entry, pool.user).query_wait
             pool.server_tls = self.credentials.server_tls

@@ -405,7 +405,7 @@ def test_reserve_pool_is_used_after_the_timeout(
     finally:
         for conn in [*holders, waiter]:
             conn.close()
-    assert "taking a connection from reserve_pool" in proxy.log_text()
+    assert "taking connection from reserve_pool" in proxy.log_text()
 
 
 class DelayingRelay:

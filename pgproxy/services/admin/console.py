@@ -283,7 +283,7 @@ class Console:
             self.daemon.set_setting(command.key, command.value)
         except ConfigError as exc:
             raise ConsoleError("SET failed", detail=str(exc)) from None
-        log.warning("console %s: SET %s", self.client.user, command.key)
+        log.info("console %s: SET %s", self.client.user, command.key)
         return messages.message(b"C", messages.cstring(f"SET {command.key}={command.value}"))
 
     # -- control commands (admin only) ------------------------------------------------------
