@@ -996,8 +996,13 @@ class Pool:
         self.reconnect.hook = settings.reconnect_failed
         if target != self.target:
             self.target = target
+            if self.servers:
+                log.info(
+                    "pool %s: database configuration changed: its servers are closed once "
+                    "free", self.name,
+                )  # fmt: skip
             for server in self.servers:
-                server.expires_at = 0.0  # "database configuration changed"
+                server.expires_at = 0.0
         excess = len(self.servers) - self.size - settings.reserve_size
         for server in list(self.idle):
             if server.expires_at == 0.0 or excess > 0:

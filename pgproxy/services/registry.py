@@ -135,7 +135,10 @@ class PoolRegistry:
         )
 
     def reconfigure(self, settings: Settings) -> None:
-        """New settings (RELOAD, SET): resize and retarget every pool in place."""
+        """New settings (RELOAD, SET): resize and retarget every pool in place. When the
+        server TLS settings changed, every server is closed once free (PgBouncer's
+        "obsolete connection"), so that none keeps the old ones."""
+        tls_changed = _server_tls_settings(self.settings) != _server_tls_settings(settings)
         self.settings = settings
         for client in self.logged_in_clients():
             entry = settings.database(client.database)
@@ -154,6 +157,12 @@ class PoolRegistry:
                 settings.pool_settings(entry, pool.user),
                 server_target(entry, pool.database, pool.user),
             )
+            if tls_changed and pool.servers:
+                log.info(
+                    "pool %s: server TLS settings changed: obsolete connections are closed "
+                    "once free", pool.name,
+                )  # fmt: skip
+                pool.reconnect_all()
             self.topologies.attach(pool, entry)
         for client in self.logged_in_clients():
             if client.pool is not None:
@@ -275,3 +284,11 @@ def server_target(entry: DatabaseConfig, database: str, server_user: str) -> Ser
         password=entry.password.get_secret_value() if entry.password else None,
         round_robin=entry.load_balance_hosts == "round-robin",
     )
+
+
+def _server_tls_settings(settings: Settings) -> tuple[object, ...]:
+    """The settings that decide how servers are asked for TLS (server_tls_*)."""
+    return tuple(
+        getattr(settings, name) for name in type(settings).model_fields
+        if name.startswith("server_tls_")
+    )  # fmt: skip

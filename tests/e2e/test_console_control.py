@@ -630,6 +630,28 @@ def test_reload_of_a_new_server_address_replaces_busy_servers_once_free(
     assert row.fetchone() == (None,)  # a Unix-socket connection: the new address is used
 
 
+def test_reload_of_new_server_tls_settings_replaces_servers_once_free(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, conns: Connections
+) -> None:
+    """PgBouncer's rule: a server made under other server TLS settings is obsolete, and
+    closed once free (the idle ones at the RELOAD)."""
+    proxy = proxy_factory(_config(pg, default_pool_size=1))
+    console = conns.console(proxy)
+    conn = conns.client(proxy, autocommit=False)
+    before = _fetch(conn, "select pg_backend_pid()")
+    _commit(conn)
+    # "allow": plain first (the test cluster has no TLS), so the new server works too.
+    _write_config(proxy, {**proxy.config, "server_tls_sslmode": "allow"})
+    assert console.run("RELOAD") == "RELOAD"
+    after = _fetch(conn, "select pg_backend_pid()")
+    _commit(conn)
+    assert after != before
+    assert "server TLS settings changed: obsolete connections" in proxy.log_text()
+    # A RELOAD that changes nothing of it keeps the server.
+    assert console.run("RELOAD") == "RELOAD"
+    assert _fetch(conn, "select pg_backend_pid()") == after
+
+
 def test_reload_that_demotes_an_admin_applies_to_open_sessions(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory, conns: Connections
 ) -> None:
