@@ -250,6 +250,8 @@ class Pool:
         # PAUSE, KILL, SUSPEND or a waiting shutdown: no server is handed out or opened,
         # and each one is closed as it comes free.
         self.paused = paused
+        # SHUTDOWN WAIT_FOR_SERVERS: a client that needs a server is told goodbye instead.
+        self.shutting_down = False
         self.stats = PoolStats()
         # Histograms for /metrics (None when metrics are off: nothing is observed), and the
         # hot path's shortcuts to two of them (see ``measure``).
@@ -437,6 +439,9 @@ class Pool:
             if histograms is not None:
                 histograms.wait.counts[0] += 1  # no wait: the first bucket
             return server
+        if self.shutting_down:
+            client.fatal(codes.ADMIN_SHUTDOWN, "server shutting down")
+            return None
         if 0 < self.settings.max_waiting <= len(self.waiters):
             self.stats.requests_errors += 1
             client.fatal(codes.TOO_MANY_CONNECTIONS, "too many clients waiting (max_waiting)")
@@ -1011,6 +1016,14 @@ class Pool:
         self.grow()
 
     # -- console control -------------------------------------------------------------------
+
+    def shut_down(self) -> None:
+        """SHUTDOWN WAIT_FOR_SERVERS (PgBouncer's words and rule): the transactions under
+        way finish; a client that waits for a server, or asks for one from now on, is
+        closed with "server shutting down"."""
+        self.shutting_down = True
+        for client in list(self.waiters):
+            client.fatal(codes.ADMIN_SHUTDOWN, "server shutting down")
 
     def pause(self) -> None:
         """Hand out no server and open none; close each as it comes free (idle ones now)."""

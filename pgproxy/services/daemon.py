@@ -154,6 +154,9 @@ class Daemon:
         )
         self._stop_listening_on_tcp()
         self.control.apply_pauses()
+        if mode == "servers":
+            for pool in self.registry.pools.values():
+                pool.shut_down()
         self._drain_task = asyncio.get_running_loop().create_task(self._drain(mode))
 
     def _stop_listening_on_tcp(self) -> None:
