@@ -17,6 +17,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mypy_extensions import mypyc_attr
+
 from pgproxy import params as tracked
 from pgproxy import state_guard
 from pgproxy.config import EMPTY_CHECK_QUERY, PoolMode, PoolSettings
@@ -89,6 +91,8 @@ class ServerTarget:
         return f"ServerTarget({self.user}@{self.host}:{self.port}/{self.dbname})"
 
 
+# Compiled, a class refuses Python subclasses unless told: workers.SharedServerBudget is one.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ServerBudget:
     """A cap on server connections shared by several pools: max_db_connections for the
     pools of one database, max_user_connections for the pools of one user."""

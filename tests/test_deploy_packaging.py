@@ -57,8 +57,8 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_dockerfile_shape() -> None:
     instructions = _dockerfile()
-    args = dict(instruction for instruction in instructions if instruction[0] == "ARG")
-    base = args["ARG"].split("=", 1)[1]
+    args = dict(rest.split("=", 1) for word, rest in instructions if word == "ARG")
+    base = args["PYTHON_IMAGE"]
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base  # pinned
     stages = [rest for word, rest in instructions if word == "FROM"]
     assert len(stages) == 2 and "AS build" in stages[0]  # multi-stage
