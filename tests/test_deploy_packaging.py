@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -93,6 +94,15 @@ def test_pinned_packages_are_the_tested_ones() -> None:
     runtime = [re.split(r"[<>=\[; ]", requirement)[0].lower() for requirement in required
                if "extra ==" not in requirement]  # fmt: skip
     assert runtime and all(name in pins for name in runtime), (runtime, sorted(pins))
+
+
+def test_the_build_has_the_runtime_dependencies() -> None:
+    """mypyc type-checks the modules it compiles against the dependencies' types, so the
+    build environment needs every runtime dependency (pyproject.toml's [build-system])."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    build = set(pyproject["build-system"]["requires"])
+    assert set(pyproject["project"]["dependencies"]) <= build
+    assert any(requirement.startswith("mypy==") for requirement in build)
 
 
 # -- systemd ------------------------------------------------------------------------------------
