@@ -21,6 +21,9 @@ HOT_MODULES = (
     "pgproxy.metrics",
     "pgproxy.stats",
     "pgproxy.params",
+    # Not hot, but ReplicationServerConn subclasses ServerConn: a compiled class takes no
+    # Python subclass unless it allows them, which would slow every call on ServerConn.
+    "pgproxy.replication",
 )
 
 

@@ -776,7 +776,10 @@ class Pool:
                 "(server_login_retry)",
                 transient=False,
             )
-        while self.welcome is None:
+        # (Not `while self.welcome is None`: after the test above mypy takes the attribute
+        # for None for good, and compiled code checks each read against that, though the
+        # attempt awaited below sets it.)
+        while not self._has_welcome():
             await self._start_welcome_attempt()
             assert self._welcome_attempt is not None
             try:
@@ -785,6 +788,9 @@ class Pool:
                 if not exc.transient:
                     raise
                 await asyncio.sleep(max(0.05, self.reconnect.retry_at - time.monotonic()))
+
+    def _has_welcome(self) -> bool:
+        return self.welcome is not None
 
     async def _start_welcome_attempt(self) -> None:
         """Open the pool's first server, unless an attempt is under way (it is shared)."""

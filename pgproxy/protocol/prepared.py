@@ -224,7 +224,9 @@ def _last_unnamed_parse(chunk: bytes) -> bytes:
         if type_byte == b"P" and following <= size and length >= 6 and not chunk[position + 5]:
             start, end = position, following
         position = following
-    return chunk[start:end]  # (the same object when it is the whole chunk)
+    if start == 0 and end == size:
+        return chunk  # the same object (said, not left to slicing: compiled code copies)
+    return chunk[start:end]
 
 
 class StatementError(Exception):
