@@ -450,7 +450,11 @@ password = "{DB_PASSWORD}"
         # -P: the working directory (the checkout) is not put on sys.path, so the venv's
         # installed build runs, not the source tree.
         self._spawn([self.python, "-P", "-m", "pgproxy", "-c", str(self.config)], REPO_DIR)
-        self.version = command_output([self.python, "-P", "-m", "pgproxy", "--version"])
+        # Its version line and the build line (compiled or pure).
+        self.version = subprocess.run(
+            [self.python, "-P", "-m", "pgproxy", "--version"],
+            capture_output=True, text=True, timeout=30, check=False,
+        ).stdout.strip()  # fmt: skip
         self._wait_ready()
 
 
