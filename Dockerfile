@@ -12,14 +12,24 @@ ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 # -- build: a virtualenv with the pinned runtime packages and pgproxy -----------------------
 FROM ${PYTHON_IMAGE} AS build
+# A C compiler for mypyc, which compiles pgproxy's hot modules (setup.py); only this stage
+# has it. Debian's security updates replace these versions, so they are not pinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY deploy/container/requirements.lock ./
 RUN python -m venv /opt/pgproxy \
     && /opt/pgproxy/bin/pip install --no-cache-dir --disable-pip-version-check \
         -r requirements.lock
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY pgproxy ./pgproxy
-RUN /opt/pgproxy/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps .
+# Compiled (`pgproxy --version` says so); --build-arg PURE_PGPROXY=1 for pure Python.
+ARG PURE_PGPROXY=0
+RUN PURE_PGPROXY=${PURE_PGPROXY} /opt/pgproxy/bin/pip install --no-cache-dir \
+        --disable-pip-version-check --no-deps . \
+    && /opt/pgproxy/bin/pgproxy --version
 
 # -- final: the virtualenv and the entrypoint, no compiler, no pip cache ---------------------
 FROM ${PYTHON_IMAGE}

@@ -127,8 +127,7 @@ def main() -> int:
     print("|:--|--:|")
     for name, (clients, request, reply) in SCENARIOS.items():
         best = min(
-            uvloop.run(run(clients, request, reply, args.transactions))
-            for _ in range(args.repeat)
+            uvloop.run(run(clients, request, reply, args.transactions)) for _ in range(args.repeat)
         )
         print(f"| {name} | {best * 1e6:.2f} |")
     if args.profile:

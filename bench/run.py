@@ -1,14 +1,17 @@
 """Throughput benchmark: direct PostgreSQL vs PgBouncer vs pgproxy, driven by pgbench.
 
     .venv/bin/python bench/run.py [--quick] [--duration S] [--rounds N] [--scenarios a,b]
-                                  [--profile]
+                                  [--profile] [--pgbouncer PATH] [--builds pure,compiled]
 
 Starts a throwaway PostgreSQL (``pgbench -i -s 10`` as role ``bench``), PgBouncer (when
-installed) and pgproxy, both in transaction mode with a pool of 20 server connections, then
+installed) and pgproxy, all in transaction mode with a pool of 20 server connections, then
 runs every scenario against every target in rotated rounds and prints a Markdown table of the
-median tps, the poolers' CPU time per transaction (from /proc/PID/stat) and pgproxy's
-latency. The table and the raw per-run data go to ``bench/results/<timestamp>.md/.json``.
-See bench/README.md.
+median tps, ratios to PgBouncer and to direct PostgreSQL paired by round, the poolers' user
+and kernel CPU time per transaction (from /proc/PID/stat) and latencies. pgproxy runs as
+both builds when both are installed: pure Python (.venv) and compiled by mypyc
+(.venv-compiled, see scripts/bootstrap.sh). PgBouncer is the one given, else the 1.25.2
+that ../shared/tools/build-pgbouncer builds, else the installed one. The table and the raw
+per-run data go to ``bench/results/<timestamp>.md/.json``. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -55,16 +58,26 @@ PGBOUNCER_OS_USER: Final = "postgres"
 
 DIRECT: Final = "direct"
 PGBOUNCER: Final = "pgbouncer"
-PGPROXY: Final = "pgproxy"
+PGPROXY: Final = "pgproxy"  # the pure-Python build
+PGPROXY_COMPILED: Final = "pgproxy-compiled"  # the hot modules compiled by mypyc
 PGPROXY_NO_METRICS: Final = "pgproxy-nometrics"  # only with --metrics-cost
 PGPROXY_WORKERS: Final = "pgproxy-workers"  # only with --workers N
 # Only with --relay N[,M]: bench/relay.py with N processes, the floor for a Python proxy.
 RELAYS: Final = tuple(f"relay-{n}" for n in range(1, 9))
-TARGETS: Final = (DIRECT, PGBOUNCER, PGPROXY, PGPROXY_NO_METRICS, PGPROXY_WORKERS, *RELAYS)
+TARGETS: Final = (
+    DIRECT,
+    PGBOUNCER,
+    PGPROXY,
+    PGPROXY_COMPILED,
+    PGPROXY_NO_METRICS,
+    PGPROXY_WORKERS,
+    *RELAYS,
+)
 TARGET_LABELS: Final = {
     DIRECT: "direct",
     PGBOUNCER: "PgBouncer",
-    PGPROXY: "pgproxy",
+    PGPROXY: "pgproxy (pure)",
+    PGPROXY_COMPILED: "pgproxy (compiled)",
     PGPROXY_NO_METRICS: "pgproxy (metrics off)",
     PGPROXY_WORKERS: "pgproxy (workers)",
     **{relay: f"zero-logic relay, {relay[6:]} process(es)" for relay in RELAYS},
@@ -227,10 +240,18 @@ def base_env(bindir: str) -> dict[str, str]:
     return env
 
 
-def find_pgbouncer() -> str | None:
-    """Path of the PgBouncer binary, or None if it is not installed."""
-    if os.access("/usr/sbin/pgbouncer", os.X_OK):
-        return "/usr/sbin/pgbouncer"
+# Where ../shared/tools/build-pgbouncer installs the newest release (Debian 12 has 1.18).
+BUILT_PGBOUNCER: Final = "/tmp/pgbouncer-pgbouncer_1_25_2/bin/pgbouncer"
+
+
+def find_pgbouncer(given: str | None = None) -> str | None:
+    """Path of the PgBouncer binary: ``given``, else the built 1.25.2, else the installed
+    one; None if there is none."""
+    if given:
+        return given
+    for path in (BUILT_PGBOUNCER, "/usr/sbin/pgbouncer"):
+        if os.access(path, os.X_OK):
+            return path
     return shutil.which("pgbouncer")
 
 
@@ -393,9 +414,16 @@ class PgProxy(Pooler):
     """pgproxy as a child process of this script."""
 
     def __init__(
-        self, python: str, workdir: Path, pg_port: int, *, metrics: bool = True, workers: int = 1
+        self,
+        python: str,
+        workdir: Path,
+        pg_port: int,
+        *,
+        metrics: bool = True,
+        workers: int = 1,
+        name: str = "",
     ) -> None:
-        name = "pgproxy" if metrics else "pgproxy-nometrics"
+        name = name or ("pgproxy" if metrics else "pgproxy-nometrics")
         if workers > 1:
             name = f"pgproxy-{workers}-workers"
         self.workers = workers
@@ -417,6 +445,10 @@ default_pool_size = {POOL_SIZE}
 max_client_conn = {MAX_CLIENT_CONN}
 metrics_port = {self.metrics_port}
 workers = {self.workers}
+# As PgBouncer's log_connections = 0 and log_disconnections = 0 above: a log line per
+# login is a measurable share of a -C run's CPU.
+log_connections = false
+log_disconnections = false
 
 [databases.{DB_NAME}]
 host = "127.0.0.1"
@@ -425,7 +457,14 @@ user = "{DB_USER}"
 password = "{DB_PASSWORD}"
 """
         )
-        self._spawn([self.python, "-m", "pgproxy", "-c", str(self.config)], REPO_DIR)
+        # -P: the working directory (the checkout) is not put on sys.path, so the venv's
+        # installed build runs, not the source tree.
+        self._spawn([self.python, "-P", "-m", "pgproxy", "-c", str(self.config)], REPO_DIR)
+        # Its version line and the build line (compiled or pure).
+        self.version = subprocess.run(
+            [self.python, "-P", "-m", "pgproxy", "--version"],
+            capture_output=True, text=True, timeout=30, check=False,
+        ).stdout.strip()  # fmt: skip
         self._wait_ready()
 
 
@@ -865,6 +904,21 @@ def paired_ratio(
     return (statistics.median(ratios) if ratios else None), ratios
 
 
+def added_latency_us(results: Sequence[RunResult], scenario: str, target: str) -> float | None:
+    """The median over rounds of ``target``'s average latency minus direct PostgreSQL's in
+    the same round, in µs: what the pooler adds to a round trip (telling with one client)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in results:
+        if r.scenario == scenario and r.latency_ms is not None and r.ok:
+            by_round.setdefault(r.round, {})[r.target] = r.latency_ms
+    added = [
+        (latency[target] - latency[DIRECT]) * 1000
+        for _, latency in sorted(by_round.items())
+        if target in latency and DIRECT in latency
+    ]
+    return statistics.median(added) if added else None
+
+
 def ratio(a: float | None, b: float | None) -> str:
     """a/b with two decimals, '-' if either is missing."""
     if a is None or b is None or b == 0:
@@ -897,24 +951,30 @@ def build_report(
 
     lines = [*header, ""]
     lines.append(
-        "| scenario | direct tps | PgBouncer tps | pgproxy tps | pgproxy/PgBouncer "
-        "| pgproxy/direct | PgBouncer µs CPU/txn | pgproxy µs CPU/txn | pgproxy latency ms |"
+        "| scenario | target | tps | vs PgBouncer | vs direct | user µs/txn | kernel µs/txn "
+        "| latency ms | added latency µs |"
     )
-    lines.append("|:--|--:|--:|--:|--:|--:|--:|--:|--:|")
+    lines.append("|:--|:--|--:|--:|--:|--:|--:|--:|--:|")
+    statuses = {PGBOUNCER: pgbouncer_status, PGPROXY: pgproxy_status}
     for sc in scenarios:
-        d = cell(sc.name, DIRECT, "")
-        b = cell(sc.name, PGBOUNCER, pgbouncer_status)
-        p = cell(sc.name, PGPROXY, pgproxy_status)
-        d_tps = d.tps if isinstance(d, Summary) else None
-        b_tps = b.tps if isinstance(b, Summary) else None
-        p_tps = p.tps if isinstance(p, Summary) else None
-        b_cpu = fmt(b.cpu_us_per_txn, ".1f") if isinstance(b, Summary) else b
-        p_cpu = fmt(p.cpu_us_per_txn, ".1f") if isinstance(p, Summary) else p
-        p_lat = fmt(p.latency_ms, ".3f") if isinstance(p, Summary) else p
-        lines.append(
-            f"| {sc.name} | {tps_cell(d)} | {tps_cell(b)} | {tps_cell(p)} "
-            f"| {ratio(p_tps, b_tps)} | {ratio(p_tps, d_tps)} | {b_cpu} | {p_cpu} | {p_lat} |"
-        )
+        for target in TARGETS:
+            value = cell(sc.name, target, statuses.get(target, ""))
+            if isinstance(value, str):
+                if target in statuses and value != "not run":
+                    lines.append(f"| {sc.name} | {TARGET_LABELS[target]} | {value} |||||||")
+                continue
+            to_bouncer = paired_ratio(results, sc.name, target, PGBOUNCER)[0]
+            to_direct = paired_ratio(results, sc.name, target, DIRECT)[0]
+            added = added_latency_us(results, sc.name, target)
+            lines.append(
+                f"| {sc.name} | {TARGET_LABELS[target]} | {tps_cell(value)} "
+                f"| {'' if target == PGBOUNCER else fmt(to_bouncer, '.2f')} "
+                f"| {'' if target == DIRECT else fmt(to_direct, '.2f')} "
+                f"| {fmt(value.cpu_user_us_per_txn, '.1f')} "
+                f"| {fmt(value.cpu_sys_us_per_txn, '.1f')} "
+                f"| {fmt(value.latency_ms, '.3f')} "
+                f"| {'' if target == DIRECT else fmt(added, '.0f')} |"
+            )
     for sc in scenarios:
         several = summary.get(sc.name, {}).get(PGPROXY_WORKERS)
         bouncer = summary.get(sc.name, {}).get(PGBOUNCER)
@@ -952,9 +1012,7 @@ def build_report(
             middle, ratios = paired_ratio(results, sc.name, target, PGBOUNCER)
             if middle is not None:
                 each = ", ".join(f"{value:.2f}" for value in ratios)
-                paired.append(
-                    f"| {sc.name} | {TARGET_LABELS[target]} | {middle:.2f} | {each} |"
-                )
+                paired.append(f"| {sc.name} | {TARGET_LABELS[target]} | {middle:.2f} | {each} |")
     if paired:
         lines += [
             "",
@@ -967,9 +1025,12 @@ def build_report(
         ]
     lines += [
         "",
-        "Medians over rounds. ⚠ = at least one run had failed transactions, pgbench errors, "
-        "a non-zero exit, a hang or a pooler crash (details below). Direct PostgreSQL has no "
-        "pooler CPU column ('-').",
+        "tps and latency: medians over rounds; vs PgBouncer and vs direct: the median over "
+        "rounds of the target's tps / theirs in the same round; user and kernel µs/txn: the "
+        "pooler process's CPU time over all rounds / the transactions (none for direct); "
+        "added latency: the median over rounds of the target's average latency minus direct "
+        "PostgreSQL's in the same round. ⚠ = at least one run had failed transactions, "
+        "pgbench errors, a non-zero exit, a hang or a pooler crash (details below).",
         "",
         "tps per round (in round order); for the poolers also their user and kernel CPU "
         "time per transaction over all rounds, and the kernel (stime) share:",
@@ -1057,10 +1118,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help=f"after the rounds, one extra {PROFILE_SCENARIO} run against pgproxy under "
-        "py-spy; print the top 15 functions by own time",
+        help="after the rounds, one extra run (--profile-scenario) against the pure pgproxy "
+        "under py-spy (it cannot see compiled code); print the top 15 functions by own time",
+    )
+    parser.add_argument(
+        "--profile-scenario",
+        default=PROFILE_SCENARIO,
+        choices=[s.name for s in SCENARIOS],
+        help=f"the scenario --profile runs (default {PROFILE_SCENARIO})",
+    )
+    parser.add_argument(
+        "--pgbouncer",
+        metavar="PATH",
+        help=f"the PgBouncer binary (default: {BUILT_PGBOUNCER} if built, else the installed one)",
+    )
+    parser.add_argument(
+        "--builds",
+        default="",
+        metavar="pure,compiled",
+        help="the pgproxy builds to run: pure (.venv) and/or compiled (.venv-compiled); "
+        "default both, or pure alone when there is no .venv-compiled",
     )
     args = parser.parse_args(argv)
+    builds = [b.strip() for b in args.builds.split(",") if b.strip()]
+    if not builds:
+        builds = ["pure", "compiled"] if COMPILED_PYTHON.exists() else ["pure"]
+    if set(builds) - {"pure", "compiled"}:
+        parser.error(f"--builds takes pure and/or compiled, not {args.builds!r}")
+    if "compiled" in builds and not COMPILED_PYTHON.exists():
+        parser.error(f"no compiled build: {COMPILED_PYTHON} is missing (scripts/bootstrap.sh)")
+    if args.profile and "pure" not in builds:
+        parser.error("--profile profiles the pure build: add it to --builds")
+    args.build_list = builds
     if args.duration is None:
         args.duration = 3 if args.quick else 10
     if args.rounds is None:
@@ -1085,9 +1174,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def proxy_python() -> str:
-    """The interpreter that runs pgproxy: the project's venv, else this one."""
+    """The interpreter that runs the pure pgproxy: the project's venv, else this one."""
     venv = REPO_DIR / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
+
+
+# The venv with pgproxy compiled by mypyc (scripts/bootstrap.sh makes it).
+COMPILED_PYTHON: Final = REPO_DIR / ".venv-compiled" / "bin" / "python"
 
 
 def header_lines(
@@ -1166,7 +1259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now().astimezone()
     stamp = started.strftime("%Y%m%d-%H%M%S")
     python = proxy_python()
-    pgbouncer_bin = find_pgbouncer()
+    pgbouncer_bin = find_pgbouncer(args.pgbouncer)
     scenarios: list[Scenario] = args.scenario_list
     poolers: dict[str, Pooler] = {}
     runner: Runner | None = None
@@ -1211,10 +1304,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pgbouncer_version = bouncer.version
                 found = re.search(r"(\d+)\.(\d+)", pgbouncer_version)
                 bouncer_version = (int(found[1]), int(found[2])) if found else (0, 0)
-            proxy = PgProxy(python, tmp, pg.port)
-            poolers[PGPROXY] = proxy
-            log(f"starting pgproxy on port {proxy.port}")
-            proxy.start()
+            builds = {
+                "pure": (PGPROXY, python),
+                "compiled": (PGPROXY_COMPILED, str(COMPILED_PYTHON)),
+            }
+            for build in args.build_list:
+                target, build_python = builds[build]
+                proxy = PgProxy(build_python, tmp, pg.port, name=target)
+                poolers[target] = proxy
+                log(f"starting pgproxy ({build}) on port {proxy.port}")
+                proxy.start()
+                log(f"{target}: {' / '.join(proxy.version.splitlines())}")
             pgproxy_status = ""
             if args.workers > 1:
                 several = PgProxy(python, tmp, pg.port, workers=args.workers)
@@ -1233,6 +1333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bare.start()
 
             header = header_lines(started, pg, pgbouncer_version, python)
+            for target in (PGPROXY, PGPROXY_COMPILED):
+                if target in poolers:
+                    header.append(
+                        f"- {TARGET_LABELS[target]}: "
+                        + "; ".join(poolers[target].version.splitlines())
+                    )
             header.insert(
                 4,
                 f"- runs: {args.rounds} round(s) x {len(scenarios)} scenario(s) x "
@@ -1279,7 +1385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             profile_text: str | None = None
             if args.profile:
-                profile_text = run_profile(runner, args.duration)
+                profile_text = run_profile(runner, args.duration, args.profile_scenario)
 
             report = build_report(
                 header, scenarios, runner.results, pgbouncer_status, pgproxy_status, profile_text
@@ -1331,17 +1437,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_code
 
 
-def run_profile(runner: Runner, duration: int) -> str:
-    """One extra select16 run against pgproxy under py-spy; the top-15 table."""
+def run_profile(runner: Runner, duration: int, scenario: str = PROFILE_SCENARIO) -> str:
+    """One extra run of ``scenario`` against the pure pgproxy under py-spy; the top-15
+    table."""
     binary = REPO_DIR / ".venv" / "bin" / "py-spy"
     py_spy = str(binary) if binary.exists() else shutil.which("py-spy")
     if py_spy is None:
         return "py-spy not found (install the dev extra)"
-    output = RESULTS_DIR / f"pyspy-{PROFILE_SCENARIO}.txt"
+    output = RESULTS_DIR / f"pyspy-{scenario}.txt"
     spy = PySpy(py_spy, output, max(1, duration - 1))
-    log(f"profiling pgproxy with py-spy during an extra {PROFILE_SCENARIO} run ({duration} s)")
+    log(f"profiling pgproxy with py-spy during an extra {scenario} run ({duration} s)")
     try:
-        r = runner.run(SCENARIO_BY_NAME[PROFILE_SCENARIO], PGPROXY, 0, duration, during=spy.attach)
+        r = runner.run(SCENARIO_BY_NAME[scenario], PGPROXY, 0, duration, during=spy.attach)
     finally:
         spy.stop()
     runner.results.remove(r)  # profiled runs are slower: keep them out of the medians
@@ -1351,7 +1458,7 @@ def run_profile(runner: Runner, duration: int) -> str:
         return f"py-spy wrote no output; its messages:\n```\n{spy.stderr.strip()}\n```"
     table = format_profile(collapsed)
     text = (
-        f"Extra {PROFILE_SCENARIO} run against pgproxy under `py-spy record` "
+        f"Extra {scenario} run against the pure pgproxy under `py-spy record` "
         f"(not counted above): tps={fmt(r.tps, '.0f')}"
         f"{'' if r.ok else ' PROBLEM: ' + r.problem()}; raw stacks in {output}. "
         "Samples are wall-clock (a loopback write(2) runs the receiver's wake-up): compare "

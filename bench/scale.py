@@ -89,7 +89,9 @@ async def login(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, 
     return reader, writer, error
 
 
-def start(pg: EmbeddedPostgres, workdir: Path, workers: int, max_clients: int) -> tuple[subprocess.Popen[bytes], int]:  # noqa: E501
+def start(
+    pg: EmbeddedPostgres, workdir: Path, workers: int, max_clients: int
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     config = workdir / "pgproxy.toml"
     config.write_text(
@@ -163,10 +165,14 @@ async def idle_run(pid: int, port: int, count: int) -> None:
     busy.join(30)
     held = len(connections)
     print(f"idle: {held} of {count} clients logged in and held in {took:.1f} s; refused: {refused}")
-    print(f"idle: pgproxy RSS {before / 2**20:.1f} MB before, {after / 2**20:.1f} MB with them "
-          f"= {(after - before) / max(held, 1):.0f} bytes per idle client")
-    print(f"idle: the running client (its own process) did {done} transactions meanwhile, "
-          f"the slowest {slowest * 1000:.1f} ms")
+    print(
+        f"idle: pgproxy RSS {before / 2**20:.1f} MB before, {after / 2**20:.1f} MB with them "
+        f"= {(after - before) / max(held, 1):.0f} bytes per idle client"
+    )
+    print(
+        f"idle: the running client (its own process) did {done} transactions meanwhile, "
+        f"the slowest {slowest * 1000:.1f} ms"
+    )
     for _, writer, _ in connections:
         writer.close()
 
@@ -208,8 +214,10 @@ async def burst_run(pg: EmbeddedPostgres, port: int, count: int) -> None:
     stop.set()
     sampler.join()
     print(f"burst: {count} clients in {took:.1f} s: {outcomes}")
-    print(f"burst: most server connections seen in pg_stat_activity: {peak[0]} "
-          f"(pool_size {POOL_SIZE})")
+    print(
+        f"burst: most server connections seen in pg_stat_activity: {peak[0]} "
+        f"(pool_size {POOL_SIZE})"
+    )
 
 
 def main() -> int:

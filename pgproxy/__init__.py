@@ -1,8 +1,10 @@
+from pgproxy.compiled import build_kind
+
 __version__ = "0.1.0"
 
-# How this pgproxy was built: "pure" Python for now. A compiled build would say so here, the
-# one place pgproxy_build_info{build} reads it from.
-BUILD = "pure"
+# How this pgproxy was built: "compiled" (its hot modules by mypyc), "pure" Python, or
+# "partial"; pgproxy_build_info{build} and `pgproxy --version` read it here.
+BUILD = build_kind()
 
 # The console's SHOW VERSION and the first line of `pgproxy --version`: PgBouncer's form,
 # so that tools parsing "PgBouncer X.Y.Z" (pgbouncer_exporter) find the version they speak.

@@ -12,13 +12,16 @@ import contextlib
 import gc
 import logging
 import os
+import platform
 import resource
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import uvloop
 
-from pgproxy import VERSION_LINE, logs
+from pgproxy import BUILD, VERSION_LINE, logs
+from pgproxy.compiled import HOT_MODULES, compiled_modules
 from pgproxy.config import ConfigError, Settings
 from pgproxy.config_file import load_settings
 from pgproxy.hba import hba_rules
@@ -28,6 +31,29 @@ from pgproxy.services.workers import WorkerContext, supervise, worker_count
 
 #: Middle-generation collections between two full ones (CPython's default is 10).
 FULL_COLLECTION_EVERY = 100
+
+
+def version_text() -> str:
+    """What -V prints: PgBouncer's first line (tools parse it), then the build that runs."""
+    compiled = f"{len(compiled_modules())} of {len(HOT_MODULES)} hot modules compiled by mypyc"
+    return f"{VERSION_LINE}\nbuild: {BUILD} ({compiled}), Python {platform.python_version()}"
+
+
+class _VersionAction(argparse.Action):
+    """-V: print version_text() and exit (argparse's own version action rewraps lines)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no logging to stderr")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-V", "--version", action="version", version=VERSION_LINE)
+    parser.add_argument(
+        "-V", "--version", action=_VersionAction, help="show the version and build, and exit"
+    )
     parser.add_argument(
         "--from-pgbouncer",
         metavar="INI",

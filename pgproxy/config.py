@@ -166,8 +166,9 @@ class DatabaseConfig(BaseModel):
         "unset: the client's user name.",
     )
     password: SecretStr | None = Field(
-        default=None, description="Password for the server login: cleartext, md5 or "
-        "SCRAM-SHA-256, whichever the server asks for. Never logged or shown."
+        default=None,
+        description="Password for the server login: cleartext, md5 or "
+        "SCRAM-SHA-256, whichever the server asks for. Never logged or shown.",
     )
     pool_size: int | None = Field(
         default=None, ge=1, description="Overrides `default_pool_size` for this database."
@@ -195,8 +196,9 @@ class DatabaseConfig(BaseModel):
         default=None, description="Overrides `null_pool` for this database."
     )
     query_wait_timeout: float | None = Field(
-        default=None, ge=0, description="Overrides `query_wait_timeout` for this database's "
-        "clients."
+        default=None,
+        ge=0,
+        description="Overrides `query_wait_timeout` for this database's clients.",
     )
     auth_user: str | None = Field(
         default=None,
@@ -285,8 +287,9 @@ class UserConfig(BaseModel):
         default=None, ge=0, description="Overrides `max_user_client_connections` for this user."
     )
     reserve_pool_size: int | None = Field(
-        default=None, ge=0, description="Overrides the database's and the global "
-        "`reserve_pool_size`."
+        default=None,
+        ge=0,
+        description="Overrides the database's and the global `reserve_pool_size`.",
     )
     query_timeout: float | None = Field(
         default=None, ge=0, description="Overrides `query_timeout` for this user's clients."
@@ -297,8 +300,9 @@ class UserConfig(BaseModel):
         description="Overrides the database's and the global `query_wait_timeout`.",
     )
     idle_transaction_timeout: float | None = Field(
-        default=None, ge=0, description="Overrides `idle_transaction_timeout` for this user's "
-        "clients."
+        default=None,
+        ge=0,
+        description="Overrides `idle_transaction_timeout` for this user's clients.",
     )
     transaction_timeout: float | None = Field(
         default=None, ge=0, description="Overrides `transaction_timeout` for this user's clients."
@@ -325,8 +329,8 @@ class Settings(BaseSettings):
         description="TCP port, and the number in the Unix socket's name.",
     )
     unix_socket_dir: str | None = Field(
-        default=None, description="Directory for the Unix socket `.s.PGSQL.<port>`; no socket if "
-        "unset."
+        default=None,
+        description="Directory for the Unix socket `.s.PGSQL.<port>`; no socket if unset.",
     )
     unix_socket_mode: int = Field(
         default=0o777,
@@ -347,21 +351,16 @@ class Settings(BaseSettings):
         ge=0,
         description="`TCP_KEEPCNT`; 0 keeps the system default (as do the next three).",
     )
-    tcp_keepidle: int = Field(
-        default=0, ge=0, description="`TCP_KEEPIDLE`, seconds."
-    )
-    tcp_keepintvl: int = Field(
-        default=0, ge=0, description="`TCP_KEEPINTVL`, seconds."
-    )
-    tcp_user_timeout: int = Field(
-        default=0, ge=0, description="`TCP_USER_TIMEOUT`, milliseconds."
-    )
+    tcp_keepidle: int = Field(default=0, ge=0, description="`TCP_KEEPIDLE`, seconds.")
+    tcp_keepintvl: int = Field(default=0, ge=0, description="`TCP_KEEPINTVL`, seconds.")
+    tcp_user_timeout: int = Field(default=0, ge=0, description="`TCP_USER_TIMEOUT`, milliseconds.")
     log_connections: bool = Field(
         default=True, description="Log each login (`C-<id> db/user@addr login: ...`) at INFO."
     )
     log_disconnections: bool = Field(
-        default=True, description="Log each disconnection with its reason and age at INFO "
-        "(clients that never sent a startup packet, such as port probes, are not logged)."
+        default=True,
+        description="Log each disconnection with its reason and age at INFO "
+        "(clients that never sent a startup packet, such as port probes, are not logged).",
     )
     log_pooler_errors: bool = Field(
         default=True,
@@ -374,8 +373,9 @@ class Settings(BaseSettings):
         "`RELOAD`/SIGHUP.",
     )
     pidfile: str | None = Field(
-        default=None, description="Write the process id here at start (refused while the pid in "
-        "an existing file lives); removed at exit."
+        default=None,
+        description="Write the process id here at start (refused while the pid in "
+        "an existing file lives); removed at exit.",
     )
     pool_mode: PoolMode = Field(
         default="session",
@@ -383,8 +383,9 @@ class Settings(BaseSettings):
         "[Pool modes](operations.md#pool-modes)).",
     )
     default_pool_size: int = Field(
-        default=20, ge=1, description="Server connections per (database, user) pool unless set "
-        "per database or user."
+        default=20,
+        ge=1,
+        description="Server connections per (database, user) pool unless set per database or user.",
     )
     min_pool_size: int = Field(
         default=0,
@@ -458,12 +459,16 @@ class Settings(BaseSettings):
         description="The same across all pools of one server user.",
     )
     max_db_client_connections: int = Field(
-        default=0, ge=0, description="Most client connections to one database; more get `client "
-        "connections exceeded (max_db_client_connections)`; 0: no limit."
+        default=0,
+        ge=0,
+        description="Most client connections to one database; more get `client "
+        "connections exceeded (max_db_client_connections)`; 0: no limit.",
     )
     max_user_client_connections: int = Field(
-        default=0, ge=0, description="Most client connections of one user; more get `client "
-        "connections exceeded (max_user_client_connections)`; 0: no limit."
+        default=0,
+        ge=0,
+        description="Most client connections of one user; more get `client "
+        "connections exceeded (max_user_client_connections)`; 0: no limit.",
     )
     max_client_conn: int = Field(
         default=100,
@@ -522,8 +527,10 @@ class Settings(BaseSettings):
         "every idle server is checked right before a client gets it, as in PgBouncer.",
     )
     query_wait_timeout: float = Field(
-        default=120.0, ge=0, description="Seconds a client may wait for a free server before "
-        "FATAL `query_wait_timeout` (08P01); 0 waits forever."
+        default=120.0,
+        ge=0,
+        description="Seconds a client may wait for a free server before "
+        "FATAL `query_wait_timeout` (08P01); 0 waits forever.",
     )
     query_wait_notify: float = Field(
         default=5.0,
@@ -583,8 +590,11 @@ class Settings(BaseSettings):
         "ALL` and `DISCARD ALL` clear the client's names.",
     )
     max_packet_size: int = Field(
-        default=2147483647, ge=1024, le=2147483647, description="Largest protocol message "
-        "accepted from a client; larger gets an 08P01 error and a close."
+        default=2147483647,
+        ge=1024,
+        le=2147483647,
+        description="Largest protocol message "
+        "accepted from a client; larger gets an 08P01 error and a close.",
     )
     server_connect_timeout: float = Field(
         default=15.0, gt=0, description="Seconds for a server connection and login."
@@ -621,8 +631,9 @@ class Settings(BaseSettings):
         "`verify-ca`/`verify-full` (a client certificate signed by `client_tls_ca_file` too).",
     )
     client_tls_cert_file: str | None = Field(
-        default=None, description="pgproxy's certificate for clients (PEM); re-read on RELOAD "
-        "(new connections use it; an unreadable file fails the RELOAD)."
+        default=None,
+        description="pgproxy's certificate for clients (PEM); re-read on RELOAD "
+        "(new connections use it; an unreadable file fails the RELOAD).",
     )
     client_tls_key_file: str | None = Field(default=None, description="Its private key (PEM).")
     client_tls_ca_file: str | None = Field(
@@ -673,8 +684,9 @@ class Settings(BaseSettings):
         "the console changes it at once.",
     )
     log_format: Literal["text", "json"] = Field(
-        default="text", description="`text`, or `json`: one object per line with `time`, `level`, "
-        "`logger`, `message`."
+        default="text",
+        description="`text`, or `json`: one object per line with `time`, `level`, "
+        "`logger`, `message`.",
     )
     log_stats: bool = Field(
         default=True,
@@ -704,7 +716,7 @@ class Settings(BaseSettings):
     )
     auth_file: str | None = Field(
         default=None,
-        description="PgBouncer's `userlist.txt`: `\"user\" \"secret\"` per line, the secret a "
+        description='PgBouncer\'s `userlist.txt`: `"user" "secret"` per line, the secret a '
         "password, an md5 hash or a SCRAM-SHA-256 verifier. Re-read on RELOAD.",
     )
     auth_user: str | None = Field(
@@ -737,8 +749,9 @@ class Settings(BaseSettings):
         "4096).",
     )
     databases: dict[str, DatabaseConfig] = Field(
-        default_factory=dict, description="The database entries, `[databases.NAME]`; "
-        "`[databases.\"*\"]` serves any other name. Unknown names get `no such database: NAME`."
+        default_factory=dict,
+        description="The database entries, `[databases.NAME]`; "
+        '`[databases."*"]` serves any other name. Unknown names get `no such database: NAME`.',
     )
     users: dict[str, UserConfig] = Field(
         default_factory=dict,
@@ -746,7 +759,7 @@ class Settings(BaseSettings):
     )
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         default=1,
-        description="Worker processes under one supervisor (`\"auto\"`: one per CPU this process "
+        description='Worker processes under one supervisor (`"auto"`: one per CPU this process '
         "may use), all on the port and the Unix socket, acting as one pgproxy: shared limits, "
         "cancel routing, one console. See [Several processes on one "
         "port](operations.md#several-processes-on-one-port). `peer_id` cannot be combined with "
@@ -768,10 +781,12 @@ class Settings(BaseSettings):
         "process of the group is forwarded here. `0`: no peering.",
     )
     peers: dict[int, PeerConfig] = Field(
-        default_factory=dict, description="`[peers.ID]` tables with `host` (a name, an address, "
+        default_factory=dict,
+        description="`[peers.ID]` tables with `host` (a name, an address, "
         "or this process's `unix_socket_dir`) and `port` (default 6432): where each process of "
         "the group takes cancel requests. An entry for the process's own id is ignored, so every "
-        "process can share one list."   )
+        "process can share one list.",
+    )
 
     @field_validator("unix_socket_mode", mode="before")
     @classmethod
@@ -791,7 +806,10 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "admin_users", "stats_users", "ignore_startup_parameters", "track_extra_parameters",
+        "admin_users",
+        "stats_users",
+        "ignore_startup_parameters",
+        "track_extra_parameters",
         mode="before",
     )
     @classmethod
@@ -815,8 +833,7 @@ class Settings(BaseSettings):
                 )
             if source.replica_of is not None:
                 raise ValueError(
-                    f"databases.{name}.replica_of: {entry.replica_of!r} is itself a "
-                    "read-only twin"
+                    f"databases.{name}.replica_of: {entry.replica_of!r} is itself a read-only twin"
                 )
             inherited = {
                 key: getattr(source, key)
@@ -1039,8 +1056,17 @@ def settings_from(data: dict[str, Any], *, log_overrides: bool = False) -> Setti
 # Settings a running daemon cannot change: its sockets are bound once, at start.
 RESTART_ONLY = frozenset(
     {
-        "listen_addr", "listen_port", "unix_socket_dir", "metrics_addr", "metrics_port",
-        "log_format", "pidfile", "so_reuseport", "peer_id", "workers", "track_extra_parameters",
+        "listen_addr",
+        "listen_port",
+        "unix_socket_dir",
+        "metrics_addr",
+        "metrics_port",
+        "log_format",
+        "pidfile",
+        "so_reuseport",
+        "peer_id",
+        "workers",
+        "track_extra_parameters",
     }
 )
 

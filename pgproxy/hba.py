@@ -135,8 +135,7 @@ def login_method(
     encryption = "SSL encryption" if tls else "no encryption"
     if rule is None:
         return HbaRefusal(
-            f'no pg_hba.conf entry for {where}, user "{user}", '
-            f'database "{database}", {encryption}'
+            f'no pg_hba.conf entry for {where}, user "{user}", database "{database}", {encryption}'
         )
     if rule.method == "reject":
         return HbaRefusal(

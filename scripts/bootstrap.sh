@@ -3,8 +3,12 @@
 #   - PostgreSQL server binaries (initdb, pg_ctl, postgres, psql) from apt if missing
 #   - promtool (Debian package prometheus; its server is not started) if missing
 #   - DBD::Pg (Debian package libdbd-pg-perl) if missing
-#   - python3 >= 3.11 with venv support
-#   - .venv at the repo root with `pip install -e '.[dev]'` (redone when pyproject.toml changes)
+#   - python3 >= 3.11 with venv support, and a C compiler (gcc) for mypyc
+#   - .venv at the repo root with `pip install -e '.[dev]'` (redone when pyproject.toml
+#     changes): the development venv, pure Python, so an edit runs at once
+#   - .venv-compiled beside it: pgproxy as `pip install .` builds it, its hot modules
+#     compiled by mypyc (setup.py), plus the dev tools; reinstalled when the sources change
+#     (what scripts/demo.sh runs and what scripts/test.sh tests first)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -90,25 +94,69 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found; Python >= 3.11 i
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
     || die "Python >= 3.11 is required, $PYTHON is $("$PYTHON" -V 2>&1)"
 
-if [ ! -x .venv/bin/python ]; then
-    # Debian's python3 lacks ensurepip (so `python3 -m venv` fails) until python3-venv is in.
-    if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
-        say "installing python3-venv"
-        apt_install python3-venv
-    fi
-    say "creating .venv"
-    rm -rf .venv
-    "$PYTHON" -m venv .venv
+# mypyc compiles the hot modules to C (setup.py); without a compiler the build is pure.
+if ! command -v cc >/dev/null 2>&1; then
+    say "installing a C compiler (gcc) for the compiled build"
+    apt_install gcc libc6-dev
+fi
+if [ ! -f "$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]
+then
+    say "installing Python's C headers (python3-dev) for the compiled build"
+    apt_install python3-dev
 fi
 
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-    say "installing the project into .venv (pip install -e '.[dev]')"
-    .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
-    # Its metadata pins psycopg2 2.8.5 and prometheus-client 0.8.0 (2020); its code runs
-    # on the versions installed above, so install it without its dependencies.
-    .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps \
+new_venv() {  # new_venv DIR
+    if [ ! -x "$1/bin/python" ]; then
+        # Debian's python3 lacks ensurepip (so `python3 -m venv` fails) until python3-venv
+        # is in.
+        if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+            say "installing python3-venv"
+            apt_install python3-venv
+        fi
+        say "creating $1"
+        rm -rf "$1"
+        "$PYTHON" -m venv "$1"
+    fi
+}
+
+# The exporter's metadata pins psycopg2 2.8.5 and prometheus-client 0.8.0 (2020); its code
+# runs on the versions installed with .[dev], so it goes in without its dependencies.
+install_exporter() {  # install_exporter VENV
+    "$1/bin/python" -m pip install --disable-pip-version-check -q --no-deps \
         prometheus-pgbouncer-exporter==2.1.2
+}
+
+new_venv .venv
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    say "installing the project into .venv (pip install -e '.[dev]', pure Python)"
+    PURE_PGPROXY=1 .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+    install_exporter .venv
     touch "$STAMP"
+fi
+
+# .venv-compiled: the dependencies when pyproject.toml changes, pgproxy itself whenever a
+# file it is built from changes (a hash of them in .venv-compiled/.source). Built from a
+# clean build/ each time, so a module moved or deleted cannot linger in the package.
+COMPILED=.venv-compiled
+new_venv "$COMPILED"
+if [ ! -f "$COMPILED/.installed" ] || [ pyproject.toml -nt "$COMPILED/.installed" ]; then
+    say "installing the dependencies into $COMPILED"
+    PURE_PGPROXY=1 "$COMPILED/bin/python" -m pip install --disable-pip-version-check -q '.[dev]'
+    install_exporter "$COMPILED"
+    touch "$COMPILED/.installed"
+    rm -f "$COMPILED/.source"
+fi
+source_hash=$( { find pgproxy -name '*.py' -print0 | sort -z | xargs -0 sha256sum
+                 sha256sum setup.py pyproject.toml; } | sha256sum | cut -d' ' -f1 )
+if [ "$(cat "$COMPILED/.source" 2>/dev/null)" != "$source_hash" ]; then
+    say "building pgproxy into $COMPILED (pip install ., mypyc)"
+    rm -rf build
+    started=$SECONDS
+    "$COMPILED/bin/python" -m pip install --disable-pip-version-check -q --no-deps \
+        --force-reinstall .
+    rm -rf build
+    say "built in $((SECONDS - started)) s: $("$COMPILED/bin/pgproxy" --version | tail -n +2)"
+    echo "$source_hash" >"$COMPILED/.source"
 fi
 
 # node-postgres, for the driver tests (tests/e2e/test_drivers.py): Node.js from apt when it

@@ -4,4 +4,5 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh"
-exec "$ROOT/.venv/bin/python" -m pgproxy.demo "$@"
+# The compiled build (.venv-compiled), as `pip install .` makes it.
+exec "$ROOT/.venv-compiled/bin/python" -P -m pgproxy.demo "$@"

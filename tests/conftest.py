@@ -14,12 +14,14 @@ trustuser  (none)         -                       trust
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import pgproxy
 from pgproxy.embedded import EmbeddedPostgres, quote_ident
 from tests import support
 from tests.support import (
@@ -92,9 +94,7 @@ def no_processes_outside_e2e(
         return
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError(
-            f"{request.node.nodeid} starts PostgreSQL or pgproxy: mark it e2e"
-        )
+        raise AssertionError(f"{request.node.nodeid} starts PostgreSQL or pgproxy: mark it e2e")
 
     monkeypatch.setattr(EmbeddedPostgres, "start", refuse)
     monkeypatch.setattr(support, "launch_proxy", refuse)
@@ -147,3 +147,29 @@ def proxy_session(pg: EmbeddedPostgres, module_proxy_factory: ProxyFactory) -> P
 def proxy_statement(pg: EmbeddedPostgres, module_proxy_factory: ProxyFactory) -> ProxyProcess:
     """A proxy with the default config in statement pooling mode (module-scoped)."""
     return module_proxy_factory(proxy_config(pg, pool_mode="statement"))
+
+
+# -- which build is under test ------------------------------------------------------------------
+# scripts/test.sh runs the suite against the compiled build (installed in .venv-compiled)
+# and against the pure one (.venv, editable), and says which it expects in
+# EXPECT_PGPROXY_BUILD. A repository on sys.path ahead of the installed package would
+# silently test the source tree instead; this stops the run if so.
+
+
+def pytest_report_header() -> str:
+    return f"pgproxy build under test: {pgproxy.BUILD}, from {Path(pgproxy.__file__).parent}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    expected = os.environ.get("EXPECT_PGPROXY_BUILD")
+    if expected is not None and expected != pgproxy.BUILD:
+        raise pytest.UsageError(
+            f"expected the {expected} build of pgproxy, imported the {pgproxy.BUILD} one "
+            f"from {pgproxy.__file__}"
+        )
+    source = Path(__file__).resolve().parent.parent / "pgproxy"
+    if pgproxy.BUILD != "pure" and Path(pgproxy.__file__).resolve().parent == source:
+        raise pytest.UsageError(
+            f"compiled modules in the source tree ({source}) run stale code after an edit: "
+            "remove them (only an installed package is compiled)"
+        )

@@ -47,6 +47,24 @@ def test_paired_ratio_pairs_runs_of_the_same_round() -> None:
     assert middle == 0.9
 
 
+def test_added_latency_is_paired_with_direct_by_round() -> None:
+    sys.path.insert(0, str(BENCH.parent))
+    from bench import run
+
+    def result(round_no: int, target: str, latency_ms: float) -> run.RunResult:
+        r = run.RunResult("single", target, round_no, [])
+        r.tps, r.exit_code, r.transactions, r.latency_ms = 1.0, 0, 1, latency_ms
+        return r
+
+    results = [
+        result(1, run.DIRECT, 0.100), result(1, run.PGPROXY_COMPILED, 0.130),
+        result(2, run.DIRECT, 0.200), result(2, run.PGPROXY_COMPILED, 0.250),
+        result(3, run.PGPROXY_COMPILED, 0.900),  # no direct run in round 3: left out
+    ]  # fmt: skip
+    added = run.added_latency_us(results, "single", run.PGPROXY_COMPILED)
+    assert added is not None and round(added) == 40  # the median of 30 and 50 µs
+
+
 @pytest.mark.e2e
 def test_login_flood_keeps_the_victim_served_and_salts_stable() -> None:
     """bench/login_flood.py against a real PostgreSQL and pgproxy, briefly: under a flood

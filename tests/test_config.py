@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pgproxy import __version__
+from pgproxy import BUILD, __version__
+from pgproxy.compiled import HOT_MODULES, compiled_modules
 from pgproxy.config import ConfigError, DatabaseConfig, Settings, UserConfig, replica_lag_limit
 from pgproxy.config_file import load_settings
 
@@ -413,7 +415,14 @@ def test_cli_check_invalid_file(tmp_path: Path) -> None:
 def test_cli_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"PgBouncer 1.25.2 (pgproxy {__version__})"
+    first, build = result.stdout.splitlines()
+    assert first == f"PgBouncer 1.25.2 (pgproxy {__version__})"  # PgBouncer's, for tools
+    compiled = len(compiled_modules())
+    assert build == (
+        f"build: {BUILD} ({compiled} of {len(HOT_MODULES)} hot modules compiled by mypyc), "
+        f"Python {platform.python_version()}"
+    )
+    assert ("compiled" if compiled == len(HOT_MODULES) else "pure") == BUILD
 
 
 @pytest.mark.parametrize("name", ["pgbouncer", "pgproxy"])

@@ -363,9 +363,7 @@ def test_dashboard_shows_session_state_leaks_by_kind(dashboard: dict[str, Any]) 
         " ".join(target["expr"] for target in panel.get("targets", []))
         for panel in _panels(dashboard["panels"])
     ]
-    assert any(
-        "pgproxy_session_state_leaks_total" in exprs and "kind" in exprs for exprs in panels
-    )
+    assert any("pgproxy_session_state_leaks_total" in exprs and "kind" in exprs for exprs in panels)
 
 
 def test_dashboard_queries_parse(dashboard: dict[str, Any], tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -57,8 +58,8 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_dockerfile_shape() -> None:
     instructions = _dockerfile()
-    args = dict(instruction for instruction in instructions if instruction[0] == "ARG")
-    base = args["ARG"].split("=", 1)[1]
+    args = dict(rest.split("=", 1) for word, rest in instructions if word == "ARG")
+    base = args["PYTHON_IMAGE"]
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base  # pinned
     stages = [rest for word, rest in instructions if word == "FROM"]
     assert len(stages) == 2 and "AS build" in stages[0]  # multi-stage
@@ -93,6 +94,15 @@ def test_pinned_packages_are_the_tested_ones() -> None:
     runtime = [re.split(r"[<>=\[; ]", requirement)[0].lower() for requirement in required
                if "extra ==" not in requirement]  # fmt: skip
     assert runtime and all(name in pins for name in runtime), (runtime, sorted(pins))
+
+
+def test_the_build_has_the_runtime_dependencies() -> None:
+    """mypyc type-checks the modules it compiles against the dependencies' types, so the
+    build environment needs every runtime dependency (pyproject.toml's [build-system])."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    build = set(pyproject["build-system"]["requires"])
+    assert set(pyproject["project"]["dependencies"]) <= build
+    assert any(requirement.startswith("mypy==") for requirement in build)
 
 
 # -- systemd ------------------------------------------------------------------------------------
@@ -267,9 +277,7 @@ def test_chart_keeps_the_shipped_rules() -> None:
                    "--set", "config.admin_users={ops,dba}", "--set", "replicaCount=3"]),
     ],
 )  # fmt: skip
-def test_chart_renders_valid_manifests(
-    tmp_path: Path, shape: str, options: list[str]
-) -> None:
+def test_chart_renders_valid_manifests(tmp_path: Path, shape: str, options: list[str]) -> None:
     documents = _documents(_helm("template", "demo", str(CHART), *options))
     _validate(documents)
     wired = _check_pgproxy_wiring(documents, tmp_path)

@@ -177,7 +177,9 @@ def test_every_supported_setting_converts_and_loads(tmp_path: Path) -> None:
     assert app.password is not None and app.password.get_secret_value() == 'it\'s "quoted"'
     assert (app.pool_size, app.min_pool_size, app.reserve_pool_size) == (11, 1, 2)
     assert (app.pool_mode, app.max_db_connections, app.max_db_client_connections) == (
-        "session", 20, 30
+        "session",
+        20,
+        30,
     )
     assert (app.server_lifetime, app.query_wait_timeout) == (100.0, 5.0)
     assert (app.auth_user, app.auth_dbname) == ("lookup", "postgres")
@@ -210,8 +212,7 @@ def test_pgbouncer_defaults_and_what_is_not_carried_over(tmp_path: Path) -> None
     assert (settings.peers[2].host, settings.peers[2].port) == ("/run/b", 7)
     assert [warning.split(": ", 1)[1] for warning in conversion.warnings] == [
         "auth_type = any: converted to trust (the user name is not ignored)",
-        "server_round_robin not carried over: servers are always reused most recently "
-        "used first",
+        "server_round_robin not carried over: servers are always reused most recently used first",
         "peer 1: pool_size not carried over",
         "unknown section [extra]: ignored",
     ]

@@ -111,7 +111,8 @@ async def test_max_waiting_refuses_a_client_with_53300() -> None:
     first.data_received(QUERY)
     second.data_received(QUERY)
     assert error_of(received(second)) == (
-        codes.TOO_MANY_CONNECTIONS, "too many clients waiting (max_waiting)"
+        codes.TOO_MANY_CONNECTIONS,
+        "too many clients waiting (max_waiting)",
     )
     assert list(pool.waiters) == [first] and pool.stats.requests_errors == 1
     setup.postgres.hold.set()
@@ -235,7 +236,8 @@ async def test_a_login_refused_by_postgresql_reaches_the_waiting_clients() -> No
     await settle()
     for client in clients:
         assert error_of(received(client)) == (
-            codes.INVALID_PASSWORD, "password authentication failed"
+            codes.INVALID_PASSWORD,
+            "password authentication failed",
         )
     assert not pool.waiters and pool.stats.connections_errors >= 1
 
@@ -340,11 +342,20 @@ async def test_a_servers_state_is_always_the_list_that_holds_it() -> None:
     pool.retire(server)
     seen.append((server.state, where(pool, server)))
     assert seen == [
-        ("active", "active"), ("reset", "reset"), ("idle", "idle"), ("tested", "tested"),
-        ("idle", "idle"), ("closed", "closed"),
+        ("active", "active"),
+        ("reset", "reset"),
+        ("idle", "idle"),
+        ("tested", "tested"),
+        ("idle", "idle"),
+        ("closed", "closed"),
     ]
     assert pool.server_states() == {
-        "login": 0, "idle": 0, "active": 0, "reset": 0, "tested": 0, "being_canceled": 0,
+        "login": 0,
+        "idle": 0,
+        "active": 0,
+        "reset": 0,
+        "tested": 0,
+        "being_canceled": 0,
     }
     with pytest.raises(ValueError, match="is closed"):
         pool.change_server_state(server, ServerState.IDLE)  # a closed server stays closed

@@ -631,9 +631,29 @@ def test_sql_prepare_split_anywhere_gives_the_same_bytes() -> None:
 
 
 _SQL_PIECES = [
-    b"PREPARE", b"EXECUTE", b"DEALLOCATE", b"prepare", b" ", b"\t", b"p", b'"', b'""', b"(",
-    b")", b",", b";", b"AS", b"as", b"int", b"double precision", b"select 1", b"$1", b"U&",
-    b"\xc3\xa9", b"all", b"x" * 64,
+    b"PREPARE",
+    b"EXECUTE",
+    b"DEALLOCATE",
+    b"prepare",
+    b" ",
+    b"\t",
+    b"p",
+    b'"',
+    b'""',
+    b"(",
+    b")",
+    b",",
+    b";",
+    b"AS",
+    b"as",
+    b"int",
+    b"double precision",
+    b"select 1",
+    b"$1",
+    b"U&",
+    b"\xc3\xa9",
+    b"all",
+    b"x" * 64,
 ]
 
 

@@ -237,9 +237,7 @@ class HostPolicy:
         self.max_lag: ReplicaLagLimit | None = replica_lag_limit(entry.max_replica_lag)
         # Periodic checks are needed to tell roles and lag apart: not for a single host
         # that any role may serve.
-        self.checked = (
-            len(topology.hosts) > 1 or self.attrs != "any" or self.max_lag is not None
-        )
+        self.checked = len(topology.hosts) > 1 or self.attrs != "any" or self.max_lag is not None
 
     def lagging(self, host: HostState) -> bool:
         """A standby further behind than max_replica_lag (as last measured)."""

@@ -83,8 +83,8 @@ def from_pairs(pairs: dict[str, str], base: ParamValues = EMPTY) -> ParamValues:
 
 
 # Bytes of a client's startup value that were not UTF-8 (surrogate escapes, see
-# protocol/startup.py).
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+# protocol/startup.py). Built with chr(): mypyc cannot compile surrogates in a literal.
+_NOT_UTF8 = re.compile(f"[{chr(0xDC80)}-{chr(0xDCFF)}]")
 
 
 def _byte_escape(match: re.Match[str]) -> str:

@@ -16,6 +16,8 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from mypy_extensions import mypyc_attr
+
 from pgproxy.config import EMPTY_CHECK_QUERY, PoolMode, PoolSettings
 from pgproxy.core import params as tracked
 from pgproxy.core import state_guard
@@ -45,7 +47,6 @@ from pgproxy.stats import PoolStats
 from pgproxy.tls import ServerTls
 
 if TYPE_CHECKING:
-
     # (The client as a pool sees it: an interface that pgproxy.core.client's ClientConn meets.)
     from pgproxy.core.server import LinkedClient as ClientConn
 
@@ -88,6 +89,8 @@ BUDGET_RETRY = 0.02
 NO_SERVER_TLS = ServerTls("disable", None)  # server_tls_sslmode = disable
 
 
+# Compiled, a class refuses Python subclasses unless told: workers.SharedServerBudget is one.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ServerBudget:
     """A cap on server connections shared by several pools: max_db_connections for the
     pools of one database, max_user_connections for the pools of one user, and with
@@ -808,7 +811,6 @@ class Pool:
             if server.cancels_in_flight == 0 and server.state is BEING_CANCELED:
                 self.hand_over(server)
 
-
     def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coroutine)
         self._tasks.add(task)
@@ -933,7 +935,10 @@ class Pool:
                 "(server_login_retry)",
                 transient=False,
             )
-        while self.welcome is None:
+        # (Not `while self.welcome is None`: after the test above mypy takes the attribute
+        # for None for good, and compiled code checks each read against that, though the
+        # attempt awaited below sets it.)
+        while not self._has_welcome():
             await self._start_welcome_attempt()
             assert self._welcome_attempt is not None
             try:
@@ -942,6 +947,9 @@ class Pool:
                 if not exc.transient:
                     raise
                 await asyncio.sleep(max(0.05, self.reconnect.retry_at - time.monotonic()))
+
+    def _has_welcome(self) -> bool:
+        return self.welcome is not None
 
     async def _start_welcome_attempt(self) -> None:
         """Open the pool's first server, unless an attempt is under way (it is shared)."""

@@ -77,7 +77,6 @@ class ServerTarget:
         return f"ServerTarget({self.user}@{self.host}:{self.port}/{self.dbname})"
 
 
-
 class LinkedClient(Protocol):
     """What a server and its pool need of the client linked to it (pgproxy.core.client's
     ClientConn): its stream, its counters and a way to end it."""
@@ -342,11 +341,7 @@ class ServerConn(asyncio.Protocol):
         self.query_started = now  # a pipelined request runs from here
         self.replies += ready
         outstanding = client.outstanding = client.outstanding - ready
-        if (
-            outstanding <= 0
-            and self.scan.status == STATUS_IDLE
-            and not client.scan.holds_server
-        ):
+        if outstanding <= 0 and self.scan.status == STATUS_IDLE and not client.scan.holds_server:
             self.transaction_done(client, self, now)
 
     def connection_lost(self, exc: Exception | None) -> None:

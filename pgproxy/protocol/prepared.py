@@ -257,9 +257,7 @@ def _word(text: bytes, position: int) -> tuple[bytes, bool, int] | None:
         if end < size and text[end] >= 0x80:
             return None
         word = text[position:end].lower()
-        if len(word) > _MAX_IDENTIFIER or (
-            word == b"u" and text[end : end + 1] == b"&"
-        ):
+        if len(word) > _MAX_IDENTIFIER or (word == b"u" and text[end : end + 1] == b"&"):
             return None
         return word, False, end
     if byte != 0x22:  # "
@@ -382,7 +380,9 @@ def _last_unnamed_parse(chunk: bytes) -> bytes:
         if type_byte == b"P" and following <= size and length >= 6 and not chunk[position + 5]:
             start, end = position, following
         position = following
-    return chunk[start:end]  # (the same object when it is the whole chunk)
+    if start == 0 and end == size:
+        return chunk  # the same object (said, not left to slicing: compiled code copies)
+    return chunk[start:end]
 
 
 class StatementError(Exception):

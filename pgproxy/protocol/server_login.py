@@ -72,13 +72,13 @@ class ServerAuthenticator:
         if self._password is None:
             raise ServerAuthError(
                 # ("wrong password type": PgBouncer's words, which tools match.)
-                f'wrong password type: server asked for {method} authentication for user '
+                f"wrong password type: server asked for {method} authentication for user "
                 f'"{self.user}" but no password is configured'
             )
         if not isinstance(self._password, str):
             known = "an md5 hash" if isinstance(self._password, Md5Hash) else "SCRAM keys"
             raise ServerAuthError(
-                f'wrong password type: server asked for {method} authentication for user '
+                f"wrong password type: server asked for {method} authentication for user "
                 f'"{self.user}" but pgproxy only has {known} for it (passthrough), no password'
             )
         return self._password

@@ -11,7 +11,7 @@ nothing per message. The caller forwards the chunk itself; the scanner only repo
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pgproxy.protocol.prepared import (
     MAX_SQL_QUERY,
@@ -26,24 +26,27 @@ if TYPE_CHECKING:
 
     from pgproxy.protocol.prepared import Pending, ServerStatements
 
-_LENGTH = struct.Struct("!I").unpack_from
-_HEADER = struct.Struct("!BI").unpack_from  # a message's type byte and length
+# Final names, int annotations on what unpack_from returns, and lookup tables frozen to bytes
+# let mypyc compile the walks below to plain C (pgproxy/compiled.py); as Python they cost
+# nothing.
+_LENGTH: Final = struct.Struct("!I").unpack_from
+_HEADER: Final = struct.Struct("!BI").unpack_from  # a message's type byte and length
 
 # What a frontend message type means for routing (indexed by the type byte).
-_INVALID = 0
-_PLAIN = 1  # CopyData: forwarded, no reply expected by itself
-_REQUEST = 2  # Query / FunctionCall: one ReadyForQuery will answer it
-_SYNC = 3  # Sync: one ReadyForQuery answers it, and it closes an extended-protocol batch
-_EXTENDED = 4  # Execute / Flush: a batch is open until Sync
-_TERMINATE = 5
-_COPY_END = 6  # CopyDone / CopyFail: the end of the client's COPY data
+_INVALID: Final = 0
+_PLAIN: Final = 1  # CopyData: forwarded, no reply expected by itself
+_REQUEST: Final = 2  # Query / FunctionCall: one ReadyForQuery will answer it
+_SYNC: Final = 3  # Sync: one ReadyForQuery answers it, and it closes an extended-protocol batch
+_EXTENDED: Final = 4  # Execute / Flush: a batch is open until Sync
+_TERMINATE: Final = 5
+_COPY_END: Final = 6  # CopyDone / CopyFail: the end of the client's COPY data
 # Extended-protocol messages that may name a prepared statement (all kinds from _PARSE on).
-_PARSE = 7
-_BIND = 8
-_CLOSE = 9
-_DESCRIBE = 10
+_PARSE: Final = 7
+_BIND: Final = 8
+_CLOSE: Final = 9
+_DESCRIBE: Final = 10
 
-_FRONTEND_KIND = bytearray(256)
+_frontend_kind = bytearray(256)
 for _type, _kind in (
     (b"d", _PLAIN),
     (b"c", _COPY_END),
@@ -59,81 +62,93 @@ for _type, _kind in (
     (b"H", _EXTENDED),
     (b"X", _TERMINATE),
 ):
-    _FRONTEND_KIND[_type[0]] = _kind
+    _frontend_kind[_type[0]] = _kind
+_FRONTEND_KIND: Final = bytes(_frontend_kind)
 
-_STATEMENT = ord("S")  # Describe/Close of a statement (not a portal)
-_QUERY = ord("Q")
+_STATEMENT: Final = ord("S")  # Describe/Close of a statement (not a portal)
+_QUERY: Final = ord("Q")
 # A simple Query (with named statements in use) of a length that may be an SQL PREPARE,
 # EXECUTE or DEALLOCATE (as a message length: the text, its NUL and the length field), and
 # the bytes such a query can start with: PREPARE from any client, the other two only from
 # a client that may have names (``named_parse``).
-_MIN_SQL = MIN_SQL_QUERY + 5
-_MAX_SQL = MAX_SQL_QUERY + 5
-_PREPARE_START = bytearray(256)
+_MIN_SQL: Final = MIN_SQL_QUERY + 5
+_MAX_SQL: Final = MAX_SQL_QUERY + 5
+_prepare_start = bytearray(256)
 for _start in b"pP \t\n\r\f\v":
-    _PREPARE_START[_start] = 1
-_NAMED_SQL_START = bytearray(_PREPARE_START)
+    _prepare_start[_start] = 1
+_PREPARE_START: Final = bytes(_prepare_start)
+_named_sql_start = bytearray(_prepare_start)
 for _start in b"eEdD":
-    _NAMED_SQL_START[_start] = 1
+    _named_sql_start[_start] = 1
+_NAMED_SQL_START: Final = bytes(_named_sql_start)
 # The quick walk keeps the chunk that holds a client's unnamed Parse (rather than copy the
 # Parse out of it) when it is no larger than this: a large one is not kept alive for it.
-_KEEP_CHUNK = 4096
-_READY_FOR_QUERY = ord("Z")
-_PARAMETER_STATUS = ord("S")
-_ERROR_RESPONSE = ord("E")
-_COMMAND_COMPLETE = ord("C")
-_COPY_IN_RESPONSE = ord("G")
-_COPY_BOTH_RESPONSE = ord("W")
-_NO_DATA = ord("n")
+_KEEP_CHUNK: Final = 4096
+_READY_FOR_QUERY: Final = ord("Z")
+_PARAMETER_STATUS: Final = ord("S")
+_ERROR_RESPONSE: Final = ord("E")
+_COMMAND_COMPLETE: Final = ord("C")
+_COPY_IN_RESPONSE: Final = ord("G")
+_COPY_BOTH_RESPONSE: Final = ord("W")
+_NO_DATA: Final = ord("n")
 
 # Backend message types the walk looks at; every other type is skipped by one index test.
-_BACKEND_INTERESTING = bytearray(256)
+_backend_interesting = bytearray(256)
 for _type_code in b"ZSECGW":
-    _BACKEND_INTERESTING[_type_code] = 1
+    _backend_interesting[_type_code] = 1
+_BACKEND_INTERESTING: Final = bytes(_backend_interesting)
 # What feed's quick walk does with each backend message type (0: skip it).
-_READY = 1  # ReadyForQuery
-_COMPLETION = 2  # ParseComplete, BindComplete, CloseComplete (counted with named statements)
-_TAG = 3  # CommandComplete (with named statements: DEALLOCATE ALL; with the state guard)
-_STOP = 4  # ParameterStatus, CopyInResponse, CopyBothResponse: _walk handles them
-_QUICK_ACTIONS = bytearray(256)
+_READY: Final = 1  # ReadyForQuery
+# ParseComplete, BindComplete, CloseComplete (counted with named statements):
+_COMPLETION: Final = 2
+# CommandComplete (with named statements: DEALLOCATE ALL; with the state guard):
+_TAG: Final = 3
+_STOP: Final = 4  # ParameterStatus, CopyInResponse, CopyBothResponse: _walk handles them
+_quick_actions = bytearray(256)
 for _message_type, _action in ((b"Z", _READY), (b"S", _STOP), (b"G", _STOP), (b"W", _STOP)):
-    _QUICK_ACTIONS[_message_type[0]] = _action
-_COUNTING_ACTIONS = bytearray(_QUICK_ACTIONS)
+    _quick_actions[_message_type[0]] = _action
+_counting_actions = bytearray(_quick_actions)
 for _message_type in (b"1", b"2", b"3"):
-    _COUNTING_ACTIONS[_message_type[0]] = _COMPLETION
-_COUNTING_ACTIONS[ord("C")] = _TAG
+    _counting_actions[_message_type[0]] = _COMPLETION
+_counting_actions[ord("C")] = _TAG
 # Without named statements but with the state guard: CommandComplete is looked at too.
-_TAG_ACTIONS = bytearray(_QUICK_ACTIONS)
-_TAG_ACTIONS[ord("C")] = _TAG
+_tag_actions = bytearray(_quick_actions)
+_tag_actions[ord("C")] = _TAG
+_QUICK_ACTIONS: Final = bytes(_quick_actions)
+_COUNTING_ACTIONS: Final = bytes(_counting_actions)
+_TAG_ACTIONS: Final = bytes(_tag_actions)
 
 # CommandComplete tags the walks act on. The quick walk tells them from every other tag by
 # their message length and first letter (``_TAG_FIRST[length]``); _walk compares them whole.
-_DEALLOCATE_TAGS = (b"DEALLOCATE ALL\0", b"DISCARD ALL\0")  # named statements are gone
+_DEALLOCATE_TAGS: Final = (b"DEALLOCATE ALL\0", b"DISCARD ALL\0")  # named statements are gone
 # transaction_state_guard: tags of commands that may leave state in the session (SET only
 # when the server was idle before it: see BackendScanner).
-_SET_TAG = b"SET\0"
-_STATE_TAGS = (_SET_TAG, b"LISTEN\0", b"PREPARE\0", b"DECLARE CURSOR\0", b"CREATE TABLE\0")
+_SET_TAG: Final = b"SET\0"
+_STATE_TAGS: Final = (_SET_TAG, b"LISTEN\0", b"PREPARE\0", b"DECLARE CURSOR\0", b"CREATE TABLE\0")
 _first_letters = bytearray(32)
 for _tag in (*_DEALLOCATE_TAGS, *_STATE_TAGS):
     # (Tags of one length share their first letter: DEALLOCATE ALL and DECLARE CURSOR.)
     assert _first_letters[len(_tag) + 4] in (0, _tag[0]), _tag
     _first_letters[len(_tag) + 4] = _tag[0]
-_TAG_FIRST = bytes(_first_letters)
+_TAG_FIRST: Final = bytes(_first_letters)
 # The lengths of all of them, whether or not the guard is on (one set lookup per tag, and
 # the state guard's tags are rare), and those below 4: malformed, for _walk to report.
-_TAG_LENGTHS = frozenset({*range(4), *(len(tag) + 4 for tag in (*_DEALLOCATE_TAGS, *_STATE_TAGS))})
-_STATE_TAG_SET = frozenset(_STATE_TAGS)
+_TAG_LENGTHS: Final = frozenset(
+    {*range(4), *[len(tag) + 4 for tag in (*_DEALLOCATE_TAGS, *_STATE_TAGS)]}
+)
+_STATE_TAG_SET: Final = frozenset(_STATE_TAGS)
 # In prepared mode ParseComplete, BindComplete and CloseComplete are counted too, and
 # NoData is looked at (one of pgproxy's own is cut out: see ServerStatements.render).
-_COMPLETIONS = frozenset(b"123")
-_BACKEND_PREPARED = bytearray(_BACKEND_INTERESTING)
+_COMPLETIONS: Final = frozenset(b"123")
+_backend_prepared = bytearray(_backend_interesting)
 for _type_code in (*_COMPLETIONS, _NO_DATA):
-    _BACKEND_PREPARED[_type_code] = 1
+    _backend_prepared[_type_code] = 1
+_BACKEND_PREPARED: Final = bytes(_backend_prepared)
 # ParameterStatus messages are read whole; a server's are small (names and short values).
-MAX_PARAMETER_STATUS = 64 * 1024
-STATUS_IDLE = ord("I")
-STATUS_IN_TRANSACTION = ord("T")
-STATUS_FAILED = ord("E")
+MAX_PARAMETER_STATUS: Final = 64 * 1024
+STATUS_IDLE: Final = ord("I")
+STATUS_IN_TRANSACTION: Final = ord("T")
+STATUS_FAILED: Final = ord("E")
 
 
 class FrontendScanner:
@@ -261,6 +276,8 @@ class FrontendScanner:
         batch_open = self.batch_open
         parse_at = -1  # the chunk's last unnamed Parse (named statements in use)
         last = size - 5  # the last offset where a whole header fits
+        type_byte: int
+        length: int
         while position < size:
             if position > last:
                 return False  # a split header: carried by _walk
@@ -274,10 +291,7 @@ class FrontendScanner:
                     statements is not None
                     and type_byte == _QUERY
                     and _MIN_SQL <= length <= _MAX_SQL
-                    and (
-                        end > size
-                        or self.sql_start[data[position + 5]]
-                    )
+                    and (end > size or self.sql_start[data[position + 5]])
                 ):
                     return False  # perhaps an SQL PREPARE, EXECUTE or DEALLOCATE: _walk
                 requests += 1
@@ -370,6 +384,8 @@ class FrontendScanner:
         stop = -1  # plan: the offset where forwarding stops (Terminate, an error, a hold)
         parsed = False  # an unnamed Parse was walked (its server gets what follows)
         header = _HEADER
+        type_byte: int
+        length: int
         while position + 5 <= size:
             type_byte, length = header(data, position)
             kind = kinds[type_byte]
@@ -432,10 +448,7 @@ class FrontendScanner:
                     statements is not None
                     and type_byte == _QUERY
                     and _MIN_SQL <= length <= _MAX_SQL
-                    and (
-                        position + 5 >= size
-                        or self.sql_start[data[position + 5]]
-                    )
+                    and (position + 5 >= size or self.sql_start[data[position + 5]])
                 ):
                     end = position + 1 + length
                     if end > size:  # perhaps a PREPARE, EXECUTE or DEALLOCATE: hold it whole
@@ -510,8 +523,7 @@ class FrontendScanner:
             return False
         length: int = _LENGTH(held, 1)[0]
         if held[0] == _QUERY and not (
-            _MIN_SQL <= length <= _MAX_SQL
-            and (len(held) < 6 or self.sql_start[held[5]])
+            _MIN_SQL <= length <= _MAX_SQL and (len(held) < 6 or self.sql_start[held[5]])
         ):
             return True  # (not a PREPARE, EXECUTE or DEALLOCATE: walked as it comes)
         # (A bad length is reported by the walk.)
@@ -676,6 +688,8 @@ class BackendScanner:
         actions = _COUNTING_ACTIONS if counting else self.quick_actions
         ready = 0
         last = size - 5  # the last offset where a whole header fits
+        type_byte: int
+        length: int
         while position <= last:
             type_byte, length = header(data, position)
             action = actions[type_byte]
@@ -728,7 +742,7 @@ class BackendScanner:
         cuts: list[int] | None = None  # start, end, start, end... of replies to cut out
         while position + 5 <= size:
             type_byte = data[position]
-            length = _LENGTH(data, position + 1)[0]
+            length: int = _LENGTH(data, position + 1)[0]
             if length < 4:
                 self.error = f"invalid message length {length} from server"
                 break

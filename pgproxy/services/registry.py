@@ -261,9 +261,7 @@ class PoolRegistry:
                 return
             target = ServerTarget(peer.host, peer.port, "", "", None)
             self._cancel_tasks.add(
-                task := asyncio.ensure_future(
-                    cancel_backend(target, route.process_id, secret_key)
-                )
+                task := asyncio.ensure_future(cancel_backend(target, route.process_id, secret_key))
             )
             task.add_done_callback(self._cancel_tasks.discard)
             return

@@ -246,9 +246,7 @@ def bind_unix_socket(settings: Settings) -> socket.socket | None:
     return sock
 
 
-def supervise(
-    settings: Settings, run_worker: Callable[[WorkerContext], int]
-) -> int:
+def supervise(settings: Settings, run_worker: Callable[[WorkerContext], int]) -> int:
     """Fork the workers, keep them running, pass signals on; the exit status."""
     count = worker_count(settings)
     budgets = SharedBudgets(count)
@@ -434,9 +432,7 @@ def evict_for_other_workers(pools: list[Pool]) -> None:
         if not pool.idle:
             continue
         for budget in pool.budgets:
-            if isinstance(budget, SharedServerBudget) and budget.shared.take_eviction(
-                budget.slot
-            ):
+            if isinstance(budget, SharedServerBudget) and budget.shared.take_eviction(budget.slot):
                 log.info("pool %s: closing an idle server for another worker", pool.name)
                 pool.retire(pool.idle[0])
                 break

@@ -80,7 +80,6 @@ def _run(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess[st
     )  # fmt: skip
 
 
-
 def test_two_proxies_from_two_ini_files_share_a_host(
     pg: EmbeddedPostgres, workdirs: list[Path]
 ) -> None:
@@ -236,7 +235,8 @@ def test_logs_name_the_client_and_escape_what_it_sent(
     # log_pooler_errors: an error pgproxy sent, at WARNING, with the address.
     assert re.search(
         r"WARNING pgproxy\.client: C-\d+ nope/app@127\.0\.0\.1:\d+ pooler error: "
-        r"no such database: nope", text
+        r"no such database: nope",
+        text,
     ), text
     # The user name's newline is written as \x0a: no line of the log starts with it.
     assert "nope/evil\\x0a2026-01-01 00:00:00,000 WARNING pgproxy: FORGED@127.0.0.1" in text
@@ -282,8 +282,7 @@ def test_tcp_keepalive_on_client_and_server_sockets(
             timers = [keepalive.search(line) for line in client_side + server_side]
             # (At most 77 s: tcp_keepidle, not the system default of 2 hours.)
             return bool(client_side and server_side) and all(
-                timer is not None
-                and int(timer.group(1) or 0) * 60 + int(timer.group(2) or 0) <= 77
+                timer is not None and int(timer.group(1) or 0) * 60 + int(timer.group(2) or 0) <= 77
                 for timer in timers
             )
 

@@ -104,8 +104,10 @@ def test_a_live_pidfile_refuses_a_second_start(
     (workdir / "pgbouncer.log").rename(workdir / "pgbouncer.log.1")
     os.kill(proxy.pid, signal.SIGHUP)
     wait_for(
-        lambda: (workdir / "pgbouncer.log").exists()
-        and "configuration reloaded" in (workdir / "pgbouncer.log").read_text(),
+        lambda: (
+            (workdir / "pgbouncer.log").exists()
+            and "configuration reloaded" in (workdir / "pgbouncer.log").read_text()
+        ),
         10,
         "a new logfile after rotation",
     )

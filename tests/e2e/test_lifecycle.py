@@ -581,9 +581,7 @@ def test_first_logins_waiting_together_share_the_one_that_got_a_place(
     instead of each waiting for a place of its own (which would not come: the pool's one
     server now holds the only place) until server_connect_timeout."""
     pg.create_role("lifeuser3", PASSWORD)
-    proxy = _proxy(
-        pg, proxy_factory, user=None, max_db_connections=1, server_connect_timeout=3
-    )
+    proxy = _proxy(pg, proxy_factory, user=None, max_db_connections=1, server_connect_timeout=3)
     results: list[Any] = []
 
     def first_login() -> None:
@@ -874,4 +872,3 @@ def test_running_out_of_file_descriptors_leaves_no_unread_error(
     text = log_path.read_text(errors="replace")
     assert "never retrieved" not in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
-

@@ -29,9 +29,7 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def test_entrypoint_with_an_environment_only_config(
-    pg: EmbeddedPostgres, tmp_path: Path
-) -> None:
+def test_entrypoint_with_an_environment_only_config(pg: EmbeddedPostgres, tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     databases = {
         "appdb": {"host": "127.0.0.1", "port": pg.port, "user": "app", "password": "app-secret"}

@@ -49,9 +49,7 @@ class Group:
         workdir = self.root / f"work{peer_id}"
         workdir.mkdir()
         (workdir / "pgproxy.toml").write_text(tomli_w.dumps(config))
-        process = launch_proxy(
-            workdir, ["-c", str(workdir / "pgproxy.toml")], self.port, config
-        )
+        process = launch_proxy(workdir, ["-c", str(workdir / "pgproxy.toml")], self.port, config)
         self.processes[peer_id] = process
         # The shared port may answer already (another process): wait for this one's socket.
         wait_for(lambda: self._answers(peer_id), 20, f"peer {peer_id} on its socket")
@@ -161,9 +159,7 @@ def _refused_on_socket(group: Group) -> bool:
     return False
 
 
-def test_restart_on_the_same_port_drops_no_client(
-    pg: EmbeddedPostgres, group: Group
-) -> None:
+def test_restart_on_the_same_port_drops_no_client(pg: EmbeddedPostgres, group: Group) -> None:
     old = group.start(1)
     env = {**os.environ, "PGPASSWORD": "app-secret"}
     script = group.root / "select.sql"

@@ -159,9 +159,7 @@ def test_query_wait_notify(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) ->
         time.sleep(0.3)
         waiter.execute("select 1")  # queued ~2 s behind the holder
         holding.join(10)
-        assert notices == [
-            "No server connection available in appdb backend, client being queued"
-        ]
+        assert notices == ["No server connection available in appdb backend, client being queued"]
         waiter.execute("select 1")  # no wait: no notice
         assert len(notices) == 1
     finally:

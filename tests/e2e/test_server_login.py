@@ -120,7 +120,7 @@ def test_wrong_server_password_sqlstate(login_proxy: ProxyProcess) -> None:
     # (A second login while the pool's logins fail gets PgBouncer's cached-error wording.)
     assert fields["M"] in (
         'password authentication failed for user "app"',
-        'server login has been failing, cached error: password authentication failed for '
+        "server login has been failing, cached error: password authentication failed for "
         'user "app" (server_login_retry)',
     ), fields
     assert WRONG_PASSWORD not in repr(fields)

@@ -201,7 +201,8 @@ def test_undoing_an_earlier_clients_set_is_no_leak(
     wait_for(lambda: _leaks(proxy)["set"] == 3, 10, "three SET leaks")
     rows = [row for row in _show_leaks(proxy) if row["kind"] == "set"]
     assert {(row["application_name"], row["count"]) for row in rows} == {
-        ("leaky", "2"), ("tidy", "1")
+        ("leaky", "2"),
+        ("tidy", "1"),
     }
 
 

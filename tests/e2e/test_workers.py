@@ -35,9 +35,7 @@ def _worker_dirs(proxy: ProxyProcess, count: int) -> list[Path]:
     root = Path(found[0])
     dirs = [root / f"worker-{index}" for index in range(count)]
     port = proxy.port
-    wait_for(
-        lambda: all((path / f".s.PGSQL.{port}").exists() for path in dirs), 20, "every worker"
-    )
+    wait_for(lambda: all((path / f".s.PGSQL.{port}").exists() for path in dirs), 20, "every worker")
     return dirs
 
 
@@ -115,9 +113,7 @@ def test_pool_size_caps_the_sum_over_workers(
     assert 1 <= peak[0] <= POOL_SIZE, peak[0]
 
 
-def test_cancel_sent_to_another_worker(
-    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
-) -> None:
+def test_cancel_sent_to_another_worker(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
     import socket
 
     proxy = _start(pg, proxy_factory, 2)
@@ -414,9 +410,7 @@ def test_a_busy_worker_gives_its_extra_servers_to_a_waiting_one(
     keep running (each worker has a fair share, given back at the ends of transactions)."""
     # (Without the give-back, worker 1's queries would wait until worker 0's clients left:
     # query_wait_timeout turns that into a failure here.)
-    proxy = proxy_factory(
-        proxy_config(pg, workers=2, default_pool_size=4, query_wait_timeout=5)
-    )
+    proxy = proxy_factory(proxy_config(pg, workers=2, default_pool_size=4, query_wait_timeout=5))
     dirs = _worker_dirs(proxy, 2)
     stop = threading.Event()
     failures: list[BaseException] = []
@@ -457,9 +451,7 @@ def test_show_hosts_adds_up_the_servers_of_every_worker(
 ) -> None:
     entry = {"host": "127.0.0.1", "port": pg.port, "user": "app", "password": "app-secret"}
     databases = {"appdb": {**entry, "target_session_attrs": "primary"}}
-    proxy = proxy_factory(
-        proxy_config(pg, workers=2, admin_users=["app"], databases=databases)
-    )
+    proxy = proxy_factory(proxy_config(pg, workers=2, admin_users=["app"], databases=databases))
     dirs = _worker_dirs(proxy, 2)
     clients = [psycopg.connect(**_via(path, proxy)) for path in dirs]
     try:
