@@ -79,6 +79,8 @@ class Janitor:
             elif not client.logged_in and settings.client_login_timeout > 0:
                 expire_login(client, now, settings.client_login_timeout)
         for pool in self._pools():
+            if pool.waiters and pool.shutting_down:  # (SHUTDOWN WAIT_FOR_SERVERS)
+                pool.refuse_waiters_on_shutdown()
             if pool.waiters:
                 expire_waiters(pool, now)
                 if settings.query_wait_notify > 0:

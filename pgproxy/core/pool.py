@@ -1027,9 +1027,13 @@ class Pool:
 
     def shut_down(self) -> None:
         """SHUTDOWN WAIT_FOR_SERVERS (PgBouncer's words and rule): the transactions under
-        way finish; a client that waits for a server, or asks for one from now on, is
-        closed with "server shutting down"."""
+        way finish; a client that asks for a server from now on is closed with "server
+        shutting down", and so are those already waiting, at the janitor's next pass (as
+        PgBouncer's janitor does)."""
         self.shutting_down = True
+
+    def refuse_waiters_on_shutdown(self) -> None:
+        """The janitor's part of ``shut_down``: the clients still waiting are closed."""
         for client in list(self.waiters):
             client.fatal(codes.ADMIN_SHUTDOWN, "server shutting down")
 

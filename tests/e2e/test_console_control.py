@@ -829,6 +829,27 @@ def test_shutdown_waits_for_the_open_transactions(
     assert row == (2,)
 
 
+def test_shutdown_wait_for_servers_closes_the_clients_already_waiting(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, conns: Connections
+) -> None:
+    """A client queued for a server when SHUTDOWN WAIT_FOR_SERVERS comes is closed with
+    PgBouncer's "server shutting down"; the transaction holding the server finishes."""
+    proxy = proxy_factory(_config(pg, default_pool_size=1))
+    console = conns.console(proxy)
+    holder = conns.client(proxy, autocommit=False)
+    assert _fetch(holder, "select 1") == 1  # the only server, held in a transaction
+    waiter = conns.client(proxy)
+    waiting = InThread(lambda: _query(waiter, "select 'waited'"))
+    assert not waiting.done(PENDING), "the waiter got a server the holder has"
+    assert console.run("SHUTDOWN WAIT_FOR_SERVERS") == "SHUTDOWN"
+    assert waiting.done(PROMPT)
+    assert isinstance(waiting.error, psycopg.OperationalError), waiting.result
+    assert "server shutting down" in str(waiting.error)
+    assert _fetch(holder, "select 2") == 2  # the open transaction goes on
+    _commit(holder)
+    assert _exit_code(proxy) == 0
+
+
 @pytest.mark.parametrize("how", ["second SIGTERM", "second SIGINT", "SIGQUIT", "SHUTDOWN"])
 def test_immediate_exit(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory, conns: Connections, how: str
