@@ -84,6 +84,7 @@ class PoolSettings:
     connect_query: str | None = None  # run on each new server after its login
     keepalive: TcpKeepalive | None = None  # for TCP server connections
     log_connections: bool = True  # a new server connection is logged (INFO)
+    log_disconnections: bool = True  # a server login PostgreSQL refused is logged (INFO)
     # transaction_state_guard (transaction and statement mode), and the period of its
     # checks of idle servers (0: none).
     state_guard: TransactionStateGuard = "warn"
@@ -905,6 +906,7 @@ class Settings(BaseSettings):
             connect_query=database.connect_query or None,
             keepalive=keepalive_from(self),
             log_connections=self.log_connections,
+            log_disconnections=self.log_disconnections,
             state_guard=self.transaction_state_guard,
             state_check_period=self.transaction_state_check_period,
         )

@@ -885,10 +885,12 @@ class Pool:
 
     def _refuse_waiters(self, error: ServerLoginError) -> None:
         """PostgreSQL refused the login (PgBouncer's kill_pool_logins): while the pool has
-        no server, its queued clients get that error now rather than a timeout later.
-        An unreachable server, or one starting up or shutting down (57P03), is waited for
-        instead: it is likely back soon, and the clients' transactions then run."""
-        if self.servers or error.transient:
+        no server that will serve again (none, or only ones RECONNECT or a changed
+        configuration made obsolete), its queued clients get that error now rather than a
+        timeout later. An unreachable server, or one starting up or shutting down (57P03),
+        is waited for instead: it is likely back soon, and the clients' transactions then
+        run."""
+        if error.transient or any(server.expires_at != 0.0 for server in self.servers):
             return
         for client in list(self.waiters):
             self.change_client_state(client, CLIENT_IDLE)

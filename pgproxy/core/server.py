@@ -733,6 +733,15 @@ async def connect_host(
             "server connection timed out (server_connect_timeout)",
             unreachable=server is None,
         ) from None
+    except ServerLoginError as exc:  # PostgreSQL refused the login
+        if server is not None:
+            if pool.settings.log_disconnections:  # (PgBouncer's wording)
+                log.info(
+                    "S-%d %s/%s@%s:%d closing because: %s (age=0s)",
+                    server.id, pool.database, target.user, host, target.port, exc.message,
+                )  # fmt: skip
+            server.transport.close()
+        raise
     except ssl.SSLError as exc:  # (an OSError: a certificate or protocol problem)
         if server is not None:
             server.transport.close()

@@ -306,3 +306,34 @@ def test_misbehaving_server(
     finally:
         fake.close()
     assert_healthy(proxy)
+
+
+def test_a_password_changed_after_reconnect_fails_the_waiting_clients(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory
+) -> None:
+    """PgBouncer's kill_pool_logins after RECONNECT: the only server left is obsolete (busy,
+    closed once free), so a refused login fails the queued clients with PostgreSQL's error
+    at once instead of keeping them waiting; the server's refusal is logged as
+    PgBouncer logs it."""
+    pg.create_role("pwchange", "first-Pa55", superuser=True)
+    databases = {"appdb": _entry(pg, user="pwchange", password="first-Pa55")}
+    proxy = proxy_factory(
+        proxy_config(pg, default_pool_size=2, databases=databases, admin_users=["app"])
+    )
+    try:
+        with connect(proxy, autocommit=False) as holder, connect(proxy) as waiter:
+            assert holder.execute("select 1").fetchone() == (1,)  # holds its server
+            pg.sql("ALTER ROLE pwchange PASSWORD 'second-Pa55'")
+            with connect(proxy, dbname="pgbouncer", user="app") as console:
+                console.execute("RECONNECT")
+            started = time.monotonic()
+            with pytest.raises(psycopg.OperationalError, match="password authentication"):
+                waiter.execute("select 1")
+            assert time.monotonic() - started < 30  # (not the query_wait_timeout)
+            assert holder.execute("select 2").fetchone() == (2,)  # the holder goes on
+            holder.rollback()
+        assert 'closing because: password authentication failed for user "pwchange"' in (
+            proxy.log_text()
+        )
+    finally:
+        pg.sql("ALTER ROLE pwchange PASSWORD 'first-Pa55'")
