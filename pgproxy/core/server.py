@@ -726,6 +726,7 @@ async def connect_host(
                 server.id, pool.name, host, target.port, server.backend_pid,
             )  # fmt: skip
     except TimeoutError:
+        _log_closing(pool, host, server, "connect timeout")
         if server is not None:
             server.transport.close()
         raise ServerLoginError(
@@ -734,12 +735,8 @@ async def connect_host(
             unreachable=server is None,
         ) from None
     except ServerLoginError as exc:  # PostgreSQL refused the login
+        _log_closing(pool, host, server, exc.message)
         if server is not None:
-            if pool.settings.log_disconnections:  # (PgBouncer's wording)
-                log.info(
-                    "S-%d %s/%s@%s:%d closing because: %s (age=0s)",
-                    server.id, pool.database, target.user, host, target.port, exc.message,
-                )  # fmt: skip
             server.transport.close()
         raise
     except ssl.SSLError as exc:  # (an OSError: a certificate or protocol problem)
@@ -749,6 +746,7 @@ async def connect_host(
             codes.CONNECTION_FAILURE, f"TLS with server failed: {exc}", transient=False
         ) from None
     except OSError as exc:
+        _log_closing(pool, host, server, f"connect failed ({exc.strerror or exc})")
         if server is not None:
             server.transport.close()
         raise ServerLoginError(
@@ -761,6 +759,18 @@ async def connect_host(
             server.transport.close()
         raise
     return server
+
+
+def _log_closing(pool: ServerOwner, host: str, server: ServerConn | None, reason: str) -> None:
+    """A server connection that never served, as PgBouncer's log_disconnections shows it
+    ("connect failed", "connect timeout", or PostgreSQL's refusal)."""
+    if pool.settings.log_disconnections:
+        target = pool.target
+        log.info(
+            "S-%s %s/%s@%s:%d closing because: %s (age=0s)",
+            server.id if server is not None else "-", pool.database, target.user, host,
+            target.port, reason,
+        )  # fmt: skip
 
 
 async def cancel_backend(
