@@ -734,8 +734,9 @@ async def connect_host(
             "server connection timed out (server_connect_timeout)",
             unreachable=server is None,
         ) from None
-    except ServerLoginError as exc:  # PostgreSQL refused the login
-        _log_closing(pool, host, server, exc.message)
+    except ServerLoginError as refusal:  # PostgreSQL refused the login
+        # (Its own name: compiled, one name takes one exception type in a function.)
+        _log_closing(pool, host, server, refusal.message)
         if server is not None:
             server.transport.close()
         raise
