@@ -29,6 +29,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
@@ -306,14 +307,22 @@ class EmbeddedPostgres:
         Raises:
             RuntimeError: initdb or the server start failed (with the server log's tail).
         """
+        self._start(self._new_cluster)
+
+    def _new_cluster(self) -> None:
+        self._initdb()
+        self._write_hba()
+
+    def _start(self, make_cluster: Callable[[], None]) -> None:
+        """Create the directories, ``make_cluster`` in them, and start the server (on
+        another free port if the chosen one was taken meanwhile); stopped on failure."""
         if self._started:
             raise RuntimeError("EmbeddedPostgres already started")
         self._started = True
         atexit.register(self.stop)
         try:
             self._create_dirs()
-            self._initdb()
-            self._write_hba()
+            make_cluster()
             for attempt in range(3):
                 self._write_conf()
                 try:
@@ -383,25 +392,17 @@ class EmbeddedPostgres:
         Raises:
             RuntimeError: the base backup or the server start failed.
         """
-        if self._started:
-            raise RuntimeError("EmbeddedPostgres already started")
-        self._started = True
-        atexit.register(self.stop)
-        try:
-            self._create_dirs()
-            argv = [
-                self._bin("pg_basebackup"), "-D", self.data_dir, "-R", "-X", "stream",
-                "-c", "fast", "-h", primary.socket_dir, "-p", str(primary.port),
-                "-U", primary.superuser, "--no-sync",
-            ]  # fmt: skip
-            result = self.run_as_owner(argv, timeout=180)
-            if result.returncode != 0:
-                raise RuntimeError(f"pg_basebackup failed: {result.stderr.strip()}")
-            self._write_conf()  # (its own port, socket directory and addresses)
-            self._pg_ctl_start()
-        except BaseException:
-            self.stop()
-            raise
+        self._start(lambda: self._base_backup(primary))
+
+    def _base_backup(self, primary: EmbeddedPostgres) -> None:
+        argv = [
+            self._bin("pg_basebackup"), "-D", self.data_dir, "-R", "-X", "stream",
+            "-c", "fast", "-h", primary.socket_dir, "-p", str(primary.port),
+            "-U", primary.superuser, "--no-sync",
+        ]  # fmt: skip
+        result = self.run_as_owner(argv, timeout=180)
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_basebackup failed: {result.stderr.strip()}")
 
     def promote(self) -> None:
         """``pg_ctl promote -w``: this standby becomes a primary (returns once it is)."""

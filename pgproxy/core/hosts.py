@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,8 +59,6 @@ CHECK_QUERY = (
     "pg_catalog.pg_last_xact_replay_timestamp()), 0) END"
 )
 _DATA_ROW = ord("D")
-_INT16 = struct.Struct("!h")
-_INT32 = struct.Struct("!i")
 
 
 @dataclass(slots=True)
@@ -463,25 +460,10 @@ class HostCheckConn(ServerConn):
         while True:
             type_byte, payload = await self._read_login_message()
             if type_byte == _DATA_ROW and row is None:
-                row = _parse_data_row(payload)
+                row = messages.parse_data_row(payload, 0, len(payload))
             elif type_byte == messages.ERROR_RESPONSE:
                 failure = messages.parse_error_fields(payload).get("M", "error")
             elif type_byte == messages.READY_FOR_QUERY:
                 if failure is not None:
                     raise ServerLoginError(codes.CONNECTION_FAILURE, failure)
                 return row
-
-
-def _parse_data_row(payload: bytes) -> list[str | None]:
-    count = _INT16.unpack_from(payload, 0)[0]
-    offset = 2
-    values: list[str | None] = []
-    for _ in range(count):
-        length = _INT32.unpack_from(payload, offset)[0]
-        offset += 4
-        if length < 0:
-            values.append(None)
-            continue
-        values.append(payload[offset : offset + length].decode("utf-8", "replace"))
-        offset += length
-    return values

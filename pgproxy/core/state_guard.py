@@ -45,7 +45,6 @@ _HIDDEN_SETTINGS = ("role", "session_authorization")
 # How many leaks SHOW LEAKS keeps per pool (the most recent (client, kind) pairs).
 RECENT_LEAKS = 100
 
-_INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 
 
@@ -128,7 +127,7 @@ def parse_check(reply: bytes) -> SessionState | str:
             fields = messages.parse_error_fields(reply[position + 5 : end])
             return fields.get("M", "error")
         if type_byte == ord("D"):
-            rows.append(_data_row(reply, position + 5, end))
+            rows.append(messages.parse_data_row(reply, position + 5, end))
         position = end
     if len(rows) != 2 or len(rows[0]) != len(_OVERRIDDEN) or len(rows[1]) != 6:
         return "unexpected reply"
@@ -142,23 +141,6 @@ def parse_check(reply: bytes) -> SessionState | str:
         if value is not None:
             settings[name] = value
     return SessionState(counts, settings)
-
-
-def _data_row(data: bytes, position: int, end: int) -> list[str | None]:
-    count = _INT16.unpack_from(data, position)[0]
-    position += 2
-    values: list[str | None] = []
-    for _ in range(count):
-        length = _INT32.unpack_from(data, position)[0]
-        position += 4
-        if length < 0:
-            values.append(None)
-            continue
-        values.append(data[position : position + length].decode("utf-8", "replace"))
-        position += length
-    if position > end:
-        raise ValueError("DataRow overrun")
-    return values
 
 
 def changes(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 
+_INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 _HEADER = struct.Struct("!cI")
 
@@ -163,6 +164,25 @@ def cancel_request(process_id: int, secret_key: bytes) -> bytes:
     """CancelRequest packet for a server's (process id, secret key)."""
     body = _INT32.pack(80877102) + _INT32.pack(process_id) + secret_key
     return _INT32.pack(len(body) + 4) + body
+
+
+def parse_data_row(data: bytes, position: int, end: int) -> list[str | None]:
+    """The values of the DataRow whose payload is data[position:end], as text (None for
+    NULL); ValueError if its values run past ``end``."""
+    count = _INT16.unpack_from(data, position)[0]
+    position += 2
+    values: list[str | None] = []
+    for _ in range(count):
+        length = _INT32.unpack_from(data, position)[0]
+        position += 4
+        if length < 0:
+            values.append(None)
+            continue
+        values.append(data[position : position + length].decode("utf-8", "replace"))
+        position += length
+    if position > end:
+        raise ValueError("DataRow overrun")
+    return values
 
 
 def parse_error_fields(payload: bytes) -> dict[str, str]:

@@ -201,6 +201,7 @@ def _execute_messages(text: bytes) -> bytes:
 
 
 _EXECUTE_REPLIES = 3  # ParseComplete, BindComplete (its NoData too), CloseComplete
+_EXECUTE_BIND = 1
 
 
 # SQL-level statements on prepared statements, in a simple Query of their own: what the
@@ -668,13 +669,7 @@ class ServerStatements:
             statement = item.statement
             if kind == _USE:
                 assert statement is not None
-                if statement in self.cached:
-                    self._touch(statement)
-                else:
-                    index = self._make_room(parts, batch, index)
-                    self._prepare(parts, statement)
-                    self._note(_INJECTED, batch, index, statement)
-                    self.extra += 1
+                self._ensure_prepared(parts, statement, batch, index)
             elif kind == _PARSE:
                 assert statement is not None
                 if statement in self.cached:
@@ -702,40 +697,25 @@ class ServerStatements:
                     self.extra += 1
                     client.reparsed = raw
                     client.reparsed_batch = item.batch
-            elif kind in (_SQL_PREPARE, _SQL_EXECUTE):
+            elif kind == _SQL_PREPARE:
                 assert statement is not None
-                if statement in self.cached:
-                    self._touch(statement)
-                else:
-                    index = self._make_room(parts, batch, index)
-                    self._prepare(parts, statement)
-                    self._note(_INJECTED, batch, index, statement)
-                    self.extra += 1
-                    index += 1
-                if kind == _SQL_PREPARE:
-                    parts.append(_PREPARE_MESSAGES)
-                    for offset in range(_PREPARE_REPLIES):
-                        if offset == _PREPARE_BIND:
-                            self._note(_CLIENT_SQL_PREPARE, batch, index + offset, statement,
-                                       client, item.name)  # fmt: skip
-                        else:
-                            self._note(_HIDE, batch, index + offset, None)
-                    self.extra += _PREPARE_REPLIES
-                else:
-                    parts.append(_execute_messages(item.raw))
-                    self._note(_HIDE, batch, index, None)
-                    self._note(_SQL_EXECUTE_BIND, batch, index + 1, None)
-                    self._note(_HIDE, batch, index + 2, None)
-                    self.extra += _EXECUTE_REPLIES
+                index = self._ensure_prepared(parts, statement, batch, index)
+                self._replace_query(
+                    parts, _PREPARE_MESSAGES, batch, index, _PREPARE_REPLIES,
+                    _PREPARE_BIND, _CLIENT_SQL_PREPARE, statement, client, item.name,
+                )  # fmt: skip
+            elif kind == _SQL_EXECUTE:
+                assert statement is not None
+                index = self._ensure_prepared(parts, statement, batch, index)
+                self._replace_query(
+                    parts, _execute_messages(item.raw), batch, index, _EXECUTE_REPLIES,
+                    _EXECUTE_BIND, _SQL_EXECUTE_BIND, None, None, b"",
+                )  # fmt: skip
             elif kind == _DEALLOCATE:
-                parts.append(_DEALLOCATE_MESSAGES)
-                for offset in range(_DEALLOCATE_REPLIES):
-                    if offset == _DEALLOCATE_BIND:
-                        self._note(_CLIENT_DEALLOCATE, batch, index + offset, statement,
-                                   client, item.name)  # fmt: skip
-                    else:
-                        self._note(_HIDE, batch, index + offset, None)
-                self.extra += _DEALLOCATE_REPLIES
+                self._replace_query(
+                    parts, _DEALLOCATE_MESSAGES, batch, index, _DEALLOCATE_REPLIES,
+                    _DEALLOCATE_BIND, _CLIENT_DEALLOCATE, statement, client, item.name,
+                )  # fmt: skip
             else:  # _DUPLICATE
                 parts.append(parse_message(item.name, _EMPTY_QUERY))
                 self._note(_STRAY, batch, index, None, None, item.name)
@@ -746,6 +726,36 @@ class ServerStatements:
     def _note(self, kind: int, batch: int, index: int, statement: Statement | None,
               client: ClientStatements | None = None, name: bytes = b"") -> None:  # fmt: skip
         self.ledger.append(Pending(kind, batch, index, statement, client, name))
+
+    def _ensure_prepared(
+        self, parts: list[bytes], statement: Statement, batch: int, index: int
+    ) -> int:
+        """Prepare ``statement`` here first if this server lacks it (its ParseComplete
+        hidden); the index of the next Parse/Bind/Close."""
+        if statement in self.cached:
+            self._touch(statement)
+            return index
+        index = self._make_room(parts, batch, index)
+        self._prepare(parts, statement)
+        self._note(_INJECTED, batch, index, statement)
+        self.extra += 1
+        return index + 1
+
+    def _replace_query(
+        self, parts: list[bytes], messages: bytes, batch: int, index: int, replies: int,
+        key: int, key_kind: int, statement: Statement | None,
+        client: ClientStatements | None, name: bytes,
+    ) -> None:  # fmt: skip
+        """A client's simple Query sent as ``messages`` (extended protocol, ending in a
+        Sync): of their ``replies`` Parse/Bind/Close replies, the one at ``key`` is
+        settled as ``key_kind``, the others are hidden."""
+        parts.append(messages)
+        for offset in range(replies):
+            if offset == key:
+                self._note(key_kind, batch, index + offset, statement, client, name)
+            else:
+                self._note(_HIDE, batch, index + offset, None)
+        self.extra += replies
 
     def _touch(self, statement: Statement) -> None:
         del self.cached[statement]
