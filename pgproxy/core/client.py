@@ -26,7 +26,13 @@ from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
 from pgproxy.config import ClientTimeouts
 from pgproxy.core import params as tracked
 from pgproxy.core.replication import ReplicationMode, replication_mode, start_replication
-from pgproxy.core.server import WRITE_HIGH_WATER, WRITE_LOW_WATER, ServerConn, ServerLoginError
+from pgproxy.core.server import (
+    WRITE_HIGH_WATER,
+    WRITE_LOW_WATER,
+    LinkedClient,
+    ServerConn,
+    ServerLoginError,
+)
 from pgproxy.core.states import ClientState
 from pgproxy.hba import HbaRefusal, login_method
 from pgproxy.protocol import codes, messages
@@ -194,7 +200,7 @@ class ClientHost(Protocol):
     def consoles(self) -> ConsoleDoor: ...
 
 
-class ClientConn(asyncio.Protocol):
+class ClientConn(LinkedClient):
     """One application connection."""
 
     def __init__(self, host: ClientHost) -> None:

@@ -32,8 +32,10 @@ from pgproxy.core.server import (
     RESET,
     TESTED,
     HostChooser,
+    LinkedClient,
     ServerConn,
     ServerLoginError,
+    ServerOwner,
     ServerTarget,
     cancel_backend,
     connect_server,
@@ -45,10 +47,6 @@ from pgproxy.protocol.prepared import Registry
 from pgproxy.protocol.server_login import Credential
 from pgproxy.stats import PoolStats
 from pgproxy.tls import ServerTls
-
-if TYPE_CHECKING:
-    # (The client as a pool sees it: an interface that pgproxy.core.client's ClientConn meets.)
-    from pgproxy.core.server import LinkedClient as ClientConn
 
 log = logging.getLogger("pgproxy.pool")
 
@@ -175,7 +173,7 @@ class LocalServerBudget(ServerBudget):
         self.count -= 1
 
 
-class Pool:
+class Pool(ServerOwner):
     """Server connections for one (database, user) and the clients that share them."""
 
     def __init__(
@@ -242,7 +240,7 @@ class Pool:
         self.servers: set[ServerConn] = set()
         self.oversized = False  # more servers than max_servers: close them as they free up
         # Clients queued for a server (kept by change_client_state), first come first served.
-        self.waiters: deque[ClientConn] = deque()
+        self.waiters: deque[LinkedClient] = deque()
         self.connecting = 0
         # Places for replication connections (pgproxy.core.replication), made at the first one.
         self.replication_slots: asyncio.Semaphore | None = None
@@ -304,7 +302,7 @@ class Pool:
     # -- states: the one place each changes -------------------------------------------
 
     def change_server_state(
-        self, server: ServerConn, state: ServerState, client: ClientConn | None = None, *,
+        self, server: ServerConn, state: ServerState, client: LinkedClient | None = None, *,
         oldest: bool = False,
     ) -> None:  # fmt: skip
         """Set ``server``'s state and move it to that state's list in one step (taken off
@@ -398,11 +396,11 @@ class Pool:
         return self.being_canceled
 
     def change_client_state(
-        self, client: ClientConn, state: ClientState, server: ServerConn | None = None, *,
+        self, client: LinkedClient, state: ClientState, server: ServerConn | None = None, *,
         first: bool = False,
     ) -> None:  # fmt: skip
         """Move a client that has no server to where ``state`` keeps it, which is its
-        state as this pool sees it (``ClientConn.pool_state`` reads it back): WAITING on
+        state as this pool sees it (``LinkedClient.pool_state`` reads it back): WAITING on
         the queue of waiters (``first``: at its head; ``wait_started_at`` says since
         when), IDLE off it, ACTIVE linked to ``server`` (off the queue if it waited).
 
@@ -428,7 +426,7 @@ class Pool:
 
     # -- the critical section: linking clients and servers ---------------------------
 
-    def acquire(self, client: ClientConn) -> ServerConn | None:
+    def acquire(self, client: LinkedClient) -> ServerConn | None:
         """Link an idle server to ``client`` now, or queue the client and return None."""
         if self.idle and not self.paused:
             server = self.idle[-1]  # LIFO: the warmest server, as PgBouncer does
@@ -506,10 +504,10 @@ class Pool:
         else:
             self.retire(server)
 
-    def transaction_done(self, client: ClientConn, server: ServerConn, now: float) -> None:
+    def transaction_done(self, client: LinkedClient, server: ServerConn, now: float) -> None:
         """ReadyForQuery 'I' with nothing outstanding: count it; free the server if due.
-        (ServerConn calls it through its ``transaction_done``: this, or, after a reply
-        that may leave session state, suspect_transaction_done.)"""
+        (ServerConn calls this, or, after a reply that may leave session state,
+        suspect_transaction_done.)"""
         stats = self.stats
         stats.xact_count += 1
         if self.releases_at_idle:
@@ -527,12 +525,12 @@ class Pool:
             self.hand_over(server, now)
 
     def suspect_transaction_done(
-        self, client: ClientConn, server: ServerConn, now: float
+        self, client: LinkedClient, server: ServerConn, now: float
     ) -> None:  # fmt: skip
         """transaction_done for a server whose replies carried a command that may leave
         session state (the BackendScanner's ``suspect``): the same, but its session is
         checked (transaction_state_guard) before anyone else gets it."""
-        server.transaction_done = self.transaction_done
+        server.suspect_done = False
         if not self.releases_at_idle or self.guard == "off":
             self.transaction_done(client, server, now)
             return
@@ -546,7 +544,7 @@ class Pool:
             self.record_transaction(held)
         self._released(client, server, now)
 
-    def _released(self, client: ClientConn, server: ServerConn, now: float) -> None:
+    def _released(self, client: LinkedClient, server: ServerConn, now: float) -> None:
         """A clean server its client let go: checked for the session state the client may
         have left, reset (session mode, server_reset_query_always), or handed over."""
         if server.scan.suspect and self.guard != "off":
@@ -564,7 +562,7 @@ class Pool:
         self.change_server_state(server, RESET)
         server.run_hidden(query)
 
-    def client_gone(self, client: ClientConn) -> None:
+    def client_gone(self, client: LinkedClient) -> None:
         """``client`` disconnected: leave the queue, and free or close its server."""
         server = client.server
         if server is None:
@@ -601,7 +599,7 @@ class Pool:
         """The janitor's state check of an idle server (off the idle list meanwhile)."""
         self._check_state(server, CHECK_PERIODIC, server.last_client)
 
-    def _check_state(self, server: ServerConn, purpose: str, client: ClientConn | None) -> None:
+    def _check_state(self, server: ServerConn, purpose: str, client: LinkedClient | None) -> None:
         self.change_server_state(server, TESTED)
         server.check_state(purpose, client)
 
@@ -647,7 +645,7 @@ class Pool:
             )  # fmt: skip
 
     def _state_leaked(
-        self, client: ClientConn | None, left: list[tuple[str, str]], purpose: str,
+        self, client: LinkedClient | None, left: list[tuple[str, str]], purpose: str,
         resets: bool,
     ) -> None:  # fmt: skip
         """Count, list and log (once per client and kind) the state ``client`` left;
@@ -1072,7 +1070,7 @@ class Pool:
             BEING_CANCELED: len(self.being_canceled),
         })  # fmt: skip
 
-    def oldest_waiter(self) -> ClientConn | None:
+    def oldest_waiter(self) -> LinkedClient | None:
         """The client that has waited longest for a server, if any still waits."""
         return next((client for client in self.waiters if not client.closed), None)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 from pgproxy.core.server import (
     LinkedClient,
@@ -47,17 +47,6 @@ def replication_mode(value: str | None) -> ReplicationMode:
     raise ValueError(f'invalid value for parameter "replication": "{value}"')
 
 
-class RelayClient(LinkedClient, Protocol):
-    """What a replication connection needs of its client (pgproxy.core.client's ClientConn)."""
-
-    cancel_key: tuple[int, bytes] | None
-    replication_slot: asyncio.Semaphore | None  # held while relaying
-
-    def describe(self) -> str: ...
-
-    def start_relay(self, server: ServerConn) -> None: ...
-
-
 class ReplicationServerConn(ServerConn):
     """A server connection that relays everything to its one client after the login."""
 
@@ -85,7 +74,7 @@ def slots_of(pool: Pool) -> asyncio.Semaphore:
     return slots
 
 
-async def start_replication(client: RelayClient, pool: Pool, params: dict[str, str]) -> None:
+async def start_replication(client: LinkedClient, pool: Pool, params: dict[str, str]) -> None:
     """Give ``client`` a replication server of its own and relay between them.
 
     Runs as the client's login task: a failure ends the client with the server's error."""

@@ -77,9 +77,16 @@ class ServerTarget:
         return f"ServerTarget({self.user}@{self.host}:{self.port}/{self.dbname})"
 
 
-class LinkedClient(Protocol):
-    """What a server and its pool need of the client linked to it (pgproxy.core.client's
-    ClientConn): its stream, its counters and a way to end it."""
+class LinkedClient(asyncio.Protocol):
+    """The client side of a link as a server and its pool see it: its stream, its counters
+    and a way to end it. pgproxy.core.client's ClientConn is its one subclass.
+
+    A base class rather than a ``typing.Protocol`` because of the compiled build: mypyc
+    reaches the attributes of a class it knows through native slots and calls its methods
+    through a vtable, while an object typed by a Protocol costs a dictionary lookup per
+    attribute on the hot path. (It lives here, below the client, to keep the import graph
+    one-way.)
+    """
 
     id: int
     user: str
@@ -98,15 +105,29 @@ class LinkedClient(Protocol):
     leaks_logged: set[str] | None
     timeouts: ClientTimeouts  # (the janitor's, for clients waiting in a pool)
     wait_notified: float
+    # A replication connection's (pgproxy.core.replication).
+    cancel_key: tuple[int, bytes] | None
+    replication_slot: asyncio.Semaphore | None  # held while relaying
 
     @property
-    def application_name(self) -> str: ...
+    def application_name(self) -> str:
+        raise NotImplementedError
 
-    def flush_pending(self) -> None: ...
+    def describe(self) -> str:
+        """The client as log lines name it."""
+        raise NotImplementedError
 
-    def fatal(
-        self, sqlstate: str, text: str, *, reason: LoginFailureReason | None = None
-    ) -> None: ...
+    def flush_pending(self) -> None:
+        """Send the server what arrived while the client waited for it."""
+        raise NotImplementedError
+
+    def fatal(self, sqlstate: str, text: str, *, reason: LoginFailureReason | None = None) -> None:
+        """Send an ErrorResponse and close."""
+        raise NotImplementedError
+
+    def start_relay(self, server: ServerConn) -> None:
+        """Relay bytes both ways untouched from now on (a replication connection)."""
+        raise NotImplementedError
 
 
 class HostChooser(Protocol):
@@ -118,8 +139,9 @@ class HostChooser(Protocol):
     ) -> ServerConn: ...
 
 
-class ServerOwner(Protocol):
-    """What a server needs of the pool that owns it (pgproxy.core.pool's Pool)."""
+class ServerOwner:
+    """The pool that owns a server as the server sees it; pgproxy.core.pool's Pool is its
+    one subclass. A base class for the same reason as LinkedClient."""
 
     name: str
     database: str
@@ -134,34 +156,42 @@ class ServerOwner(Protocol):
     statement_registry: Registry
     guard: Guard
     record_query: Callable[[float], None] | None
-
-    @property
-    def host_policy(self) -> HostChooser | None: ...
+    host_policy: HostChooser | None
 
     def change_server_state(
         self, server: ServerConn, state: ServerState, client: LinkedClient | None = None, *,
         oldest: bool = False,
-    ) -> None: ...  # fmt: skip
+    ) -> None:  # fmt: skip
+        raise NotImplementedError
 
-    def transaction_done(self, client: LinkedClient, server: ServerConn, now: float) -> None: ...
+    def transaction_done(self, client: LinkedClient, server: ServerConn, now: float) -> None:
+        raise NotImplementedError
 
     def suspect_transaction_done(
         self, client: LinkedClient, server: ServerConn, now: float
-    ) -> None: ...
+    ) -> None:
+        raise NotImplementedError
 
-    def retire(self, server: ServerConn) -> None: ...
+    def retire(self, server: ServerConn) -> None:
+        raise NotImplementedError
 
-    def server_closed(self, server: ServerConn) -> None: ...
+    def server_closed(self, server: ServerConn) -> None:
+        raise NotImplementedError
 
-    def reset_done(self, server: ServerConn) -> None: ...
+    def reset_done(self, server: ServerConn) -> None:
+        raise NotImplementedError
 
-    def check_done(self, server: ServerConn) -> None: ...
+    def check_done(self, server: ServerConn) -> None:
+        raise NotImplementedError
 
-    def state_checked(self, server: ServerConn, found: SessionState | str) -> None: ...
+    def state_checked(self, server: ServerConn, found: SessionState | str) -> None:
+        raise NotImplementedError
 
-    def state_check_failed(self, reason: str) -> None: ...
+    def state_check_failed(self, reason: str) -> None:
+        raise NotImplementedError
 
-    def cancel_running_query(self, server: ServerConn) -> None: ...
+    def cancel_running_query(self, server: ServerConn) -> None:
+        raise NotImplementedError
 
 
 class ServerLoginError(Exception):
@@ -234,13 +264,12 @@ class ServerConn(asyncio.Protocol):
         self.statements: ServerStatements | None = None
         self.statements_client: LinkedClient | None = None
         self.last_client: LinkedClient | None = None  # the client it was last linked to
-        # Called at the end of a transaction with nothing owed: the pool's, or, once the
-        # scanner has flagged a reply that may leave session state (``scan.suspect``), the
-        # one that checks the session first (set by _chunk, where such replies are walked;
-        # the quick path pays nothing for the guard).
-        self.transaction_done: Callable[[LinkedClient, ServerConn, float], None] = (
-            pool.transaction_done
-        )
+        # At the end of a transaction with nothing owed, the pool's transaction_done runs;
+        # once the scanner has flagged a reply that may leave session state
+        # (``scan.suspect``), its suspect_transaction_done, which checks the session first
+        # (set by _chunk, where such replies are walked: the quick path pays nothing for
+        # the guard).
+        self.suspect_done = False
         # transaction_state_guard (pgproxy.core.state_guard), kept by the pool: the session
         # state found at the last check (None: not known yet), before any client, the
         # state its reset query leaves, and the state check under way (its replies, why
@@ -316,7 +345,7 @@ class ServerConn(asyncio.Protocol):
         if scan.copy_started or scan.copy_finished:
             self._copy_progress(client)
         if scan.suspect:
-            self.transaction_done = self.pool.suspect_transaction_done
+            self.suspect_done = True
         if scan.ready:
             self._answered(client, scan.ready)
 
@@ -342,7 +371,10 @@ class ServerConn(asyncio.Protocol):
         self.replies += ready
         outstanding = client.outstanding = client.outstanding - ready
         if outstanding <= 0 and self.scan.status == STATUS_IDLE and not client.scan.holds_server:
-            self.transaction_done(client, self, now)
+            if self.suspect_done:
+                pool.suspect_transaction_done(client, self, now)
+            else:
+                pool.transaction_done(client, self, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -451,7 +483,7 @@ class ServerConn(asyncio.Protocol):
         """Run the state check (transaction_state_guard); its replies are hidden and kept
         for ``Pool.state_checked``. The pool has made the server TESTED."""
         self.scan.suspect = False
-        self.transaction_done = self.pool.transaction_done
+        self.suspect_done = False
         self.check_purpose = purpose
         self.check_client = client
         self.check_reply = bytearray()
