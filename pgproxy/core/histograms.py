@@ -3,10 +3,7 @@ in bulk later (when Prometheus scrapes, and on every janitor pass)."""
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections import Counter
 from collections.abc import Callable, Sequence
-from functools import partial
 
 # Bucket upper bounds in seconds.
 WAIT_BUCKETS = (
@@ -58,9 +55,19 @@ class Histogram:
         if not pending:
             return
         counts = self.counts
-        for index, count in Counter(map(partial(bisect_left, self.bounds), pending)).items():
-            counts[index] += count
-        self._sum += sum(pending)
+        bounds = self.bounds
+        last = len(bounds)
+        total = 0.0
+        # A linear walk from the smallest bucket rather than a bisection: almost every
+        # observation falls in the first few buckets, so it takes one to three steps, and
+        # it is the faster of the two in both builds (compiled, the loop is plain C).
+        for value in pending:
+            index = 0
+            while index < last and bounds[index] < value:
+                index += 1
+            counts[index] += 1
+            total += value
+        self._sum += total
         pending.clear()
 
     @property
