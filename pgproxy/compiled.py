@@ -22,6 +22,12 @@ HOT_MODULES = (
     "pgproxy.core.histograms",
     "pgproxy.core.params",
     "pgproxy.stats",
+    # The login: a connection per transaction (pgbench -C) passes through these for every
+    # client.
+    "pgproxy.protocol.client_login",
+    "pgproxy.protocol.startup",
+    "pgproxy.protocol.messages",
+    "pgproxy.protocol.framing",
     # Not hot, but they subclass ServerConn (ReplicationServerConn, HostCheckConn): a
     # compiled class takes no Python subclass unless it allows them, which would slow
     # every call on ServerConn.
