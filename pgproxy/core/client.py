@@ -56,7 +56,6 @@ from pgproxy.protocol.startup import (
     StartupMessage,
 )
 from pgproxy.protocol.stream import FrontendScanner
-from pgproxy.sockopts import apply_keepalive
 from pgproxy.stats import LoginFailureReason, login_failure_reason, next_connection_id
 from pgproxy.tls import ALPN
 
@@ -67,7 +66,6 @@ if TYPE_CHECKING:
     from pgproxy.core.pool import Pool
     from pgproxy.hba import HbaRules
     from pgproxy.protocol.server_login import Credential
-    from pgproxy.sockopts import TcpKeepalive
 
 log = logging.getLogger("pgproxy.client")
 
@@ -81,6 +79,7 @@ CLOSED = "closed"
 RELAY = "relay"  # a replication connection: bytes pass both ways untouched
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
+_NONE_IGNORED: frozenset[str] = frozenset()  # ignore_startup_parameters empty
 _INT32 = struct.Struct("!I")
 
 # Bytes a waiting client may send before its reading is paused.
@@ -185,9 +184,6 @@ class ClientHost(Protocol):
     def settings(self) -> Settings: ...
 
     @property
-    def keepalive(self) -> TcpKeepalive | None: ...  # for TCP clients
-
-    @property
     def credentials(self) -> LoginCredentials: ...
 
     @property
@@ -263,7 +259,7 @@ class ClientConn(LinkedClient):
             self._read_peer_credentials()
             self.address = f"unix({self.peer_pid})" if self.peer_pid else "unix"
         else:
-            apply_keepalive(transport.get_extra_info("socket"), self.host.keepalive)
+            # (Its keepalive options came from the listening socket: sockopts.)
             host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
             self.address = f"{host}:{peer[1]}"
 
@@ -661,10 +657,12 @@ class ClientConn(LinkedClient):
         except ValueError as exc:
             self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
             return
+        console = self.host.consoles.serves(self.database)
         if self.replication != "none":
             pass  # (its startup parameters all go to its own server, as the client sent them)
-        elif not self.host.consoles.serves(self.database):  # (the console keeps no settings)
-            ignored = frozenset(name.lower() for name in settings.ignore_startup_parameters)
+        elif not console:  # (the console keeps no settings)
+            names = settings.ignore_startup_parameters
+            ignored = frozenset(name.lower() for name in names) if names else _NONE_IGNORED
             try:
                 self._settings = tracked.startup_settings(startup.params, ignored)
             except tracked.UnsupportedParameter as exc:
@@ -688,11 +686,7 @@ class ClientConn(LinkedClient):
             return
         # PgBouncer's rule: the user 'pgbouncer' over the Unix socket, from the daemon's
         # own OS user, reaches the console without a password.
-        self.local_admin = (
-            self.host.consoles.serves(self.database)
-            and user == "pgbouncer"
-            and self.peer_uid == os.getuid()
-        )
+        self.local_admin = console and user == "pgbouncer" and self.peer_uid == os.getuid()
         method: PasswordMethod | Literal["trust"] | None
         if self.local_admin:
             method = "trust"
@@ -706,7 +700,6 @@ class ClientConn(LinkedClient):
             method = "trust"
         else:
             method = settings.auth_type
-        console = self.host.consoles.serves(self.database)
         trusted = self.local_admin or console  # (no user to look for: admin_users decide)
         facts = LoginFacts(
             method=method,

@@ -31,7 +31,7 @@ from pgproxy.services.listener import listen_on, remove_unix_socket, start_liste
 from pgproxy.services.pause_state import PauseState, ShutdownMode
 from pgproxy.services.registry import PoolRegistry
 from pgproxy.services.workers import WorkerContext, evict_for_other_workers
-from pgproxy.sockopts import keepalive_from
+from pgproxy.sockopts import keepalive_from, set_listener_keepalive
 from pgproxy.stats import CONSOLE_STATS_KEY, PoolStats, StatsWindow, Totals, set_connection_id_base
 
 log = logging.getLogger("pgproxy")
@@ -60,7 +60,7 @@ class Daemon:
         self.settings = settings
         tracked.configure(settings.track_extra_parameters)  # (read at start only)
         logs.set_verbose(settings.verbose)
-        self.keepalive = keepalive_from(settings)  # for TCP clients
+        self.keepalive = keepalive_from(settings)  # set on the TCP listeners
         self.config_path = config_path
         self.pauses = PauseState()
         self.credentials = Credentials(settings, self.pauses)  # secrets, TLS, hba rules
@@ -133,6 +133,7 @@ class Daemon:
         self.credentials.reload(settings, one_tls_key=one_tls_key)
         self.settings = settings
         self.keepalive = keepalive_from(settings)
+        self._set_listener_keepalive()  # (for the clients accepted from now on)
         logs.set_verbose(settings.verbose)
         self.registry.reconfigure(settings)
 
@@ -232,6 +233,12 @@ class Daemon:
                 problems.append(f"database {name}: {entry.host}:{entry.port} unreachable")
         return problems
 
+    def _set_listener_keepalive(self) -> None:
+        # TCP clients inherit the keepalive options of the socket that accepted them.
+        for listener in self._listeners:
+            for sock in listener.sockets:
+                set_listener_keepalive(sock, self.keepalive)
+
     # -- life cycle --------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -243,6 +250,7 @@ class Daemon:
         if self.worker is not None and self.worker.unix_socket is not None:
             # The public Unix socket, bound once by the supervisor for every worker.
             self._listeners.append(await listen_on(self, self.worker.unix_socket))
+        self._set_listener_keepalive()
         # With workers, one serves /metrics and the health endpoints (see README).
         if self.settings.metrics_port and (self.worker is None or self.worker.index == 0):
             self._metrics = MetricsServer(self)

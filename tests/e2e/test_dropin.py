@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import tomli_w
 
 from pgproxy.embedded import EmbeddedPostgres, find_pg_bindir
 from tests.support import (
@@ -291,6 +294,24 @@ def test_tcp_keepalive_on_client_and_server_sockets(
     with psycopg.connect(off.dsn(), autocommit=True) as conn:
         conn.execute("select 1")
         assert not any("keepalive" in line for line in _keepalive_timers(off.pid))
+    # Client sockets inherit the options of the listening socket: a reload (SIGHUP) sets
+    # them there, for the clients that connect from then on.
+    with open(off.config_path, "wb") as config_file:
+        tomli_w.dump(proxy_config(pg, listen_port=off.port, tcp_keepidle=77), config_file)
+    os.kill(off.pid, signal.SIGHUP)
+
+    def new_client_keepalive() -> bool:
+        with psycopg.connect(off.dsn(), autocommit=True) as conn:
+            conn.execute("select 1")
+            for _ in range(20):  # (the timer shows once the last data is acknowledged)
+                lines = _keepalive_timers(off.pid)
+                client_side = [line for line in lines if f"127.0.0.1:{off.port} " in line]
+                if client_side and all(keepalive.search(line) for line in client_side):
+                    return True
+                time.sleep(0.05)
+        return False
+
+    wait_for(new_client_keepalive, 10, "a keepalive timer on a client's socket after the reload")
 
 
 def test_connect_query_and_a_host_list(pg: EmbeddedPostgres, proxy_factory: ProxyFactory) -> None:
