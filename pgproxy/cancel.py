@@ -11,6 +11,7 @@ times. The 4-byte secret is random; with the 16 random bits below, 48 bits are u
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 
@@ -21,9 +22,28 @@ _FORWARD_SHIFT = 30
 _KEY_BITS = (1 << _FORWARD_SHIFT) - 1  # the key without its forward count
 
 
+# Random bytes for keys, read from the system's CSPRNG 4 KiB at a time: one getrandom call
+# per 680 logins rather than two per login. Dropped in a forked child (a worker), which
+# must not hand out its parent's keys.
+_KEY_BYTES = 6  # 2 for the process id's random bits, 4 for the secret
+_BATCH = 4096 // _KEY_BYTES * _KEY_BYTES
+_random = bytearray()
+
+
+def _forget_random() -> None:
+    _random.clear()
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def new_key(peer_id: int) -> tuple[int, bytes]:
     """A fresh (process id, secret) issued by the process ``peer_id``."""
-    return (peer_id << _PEER_SHIFT) | secrets.randbits(_PEER_SHIFT), secrets.token_bytes(4)
+    if not _random:
+        _random.extend(secrets.token_bytes(_BATCH))
+    raw = bytes(_random[-_KEY_BYTES:])
+    del _random[-_KEY_BYTES:]
+    return (peer_id << _PEER_SHIFT) | (raw[0] << 8 | raw[1]), raw[2:]
 
 
 @dataclass(frozen=True, slots=True)

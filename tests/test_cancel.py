@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pgproxy.cancel import MAX_FORWARDS, Route, new_key, route
 
 
@@ -32,3 +34,27 @@ def test_another_peer_s_key_is_forwarded_at_most_three_times() -> None:
 def test_keys_are_random() -> None:
     keys = {new_key(1) for _ in range(1000)}
     assert len(keys) == 1000
+
+
+def test_keys_stay_distinct_across_batches_of_random_bytes() -> None:
+    # (The random bytes come in batches of 4 KiB: 682 keys each.)
+    keys = [new_key(3) for _ in range(3000)]
+    secrets = {secret for _, secret in keys}
+    assert len(secrets) > 2990  # (4-byte secrets: a collision in 3000 is ~0.1% likely)
+    assert len({pid & 0xFFFF for pid, _ in keys}) > 1000
+
+
+def test_a_forked_child_draws_its_own_keys() -> None:
+    new_key(0)  # the parent has random bytes in hand
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # (the child writes its next key and leaves at once)
+        try:
+            os.write(write_end, new_key(0)[1])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    child_secret = os.read(read_end, 4)
+    os.close(read_end)
+    os.waitpid(child, 0)
+    assert len(child_secret) == 4 and child_secret != new_key(0)[1]
