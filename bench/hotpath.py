@@ -18,7 +18,9 @@ code (cProfile inflates calls, so small functions look dearer than they are).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
+import gc
 import io
 import pstats
 import struct
@@ -33,6 +35,7 @@ from pgproxy.core.client import READY, ClientConn
 from pgproxy.core.histograms import PoolHistograms
 from pgproxy.core.pool import Pool
 from pgproxy.core.server import IDLE, ServerConn, ServerTarget
+from pgproxy.protocol.messages import startup_message
 from pgproxy.protocol.prepared import ClientStatements
 from pgproxy.services.daemon import Daemon
 from pgproxy.testing import CountingTransport
@@ -65,6 +68,75 @@ SCENARIOS = {
     "extended16": (16, EXTENDED, message(b"1") + message(b"2") + ROWS),
 }
 SERVERS = 20
+LOGINS = 20_000
+
+# pgbench -C: every transaction is a new connection: an SSLRequest (refused: 'N'), the
+# StartupMessage, one select, Terminate. (The server has the settings the clients ask for,
+# as it has after the first client: no SET at the link.)
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+STARTUP = startup_message({"user": "bench", "database": "bench", "application_name": "pgbench"})
+TERMINATE = message(b"X")
+WELCOME = [
+    ("application_name", "pgbench"), ("client_encoding", "UTF8"), ("DateStyle", "ISO, MDY"),
+    ("integer_datetimes", "on"), ("IntervalStyle", "postgres"), ("is_superuser", "off"),
+    ("server_encoding", "UTF8"), ("server_version", "15.18"),
+    ("session_authorization", "bench"), ("standard_conforming_strings", "on"),
+    ("TimeZone", "UTC"),
+]  # fmt: skip
+
+
+class ClosingTransport(CountingTransport):
+    """A client's socket: it has a peer, and closing it ends the connection at once."""
+
+    def __init__(self, protocol: asyncio.BaseProtocol) -> None:
+        super().__init__()
+        self.protocol: asyncio.BaseProtocol | None = protocol
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        protocol, self.protocol = self.protocol, None  # (as uvloop's transports drop theirs)
+        if protocol is not None:
+            protocol.connection_lost(None)
+
+
+async def logins(count: int) -> float:
+    """Seconds of Python per login for pgbench -C's pattern (connection, SSLRequest,
+    StartupMessage under trust, one select on the pool's one server, Terminate)."""
+    settings = Settings.model_validate(
+        {
+            "databases": {"bench": {"host": "127.0.0.1", "port": 1, "user": "bench"}},
+            "pool_mode": "transaction",
+            "log_connections": False,
+            "log_disconnections": False,
+        }
+    )
+    daemon = Daemon(settings)
+    pool = daemon.registry.pool_for("bench", "bench")
+    assert pool is not None
+    pool.measure(PoolHistograms(120.0))
+    pool.welcome = list(WELCOME)
+    pool.welcome_values = tracked.from_pairs(dict(WELCOME))
+    server = ServerConn(pool)
+    server.transport = CountingTransport()
+    server.params = pool.welcome_values
+    pool.change_server_state(server, IDLE)
+    started = time.perf_counter()
+    for _ in range(count):
+        client = ClientConn(daemon)
+        client.connection_made(ClosingTransport(client))
+        client.data_received(SSL_REQUEST)
+        client.data_received(STARTUP)
+        client.data_received(SIMPLE)
+        server.data_received(ROWS)
+        client.data_received(TERMINATE)
+    took = time.perf_counter() - started
+    assert pool.stats.xact_count == count and not daemon.registry.clients
+    return took / count
 
 
 async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> float:
@@ -123,6 +195,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also a cProfile of select16")
     args = parser.parse_args()
+    gc.freeze()  # (as the daemon does once started: pgproxy.cli)
     print(f"| scenario | µs of Python per transaction (best of {args.repeat}) |")
     print("|:--|--:|")
     for name, (clients, request, reply) in SCENARIOS.items():
@@ -130,6 +203,8 @@ def main() -> int:
             uvloop.run(run(clients, request, reply, args.transactions)) for _ in range(args.repeat)
         )
         print(f"| {name} | {best * 1e6:.2f} |")
+    best = min(uvloop.run(logins(LOGINS)) for _ in range(args.repeat))
+    print(f"| login (a connection per transaction: µs per login) | {best * 1e6:.2f} |")
     if args.profile:
         print()
         print(profile(args.transactions))
