@@ -99,17 +99,18 @@ async def _bind(host: ClientHost, listeners: list[asyncio.Server], socket_path: 
             if settings.listen_addr.strip() == "*"
             else [host.strip() for host in settings.listen_addr.split(",") if host.strip()]
         )
-        server = await loop.create_server(
-            factory,
-            host=hosts,
-            port=settings.listen_port,
-            family=socket.AF_UNSPEC,
-            reuse_address=True,
-            # Several processes on one port (each with its own Unix socket).
-            reuse_port=settings.so_reuseport,
-            backlog=BACKLOG,
+        listeners.append(
+            await loop.create_server(
+                factory,
+                host=hosts,
+                port=settings.listen_port,
+                family=socket.AF_UNSPEC,
+                reuse_address=True,
+                # Several processes on one port (each with its own Unix socket).
+                reuse_port=settings.so_reuseport,
+                backlog=BACKLOG,
+            )
         )
-        listeners.append(server)
     if socket_path is not None:
         listeners.append(await loop.create_unix_server(factory, path=socket_path, backlog=BACKLOG))
         set_socket_access(socket_path, settings)
