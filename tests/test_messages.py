@@ -221,3 +221,14 @@ def test_startup_message_round_trip(params: dict[str, str]) -> None:
 def test_cancel_request_round_trip(process_id: int, key: bytes) -> None:
     built = messages.cancel_request(process_id, key)
     assert parse_startup(built) == (CancelRequest(process_id, key), len(built))
+
+
+def test_error_response_in_reads_whole_messages_only() -> None:
+    fatal = messages.fatal("57P01", "terminating connection due to administrator command")
+    notice = messages.notice_response("careful", severity="WARNING")
+    assert messages.error_response_in(fatal)
+    assert messages.error_response_in(notice + fatal)
+    assert not messages.error_response_in(notice)
+    assert not messages.error_response_in(fatal[:-1])  # ends inside the message
+    assert not messages.error_response_in(fatal[3:])  # starts inside it
+    assert not messages.error_response_in(b"")

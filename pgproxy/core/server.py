@@ -514,8 +514,14 @@ class ServerConn(asyncio.Protocol):
                 self.pool.reset_done(self)
             else:
                 self.pool.check_done(self)
-        # Anything else an unlinked server sends (a NOTICE, a FATAL before it closes) has
-        # no reader; connection_lost handles a closing server.
+        elif self.state is IDLE and messages.error_response_in(data):
+            # PostgreSQL ends a backend (pg_terminate_backend, a shutdown) with a FATAL
+            # ErrorResponse, then closes: off the idle list now rather than when the close
+            # arrives, a few loop turns later, so that no client is linked to it meanwhile.
+            log.info("S-%d %s: idle server sent an error; closing", self.id, self.pool.name)
+            self.pool.retire(self)
+        # Anything else an unlinked server sends (a NOTICE) has no reader; connection_lost
+        # handles a closing server.
 
     def close(self) -> None:
         """Say goodbye to PostgreSQL; the pool forgets it in connection_lost.

@@ -185,6 +185,20 @@ def parse_data_row(data: bytes, position: int, end: int) -> list[str | None]:
     return values
 
 
+def error_response_in(chunk: bytes) -> bool:
+    """Whether ``chunk``, read as whole messages from its first byte to its last, holds an
+    ErrorResponse (False when it does not read so: it starts or ends inside a message)."""
+    position = 0
+    found = False
+    while position + 5 <= len(chunk):
+        found = found or chunk[position] == 0x45  # 'E'
+        length = _INT32.unpack_from(chunk, position + 1)[0]
+        if length < 4:
+            return False
+        position += 1 + length
+    return found and position == len(chunk)
+
+
 def parse_error_fields(payload: bytes) -> dict[str, str]:
     """Fields of an ErrorResponse/NoticeResponse payload, keyed by their one-letter codes."""
     fields: dict[str, str] = {}

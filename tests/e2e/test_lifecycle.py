@@ -171,6 +171,12 @@ def test_pool_heals_after_pg_terminate_backend(
             row = conn.execute("select pg_backend_pid()").fetchone()
             assert row is not None
             admin.execute("select pg_terminate_backend(%s)", (row[0],))
+            # (Off the idle list at its FATAL, before PostgreSQL's close arrives.)
+            wait_for(
+                lambda: "idle server sent an error; closing" in proxy.log_text(),
+                5.0,
+                "the idle server dropped at its FATAL",
+            )
             wait_for(lambda: server_count() == 0, 5.0, "the terminated server to go")
             assert conn.execute("select 1").fetchone() == (1,)
         # An active server is terminated: its client gets the error, another client doesn't.
