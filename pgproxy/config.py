@@ -103,6 +103,16 @@ class ClientTimeouts:
     client_idle: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class ClientRules:
+    """What the settings say of the clients of one user on one database: their timeouts
+    and client caps (max_db_client_connections, max_user_client_connections; 0: none)."""
+
+    timeouts: ClientTimeouts
+    db_limit: int
+    user_limit: int
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names every offending key."""
 
@@ -949,6 +959,12 @@ class Settings(BaseSettings):
             idle_transaction=_first(entry.idle_transaction_timeout, self.idle_transaction_timeout),
             transaction=_first(entry.transaction_timeout, self.transaction_timeout),
             client_idle=_first(entry.client_idle_timeout, self.client_idle_timeout),
+        )
+
+    def client_rules(self, database: DatabaseConfig, user: str) -> ClientRules:
+        """The timeouts and client caps of a client of ``user`` on ``database``."""
+        return ClientRules(
+            self.client_timeouts(database, user), *self.client_limits_for(database, user)
         )
 
     def max_db_connections_for(self, database: DatabaseConfig) -> int:

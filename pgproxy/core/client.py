@@ -62,7 +62,7 @@ from pgproxy.tls import ALPN
 if TYPE_CHECKING:
     from collections import Counter
 
-    from pgproxy.config import Settings
+    from pgproxy.config import ClientRules, Settings
     from pgproxy.core.pool import Pool
     from pgproxy.hba import HbaRules
     from pgproxy.protocol.server_login import Credential
@@ -120,6 +120,8 @@ class ClientRegistry(Protocol):
     login_timeouts: int
 
     def pool_for(self, database: str, user: str) -> Pool | None: ...
+
+    def client_rules(self, database: str, user: str) -> ClientRules | None: ...
 
     def admit_client(
         self, database: str, user: str, *, console: bool = False, exempt: bool = False
@@ -796,9 +798,9 @@ class ClientConn(LinkedClient):
         if self.host.pauses.is_disabled(self.database):
             self.fatal(codes.PROTOCOL_VIOLATION, f'database "{self.database}" is disabled')
             return
-        entry = settings.database(self.database)
-        if entry is not None:
-            self.timeouts = settings.client_timeouts(entry, user)
+        rules = self.host.registry.client_rules(self.database, user)
+        if rules is not None:
+            self.timeouts = rules.timeouts
         refusal = self.host.registry.admit_client(self.database, user)
         if refusal is not None:
             self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pgproxy import cancel
-from pgproxy.config import DatabaseConfig, Settings
+from pgproxy.config import ClientRules, DatabaseConfig, Settings
 from pgproxy.core.histograms import PoolHistograms
 from pgproxy.core.hosts import Topologies
 from pgproxy.core.pool import LocalServerBudget, Pool, ServerBudget
@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from pgproxy.services.credentials import Credentials
 
 log = logging.getLogger("pgproxy")
+
+# Resolved client rules kept at most (one per database and user that logged in); beyond,
+# the cache starts again rather than grow with every user name a trust setup lets in.
+CLIENT_RULES_KEPT = 10_000
 
 
 class PoolRegistry:
@@ -56,6 +60,8 @@ class PoolRegistry:
         self.login_failures: Counter[LoginFailureReason] = Counter()  # failed logins, by reason
         self.login_timeouts = 0  # of which client_login_timeout
         self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
+        # client_rules' answers under the current settings (each login asks for them).
+        self._client_rules: dict[tuple[str, str], ClientRules] = {}
         self._cancel_tasks: set[asyncio.Future[None]] = set()  # forwards to peers
 
     def logged_in_clients(self) -> Iterator[ClientConn]:
@@ -134,12 +140,27 @@ class PoolRegistry:
             self.worker.budgets, self.worker.index, name, limit, per_pool=per_pool
         )
 
+    def client_rules(self, database: str, user: str) -> ClientRules | None:
+        """The rules for a client of ``user`` on ``database`` (None: no entry serves the
+        database), resolved once per pair and settings: every login asks."""
+        rules = self._client_rules.get((database, user))
+        if rules is None:
+            settings = self.settings
+            entry = settings.database(database)
+            if entry is None:
+                return None
+            if len(self._client_rules) >= CLIENT_RULES_KEPT:
+                self._client_rules.clear()
+            rules = self._client_rules[database, user] = settings.client_rules(entry, user)
+        return rules
+
     def reconfigure(self, settings: Settings) -> None:
         """New settings (RELOAD, SET): resize and retarget every pool in place. When the
         server TLS settings changed, every server is closed once free (PgBouncer's
         "obsolete connection"), so that none keeps the old ones."""
         tls_changed = _server_tls_settings(self.settings) != _server_tls_settings(settings)
         self.settings = settings
+        self._client_rules.clear()
         for client in self.logged_in_clients():
             entry = settings.database(client.database)
             if client.console is None and entry is not None:
@@ -180,9 +201,9 @@ class PoolRegistry:
         pgbouncer user) is counted but never refused, as in PgBouncer, so that an operator
         can always get in."""
         settings = self.settings
-        entry = settings.database(database) if not console else None
-        if entry is not None:
-            db_limit, user_limit = settings.client_limits_for(entry, user)
+        rules = self.client_rules(database, user) if not console else None
+        if rules is not None:
+            db_limit, user_limit = rules.db_limit, rules.user_limit
         elif console and (exempt or user in settings.admin_users):
             db_limit, user_limit = 0, 0
         elif console:
