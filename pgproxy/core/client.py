@@ -79,7 +79,6 @@ CLOSED = "closed"
 RELAY = "relay"  # a replication connection: bytes pass both ways untouched
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
-_NONE_IGNORED: frozenset[str] = frozenset()  # ignore_startup_parameters empty
 _INT32 = struct.Struct("!I")
 
 # Bytes a waiting client may send before its reading is paused.
@@ -663,8 +662,7 @@ class ClientConn(LinkedClient):
         if self.replication != "none":
             pass  # (its startup parameters all go to its own server, as the client sent them)
         elif not console:  # (the console keeps no settings)
-            names = settings.ignore_startup_parameters
-            ignored = frozenset(name.lower() for name in names) if names else _NONE_IGNORED
+            ignored = frozenset(name.lower() for name in settings.ignore_startup_parameters)
             try:
                 self._settings = tracked.startup_settings(startup.params, ignored)
             except tracked.UnsupportedParameter as exc:

@@ -287,8 +287,6 @@ class FrontendScanner:
         batch_open = self.batch_open
         parse_at = -1  # the chunk's last unnamed Parse (named statements in use)
         last = size - 5  # the last offset where a whole header fits
-        type_byte: int
-        length: int
         while position < size:
             if position > last:
                 return False  # a split header: carried by _walk
@@ -395,8 +393,6 @@ class FrontendScanner:
         copied = base  # plan: data before this offset is in the plan already
         stop = -1  # plan: the offset where forwarding stops (Terminate, an error, a hold)
         parsed = False  # an unnamed Parse was walked (its server gets what follows)
-        type_byte: int
-        length: int
         while position + 5 <= size:
             type_byte = data[position]
             length = _length_at(data, position)
@@ -699,8 +695,6 @@ class BackendScanner:
         actions = _COUNTING_ACTIONS if counting else self.quick_actions
         ready = 0
         last = size - 5  # the last offset where a whole header fits
-        type_byte: int
-        length: int
         while position <= last:
             type_byte = data[position]
             length = _length_at(data, position)

@@ -162,9 +162,10 @@ class PoolRegistry:
         self.settings = settings
         self._client_rules.clear()
         for client in self.logged_in_clients():
-            entry = settings.database(client.database)
-            if client.console is None and entry is not None:
-                client.timeouts = settings.client_timeouts(entry, client.user)
+            console = client.console is not None
+            rules = None if console else self.client_rules(client.database, client.user)
+            if rules is not None:
+                client.timeouts = rules.timeouts
         for pool in self.pools.values():
             entry = settings.database(pool.database)
             if entry is None:
