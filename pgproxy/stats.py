@@ -11,7 +11,7 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Literal, get_args
+from typing import Final, Literal, get_args
 
 from pgproxy.protocol import codes
 
@@ -21,7 +21,7 @@ from pgproxy.protocol import codes
 LoginFailureReason = Literal[
     "auth_failed", "no_such_database", "limit_reached", "server_login_failed", "timeout", "other",
 ]  # fmt: skip
-LOGIN_FAILURE_REASONS: tuple[LoginFailureReason, ...] = get_args(LoginFailureReason)
+LOGIN_FAILURE_REASONS: Final[tuple[LoginFailureReason, ...]] = get_args(LoginFailureReason)
 
 
 def login_failure_reason(sqlstate: str) -> LoginFailureReason:
@@ -36,7 +36,7 @@ def login_failure_reason(sqlstate: str) -> LoginFailureReason:
     return "other"
 
 
-USEC = 1_000_000
+USEC: Final = 1_000_000
 
 # Clients and servers share one sequence of ids (SHOW CLIENTS/SERVERS "id", KILL_CLIENT).
 _connection_ids = itertools.count(1)
@@ -191,11 +191,11 @@ class Totals:
         ]
 
 
-_TOTAL_FIELDS = tuple(field.name for field in fields(Totals))
+_TOTAL_FIELDS: Final = tuple(field.name for field in fields(Totals))
 
 
 # The console's counters in a StatsWindow (beside the pools' (database, user) keys).
-CONSOLE_STATS_KEY = "console"
+CONSOLE_STATS_KEY: Final = "console"
 
 
 class StatsWindow:

@@ -19,7 +19,7 @@ import ssl
 import struct
 import time
 from asyncio import sslproto
-from typing import TYPE_CHECKING, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Final, Literal, Protocol, cast
 
 from pgproxy import __version__
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
@@ -70,21 +70,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgproxy.client")
 
 # Client states.
-STARTUP = "startup"  # reading SSLRequest / StartupMessage
-LOGIN = "login"  # authenticating, waiting for the pool's welcome
-READY = "ready"  # logged in: the hot path
-CONSOLE = "console"  # logged in to the admin console
-TLS = "tls"  # answered 'S' to an SSLRequest, or got a ClientHello: the handshake runs
-CLOSED = "closed"
-RELAY = "relay"  # a replication connection: bytes pass both ways untouched
+STARTUP: Final = "startup"  # reading SSLRequest / StartupMessage
+LOGIN: Final = "login"  # authenticating, waiting for the pool's welcome
+READY: Final = "ready"  # logged in: the hot path
+CONSOLE: Final = "console"  # logged in to the admin console
+TLS: Final = "tls"  # answered 'S' to an SSLRequest, or got a ClientHello: the handshake runs
+CLOSED: Final = "closed"
+RELAY: Final = "relay"  # a replication connection: bytes pass both ways untouched
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 _INT32 = struct.Struct("!I")
 
 # Bytes a waiting client may send before its reading is paused.
-PENDING_LIMIT = 256 * 1024
+PENDING_LIMIT: Final = 256 * 1024
 # Seconds a client has to read its FATAL error before the connection is closed under it.
-CLOSE_GRACE = 2.0
+CLOSE_GRACE: Final = 2.0
+# A client's timeouts until its login resolves them (frozen: one object serves all).
+_DEFAULT_TIMEOUTS: Final = ClientTimeouts()
 
 
 class LoginCredentials(Protocol):
@@ -209,7 +211,7 @@ class ClientConn(LinkedClient):
         self.peer_pid = 0  # the client's process id, known over a Unix socket
         self.peer_uid = -1
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
-        self.timeouts = ClientTimeouts()  # resolved for its user and database at login
+        self.timeouts = _DEFAULT_TIMEOUTS  # resolved for its user and database at login
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
         self._settings: dict[str, str] = {}  # tracked settings from the startup packet
         # The login's state machine (sans-I/O), with the TLS context it may offer.

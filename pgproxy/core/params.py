@@ -8,6 +8,7 @@ only when they differ.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 # Tracked by default, in this order: PgBouncer's five and IntervalStyle (the default of
 # track_extra_parameters); ``configure`` adds the rest of track_extra_parameters.
@@ -19,11 +20,11 @@ TRACKED: tuple[str, ...] = (
     "standard_conforming_strings",
     "application_name",
 )
-_ALWAYS = frozenset(name for name in TRACKED if name != "IntervalStyle")
+_ALWAYS: Final = frozenset(name for name in TRACKED if name != "IntervalStyle")
 # Parameters PostgreSQL reports (ParameterStatus): their values are always known.
-_REPORTED = frozenset(name.lower() for name in TRACKED)
+_REPORTED: Final = frozenset(name.lower() for name in TRACKED)
 _INDEX = {name.lower(): index for index, name in enumerate(TRACKED)}
-_DEFAULT_ORDER = TRACKED
+_DEFAULT_ORDER: Final = TRACKED
 
 ParamValues = tuple[str, ...]
 EMPTY: ParamValues = ("",) * len(TRACKED)
@@ -32,8 +33,8 @@ EMPTY: ParamValues = ("",) * len(TRACKED)
 # One tuple object per distinct set of values, so that the check at link time is most
 # often an identity test: clients and servers with the same settings share it. Bounded:
 # past the limit it starts again (only the sharing is lost).
-_CANONICAL: dict[ParamValues, ParamValues] = {EMPTY: EMPTY}
-_CANONICAL_LIMIT = 4096
+_CANONICAL: Final[dict[ParamValues, ParamValues]] = {EMPTY: EMPTY}
+_CANONICAL_LIMIT: Final = 4096
 
 
 def _canonical(values: ParamValues) -> ParamValues:
@@ -84,7 +85,7 @@ def from_pairs(pairs: dict[str, str], base: ParamValues = EMPTY) -> ParamValues:
 
 # Bytes of a client's startup value that were not UTF-8 (surrogate escapes, see
 # protocol/startup.py). Built with chr(): mypyc cannot compile surrogates in a literal.
-_NOT_UTF8 = re.compile(f"[{chr(0xDC80)}-{chr(0xDCFF)}]")
+_NOT_UTF8: Final = re.compile(f"[{chr(0xDC80)}-{chr(0xDCFF)}]")
 
 
 def _byte_escape(match: re.Match[str]) -> str:
@@ -122,11 +123,11 @@ class UnsupportedParameter(Exception):
     """A startup parameter pgproxy cannot honour; the message is PgBouncer's."""
 
 
-_OPTIONS_ONLY = (
+_OPTIONS_ONLY: Final = (
     "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
 )
 # Startup parameters that are not settings.
-_STARTUP_KEYS = frozenset({"user", "database", "options"})
+_STARTUP_KEYS: Final = frozenset({"user", "database", "options"})
 
 
 def startup_settings(params: dict[str, str], ignored: frozenset[str]) -> dict[str, str]:

@@ -14,7 +14,7 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -51,18 +51,18 @@ from pgproxy.tls import ServerTls
 log = logging.getLogger("pgproxy.pool")
 
 # Client states as the pool sees them (module names: the hot path reads them).
-CLIENT_IDLE = ClientState.IDLE
-CLIENT_WAITING = ClientState.WAITING
-CLIENT_ACTIVE = ClientState.ACTIVE
+CLIENT_IDLE: Final = ClientState.IDLE
+CLIENT_WAITING: Final = ClientState.WAITING
+CLIENT_ACTIVE: Final = ClientState.ACTIVE
 
 # Why a state check runs (transaction_state_guard): the first on a server that was not
 # checked at its login (the guard was off then), the one after its reset query ran (both
 # only learn the state), after a transaction whose replies carried a suspect tag, and the
 # janitor's on an idle server. (A new server's first check is part of its login.)
-CHECK_FIRST = "first"
-CHECK_AFTER_RESET = "after reset"
-CHECK_RELEASE = "release"
-CHECK_PERIODIC = "periodic"
+CHECK_FIRST: Final = "first"
+CHECK_AFTER_RESET: Final = "after reset"
+CHECK_RELEASE: Final = "release"
+CHECK_PERIODIC: Final = "periodic"
 
 _KIND_WORDS = {
     "set": "settings changed by SET",
@@ -81,7 +81,7 @@ Connector = Callable[["Pool", float], Awaitable[ServerConn]]
 # Seconds a queued request does not retry opening a server after a budget refused one. A
 # local budget wakes its pools when a place frees (ServerBudget.release); one shared with
 # other workers cannot, so queued requests poll it, and the janitor retries too.
-BUDGET_RETRY = 0.02
+BUDGET_RETRY: Final = 0.02
 
 
 NO_SERVER_TLS = ServerTls("disable", None)  # server_tls_sslmode = disable
@@ -233,7 +233,9 @@ class Pool(ServerOwner):
         # A list per server state (pgproxy.core.states), kept by change_server_state (an
         # ACTIVE server is held by its client instead); and every logged-in server,
         # whatever its state.
-        self.idle: deque[ServerConn] = deque()  # the longest idle first
+        # The longest idle first. A list, not a deque: compiled, its append, pop and [-1]
+        # are native operations, and only the rare ``oldest`` return inserts at the front.
+        self.idle: list[ServerConn] = []
         self.used: set[ServerConn] = set()  # RESET
         self.tested: set[ServerConn] = set()
         self.being_canceled: set[ServerConn] = set()
@@ -352,7 +354,7 @@ class Pool(ServerOwner):
                 assert client is not None
             client.server = server
             server.client = client
-            server.linked_at = server.query_started = time.monotonic()
+            server.linked_at = server.query_started = server.clock()
             self.stats.server_assignment_count += 1
             if self.single_use:  # server_lifetime = 0: closed when this client lets it go
                 server.expires_at = server.connected_at
@@ -377,7 +379,7 @@ class Pool(ServerOwner):
                     server.link_statements(client, at_link=True)
         elif state is IDLE:
             if oldest:
-                self.idle.appendleft(server)
+                self.idle.insert(0, server)
             else:
                 self.idle.append(server)
         elif state is CLOSED:

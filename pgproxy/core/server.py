@@ -15,7 +15,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from pgproxy.core import params as tracked
 from pgproxy.core import state_guard
@@ -41,20 +41,20 @@ log = logging.getLogger("pgproxy.server")
 _INT32 = struct.Struct("!I")
 
 # The server states (pgproxy.core.states), as module names: the hot path reads them often.
-LOGIN = ServerState.LOGIN
-IDLE = ServerState.IDLE
-ACTIVE = ServerState.ACTIVE
-RESET = ServerState.RESET
-TESTED = ServerState.TESTED
-CLOSED = ServerState.CLOSED
-BEING_CANCELED = ServerState.BEING_CANCELED
+LOGIN: Final = ServerState.LOGIN
+IDLE: Final = ServerState.IDLE
+ACTIVE: Final = ServerState.ACTIVE
+RESET: Final = ServerState.RESET
+TESTED: Final = ServerState.TESTED
+CLOSED: Final = ServerState.CLOSED
+BEING_CANCELED: Final = ServerState.BEING_CANCELED
 
-CANCEL_TIMEOUT = 5.0  # seconds to deliver a CancelRequest to PostgreSQL
-CLOSE_GRACE = 5.0  # seconds PostgreSQL has to close after Terminate
+CANCEL_TIMEOUT: Final = 5.0  # seconds to deliver a CancelRequest to PostgreSQL
+CLOSE_GRACE: Final = 5.0  # seconds PostgreSQL has to close after Terminate
 
 # Write-buffer marks: past HIGH the peer's reading pauses, under LOW it resumes.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -277,7 +277,7 @@ class ClientLogin:
 
     def _startup_packets(self) -> list[Action]:
         buffer = self._buffer
-        if buffer[:1] == _TLS_HANDSHAKE and self._tls_offered and not self.tls:
+        if self._tls_offered and not self.tls and buffer[:1] == _TLS_HANDSHAKE:
             # (Without TLS a ClientHello is garbage like any other: 08P01 below.)
             self.phase = Phase.TLS
             hello = bytes(buffer)
@@ -306,7 +306,8 @@ class ClientLogin:
                     break
                 self.phase = Phase.TLS
                 actions += [Send(b"S"), StartTls()]
-            elif isinstance(packet, SSLRequest | GSSEncRequest):
+            elif isinstance(packet, (SSLRequest, GSSEncRequest)):
+                # (A tuple, not ``A | B``: compiled, two type checks, no union built.)
                 actions.append(Send(b"N"))
             elif isinstance(packet, CancelRequest):
                 self.phase = Phase.ENDED

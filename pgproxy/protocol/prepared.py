@@ -35,35 +35,35 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
-_HEADER = struct.Struct("!cI")
-_S = ord("S")
+_HEADER: Final = struct.Struct("!cI")
+_S: Final = ord("S")
 
 # Plan op kinds.
-_PARSE = 0  # the client prepares a name
-_USE = 1  # a Bind/Describe of the statement follows: prepare it here first if missing
-_CLOSE = 2  # the client's Close of a name follows
+_PARSE: Final = 0  # the client prepares a name
+_USE: Final = 1  # a Bind/Describe of the statement follows: prepare it here first if missing
+_CLOSE: Final = 2  # the client's Close of a name follows
 # The name is in use: a Parse of an empty query under the client's own name goes first (its
 # reply hidden), so the client's Parse (``raw``) fails on the server with PostgreSQL's own
 # error, where PostgreSQL would raise it, and aborts the transaction as it would. The
 # stray name is closed at the next link.
-_DUPLICATE = 3
+_DUPLICATE: Final = 3
 # A Bind or Describe of the unnamed statement follows, sent in another chunk than the
 # client's unnamed Parse (``raw``, of request ``parsed``): a server that did not get that
 # Parse in this link gets it first, its reply hidden (see ClientStatements.unnamed).
-_UNNAMED = 4
+_UNNAMED: Final = 4
 # The client's simple Query ``DEALLOCATE name`` of a mapped name: rewritten (see
 # _DEALLOCATE_MESSAGES) so that the server answers it in its place, whichever statements
 # it has.
-_DEALLOCATE = 5
+_DEALLOCATE: Final = 5
 # The client's simple Query ``PREPARE name … AS statement``: the statement is prepared
 # here under pgproxy's name (if missing) and the Query rewritten (see _PREPARE_MESSAGES).
-_SQL_PREPARE = 6
+_SQL_PREPARE: Final = 6
 # The client's simple Query ``EXECUTE name …`` of a mapped name: the statement is prepared
 # here if missing and the Query (``raw``: rewritten to pgproxy's name) is run through the
 # extended protocol (see _execute_messages), so that its errors come in their place.
-_SQL_EXECUTE = 7
+_SQL_EXECUTE: Final = 7
 
 
 class StatementCounters(Protocol):
@@ -94,20 +94,22 @@ class Op:
 Plan = list[bytes | Op]
 
 # Ledger entry kinds.
-_CLIENT_PARSE = 0  # a client's Parse: undone (name forgotten) if the server skipped it
-_CLIENT_PARSE_HERE = 6  # likewise, of a statement the server already had (stand-in Parse)
-_INJECTED = 1  # pgproxy's Parse before a Bind/Describe: hidden
-_EVICTED = 2  # pgproxy's Close of the least recently used statement: hidden
-_SKIP_CLOSE = 3  # Close of the stand-in Parse (statement already here): hidden
-_STRAY = 4  # the empty Parse that makes a duplicate name collide: hidden
-_CLIENT_CLOSE = 5  # a client's Close: undone (name restored) if the server skipped it
-_UNNAMED_PARSE = 7  # pgproxy's Parse of a client's unnamed statement: hidden
-_HIDE = 8  # another message of pgproxy's own: hidden, nothing to settle
-_CLIENT_DEALLOCATE = 9  # the Bind of a rewritten DEALLOCATE: hidden, else as _CLIENT_CLOSE
-_CLIENT_SQL_PREPARE = 10  # the Bind of a rewritten PREPARE: hidden, else as _CLIENT_PARSE_HERE
-_SQL_EXECUTE_BIND = 11  # the Bind of a rewritten EXECUTE: hidden, and the NoData after it
+_CLIENT_PARSE: Final = 0  # a client's Parse: undone (name forgotten) if the server skipped it
+_CLIENT_PARSE_HERE: Final = 6  # likewise, of a statement the server already had (stand-in Parse)
+_INJECTED: Final = 1  # pgproxy's Parse before a Bind/Describe: hidden
+_EVICTED: Final = 2  # pgproxy's Close of the least recently used statement: hidden
+_SKIP_CLOSE: Final = 3  # Close of the stand-in Parse (statement already here): hidden
+_STRAY: Final = 4  # the empty Parse that makes a duplicate name collide: hidden
+_CLIENT_CLOSE: Final = 5  # a client's Close: undone (name restored) if the server skipped it
+_UNNAMED_PARSE: Final = 7  # pgproxy's Parse of a client's unnamed statement: hidden
+_HIDE: Final = 8  # another message of pgproxy's own: hidden, nothing to settle
+_CLIENT_DEALLOCATE: Final = 9  # the Bind of a rewritten DEALLOCATE: hidden, else as _CLIENT_CLOSE
+_CLIENT_SQL_PREPARE: Final = (
+    10  # the Bind of a rewritten PREPARE: hidden, else as _CLIENT_PARSE_HERE
+)
+_SQL_EXECUTE_BIND: Final = 11  # the Bind of a rewritten EXECUTE: hidden, and the NoData after it
 
-_HIDDEN_KINDS = frozenset(
+_HIDDEN_KINDS: Final = frozenset(
     (_INJECTED, _EVICTED, _SKIP_CLOSE, _STRAY, _UNNAMED_PARSE, _HIDE, _CLIENT_DEALLOCATE,
      _CLIENT_SQL_PREPARE, _SQL_EXECUTE_BIND)
 )  # fmt: skip
@@ -115,7 +117,7 @@ _HIDDEN_KINDS = frozenset(
 # A client Parse of a statement this server already has is answered by a Parse of an empty
 # query under this name (and its Close right after): the client's ParseComplete then comes
 # from the server in its exact place in the pipeline, and so does any error.
-_STAND_IN = b"PGPROXY_STAND_IN"
+_STAND_IN: Final = b"PGPROXY_STAND_IN"
 
 
 def parse_message(name: bytes, body: bytes) -> bytes:
@@ -128,13 +130,15 @@ def close_message(name: bytes) -> bytes:
     return _HEADER.pack(b"C", 4 + 1 + len(name) + 1) + b"S" + name + b"\0"
 
 
-_EMPTY_QUERY = b"\0\0\0"  # query '' and no parameter types
-_STAND_IN_PARSE = parse_message(_STAND_IN, _EMPTY_QUERY) + close_message(_STAND_IN)
+_EMPTY_QUERY: Final = b"\0\0\0"  # query '' and no parameter types
+_STAND_IN_PARSE: Final = parse_message(_STAND_IN, _EMPTY_QUERY) + close_message(_STAND_IN)
 # Bind, Execute and Close of the unnamed statement and portal, and Sync, for the rewrites
 # of a client's SQL DEALLOCATE, PREPARE and EXECUTE below.
-_BIND_UNNAMED = _HEADER.pack(b"B", 12) + b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0"  # no parameters
-_EXECUTE_UNNAMED = _HEADER.pack(b"E", 9) + b"\0" + b"\0\0\0\0"  # every row
-_SYNC = _HEADER.pack(b"S", 4)
+_BIND_UNNAMED: Final = (
+    _HEADER.pack(b"B", 12) + b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0"
+)  # no parameters
+_EXECUTE_UNNAMED: Final = _HEADER.pack(b"E", 9) + b"\0" + b"\0\0\0\0"  # every row
+_SYNC: Final = _HEADER.pack(b"S", 4)
 
 # A client's ``DEALLOCATE name`` (a simple Query) of a name pgproxy maps: the server may
 # not have the statement, and has it under another name anyway. What it gets instead
@@ -147,8 +151,8 @@ _SYNC = _HEADER.pack(b"S", 4)
 # Bind, Execute, Close of the unnamed statement (which a simple Query destroys too), Sync.
 # Their replies but CommandComplete and ReadyForQuery are hidden; the Bind's settles the
 # client's name (restored if it was skipped).
-_DEALLOCATE_NAME = b"PGPROXY_DEALLOCATE"
-_DEALLOCATE_MESSAGES = (
+_DEALLOCATE_NAME: Final = b"PGPROXY_DEALLOCATE"
+_DEALLOCATE_MESSAGES: Final = (
     close_message(_DEALLOCATE_NAME)
     + parse_message(b"", b'DEALLOCATE "' + _DEALLOCATE_NAME + b'"\0\0\0')
     + parse_message(_DEALLOCATE_NAME, _EMPTY_QUERY)
@@ -159,8 +163,8 @@ _DEALLOCATE_MESSAGES = (
 )
 # Their Parse/Bind/Close replies: CloseComplete, ParseComplete, ParseComplete, BindComplete
 # (the Bind's is the third from 0), CloseComplete.
-_DEALLOCATE_REPLIES = 5
-_DEALLOCATE_BIND = 3
+_DEALLOCATE_REPLIES: Final = 5
+_DEALLOCATE_BIND: Final = 3
 
 
 # A client's ``PREPARE name … AS statement`` (a simple Query): the statement itself is
@@ -171,8 +175,8 @@ _DEALLOCATE_BIND = 3
 # PREPARE into the unnamed statement, Bind, Execute, Close of the helper, Close of the
 # unnamed statement, Sync. The replies but CommandComplete and ReadyForQuery are hidden;
 # the Bind's settles the client's name (forgotten if it was skipped).
-_PREPARE_NAME = b"PGPROXY_PREPARE"
-_PREPARE_MESSAGES = (
+_PREPARE_NAME: Final = b"PGPROXY_PREPARE"
+_PREPARE_MESSAGES: Final = (
     parse_message(b"", b'PREPARE "' + _PREPARE_NAME + b'" AS SELECT\0\0\0')
     + _BIND_UNNAMED
     + _EXECUTE_UNNAMED
@@ -180,9 +184,9 @@ _PREPARE_MESSAGES = (
     + close_message(b"")
     + _SYNC
 )
-_PREPARE_BIND = 1  # ParseComplete, BindComplete, CloseComplete, CloseComplete
-_PREPARE_REPLIES = 4
-_DESCRIBE_PORTAL = _HEADER.pack(b"D", 6) + b"P\0"
+_PREPARE_BIND: Final = 1  # ParseComplete, BindComplete, CloseComplete, CloseComplete
+_PREPARE_REPLIES: Final = 4
+_DESCRIBE_PORTAL: Final = _HEADER.pack(b"D", 6) + b"P\0"
 
 
 def _execute_messages(text: bytes) -> bytes:
@@ -200,25 +204,25 @@ def _execute_messages(text: bytes) -> bytes:
     )
 
 
-_EXECUTE_REPLIES = 3  # ParseComplete, BindComplete (its NoData too), CloseComplete
-_EXECUTE_BIND = 1
+_EXECUTE_REPLIES: Final = 3  # ParseComplete, BindComplete (its NoData too), CloseComplete
+_EXECUTE_BIND: Final = 1
 
 
 # SQL-level statements on prepared statements, in a simple Query of their own: what the
 # readers below take of PostgreSQL's lexer (white space, unquoted and quoted names).
-_SQL_SPACE = frozenset(b" \t\n\r\f\v")
-_IDENTIFIER_START = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
-_IDENTIFIER_PART = _IDENTIFIER_START | frozenset(b"0123456789$")
-_MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names
+_SQL_SPACE: Final = frozenset(b" \t\n\r\f\v")
+_IDENTIFIER_START: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_IDENTIFIER_PART: Final = _IDENTIFIER_START | frozenset(b"0123456789$")
+_MAX_IDENTIFIER: Final = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names
 # The longest Query text the readers take (a PREPARE of a longer statement, or anything
 # else that long, is passed through unread), and the shortest (``EXECUTE x``).
-MAX_SQL_QUERY = 64 * 1024
-MIN_SQL_QUERY = len(b"EXECUTE x")
+MAX_SQL_QUERY: Final = 64 * 1024
+MIN_SQL_QUERY: Final = len(b"EXECUTE x")
 
 # PREPARE's parameter types as the Parse message gives them (OIDs): the built-in types by
 # the names PostgreSQL's grammar accepts for them. A type list with any other type (a
 # user-defined one, an array, a type modifier) leaves the PREPARE unmapped.
-_TYPE_OIDS = {
+_TYPE_OIDS: Final = {
     b"bool": 16, b"boolean": 16, b"bytea": 17, b"char": 18, b"name": 19,
     b"int8": 20, b"bigint": 20, b"int2": 21, b"smallint": 21,
     b"int4": 23, b"int": 23, b"integer": 23, b"text": 25, b"oid": 26,
@@ -228,8 +232,8 @@ _TYPE_OIDS = {
     b"timestamptz": 1184, b"timestamp with time zone": 1184, b"interval": 1186,
     b"numeric": 1700, b"decimal": 1700, b"uuid": 2950, b"jsonb": 3802,
 }  # fmt: skip
-_TYPE_OID = struct.Struct("!I")
-_TYPE_COUNT = struct.Struct("!H")
+_TYPE_OID: Final = struct.Struct("!I")
+_TYPE_COUNT: Final = struct.Struct("!H")
 
 
 def _skip_space(text: bytes, position: int) -> int:
