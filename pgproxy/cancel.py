@@ -14,20 +14,21 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
+from typing import Final
 
-MAX_FORWARDS = 3
-_PEER_SHIFT = 16
-_PEER_MASK = 0x3FFF
-_FORWARD_SHIFT = 30
-_KEY_BITS = (1 << _FORWARD_SHIFT) - 1  # the key without its forward count
+MAX_FORWARDS: Final = 3
+_PEER_SHIFT: Final = 16
+_PEER_MASK: Final = 0x3FFF
+_FORWARD_SHIFT: Final = 30
+_KEY_BITS: Final = (1 << _FORWARD_SHIFT) - 1  # the key without its forward count
 
 
 # Random bytes for keys, read from the system's CSPRNG 4 KiB at a time: one getrandom call
 # per 680 logins rather than two per login. Dropped in a forked child (a worker), which
 # must not hand out its parent's keys.
-_KEY_BYTES = 6  # 2 for the process id's random bits, 4 for the secret
-_BATCH = 4096 // _KEY_BYTES * _KEY_BYTES
-_random = bytearray()
+_KEY_BYTES: Final = 6  # 2 for the process id's random bits, 4 for the secret
+_BATCH: Final = 4096 // _KEY_BYTES * _KEY_BYTES
+_random: Final = bytearray()
 
 
 def _forget_random() -> None:

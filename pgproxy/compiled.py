@@ -28,6 +28,13 @@ HOT_MODULES = (
     "pgproxy.protocol.startup",
     "pgproxy.protocol.messages",
     "pgproxy.protocol.framing",
+    # What each login asks of the daemon (its pool and client caps, the database's state,
+    # the user's secret, a cancel key): interpreted, every call from compiled code into
+    # them builds a Python frame.
+    "pgproxy.services.registry",
+    "pgproxy.services.pause_state",
+    "pgproxy.services.credentials",
+    "pgproxy.cancel",
     # Not hot, but they subclass ServerConn (ReplicationServerConn, HostCheckConn): a
     # compiled class takes no Python subclass unless it allows them, which would slow
     # every call on ServerConn.

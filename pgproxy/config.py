@@ -46,6 +46,7 @@ DEFAULT_AUTH_QUERY = (
 )
 # A list of names: a TOML array, or PgBouncer's comma-separated string (also from the env).
 NameList = Annotated[list[str], NoDecode]
+AuthType = Literal["trust", "plain", "md5", "scram-sha-256", "cert", "hba"]
 
 ENV_PREFIX = "PGPROXY_"
 # PgBouncer's server_check_query default: an empty query is sent.
@@ -704,7 +705,7 @@ class Settings(BaseSettings):
         description="Log PgBouncer's periodic stats line (xacts/s, queries/s, bytes/s, mean "
         "xact/query/wait µs) every `stats_period`.",
     )
-    auth_type: Literal["trust", "plain", "md5", "scram-sha-256", "cert", "hba"] = Field(
+    auth_type: AuthType = Field(
         default="trust",
         description="How clients authenticate to pgproxy: `trust`, `plain` (cleartext), `md5` "
         "(users stored with a SCRAM secret are asked for SCRAM, as PgBouncer does), "

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, cast
 
 from pgproxy import __version__
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
-from pgproxy.config import ClientTimeouts
+from pgproxy.config import AuthType, ClientTimeouts
 from pgproxy.core import params as tracked
 from pgproxy.core.replication import ReplicationMode, replication_mode, start_replication
 from pgproxy.core.server import (
@@ -180,11 +180,37 @@ class DatabaseGate(Protocol):
     def is_disabled(self, database: str) -> bool: ...
 
 
+# client_tls_sslmode values that refuse a TCP client without TLS.
+_TLS_REQUIRED: Final = frozenset({"require", "verify-ca", "verify-full"})
+
+
+class LoginSettings:
+    """The settings every login reads, taken from the Settings once per configuration
+    (the host makes a new one with each): in the compiled build their reads are C field
+    loads, where each attribute of the pydantic model costs a trip through its
+    ``__getattr__`` hook."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_packet_size: int = settings.max_packet_size
+        self.max_client_conn: int = settings.max_client_conn
+        self.tls_required = settings.client_tls_sslmode in _TLS_REQUIRED
+        self.auth_type: AuthType = settings.auth_type
+        self.scram_iterations: int = settings.scram_iterations
+        self.ignored_startup_parameters = frozenset(
+            name.lower() for name in settings.ignore_startup_parameters
+        )
+        self.log_connections: bool = settings.log_connections
+        self.log_disconnections: bool = settings.log_disconnections
+
+
 class ClientHost(Protocol):
     """What a client connection needs of the proxy around it (pgproxy.services.daemon's Daemon)."""
 
     @property
     def settings(self) -> Settings: ...
+
+    @property
+    def login_settings(self) -> LoginSettings: ...  # made from ``settings``
 
     @property
     def credentials(self) -> LoginCredentials: ...
@@ -213,6 +239,7 @@ class ClientConn(LinkedClient):
         self.request_at = 0.0  # when its last request was sent (SHOW CLIENTS)
         self.timeouts = _DEFAULT_TIMEOUTS  # resolved for its user and database at login
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
+        self.to_console = False  # its startup packet names the console's database
         self._settings: dict[str, str] = {}  # tracked settings from the startup packet
         # The login's state machine (sans-I/O), with the TLS context it may offer.
         self._tls_context = host.credentials.client_tls
@@ -220,7 +247,7 @@ class ClientConn(LinkedClient):
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
         self.server: ServerConn | None = None
-        self.scan = FrontendScanner(host.settings.max_packet_size)
+        self.scan = FrontendScanner(host.login_settings.max_packet_size)
         self.params: tracked.ParamValues = tracked.EMPTY
         self.user = ""
         self.database = ""
@@ -378,7 +405,7 @@ class ClientConn(LinkedClient):
             relay_server.client = None
             relay_server.transport.close()  # (never pooled: PostgreSQL ends the walsender)
         internal = self.console is not None and self.console.peer  # another worker
-        if self.user and self.host.settings.log_disconnections and not internal:
+        if self.user and self.host.login_settings.log_disconnections and not internal:
             # (Clients that never sent a startup packet, such as port probes, are not
             # logged: they would drown the rest.)
             reason = self.close_reason or (
@@ -646,7 +673,7 @@ class ClientConn(LinkedClient):
     def _begin_login(self, startup: StartupMessage) -> None:
         """Checks that need no I/O; then finish at once, or in a task if a server must
         be reached first (the pool's first login, to learn the server's parameters)."""
-        settings = self.host.settings
+        settings = self.host.login_settings
         user = startup.params.get("user", "")
         if not user:
             self.fatal(
@@ -660,11 +687,11 @@ class ClientConn(LinkedClient):
         except ValueError as exc:
             self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
             return
-        console = self.host.consoles.serves(self.database)
+        self.to_console = console = self.host.consoles.serves(self.database)
         if self.replication != "none":
             pass  # (its startup parameters all go to its own server, as the client sent them)
         elif not console:  # (the console keeps no settings)
-            ignored = frozenset(name.lower() for name in settings.ignore_startup_parameters)
+            ignored = settings.ignored_startup_parameters
             try:
                 self._settings = tracked.startup_settings(startup.params, ignored)
             except tracked.UnsupportedParameter as exc:
@@ -679,7 +706,7 @@ class ClientConn(LinkedClient):
             )  # fmt: skip
             return
         if (
-            settings.client_tls_sslmode in ("require", "verify-ca", "verify-full")
+            settings.tls_required
             and not self.tls
             and isinstance(self.transport.get_extra_info("peername"), tuple)
         ):
@@ -690,25 +717,26 @@ class ClientConn(LinkedClient):
         # own OS user, reaches the console without a password.
         self.local_admin = console and user == "pgbouncer" and self.peer_uid == os.getuid()
         method: PasswordMethod | Literal["trust"] | None
+        auth_type = settings.auth_type
         if self.local_admin:
             method = "trust"
-        elif settings.auth_type == "hba":
+        elif auth_type == "hba":
             method = self._hba_method()
             if method is None:
                 return  # refused
-        elif settings.auth_type == "cert":
+        elif auth_type == "cert":
             if not self._certificate_names_user():
                 return  # refused
             method = "trust"
         else:
-            method = settings.auth_type
+            method = auth_type
         trusted = self.local_admin or console  # (no user to look for: admin_users decide)
         facts = LoginFacts(
             method=method,
             secret=self.host.credentials.secret_for(user) if method != "trust" else None,
             # (For the console, auth_query runs in the global auth_dbname; without one,
             # PgBouncer's "bouncer config error": see auth_database_problem.)
-            auth_query=settings.auth_user_for(self.database) is not None,
+            auth_query=self.host.settings.auth_user_for(self.database) is not None,
             known=True if trusted else self.host.credentials.knows_user(self.database, user),
             iterations=settings.scram_iterations,
             channel_binding=self.host.credentials.client_tls_binding,
@@ -780,9 +808,8 @@ class ClientConn(LinkedClient):
     def _after_auth(self) -> None:
         startup = self._login.startup
         assert startup is not None
-        settings = self.host.settings
         user = self.user
-        if self.host.consoles.serves(self.database):
+        if self.to_console:
             self._console_login(startup)
             return
         if self.host.pauses.shutting_down:
@@ -808,7 +835,7 @@ class ClientConn(LinkedClient):
         self.admitted = True
         if self.replication != "none":
             self.cancel_key = self.host.registry.register_cancel_key(self)
-            if settings.log_connections:
+            if self.host.login_settings.log_connections:
                 log.info("%s login: replication=%s", self.describe(), self.replication)
             self._login_task = asyncio.get_running_loop().create_task(
                 self._replicate(pool, startup)
@@ -878,7 +905,7 @@ class ClientConn(LinkedClient):
             self.database = self.host.consoles.name  # (counted under one name, whichever was used)
             self.admitted = True
         self.console = self.host.consoles.open(self, local_admin=local_admin, peer=peer)
-        if self.host.settings.log_connections and not peer:
+        if self.host.login_settings.log_connections and not peer:
             log.info("%s login: console, tls=%s", self.describe(), "yes" if self.tls else "no")
         self.cancel_key = self.host.registry.register_cancel_key(self)
         statuses = [messages.parameter_status("server_version", f"{__version__}/pgproxy")]
@@ -899,7 +926,7 @@ class ClientConn(LinkedClient):
         self.pool = pool
         pool.stats.client_logins += 1
         self.params = tracked.from_pairs(self._settings, pool.welcome_values)
-        if self.host.settings.log_connections:
+        if self.host.login_settings.log_connections:
             log.info(
                 "%s login: tls=%s application_name=%s",
                 self.describe(), "yes" if self.tls else "no", self.application_name,

@@ -20,6 +20,7 @@ from pgproxy import __version__, logs
 from pgproxy.config import RESTART_ONLY, ConfigError, Settings, changed_setting
 from pgproxy.config_file import load_settings
 from pgproxy.core import params as tracked
+from pgproxy.core.client import LoginSettings
 from pgproxy.core.janitor import Janitor
 from pgproxy.protocol import codes
 from pgproxy.services import sdnotify
@@ -58,6 +59,7 @@ class Daemon:
             settings = worker.apply(settings)
             set_connection_id_base((worker.index + 1) * WORKER_ID_RANGE)
         self.settings = settings
+        self.login_settings = LoginSettings(settings)
         tracked.configure(settings.track_extra_parameters)  # (read at start only)
         logs.set_verbose(settings.verbose)
         self.keepalive = keepalive_from(settings)  # set on the TCP listeners
@@ -132,6 +134,7 @@ class Daemon:
         # (Raises ConfigError before anything changes.)
         self.credentials.reload(settings, one_tls_key=one_tls_key)
         self.settings = settings
+        self.login_settings = LoginSettings(settings)
         self.keepalive = keepalive_from(settings)
         self._set_listener_keepalive()  # (for the clients accepted from now on)
         logs.set_verbose(settings.verbose)
