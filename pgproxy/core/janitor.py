@@ -97,8 +97,6 @@ class Janitor:
                 policy.topology.maintain(pool, now)
             if pool.guard != "off" and pool.idle and pool.settings.state_check_period > 0:
                 check_idle_state(pool, now, pool.settings.state_check_period)
-            if pool.histograms is not None:
-                pool.histograms.fold()  # (what the hot path recorded since the last pass)
 
 
 def recycle(pool: Pool, now: float) -> None:

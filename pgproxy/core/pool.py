@@ -21,7 +21,7 @@ from mypy_extensions import mypyc_attr
 from pgproxy.config import EMPTY_CHECK_QUERY, PoolMode, PoolSettings
 from pgproxy.core import params as tracked
 from pgproxy.core import state_guard
-from pgproxy.core.histograms import PoolHistograms
+from pgproxy.core.histograms import Histogram, PoolHistograms
 from pgproxy.core.reconnect import Reconnect
 from pgproxy.core.server import (
     ACTIVE,
@@ -259,8 +259,8 @@ class Pool(ServerOwner):
         # Histograms for /metrics (None when metrics are off: nothing is observed), and the
         # hot path's shortcuts to two of them (see ``measure``).
         self.histograms: PoolHistograms | None = None
-        self.record_query: Callable[[float], None] | None = None
-        self.record_transaction: Callable[[float], None] | None = None
+        self.query_histogram: Histogram | None = None
+        self.transaction_histogram: Histogram | None = None
         if histograms is not None:
             self.measure(histograms)
         self.query_wait_timeout = query_wait_timeout  # for this pool's user (a metrics gauge)
@@ -294,8 +294,8 @@ class Pool(ServerOwner):
     def measure(self, histograms: PoolHistograms) -> None:
         """Observe this pool's waits, connects, queries and transactions in ``histograms``."""
         self.histograms = histograms
-        self.record_query = histograms.query.record
-        self.record_transaction = histograms.transaction.record
+        self.query_histogram = histograms.query
+        self.transaction_histogram = histograms.transaction
 
     def size_limit(self, reserve: bool) -> int:
         """Servers this pool may have (with its reserve when ``reserve``)."""
@@ -490,7 +490,7 @@ class Pool(ServerOwner):
             stats.wait_time += waited
             stats.waiters_served += 1
             if self.histograms is not None:
-                self.histograms.wait.record(waited)
+                self.histograms.wait.observe(waited)
             self.change_client_state(client, CLIENT_ACTIVE, server)
             client.flush_pending()
             return
@@ -516,9 +516,9 @@ class Pool(ServerOwner):
             client.outstanding = 0  # never carry a miscount into the next transaction
             held = now - server.linked_at
             stats.xact_time += held
-            record = self.record_transaction
-            if record is not None:
-                record(held)
+            histogram = self.transaction_histogram
+            if histogram is not None:
+                histogram.observe(held)
             # (The link ends with the server's next state: idle, another client's, reset,
             # checked or closed.)
             if self.reset_query:  # server_reset_query_always
@@ -542,8 +542,8 @@ class Pool(ServerOwner):
         client.outstanding = 0
         held = now - server.linked_at
         stats.xact_time += held
-        if self.record_transaction is not None:
-            self.record_transaction(held)
+        if self.transaction_histogram is not None:
+            self.transaction_histogram.observe(held)
         self._released(client, server, now)
 
     def _released(self, client: LinkedClient, server: ServerConn, now: float) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from pgproxy.core import params as tracked
 from pgproxy.core import state_guard
+from pgproxy.core.histograms import Histogram
 from pgproxy.core.states import ServerState
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.framing import MAX_SERVER_LOGIN_MESSAGE, BadFrame, next_message
@@ -155,7 +156,7 @@ class ServerOwner:
     statement_mode: bool
     statement_registry: Registry
     guard: Guard
-    record_query: Callable[[float], None] | None
+    query_histogram: Histogram | None
     host_policy: HostChooser | None
 
     def change_server_state(
@@ -364,9 +365,9 @@ class ServerConn(asyncio.Protocol):
         pool = self.pool
         took = now - self.query_started
         pool.stats.query_time += took
-        record = pool.record_query
-        if record is not None:
-            record(took)
+        histogram = pool.query_histogram
+        if histogram is not None:
+            histogram.observe(took)
         self.query_started = now  # a pipelined request runs from here
         self.replies += ready
         outstanding = client.outstanding = client.outstanding - ready

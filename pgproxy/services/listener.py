@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import grp
 import os
 import socket
@@ -89,9 +90,8 @@ async def start_listeners(host: ClientHost) -> list[asyncio.Server]:
 async def _bind(host: ClientHost, listeners: list[asyncio.Server], socket_path: str | None) -> None:
     loop = asyncio.get_running_loop()
     settings = host.settings
-
-    def factory() -> ClientConn:
-        return ClientConn(host)
+    # (A partial calls the compiled class with no Python frame: one per accepted client.)
+    factory = functools.partial(ClientConn, host)
 
     if settings.listen_addr:
         hosts = (
@@ -120,4 +120,5 @@ async def listen_on(host: ClientHost, sock: socket.socket) -> asyncio.Server:
     """Serve clients on a listening socket bound by someone else (the workers'
     supervisor binds the Unix socket once for all of them)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: ClientConn(host), sock=sock, backlog=BACKLOG)
+    factory = functools.partial(ClientConn, host)
+    return await loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)

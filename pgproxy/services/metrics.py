@@ -1,7 +1,7 @@
 """Prometheus metrics: histograms the hot path feeds, and a collector read at scrape time.
 
-The hot path only bumps plain counters (``PoolStats``) and appends durations to a
-histogram's list (``Histogram.record``), sorted into buckets in bulk later. Everything
+The hot path only bumps plain counters (``PoolStats``) and counts durations in their
+histogram buckets (``Histogram.observe``). Everything
 else — gauges of clients and servers per state, counters, the histograms' cumulative
 buckets — is read from the live pools when Prometheus scrapes, in the event loop's thread,
 so no lock is needed. Labels: ``database`` and ``user`` of a pool, never anything finer
