@@ -65,7 +65,7 @@ class PgproxyCollector(Collector):
         yield info
         build = GaugeMetricFamily(
             "pgproxy_build_info",
-            "What runs: pgproxy's version, the Python version, the build (pure: Python only).",
+            "pgproxy's version, the Python version and the build (compiled, pure or partial).",
             labels=["version", "python", "build"],
         )
         build.add_metric([__version__, platform.python_version(), BUILD], 1)
