@@ -729,6 +729,21 @@ def test_set_default_pool_size_resizes_pools_at_once(
     assert console.config("listen_port")["value"] == str(proxy.port)
 
 
+def test_set_reaches_the_next_login(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, conns: Connections
+) -> None:
+    # A login reads its settings from a snapshot the daemon makes with each configuration:
+    # SET (as RELOAD) must replace it before the next client arrives.
+    proxy = proxy_factory(_config(pg))
+    console = conns.console(proxy)
+    client = conns.client(proxy)
+    assert _fetch(client, "select 1") == 1  # two clients now: the console and this one
+    assert console.run("SET max_client_conn = 2") == "SET max_client_conn=2"
+    assert "no more connections allowed (max_client_conn)" in _login_error(proxy)
+    assert console.run("SET max_client_conn = 3") == "SET max_client_conn=3"
+    assert _fetch(conns.client(proxy), "select 'third'") == "third"
+
+
 # -- signals -------------------------------------------------------------------------------
 
 
