@@ -731,12 +731,14 @@ class ClientConn(LinkedClient):
         else:
             method = auth_type
         trusted = self.local_admin or console  # (no user to look for: admin_users decide)
+        password = method != "trust"
         facts = LoginFacts(
             method=method,
-            secret=self.host.credentials.secret_for(user) if method != "trust" else None,
+            secret=self.host.credentials.secret_for(user) if password else None,
             # (For the console, auth_query runs in the global auth_dbname; without one,
-            # PgBouncer's "bouncer config error": see auth_database_problem.)
-            auth_query=self.host.settings.auth_user_for(self.database) is not None,
+            # PgBouncer's "bouncer config error": see auth_database_problem. Under trust,
+            # ``known`` says whether auth_query must be asked; this flag is not read.)
+            auth_query=password and self.host.settings.auth_user_for(self.database) is not None,
             known=True if trusted else self.host.credentials.knows_user(self.database, user),
             iterations=settings.scram_iterations,
             channel_binding=self.host.credentials.client_tls_binding,

@@ -163,7 +163,7 @@ def _client_limits(daemon: Daemon) -> Iterator[Metric]:
             limit = settings.max_db_client_connections
         else:
             continue  # removed by a reload: its clients are leaving
-        db_count.add_metric([name], daemon.registry.db_clients[name])
+        db_count.add_metric([name], daemon.registry.db_clients.get(name, 0))
         db_limit.add_metric([name], limit)
     yield db_count
     yield db_limit
@@ -182,7 +182,7 @@ def _client_limits(daemon: Daemon) -> Iterator[Metric]:
     users = set(settings.users) | {pool.user for pool in daemon.registry.pools.values()}
     users |= {user for user, count in daemon.registry.user_clients.items() if count > 0}
     for user in sorted(users):
-        user_count.add_metric([user], daemon.registry.user_clients[user])
+        user_count.add_metric([user], daemon.registry.user_clients.get(user, 0))
         user_limit.add_metric([user], settings.max_user_client_connections_for(user))
     yield user_count
     yield user_limit

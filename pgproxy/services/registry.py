@@ -55,8 +55,10 @@ class PoolRegistry:
         self.statement_registry = Registry()  # named prepared statements, proxy-wide
         self.clients: set[ClientConn] = set()
         # Logged-in clients per database and per user (max_db/user_client_connections).
-        self.db_clients: Counter[str] = Counter()
-        self.user_clients: Counter[str] = Counter()
+        # Plain dicts read with .get(name, 0): compiled, a Counter's item access is a
+        # generic call through its Python class.
+        self.db_clients: dict[str, int] = {}
+        self.user_clients: dict[str, int] = {}
         self.login_failures: Counter[LoginFailureReason] = Counter()  # failed logins, by reason
         self.login_timeouts = 0  # of which client_login_timeout
         self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
@@ -223,12 +225,12 @@ class PoolRegistry:
                 shared.give_back(db_slot, index)
                 return "client connections exceeded (max_user_client_connections)"
         else:
-            if 0 < db_limit <= self.db_clients[database]:
+            if 0 < db_limit <= self.db_clients.get(database, 0):
                 return "client connections exceeded (max_db_client_connections)"
-            if 0 < user_limit <= self.user_clients[user]:
+            if 0 < user_limit <= self.user_clients.get(user, 0):
                 return "client connections exceeded (max_user_client_connections)"
-        self.db_clients[database] += 1
-        self.user_clients[user] += 1
+        self.db_clients[database] = self.db_clients.get(database, 0) + 1
+        self.user_clients[user] = self.user_clients.get(user, 0) + 1
         return None
 
     def client_left(self, database: str, user: str) -> None:

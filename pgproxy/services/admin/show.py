@@ -196,7 +196,7 @@ def show_databases(daemon: Daemon) -> Table:
     rows: list[list[Value]] = [
         [ADMIN_DB, None, settings.listen_port, ADMIN_DB, "pgbouncer", 2, 0, 0,
          int(settings.server_lifetime), "statement", None, 0, 0,
-         settings.max_db_client_connections, daemon.registry.db_clients[ADMIN_DB], 0, 0]
+         settings.max_db_client_connections, daemon.registry.db_clients.get(ADMIN_DB, 0), 0, 0]
     ]  # fmt: skip
     names = [name for name in settings.databases if name != "*"]
     # Databases served through the '*' entry appear once a client used them (PgBouncer).
@@ -218,7 +218,7 @@ def show_databases(daemon: Daemon) -> Table:
             entry.pool_mode, entry.load_balance_hosts if "," in entry.host else None,
             settings.max_db_connections_for(entry),
             budget.used if budget else 0, settings.client_limits_for(entry, "")[0],
-            daemon.registry.db_clients[name], int(flags.paused), int(flags.disabled),
+            daemon.registry.db_clients.get(name, 0), int(flags.paused), int(flags.disabled),
         ])  # fmt: skip
     return cols, rows
 
@@ -249,7 +249,7 @@ def show_users(daemon: Daemon) -> Table:
             f"{reserve:9d}" if reserve is not None else None,
             entry.pool_mode if entry is not None else None,
             settings.max_user_connections_for(name), budget.used if budget else 0,
-            client_limit, daemon.registry.user_clients[name],
+            client_limit, daemon.registry.user_clients.get(name, 0),
         ])  # fmt: skip
     return cols, rows
 
