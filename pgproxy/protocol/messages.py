@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import struct
 
+from pgproxy.protocol.framing import int32_at
+
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 _HEADER = struct.Struct("!cI")
@@ -192,7 +194,7 @@ def error_response_in(chunk: bytes) -> bool:
     found = False
     while position + 5 <= len(chunk):
         found = found or chunk[position] == 0x45  # 'E'
-        length = _INT32.unpack_from(chunk, position + 1)[0]
+        length = int32_at(chunk, position + 1)
         if length < 4:
             return False
         position += 1 + length

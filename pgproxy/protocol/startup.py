@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pgproxy.protocol import codes
+from pgproxy.protocol.framing import int32_at
 from pgproxy.protocol.messages import from_wire
 
 CANCEL_REQUEST_CODE: Final = 80877102
@@ -88,17 +89,6 @@ class StartupMessage:
 StartupPacket = SSLRequest | GSSEncRequest | CancelRequest | StartupMessage
 
 
-def _int32_at(buffer: bytes, position: int) -> int:
-    """The unsigned big-endian 32-bit integer at ``position`` (byte by byte: compiled, a
-    few instructions, where struct builds a tuple)."""
-    return (
-        buffer[position] << 24
-        | buffer[position + 1] << 16
-        | buffer[position + 2] << 8
-        | buffer[position + 3]
-    )
-
-
 def _bad_header(buffer: bytes) -> StartupError:
     # PgBouncer's wording, with the first bytes in hex so an operator can tell what arrived.
     return StartupError(codes.PROTOCOL_VIOLATION, f"bad packet header: '{buffer[:8].hex()}'")
@@ -138,12 +128,12 @@ def parse_startup(buffer: bytes) -> tuple[StartupPacket, int] | None:
     """Parse the packet at the start of ``buffer``; None if it is not complete yet."""
     if len(buffer) < 4:
         return None
-    length = _int32_at(buffer, 0)
+    length = int32_at(buffer, 0)
     if length < 8 or length > MAX_STARTUP_PACKET:
         raise _bad_header(buffer)
     if len(buffer) < 8:
         return None
-    code = _int32_at(buffer, 4)
+    code = int32_at(buffer, 4)
     if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
         if length != 8:
             raise _bad_header(buffer)
@@ -153,7 +143,7 @@ def parse_startup(buffer: bytes) -> tuple[StartupPacket, int] | None:
             raise _bad_header(buffer)
         if len(buffer) < length:
             return None
-        process_id = _int32_at(buffer, 8)
+        process_id = int32_at(buffer, 8)
         return CancelRequest(process_id, bytes(buffer[12:length])), length
     major, minor = code >> 16, code & 0xFFFF
     if major != 3:
