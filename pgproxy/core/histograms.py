@@ -35,13 +35,12 @@ class Histogram:
     made or kept), cheaper than appending the value to a list to sort later.
     """
 
-    __slots__ = ("_last", "bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds: tuple[float, ...] = tuple(bounds)
         self.counts: list[int] = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
-        self._last = len(self.bounds)  # the index of +Inf
 
     def observe(self, value: float) -> None:
         """Count one observation (seconds) in its bucket: the first whose upper bound is at
@@ -49,7 +48,7 @@ class Histogram:
         # A linear walk from the smallest bucket rather than a bisection: almost every
         # observation falls in the first few buckets.
         bounds = self.bounds
-        last = self._last
+        last = len(bounds)  # the index of +Inf
         index = 0
         while index < last and bounds[index] < value:
             index += 1
