@@ -228,8 +228,9 @@ class ClientHost(Protocol):
 class ClientConn(LinkedClient):
     """One application connection."""
 
-    def __init__(self, host: ClientHost) -> None:
+    def __init__(self, host: ClientHost, unix: bool = False) -> None:
         self.host = host
+        self.unix = unix  # accepted on the Unix socket
         self.id = next_connection_id()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = STARTUP
@@ -263,7 +264,7 @@ class ClientConn(LinkedClient):
         self.idle_requests = 0
         self.idle_since = 0.0
         self.connected_at = 0.0
-        self.address = ""  # ip:port or unix(pid), for logs
+        self._address: str | None = None  # see ``address``
         self.replication: ReplicationMode = "none"
         self.replication_slot: asyncio.Semaphore | None = None  # held while relaying
         self.close_reason = ""  # why pgproxy ended it (log_disconnections)
@@ -284,14 +285,22 @@ class ClientConn(LinkedClient):
         self.connected_at = time.monotonic()
         self.host.registry.clients.add(self)
         self.host.registry.clients_changed()
-        peer = transport.get_extra_info("peername")
-        if not isinstance(peer, tuple):
+        if self.unix:
             self._read_peer_credentials()
-            self.address = f"unix({self.peer_pid})" if self.peer_pid else "unix"
-        else:
-            # (Its keepalive options came from the listening socket: sockopts.)
-            host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
-            self.address = f"{host}:{peer[1]}"
+        # (A TCP client's keepalive options came from the listening socket: sockopts.)
+
+    @property
+    def address(self) -> str:
+        """``ip:port`` or ``unix(pid)``, for logs: made at the first log line that needs
+        it, not per login (the transport keeps the peer's address after the close)."""
+        if self._address is None:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            if isinstance(peer, tuple):
+                host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+                self._address = f"{host}:{peer[1]}"
+            else:
+                self._address = f"unix({self.peer_pid})" if self.peer_pid else "unix"
+        return self._address
 
     def _read_peer_credentials(self) -> None:
         sock = self.transport.get_extra_info("socket")

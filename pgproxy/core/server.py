@@ -92,7 +92,6 @@ class LinkedClient(asyncio.Protocol):
     id: int
     user: str
     database: str
-    address: str
     transport: asyncio.Transport
     scan: FrontendScanner
     params: tracked.ParamValues
@@ -112,6 +111,11 @@ class LinkedClient(asyncio.Protocol):
 
     @property
     def application_name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        """ip:port or unix(pid), for logs."""
         raise NotImplementedError
 
     def describe(self) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.client_auth import ClientAuthenticator, Secret, failure_message
@@ -145,6 +145,8 @@ class Authenticated:
 Action = (
     Send | StartTls | DirectTls | ForwardCancel | Refuse | Startup | LookUpSecret | Authenticated
 )
+_NO_ENCRYPTION: Final = Send(b"N")  # the answer to an SSLRequest or a GSSENCRequest
+_TRUSTED: Final = Authenticated(None)  # (the action of every trust login)
 
 
 @dataclass(slots=True)
@@ -176,12 +178,24 @@ class LoginFacts:
         self.channel_binding = channel_binding
 
 
+# The phases as compiled-in constants: mypyc reads a Final name from a C static, while
+# ``Phase.X`` is an attribute lookup on the enum class at every use.
+_ADMISSION: Final = Phase.ADMISSION
+_CHECKS: Final = Phase.CHECKS
+_DONE: Final = Phase.DONE
+_ENDED: Final = Phase.ENDED
+_LOOKUP: Final = Phase.LOOKUP
+_PASSWORD: Final = Phase.PASSWORD
+_STARTUP: Final = Phase.STARTUP
+_TLS: Final = Phase.TLS
+
+
 class ClientLogin:
     """One client's login, from its first byte to its welcome."""
 
     def __init__(self, *, tls_offered: bool) -> None:
         """``tls_offered``: pgproxy has a TLS context for clients."""
-        self.phase = Phase.STARTUP
+        self.phase = _STARTUP
         self.tls = False  # the connection is encrypted
         self._tls_offered = tls_offered
         self._buffer = bytearray()
@@ -193,16 +207,16 @@ class ClientLogin:
     def receive(self, data: bytes) -> list[Action]:
         """Bytes from the client, before it is logged in."""
         self._buffer += data
-        if self.phase is Phase.STARTUP:
+        if self.phase is _STARTUP:
             return self._startup_packets()
-        if self.phase is Phase.PASSWORD:
+        if self.phase is _PASSWORD:
             return self._password_messages()
         return []  # (kept: pipelined behind the login, or ignored once it ended)
 
     def tls_established(self) -> list[Action]:
         """The handshake that StartTls or DirectTls asked for is done."""
         self.tls = True
-        self.phase = Phase.STARTUP
+        self.phase = _STARTUP
         return self._startup_packets()
 
     def choose(self, user: str, facts: LoginFacts) -> list[Action]:
@@ -215,11 +229,11 @@ class ClientLogin:
         self._user, self._facts = user, facts
         if facts.method != "trust":
             if facts.secret is None and facts.auth_query:
-                self.phase = Phase.LOOKUP
+                self.phase = _LOOKUP
                 return [LookUpSecret()]
             return self._authenticate(facts.secret)
         if facts.known is None:  # auth_query says (trust: no password asked after it)
-            self.phase = Phase.LOOKUP
+            self.phase = _LOOKUP
             return [LookUpSecret()]
         if not facts.known:
             self.refused()
@@ -238,24 +252,24 @@ class ClientLogin:
         facts = self._facts
         assert facts is not None
         if facts.method == "trust":
-            self.phase = Phase.ADMISSION
-            return [Authenticated(None)]
+            self.phase = _ADMISSION
+            return [_TRUSTED]
         self._auth = ClientAuthenticator(
             facts.method, self._user, secret, facts.iterations,
             facts.channel_binding if self.tls else None,
         )  # fmt: skip
-        self.phase = Phase.PASSWORD
+        self.phase = _PASSWORD
         return [Send(self._auth.start()), *self._password_messages()]
 
     def refused(self) -> None:
         """The caller ended the login (a check failed)."""
-        self.phase = Phase.ENDED
+        self.phase = _ENDED
         self._auth = None
 
     def welcome(self, parameter_statuses: bytes, cancel_key: tuple[int, bytes]) -> bytes:
         """What a client admitted to a pool or the console is told: AuthenticationOk, the
         ParameterStatus messages, its cancel key (BackendKeyData), ReadyForQuery idle."""
-        assert self.phase is Phase.ADMISSION
+        assert self.phase is _ADMISSION
         return b"".join(
             (
                 messages.AUTHENTICATION_OK,
@@ -268,7 +282,7 @@ class ClientLogin:
     def logged_in(self) -> bytes:
         """The welcome is sent: from now on the caller reads the client's bytes itself.
         Returns what the client sent behind its login (its first query, say)."""
-        self.phase = Phase.DONE
+        self.phase = _DONE
         early = bytes(self._buffer)
         self._buffer.clear()
         return early
@@ -279,16 +293,16 @@ class ClientLogin:
         buffer = self._buffer
         if self._tls_offered and not self.tls and buffer[:1] == _TLS_HANDSHAKE:
             # (Without TLS a ClientHello is garbage like any other: 08P01 below.)
-            self.phase = Phase.TLS
+            self.phase = _TLS
             hello = bytes(buffer)
             buffer.clear()
             return [DirectTls(hello)]
         actions: list[Action] = []
-        while self.phase is Phase.STARTUP:
+        while self.phase is _STARTUP:
             try:
                 result = parse_startup(bytes(buffer))
             except StartupError as exc:
-                self.phase = Phase.ENDED
+                self.phase = _ENDED
                 actions.append(Refuse(exc.sqlstate, exc.message))
                 break
             if result is None:
@@ -299,21 +313,21 @@ class ClientLogin:
                 if buffer:
                     # Bytes sent before the handshake would be read as if they came
                     # through TLS.
-                    self.phase = Phase.ENDED
+                    self.phase = _ENDED
                     actions.append(
                         Refuse(codes.PROTOCOL_VIOLATION, "unexpected data after SSLRequest")
                     )
                     break
-                self.phase = Phase.TLS
+                self.phase = _TLS
                 actions += [Send(b"S"), StartTls()]
             elif isinstance(packet, (SSLRequest, GSSEncRequest)):
                 # (A tuple, not ``A | B``: compiled, two type checks, no union built.)
-                actions.append(Send(b"N"))
+                actions.append(_NO_ENCRYPTION)
             elif isinstance(packet, CancelRequest):
-                self.phase = Phase.ENDED
+                self.phase = _ENDED
                 actions.append(ForwardCancel(packet.process_id, packet.secret_key))
             elif isinstance(packet, StartupMessage):
-                self.phase = Phase.CHECKS
+                self.phase = _CHECKS
                 self.startup = packet
                 actions.append(Startup(packet))
         return actions
@@ -346,6 +360,6 @@ class ClientLogin:
                 break
             if outcome is True:
                 self._auth = None
-                self.phase = Phase.ADMISSION
+                self.phase = _ADMISSION
                 actions.append(Authenticated(auth.credential))
         return actions

@@ -88,6 +88,10 @@ class StartupMessage:
 
 StartupPacket = SSLRequest | GSSEncRequest | CancelRequest | StartupMessage
 
+# (One of each for every connection: they hold nothing.)
+_SSL_REQUEST: Final = SSLRequest()
+_GSSENC_REQUEST: Final = GSSEncRequest()
+
 
 def _bad_header(buffer: bytes) -> StartupError:
     # PgBouncer's wording, with the first bytes in hex so an operator can tell what arrived.
@@ -137,7 +141,7 @@ def parse_startup(buffer: bytes) -> tuple[StartupPacket, int] | None:
     if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
         if length != 8:
             raise _bad_header(buffer)
-        return (SSLRequest() if code == SSL_REQUEST_CODE else GSSEncRequest()), 8
+        return (_SSL_REQUEST if code == SSL_REQUEST_CODE else _GSSENC_REQUEST), 8
     if code == CANCEL_REQUEST_CODE:
         if length < 16 or length > 12 + MAX_CANCEL_KEY:
             raise _bad_header(buffer)

@@ -38,6 +38,7 @@ class Credentials:
         self.client_tls_binding = _binding(settings, self.client_tls)
         self.server_tls: ServerTls = server_tls(settings)
         self.hba: HbaRules | None = hba_rules(settings)
+        self._known_users = _known_users(settings)
 
     def reload(self, settings: Settings, *, one_tls_key: str | None = None) -> None:
         """Read what the settings point at: client secrets (the auth_file's, then each
@@ -62,6 +63,7 @@ class Credentials:
         self.secrets, self.client_tls, self.server_tls = secrets, tls_for_clients, tls_for_servers
         self.client_tls_binding, self.hba = binding, hba
         self.settings = settings
+        self._known_users = _known_users(settings)
         self.auth_query.clear()
 
     def secret_for(self, user: str) -> Secret | None:
@@ -102,12 +104,10 @@ class Credentials:
         [users]) or a database's forced user; None when auth_query must tell; False for
         anyone else. Without an auth_file or auth_user, every user is known (pgproxy
         lets any user name in then; PgBouncer would know none)."""
-        settings = self.settings
-        if user in self.secrets or (not settings.auth_file and not settings.auth_user):
+        known = self._known_users
+        if user in self.secrets or known is None or user in known:
             return True
-        if any(entry.user == user for entry in settings.databases.values()):
-            return True
-        return None if settings.auth_user_for(database) is not None else False
+        return None if self.settings.auth_user_for(database) is not None else False
 
     async def lookup_secret(self, database: str, user: str) -> Secret | None:
         """``user``'s secret through auth_query; None for an expired user, UNKNOWN_USER
@@ -116,6 +116,14 @@ class Credentials:
         auth_secret = self.secrets.get(auth_user) if auth_user else None
         password = auth_secret.value if auth_secret and auth_secret.kind == "plain" else None
         return await self.auth_query.lookup(self.settings, database, user, password)
+
+
+def _known_users(settings: Settings) -> frozenset[str] | None:
+    """Besides the users with a secret, who ``knows_user`` knows: the databases' forced
+    users; None for everyone (no auth_file and no auth_user)."""
+    if not settings.auth_file and not settings.auth_user:
+        return None
+    return frozenset(entry.user for entry in settings.databases.values() if entry.user)
 
 
 def client_secrets(settings: Settings) -> dict[str, Secret]:

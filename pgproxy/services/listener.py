@@ -112,7 +112,10 @@ async def _bind(host: ClientHost, listeners: list[asyncio.Server], socket_path: 
             )
         )
     if socket_path is not None:
-        listeners.append(await loop.create_unix_server(factory, path=socket_path, backlog=BACKLOG))
+        unix_factory = functools.partial(ClientConn, host, True)
+        listeners.append(
+            await loop.create_unix_server(unix_factory, path=socket_path, backlog=BACKLOG)
+        )
         set_socket_access(socket_path, settings)
 
 
@@ -120,5 +123,5 @@ async def listen_on(host: ClientHost, sock: socket.socket) -> asyncio.Server:
     """Serve clients on a listening socket bound by someone else (the workers'
     supervisor binds the Unix socket once for all of them)."""
     loop = asyncio.get_running_loop()
-    factory = functools.partial(ClientConn, host)
+    factory = functools.partial(ClientConn, host, True)
     return await loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)

@@ -62,8 +62,11 @@ class PoolRegistry:
         self.login_failures: Counter[LoginFailureReason] = Counter()  # failed logins, by reason
         self.login_timeouts = 0  # of which client_login_timeout
         self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
-        # client_rules' answers under the current settings (each login asks for them).
+        # client_rules' and pool_for's answers under the current settings (each login
+        # asks for both; pool_for's own lookup goes through the settings model, interpreted).
         self._client_rules: dict[tuple[str, str], ClientRules] = {}
+        self._login_pools: dict[tuple[str, str], Pool] = {}
+        self._peer_id = settings.peer_id  # (cancel keys)
         self._cancel_tasks: set[asyncio.Future[None]] = set()  # forwards to peers
 
     def logged_in_clients(self) -> Iterator[ClientConn]:
@@ -87,6 +90,9 @@ class PoolRegistry:
 
     def pool_for(self, database: str, user: str) -> Pool | None:
         """The pool serving ``user`` on ``database``; None if no entry serves the database."""
+        pool = self._login_pools.get((database, user))
+        if pool is not None:
+            return pool
         entry = self.settings.database(database)
         if entry is None:
             return None
@@ -96,6 +102,9 @@ class PoolRegistry:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = self._new_pool(entry, database, server_user)
+        if len(self._login_pools) >= CLIENT_RULES_KEPT:
+            self._login_pools.clear()
+        self._login_pools[database, user] = pool
         return pool
 
     def _new_pool(self, entry: DatabaseConfig, database: str, server_user: str) -> Pool:
@@ -163,6 +172,8 @@ class PoolRegistry:
         tls_changed = _server_tls_settings(self.settings) != _server_tls_settings(settings)
         self.settings = settings
         self._client_rules.clear()
+        self._login_pools.clear()
+        self._peer_id = settings.peer_id
         for client in self.logged_in_clients():
             console = client.console is not None
             rules = None if console else self.client_rules(client.database, client.user)
@@ -263,7 +274,7 @@ class PoolRegistry:
     def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
         """A fresh random (process id, secret) for ``client``; never a server's key."""
         while True:
-            key = cancel.new_key(self.settings.peer_id)
+            key = cancel.new_key(self._peer_id)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key

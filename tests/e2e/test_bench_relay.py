@@ -1,5 +1,5 @@
 """bench/relay.py, the floor the benchmark compares pgproxy with, really relays: several
-processes accept on one port, each session reaches PostgreSQL, SIGTERM stops them all."""
+processes accept on one port, each session reaches PostgreSQL, a server outlives its session, SIGTERM stops them all."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def test_relay_serves_sessions_from_every_process(pg: EmbeddedPostgres) -> None:
             time.sleep(0.05)
         assert len(children) == 1, "the relay did not fork its second process"
         dsn = f"host=127.0.0.1 port={port} dbname=appdb user=app password=app-secret"
-        backends = set()
-        for _ in range(100):  # bounded: until a connection lands on each process
+        backends: list[int] = []
+        for _ in range(100):  # bounded: twenty sessions, one after the other
             try:
                 with psycopg.connect(dsn, connect_timeout=5) as conn:
                     row = conn.execute("SELECT pg_backend_pid(), 6 * 7").fetchone()
@@ -41,10 +41,17 @@ def test_relay_serves_sessions_from_every_process(pg: EmbeddedPostgres) -> None:
                 time.sleep(0.1)  # the second process may not be listening yet
                 continue
             assert row is not None and row[1] == 42
-            backends.add(row[0])
-            if len(backends) >= 8:
+            backends.append(row[0])
+            if len(backends) >= 20:
                 break
-        assert len(backends) >= 8  # a PostgreSQL session per client connection
+        assert len(backends) >= 20
+        # A server outlives its session: each process keeps its one for the next client.
+        assert 1 <= len(set(backends)) <= 2, backends
+        # Sessions at the same time each get their own server.
+        with psycopg.connect(dsn) as first, psycopg.connect(dsn) as second:
+            one = first.execute("SELECT pg_backend_pid()").fetchone()
+            other = second.execute("SELECT pg_backend_pid()").fetchone()
+        assert one is not None and other is not None and one[0] != other[0]
         # Which process accepted is the kernel's choice; both must be listening.
         listening = subprocess.run(
             ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True
