@@ -1,5 +1,6 @@
 """bench/relay.py, the floor the benchmark compares pgproxy with, really relays: several
-processes accept on one port, each session reaches PostgreSQL, a server outlives its session, SIGTERM stops them all."""
+processes accept on one port, each session reaches PostgreSQL, a server outlives its
+session, SIGTERM stops them all."""
 
 from __future__ import annotations
 
