@@ -28,11 +28,21 @@ _KEY_BITS: Final = (1 << _FORWARD_SHIFT) - 1  # the key without its forward coun
 # must not hand out its parent's keys.
 _KEY_BYTES: Final = 6  # 2 for the process id's random bits, 4 for the secret
 _BATCH: Final = 4096 // _KEY_BYTES * _KEY_BYTES
-_random: Final = bytearray()
+
+
+class _RandomBytes:
+    """A batch of random bytes and how many are used (native fields when compiled)."""
+
+    def __init__(self) -> None:
+        self.batch = b""
+        self.used = 0
+
+
+_random: Final = _RandomBytes()
 
 
 def _forget_random() -> None:
-    _random.clear()
+    _random.batch, _random.used = b"", 0
 
 
 os.register_at_fork(after_in_child=_forget_random)
@@ -40,11 +50,13 @@ os.register_at_fork(after_in_child=_forget_random)
 
 def new_key(peer_id: int) -> tuple[int, bytes]:
     """A fresh (process id, secret) issued by the process ``peer_id``."""
-    if not _random:
-        _random.extend(secrets.token_bytes(_BATCH))
-    raw = bytes(_random[-_KEY_BYTES:])
-    del _random[-_KEY_BYTES:]
-    return (peer_id << _PEER_SHIFT) | (raw[0] << 8 | raw[1]), raw[2:]
+    if _random.used >= len(_random.batch):
+        _random.batch, _random.used = secrets.token_bytes(_BATCH), 0
+    batch, at = _random.batch, _random.used
+    _random.used = at + _KEY_BYTES
+    return (peer_id << _PEER_SHIFT) | (batch[at] << 8 | batch[at + 1]), batch[
+        at + 2 : at + _KEY_BYTES
+    ]
 
 
 @dataclass(frozen=True, slots=True)

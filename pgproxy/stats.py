@@ -7,7 +7,6 @@ averages over the window from the older of the last two snapshots to now, as PgB
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -38,20 +37,29 @@ def login_failure_reason(sqlstate: str) -> LoginFailureReason:
 
 USEC: Final = 1_000_000
 
+
+class _Ids:
+    """The last connection id given out (a native field in the compiled build, where a
+    module-level itertools.count would be a globals lookup and a generic call per id)."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+
 # Clients and servers share one sequence of ids (SHOW CLIENTS/SERVERS "id", KILL_CLIENT).
-_connection_ids = itertools.count(1)
+_IDS: Final = _Ids()
 
 
 def set_connection_id_base(base: int) -> None:
     """Number connections from ``base`` on (each worker its own range: ids stay unique in
     a console that shows every worker)."""
-    global _connection_ids
-    _connection_ids = itertools.count(base + 1)
+    _IDS.last = base
 
 
 def next_connection_id() -> int:
     """A new connection id, unique within this process."""
-    return next(_connection_ids)
+    _IDS.last += 1
+    return _IDS.last
 
 
 class PoolStats:

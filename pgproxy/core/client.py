@@ -89,30 +89,37 @@ CLOSE_GRACE: Final = 2.0
 _DEFAULT_TIMEOUTS: Final = ClientTimeouts()
 
 
-class LoginCredentials(Protocol):
+# The services a login calls are base classes rather than typing.Protocols, as
+# LinkedClient is (pgproxy.core.server): compiled, a call through a class mypyc knows goes
+# through its vtable, while a call on a Protocol-typed object costs a method lookup by
+# name and Python's argument parsing, a dozen times per login. Each has one subclass, in
+# pgproxy.services.
+
+
+class LoginCredentials:
     """What a login checks a client against (pgproxy.services.credentials)."""
 
-    @property
-    def client_tls(self) -> ssl.SSLContext | None: ...  # None: no TLS for clients
+    client_tls: ssl.SSLContext | None  # None: no TLS for clients
+    client_tls_binding: bytes | None  # SCRAM-SHA-256-PLUS data
+    hba: HbaRules | None
 
-    @property
-    def client_tls_binding(self) -> bytes | None: ...  # SCRAM-SHA-256-PLUS data
+    def secret_for(self, user: str) -> Secret | None:
+        raise NotImplementedError
 
-    @property
-    def hba(self) -> HbaRules | None: ...
+    def knows_user(self, database: str, user: str) -> bool | None:
+        raise NotImplementedError
 
-    def secret_for(self, user: str) -> Secret | None: ...
+    async def lookup_secret(self, database: str, user: str) -> Secret | None:
+        raise NotImplementedError
 
-    def knows_user(self, database: str, user: str) -> bool | None: ...
+    def auth_database_problem(self, database: str) -> str | None:
+        raise NotImplementedError
 
-    async def lookup_secret(self, database: str, user: str) -> Secret | None: ...
-
-    def auth_database_problem(self, database: str) -> str | None: ...
-
-    def remember(self, user: str, credential: Credential) -> None: ...
+    def remember(self, user: str, credential: Credential) -> None:
+        raise NotImplementedError
 
 
-class ClientRegistry(Protocol):
+class ClientRegistry:
     """Where a client finds its pool, is counted in and out, and gets its cancel key
     (pgproxy.services.registry)."""
 
@@ -120,25 +127,34 @@ class ClientRegistry(Protocol):
     login_failures: Counter[LoginFailureReason]
     login_timeouts: int
 
-    def pool_for(self, database: str, user: str) -> Pool | None: ...
+    def pool_for(self, database: str, user: str) -> Pool | None:
+        raise NotImplementedError
 
-    def client_rules(self, database: str, user: str) -> ClientRules | None: ...
+    def client_rules(self, database: str, user: str) -> ClientRules | None:
+        raise NotImplementedError
 
     def admit_client(
         self, database: str, user: str, *, console: bool = False, exempt: bool = False
-    ) -> str | None: ...
+    ) -> str | None:
+        raise NotImplementedError
 
-    def client_left(self, database: str, user: str) -> None: ...
+    def client_left(self, database: str, user: str) -> None:
+        raise NotImplementedError
 
-    def client_count(self) -> int: ...
+    def client_count(self) -> int:
+        raise NotImplementedError
 
-    def clients_changed(self) -> None: ...
+    def clients_changed(self) -> None:
+        raise NotImplementedError
 
-    def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]: ...
+    def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
+        raise NotImplementedError
 
-    def forget_cancel_key(self, key: tuple[int, bytes]) -> None: ...
+    def forget_cancel_key(self, key: tuple[int, bytes]) -> None:
+        raise NotImplementedError
 
-    def forward_cancel(self, process_id: int, secret_key: bytes) -> None: ...
+    def forward_cancel(self, process_id: int, secret_key: bytes) -> None:
+        raise NotImplementedError
 
 
 class ConsoleSession(Protocol):
@@ -170,14 +186,16 @@ class ConsoleDoor(Protocol):
     def open(self, client: ClientConn, *, local_admin: bool, peer: bool) -> ConsoleSession: ...
 
 
-class DatabaseGate(Protocol):
+class DatabaseGate:
     """Whether new clients are taken: a shutdown under way, a disabled database
     (pgproxy.services.pause_state)."""
 
     @property
-    def shutting_down(self) -> bool: ...
+    def shutting_down(self) -> bool:
+        raise NotImplementedError
 
-    def is_disabled(self, database: str) -> bool: ...
+    def is_disabled(self, database: str) -> bool:
+        raise NotImplementedError
 
 
 # client_tls_sslmode values that refuse a TCP client without TLS.
@@ -230,6 +248,10 @@ class ClientConn(LinkedClient):
 
     def __init__(self, host: ClientHost, unix: bool = False) -> None:
         self.host = host
+        # The host's services, held here: each login calls them a dozen times.
+        self.registry: ClientRegistry = host.registry
+        self.credentials: LoginCredentials = host.credentials
+        self.pauses: DatabaseGate = host.pauses
         self.unix = unix  # accepted on the Unix socket
         self.id = next_connection_id()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -243,7 +265,7 @@ class ClientConn(LinkedClient):
         self.to_console = False  # its startup packet names the console's database
         self._settings: dict[str, str] = {}  # tracked settings from the startup packet
         # The login's state machine (sans-I/O), with the TLS context it may offer.
-        self._tls_context = host.credentials.client_tls
+        self._tls_context = self.credentials.client_tls
         self._login = ClientLogin(tls_offered=self._tls_context is not None)
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
@@ -283,8 +305,8 @@ class ClientConn(LinkedClient):
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.connected_at = time.monotonic()
-        self.host.registry.clients.add(self)
-        self.host.registry.clients_changed()
+        self.registry.clients.add(self)
+        self.registry.clients_changed()
         if self.unix:
             self._read_peer_credentials()
         # (A TCP client's keepalive options came from the listening socket: sockopts.)
@@ -423,12 +445,12 @@ class ClientConn(LinkedClient):
             age = time.monotonic() - self.connected_at
             log.info("%s closing because: %s (age=%ds)", self.describe(), reason, age)
         self.state = CLOSED
-        self.host.registry.clients.discard(self)
-        self.host.registry.clients_changed()
+        self.registry.clients.discard(self)
+        self.registry.clients_changed()
         if self.admitted:
-            self.host.registry.client_left(self.database, self.user)
+            self.registry.client_left(self.database, self.user)
         if self.cancel_key is not None:
-            self.host.registry.forget_cancel_key(self.cancel_key)
+            self.registry.forget_cancel_key(self.cancel_key)
         if self.scan.statements is not None:
             unsent = [plan for plan in self._pending if not isinstance(plan, bytes)]
             self.scan.statements.release(unsent)
@@ -505,7 +527,7 @@ class ClientConn(LinkedClient):
         if self.closed or self.transport.is_closing():
             return
         if not self.logged_in:
-            self.host.registry.login_failures[reason or login_failure_reason(sqlstate)] += 1
+            self.registry.login_failures[reason or login_failure_reason(sqlstate)] += 1
         if self.host.settings.log_pooler_errors:
             # PgBouncer's log_pooler_errors: an error pgproxy itself sends is a problem to
             # look at, except the goodbye of a shutdown.
@@ -589,7 +611,7 @@ class ClientConn(LinkedClient):
                 self._login_task = loop.create_task(self._look_up_secret())
             elif isinstance(action, Authenticated):
                 if action.credential is not None:
-                    self.host.credentials.remember(self.user, action.credential)
+                    self.credentials.remember(self.user, action.credential)
                 self._after_auth()
             elif isinstance(action, Refuse):
                 if action.log is not None:
@@ -601,7 +623,7 @@ class ClientConn(LinkedClient):
             elif isinstance(action, DirectTls):
                 self._direct_tls(action.hello)
             elif isinstance(action, ForwardCancel):
-                self.host.registry.forward_cancel(action.process_id, action.secret_key)
+                self.registry.forward_cancel(action.process_id, action.secret_key)
                 self._leave()
 
     def _direct_tls(self, hello_bytes: bytes) -> None:
@@ -708,7 +730,7 @@ class ClientConn(LinkedClient):
                 return
         if startup.minor_version > 0 or startup.protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
-        if self.host.registry.client_count() > settings.max_client_conn:
+        if self.registry.client_count() > settings.max_client_conn:
             self.fatal(
                 codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)",
                 reason="limit_reached",
@@ -743,25 +765,25 @@ class ClientConn(LinkedClient):
         password = method != "trust"
         facts = LoginFacts(
             method=method,
-            secret=self.host.credentials.secret_for(user) if password else None,
+            secret=self.credentials.secret_for(user) if password else None,
             # (For the console, auth_query runs in the global auth_dbname; without one,
             # PgBouncer's "bouncer config error": see auth_database_problem. Under trust,
             # ``known`` says whether auth_query must be asked; this flag is not read.)
             auth_query=password and self.host.settings.auth_user_for(self.database) is not None,
-            known=True if trusted else self.host.credentials.knows_user(self.database, user),
+            known=True if trusted else self.credentials.knows_user(self.database, user),
             iterations=settings.scram_iterations,
-            channel_binding=self.host.credentials.client_tls_binding,
+            channel_binding=self.credentials.client_tls_binding,
         )
         self._act(self._login.choose(user, facts))
 
     async def _look_up_secret(self) -> None:
         """auth_query, then the password exchange (none under trust)."""
-        problem = self.host.credentials.auth_database_problem(self.database)
+        problem = self.credentials.auth_database_problem(self.database)
         if problem is not None:
             self.fatal(codes.INVALID_AUTHORIZATION, problem)
             return
         try:
-            secret = await self.host.credentials.lookup_secret(self.database, self.user)
+            secret = await self.credentials.lookup_secret(self.database, self.user)
         except AuthQueryError as exc:
             self.fatal(codes.CONNECTION_FAILURE, exc.client_message)
             return
@@ -803,7 +825,7 @@ class ClientConn(LinkedClient):
     def _hba_method(self) -> PasswordMethod | Literal["trust"] | None:
         """auth_type = hba: the method of the first matching rule, after its own checks
         (reject, cert, peer); None when the client has been refused."""
-        rules = self.host.credentials.hba
+        rules = self.credentials.hba
         assert rules is not None
         peer = self.transport.get_extra_info("peername")
         method = login_method(
@@ -823,29 +845,29 @@ class ClientConn(LinkedClient):
         if self.to_console:
             self._console_login(startup)
             return
-        if self.host.pauses.shutting_down:
+        if self.pauses.shutting_down:
             self.fatal(codes.PROTOCOL_VIOLATION, "pooler is shutting down")
             return
-        pool = self.host.registry.pool_for(self.database, user)
+        pool = self.registry.pool_for(self.database, user)
         if pool is None:
             self.fatal(
                 codes.PROTOCOL_VIOLATION, f"no such database: {self.database}",
                 reason="no_such_database",
             )  # fmt: skip
             return
-        if self.host.pauses.is_disabled(self.database):
+        if self.pauses.is_disabled(self.database):
             self.fatal(codes.PROTOCOL_VIOLATION, f'database "{self.database}" is disabled')
             return
-        rules = self.host.registry.client_rules(self.database, user)
+        rules = self.registry.client_rules(self.database, user)
         if rules is not None:
             self.timeouts = rules.timeouts
-        refusal = self.host.registry.admit_client(self.database, user)
+        refusal = self.registry.admit_client(self.database, user)
         if refusal is not None:
             self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
             return
         self.admitted = True
         if self.replication != "none":
-            self.cancel_key = self.host.registry.register_cancel_key(self)
+            self.cancel_key = self.registry.register_cancel_key(self)
             if self.host.login_settings.log_connections:
                 log.info("%s login: replication=%s", self.describe(), self.replication)
             self._login_task = asyncio.get_running_loop().create_task(
@@ -907,7 +929,7 @@ class ClientConn(LinkedClient):
         # Another worker of this pgproxy asking for this worker's own rows (workers = N).
         peer = local_admin and self.host.consoles.is_peer(startup.params.get("application_name"))
         if not peer:
-            refusal = self.host.registry.admit_client(
+            refusal = self.registry.admit_client(
                 self.host.consoles.name, self.user, console=True, exempt=local_admin
             )
             if refusal is not None:
@@ -918,7 +940,7 @@ class ClientConn(LinkedClient):
         self.console = self.host.consoles.open(self, local_admin=local_admin, peer=peer)
         if self.host.login_settings.log_connections and not peer:
             log.info("%s login: console, tls=%s", self.describe(), "yes" if self.tls else "no")
-        self.cancel_key = self.host.registry.register_cancel_key(self)
+        self.cancel_key = self.registry.register_cancel_key(self)
         statuses = [messages.parameter_status("server_version", f"{__version__}/pgproxy")]
         welcome = self.host.consoles.welcome_params
         statuses.extend(messages.parameter_status(name, value) for name, value in welcome)
@@ -944,7 +966,7 @@ class ClientConn(LinkedClient):
             )  # fmt: skip
         if pool.settings.max_prepared_statements > 0:
             self.scan.statements = ClientStatements(pool.statement_registry, pool.stats)
-        self.cancel_key = self.host.registry.register_cancel_key(self)
+        self.cancel_key = self.registry.register_cancel_key(self)
         self.idle_since = time.monotonic()
         self.transport.write(
             self._login.welcome(pool.parameter_statuses(self.params), self.cancel_key)

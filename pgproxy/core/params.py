@@ -143,8 +143,8 @@ def startup_settings(params: dict[str, str], ignored: frozenset[str]) -> dict[st
             settings[name] = value
         elif name.lower() not in ignored:
             raise UnsupportedParameter(f"unsupported startup parameter: {name}")
-    options = params.get("options", "")
-    for name, value in _parse_options(options):
+    options = params.get("options")
+    for name, value in _parse_options(options) if options else ():
         if tracked_index(name) is not None:
             settings[name] = value
         elif name.lower() not in ignored and "options" not in ignored:

@@ -270,11 +270,12 @@ class ClientLogin:
         """What a client admitted to a pool or the console is told: AuthenticationOk, the
         ParameterStatus messages, its cancel key (BackendKeyData), ReadyForQuery idle."""
         assert self.phase is _ADMISSION
+        process_id, secret = cancel_key  # (not *cancel_key: compiled, a call with * is generic)
         return b"".join(
             (
                 messages.AUTHENTICATION_OK,
                 parameter_statuses,
-                messages.backend_key_data(*cancel_key),
+                messages.backend_key_data(process_id, secret),
                 _READY_IDLE,
             )
         )

@@ -111,14 +111,17 @@ def _parse_params(body: bytes) -> tuple[dict[str, str], list[str]]:
             codes.PROTOCOL_VIOLATION,
             "invalid startup packet layout: expected terminator as last byte",
         )
-    parts = strings.split(b"\0")[:-1]
+    # Decoded in one go: NUL is a character of its own in UTF-8, so no byte sequence, valid
+    # or not, runs from one string into the next, and the strings come out as if each
+    # were decoded alone.
+    parts = from_wire(strings).split("\0")[:-1]
     if len(parts) % 2:
         raise StartupError(codes.PROTOCOL_VIOLATION, "invalid startup packet layout")
     params: dict[str, str] = {}
     options: list[str] = []
     for index in range(0, len(parts), 2):
-        key = from_wire(parts[index])
-        value = from_wire(parts[index + 1])
+        key = parts[index]
+        value = parts[index + 1]
         if not key:
             raise StartupError(codes.PROTOCOL_VIOLATION, "invalid startup packet layout")
         if key.startswith("_pq_."):

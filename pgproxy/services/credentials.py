@@ -12,6 +12,7 @@ import ssl
 
 from pgproxy.auth_query import AuthQuery
 from pgproxy.config import RESERVED_AUTH_DBNAMES, ConfigError, Settings
+from pgproxy.core.client import LoginCredentials
 from pgproxy.hba import HbaRules, hba_rules
 from pgproxy.protocol.client_auth import BadSecret, Secret, parse_secret
 from pgproxy.protocol.server_login import Credential, Md5Hash
@@ -22,7 +23,7 @@ from pgproxy.userlist import read_userlist
 log = logging.getLogger("pgproxy")
 
 
-class Credentials:
+class Credentials(LoginCredentials):
     """Client secrets, proven credentials for server logins, hba rules, TLS contexts."""
 
     def __init__(self, settings: Settings, pauses: PauseState) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pgproxy.core.client import DatabaseGate
+
 PauseMode = Literal["none", "pause", "suspend"]
 # SHUTDOWN's modes: exit now, once no server is linked, once no client is left.
 ShutdownMode = Literal["immediate", "servers", "clients"]
@@ -23,7 +25,7 @@ class DatabaseFlags:
     disabled: bool = False
 
 
-class PauseState:
+class PauseState(DatabaseGate):
     """The proxy-wide pause mode, the shutdown under way, and each database's flags."""
 
     def __init__(self) -> None:

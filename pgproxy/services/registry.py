@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pgproxy import cancel
 from pgproxy.config import ClientRules, DatabaseConfig, Settings
+from pgproxy.core.client import ClientRegistry
 from pgproxy.core.histograms import PoolHistograms
 from pgproxy.core.hosts import Topologies
 from pgproxy.core.pool import LocalServerBudget, Pool, ServerBudget
@@ -36,7 +37,7 @@ log = logging.getLogger("pgproxy")
 CLIENT_RULES_KEPT = 10_000
 
 
-class PoolRegistry:
+class PoolRegistry(ClientRegistry):
     """Pools by (database, server user), their budgets, the clients and their cancel keys."""
 
     def __init__(
