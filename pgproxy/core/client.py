@@ -177,8 +177,6 @@ class ConsoleDoor(Protocol):
     @property
     def welcome_params(self) -> tuple[tuple[str, str], ...]: ...
 
-    def serves(self, database: str) -> bool: ...
-
     def may_log_in(self, user: str, local_admin: bool) -> bool: ...
 
     def is_peer(self, application_name: str | None) -> bool: ...
@@ -208,7 +206,9 @@ class LoginSettings:
     loads, where each attribute of the pydantic model costs a trip through its
     ``__getattr__`` hook."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, console_databases: frozenset[str]) -> None:
+        """``console_databases``: the database names that lead to the admin console."""
+        self.console_databases = console_databases
         self.max_packet_size: int = settings.max_packet_size
         self.max_client_conn: int = settings.max_client_conn
         self.tls_required = settings.client_tls_sslmode in _TLS_REQUIRED
@@ -718,7 +718,7 @@ class ClientConn(LinkedClient):
         except ValueError as exc:
             self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
             return
-        self.to_console = console = self.host.consoles.serves(self.database)
+        self.to_console = console = self.database in settings.console_databases
         if self.replication != "none":
             pass  # (its startup parameters all go to its own server, as the client sent them)
         elif not console:  # (the console keeps no settings)

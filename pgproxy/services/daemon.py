@@ -24,6 +24,7 @@ from pgproxy.core.client import LoginSettings
 from pgproxy.core.janitor import Janitor
 from pgproxy.protocol import codes
 from pgproxy.services import sdnotify
+from pgproxy.services.admin import CONSOLE_DATABASES
 from pgproxy.services.admin.console import ConsoleDoor
 from pgproxy.services.control import ConsoleControl
 from pgproxy.services.credentials import Credentials
@@ -59,7 +60,7 @@ class Daemon:
             settings = worker.apply(settings)
             set_connection_id_base((worker.index + 1) * WORKER_ID_RANGE)
         self.settings = settings
-        self.login_settings = LoginSettings(settings)
+        self.login_settings = LoginSettings(settings, CONSOLE_DATABASES)
         tracked.configure(settings.track_extra_parameters)  # (read at start only)
         logs.set_verbose(settings.verbose)
         self.keepalive = keepalive_from(settings)  # set on the TCP listeners
@@ -134,7 +135,7 @@ class Daemon:
         # (Raises ConfigError before anything changes.)
         self.credentials.reload(settings, one_tls_key=one_tls_key)
         self.settings = settings
-        self.login_settings = LoginSettings(settings)
+        self.login_settings = LoginSettings(settings, CONSOLE_DATABASES)
         self.keepalive = keepalive_from(settings)
         self._set_listener_keepalive()  # (for the clients accepted from now on)
         logs.set_verbose(settings.verbose)

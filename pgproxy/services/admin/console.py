@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pgproxy.config import ConfigError
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.framing import MAX_CLIENT_MESSAGE, BadFrame, next_message
-from pgproxy.services.admin import CONSOLE_DATABASE, CONSOLE_DATABASES, show
+from pgproxy.services.admin import CONSOLE_DATABASE, show
 from pgproxy.services.admin.gather import (
     MERGES,
     METRICS_TEXT,
@@ -77,10 +77,6 @@ class ConsoleDoor:
 
     def __init__(self, daemon: DaemonView) -> None:
         self.daemon = daemon
-
-    def serves(self, database: str) -> bool:
-        """Whether a client of ``database`` reaches the console."""
-        return database in CONSOLE_DATABASES
 
     def may_log_in(self, user: str, local_admin: bool) -> bool:
         """Whether ``user`` may open a console session at all."""
