@@ -206,9 +206,10 @@ class ClientLogin:
 
     def receive(self, data: bytes) -> list[Action]:
         """Bytes from the client, before it is logged in."""
-        self._buffer += data
         if self.phase is _STARTUP:
-            return self._startup_packets()
+            # (The usual first packets come whole, one per chunk: parsed where they are.)
+            return self._startup_packets(self._take_buffer() + data if self._buffer else data)
+        self._buffer += data
         if self.phase is _PASSWORD:
             return self._password_messages()
         return []  # (kept: pipelined behind the login, or ignored once it ended)
@@ -217,7 +218,12 @@ class ClientLogin:
         """The handshake that StartTls or DirectTls asked for is done."""
         self.tls = True
         self.phase = _STARTUP
-        return self._startup_packets()
+        return self._startup_packets(self._take_buffer())
+
+    def _take_buffer(self) -> bytes:
+        taken = bytes(self._buffer)
+        self._buffer.clear()
+        return taken
 
     def choose(self, user: str, facts: LoginFacts) -> list[Action]:
         """The StartupMessage passed the checks: log ``user`` in as ``facts`` say.
@@ -290,18 +296,16 @@ class ClientLogin:
 
     # -- the phases ---------------------------------------------------------------------
 
-    def _startup_packets(self) -> list[Action]:
-        buffer = self._buffer
-        if self._tls_offered and not self.tls and buffer[:1] == _TLS_HANDSHAKE:
+    def _startup_packets(self, data: bytes) -> list[Action]:
+        """The first packets in ``data``; what follows them is kept in the buffer."""
+        if self._tls_offered and not self.tls and data[:1] == _TLS_HANDSHAKE:
             # (Without TLS a ClientHello is garbage like any other: 08P01 below.)
             self.phase = _TLS
-            hello = bytes(buffer)
-            buffer.clear()
-            return [DirectTls(hello)]
+            return [DirectTls(data)]
         actions: list[Action] = []
         while self.phase is _STARTUP:
             try:
-                result = parse_startup(bytes(buffer))
+                result = parse_startup(data)
             except StartupError as exc:
                 self.phase = _ENDED
                 actions.append(Refuse(exc.sqlstate, exc.message))
@@ -309,9 +313,9 @@ class ClientLogin:
             if result is None:
                 break
             packet, used = result
-            del buffer[:used]
+            data = data[used:]
             if isinstance(packet, SSLRequest) and self._tls_offered and not self.tls:
-                if buffer:
+                if data:
                     # Bytes sent before the handshake would be read as if they came
                     # through TLS.
                     self.phase = _ENDED
@@ -331,6 +335,8 @@ class ClientLogin:
                 self.phase = _CHECKS
                 self.startup = packet
                 actions.append(Startup(packet))
+        if data:  # a partial packet, or what the client sent behind its StartupMessage
+            self._buffer += data
         return actions
 
     def _password_messages(self) -> list[Action]:
