@@ -54,9 +54,8 @@ def new_key(peer_id: int) -> tuple[int, bytes]:
         _random.batch, _random.used = secrets.token_bytes(_BATCH), 0
     batch, at = _random.batch, _random.used
     _random.used = at + _KEY_BYTES
-    return (peer_id << _PEER_SHIFT) | (batch[at] << 8 | batch[at + 1]), batch[
-        at + 2 : at + _KEY_BYTES
-    ]
+    secret = batch[at + 2 : at + _KEY_BYTES]
+    return (peer_id << _PEER_SHIFT) | (batch[at] << 8 | batch[at + 1]), secret
 
 
 @dataclass(frozen=True, slots=True)
