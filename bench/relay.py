@@ -11,8 +11,10 @@ machine.
 
 A server connection outlives its client. The first client on a new server logs in through
 it with its password, untouched, and the relay keeps the server's welcome (its
-ParameterStatus, BackendKeyData and ReadyForQuery messages). When a client sends Terminate,
-the relay keeps the server for the next client instead of closing it; that client gets
+ParameterStatus, BackendKeyData and ReadyForQuery messages). When a client that sent only
+simple queries sends Terminate, the relay keeps the server for the next client instead of
+closing it (after the extended protocol, named statements may be left on it: it is
+closed, as a pooler would have to reset it); that client gets
 AuthenticationOk and the kept welcome at once, as from a pooler under trust (an SSLRequest
 is answered 'N', as pgbench's own would be by this PostgreSQL). So with pgbench ``-C`` (a
 connection per transaction) the relay does per login only what any pooler must: accept,
@@ -42,6 +44,7 @@ import uvloop
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 TERMINATE: Final = b"X\x00\x00\x00\x04"
+QUERY: Final = ord("Q")
 SSL_REQUEST: Final = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
 GSSENC_REQUEST: Final = b"\x00\x00\x00\x08\x04\xd2\x16\x30"
 AUTHENTICATION_OK: Final = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
@@ -129,6 +132,7 @@ class ClientSide(Side):
     def __init__(self) -> None:
         super().__init__()
         self.early = bytearray()  # its first bytes, until it has a server
+        self.simple = True  # each chunk it sent began with a simple Query ('Q')
         self.connecting = False  # a new server is on its way: it gets all of ``early``
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -147,6 +151,8 @@ class ClientSide(Side):
         elif data == TERMINATE:
             self._give_back(peer)
         elif peer.transport is not None:
+            if data[0] != QUERY and isinstance(peer, ServerSide) and peer.login_bytes is None:
+                self.simple = False  # (past the login: its packets are not queries)
             peer.transport.write(data)
 
     def _before_server(self, data: bytes) -> None:
@@ -177,7 +183,7 @@ class ClientSide(Side):
     def _give_back(self, server: Side) -> None:
         server.peer = self.peer = None
         assert isinstance(server, ServerSide)
-        if server.login_bytes is None:
+        if server.login_bytes is None and self.simple:
             IDLE_SERVERS.append(server)
         elif server.transport is not None:
             server.transport.close()
