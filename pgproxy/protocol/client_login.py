@@ -290,9 +290,7 @@ class ClientLogin:
         """The welcome is sent: from now on the caller reads the client's bytes itself.
         Returns what the client sent behind its login (its first query, say)."""
         self.phase = _DONE
-        early = bytes(self._buffer)
-        self._buffer.clear()
-        return early
+        return self._take_buffer() if self._buffer else b""
 
     # -- the phases ---------------------------------------------------------------------
 

@@ -6,12 +6,14 @@ These run on login, errors and parameter sync: never once per forwarded message.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from pgproxy.protocol.framing import int32_at
 
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 _HEADER = struct.Struct("!cI")
+_BACKEND_KEY_HEAD: Final = struct.Struct("!cIi")  # type, length, process id
 
 # Message type bytes (as ints, which is what indexing bytes gives).
 AUTHENTICATION = ord("R")
@@ -111,7 +113,8 @@ def parameter_status(name: str, value: str) -> bytes:
 
 def backend_key_data(process_id: int, secret_key: bytes) -> bytes:
     """BackendKeyData ('K'): process id and secret key (4 bytes in protocol 3.0)."""
-    return message(b"K", _INT32.pack(process_id) + secret_key)
+    # (One pack for header and process id: every login sends one.)
+    return _BACKEND_KEY_HEAD.pack(b"K", len(secret_key) + 8, process_id) + secret_key
 
 
 def ready_for_query(status: bytes = b"I") -> bytes:
