@@ -61,11 +61,39 @@ ROWS = (
     + message(b"C", b"SELECT 1\0")
     + message(b"Z", b"I")
 )
+
+
+def completed(tag: bytes, status: bytes = b"T") -> bytes:
+    """A statement's reply without rows: CommandComplete, ReadyForQuery."""
+    return message(b"C", tag + b"\0") + message(b"Z", status)
+
+
+def query(sql: bytes) -> bytes:
+    """A simple Query message."""
+    return message(b"Q", sql + b"\0")
+
+
+# pgbench's default script (TPC-B-like), protocol simple: seven round trips in a transaction.
+TPCB = [
+    (query(b"BEGIN;"), completed(b"BEGIN")),
+    (query(b"UPDATE pgbench_accounts SET abalance = abalance + -4 WHERE aid = 4242;"),
+     completed(b"UPDATE 1")),
+    (SIMPLE, ROWS[: -len(message(b"Z", b"I"))] + message(b"Z", b"T")),
+    (query(b"UPDATE pgbench_tellers SET tbalance = tbalance + -4 WHERE tid = 7;"),
+     completed(b"UPDATE 1")),
+    (query(b"UPDATE pgbench_branches SET bbalance = bbalance + -4 WHERE bid = 1;"),
+     completed(b"UPDATE 1")),
+    (query(b"INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
+           b"VALUES (7, 1, 4242, -4, CURRENT_TIMESTAMP);"),
+     completed(b"INSERT 0 1")),
+    (query(b"END;"), completed(b"COMMIT", b"I")),
+]  # fmt: skip
 SCENARIOS = {
-    # name: (clients, request, reply)
-    "select16": (16, SIMPLE, ROWS),
-    "select100": (100, SIMPLE, ROWS),
-    "extended16": (16, EXTENDED, message(b"1") + message(b"2") + ROWS),
+    # name: (clients, [(request, reply), ...]: the round trips of one transaction)
+    "select16": (16, [(SIMPLE, ROWS)]),
+    "select100": (100, [(SIMPLE, ROWS)]),
+    "extended16": (16, [(EXTENDED, message(b"1") + message(b"2") + ROWS)]),
+    "tpcb16": (16, TPCB),
 }
 SERVERS = 20
 LOGINS = 20_000
@@ -139,8 +167,10 @@ async def logins(count: int) -> float:
     return took / count
 
 
-async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> float:
+async def run(clients: int, steps: list[tuple[bytes, bytes]], transactions: int) -> float:
     """Seconds of Python per transaction for one scenario."""
+    # (A transaction of several round trips keeps its server: no client may wait for one.)
+    assert len(steps) == 1 or clients <= SERVERS
     settings = PoolSettings(mode="transaction", size=SERVERS, max_prepared_statements=200)
     pool = Pool("bench", "bench", ServerTarget("127.0.0.1", 1, "bench", "bench", None), settings)
     pool.measure(PoolHistograms(120.0))
@@ -169,9 +199,19 @@ async def run(clients: int, request: bytes, reply: bytes, transactions: int) -> 
         linked.append(client)
     done = 0
     started = time.perf_counter()
+    *within, (request, reply) = steps
     while done < transactions:
-        # Every client sends its request (the first SERVERS get a server, the rest wait);
-        # then servers answer until every client has had its reply.
+        # The round trips inside the transaction: every client is linked, every server
+        # answers once.
+        for inner_request, inner_reply in within:
+            for client in linked:
+                client.data_received(inner_request)
+            for server in servers:
+                if server.client is not None:
+                    server.data_received(inner_reply)
+        # The last (or only) one: every client sends its request (in a one-statement
+        # transaction, the first SERVERS get a server, the rest wait); then servers answer
+        # until every client has had its reply.
         for client in linked:
             client.data_received(request)
         answering = True
@@ -201,10 +241,8 @@ def main() -> int:
     gc.freeze()  # (as the daemon does once started: pgproxy.cli)
     print(f"| scenario | µs of Python per transaction (best of {args.repeat}) |")
     print("|:--|--:|")
-    for name, (clients, request, reply) in SCENARIOS.items():
-        best = min(
-            uvloop.run(run(clients, request, reply, args.transactions)) for _ in range(args.repeat)
-        )
+    for name, (clients, steps) in SCENARIOS.items():
+        best = min(uvloop.run(run(clients, steps, args.transactions)) for _ in range(args.repeat))
         print(f"| {name} | {best * 1e6:.2f} |")
     best = min(uvloop.run(logins(LOGINS)) for _ in range(args.repeat))
     print(f"| login (a connection per transaction: µs per login) | {best * 1e6:.2f} |")
@@ -216,10 +254,10 @@ def main() -> int:
 
 def profile(transactions: int) -> str:
     """select16 under cProfile: the functions by time in their own code (Markdown)."""
-    clients, request, reply = SCENARIOS["select16"]
+    clients, steps = SCENARIOS["select16"]
     profiler = cProfile.Profile()
     profiler.enable()
-    uvloop.run(run(clients, request, reply, transactions))
+    uvloop.run(run(clients, steps, transactions))
     profiler.disable()
     stats = pstats.Stats(profiler, stream=io.StringIO())
     rows = stats.stats  # type: ignore[attr-defined]  # (documented, not in the stubs)

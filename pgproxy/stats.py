@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Final, Literal, get_args
 
 from pgproxy.protocol import codes
+from pgproxy.protocol.prepared import StatementCounters
 
 # Why a client's login failed (pgproxy_client_login_failures_total{reason}): the password or
 # authorization (auth_failed), an unknown database, a client cap (limit_reached), the pool's
@@ -62,16 +63,15 @@ def next_connection_id() -> int:
     return _IDS.last
 
 
-class PoolStats:
-    """Plain counters bumped on the hot path; the console and metrics read them.
+class PoolStats(StatementCounters):
+    """Plain counters bumped on the hot path; the console and metrics read them (and,
+    from StatementCounters, those of named prepared statements).
 
     Times are float seconds here; the console reports them in microseconds.
     """
 
     __slots__ = (
-        "bind_count",
         "client_logins",
-        "client_parse_count",
         "connections_errors",
         "connections_lost",
         "connections_num",
@@ -85,7 +85,6 @@ class PoolStats:
         "returns_bad",
         "sent_bytes",
         "server_assignment_count",
-        "server_parse_count",
         "state_leaks",
         "timeouts",
         "wait_time",
@@ -95,6 +94,7 @@ class PoolStats:
     )
 
     def __init__(self) -> None:
+        super().__init__()
         # PgBouncer's SHOW STATS figures.
         self.server_assignment_count = 0
         self.xact_count = 0
@@ -104,11 +104,6 @@ class PoolStats:
         self.xact_time = 0.0
         self.query_time = 0.0
         self.wait_time = 0.0
-        # Named prepared statements (PgBouncer's ps_* counters): the clients' Parse and
-        # Bind messages, and the Parses pgproxy sent to servers for them.
-        self.client_parse_count = 0
-        self.server_parse_count = 0
-        self.bind_count = 0
         # psycopg_pool's figures (SHOW POOL_STATS).
         self.requests_queued = 0  # requests that had to wait for a server
         self.waiters_served = 0  # of the assignments, those that went to a waiter

@@ -23,7 +23,7 @@ def test_hotpath_prints_a_figure_per_scenario() -> None:
     )
     assert done.returncode == 0, done.stderr
     figures = dict(re.findall(r"^\| (\w+) \| ([0-9.]+) \|$", done.stdout, re.MULTILINE))
-    assert set(figures) == {"select16", "select100", "extended16"}, done.stdout
+    assert set(figures) == {"select16", "select100", "extended16", "tpcb16"}, done.stdout
     assert all(0 < float(value) < 1000 for value in figures.values()), figures
 
 

@@ -15,7 +15,9 @@ from pgproxy.protocol.prepared import (
     ClientStatements,
     Registry,
     ServerStatements,
+    StatementError,
     _execute_messages,
+    _string_end,
     close_message,
     deallocate_name,
     execute_statement,
@@ -32,6 +34,25 @@ BIND_COMPLETE = b"2\0\0\0\x04"
 CLOSE_COMPLETE = b"3\0\0\0\x04"
 READY = b"Z\0\0\0\x05I"
 COMPLETE = b"C\0\0\0\x0dSELECT 1\0"
+
+
+@given(st.binary(max_size=80), st.integers(0, 90), st.integers(0, 90))
+def test_string_end_is_the_first_nul_in_bounds(data: bytes, start: int, end: int) -> None:
+    # (Short strings are read byte by byte, longer ones with find: one answer either way.)
+    found = data.find(b"\0", start, end)
+    if found < 0:
+        with pytest.raises(StatementError):
+            _string_end(data, start, end)
+    else:
+        assert _string_end(data, start, end) == found
+
+
+@pytest.mark.parametrize("length", [0, 1, 31, 32, 33, 200])
+def test_string_end_of_names_either_side_of_the_byte_scan(length: int) -> None:
+    data = b"B" + b"x" * length + b"\0rest\0"
+    assert _string_end(data, 1, len(data)) == 1 + length
+    with pytest.raises(StatementError):
+        _string_end(data, 1, 1 + length)  # the NUL is past the message's end
 
 
 def bind(name: bytes) -> bytes:

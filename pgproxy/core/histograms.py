@@ -52,7 +52,10 @@ class Histogram:
         index = 0
         while index < last and bounds[index] < value:
             index += 1
-        self.counts[index] += 1
+        counts = self.counts
+        # (Not ``counts[index] += 1``: compiled, an augmented assignment to an item is a
+        # generic in-place add on objects; this is an add on C integers.)
+        counts[index] = counts[index] + 1
         self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:

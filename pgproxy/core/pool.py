@@ -223,9 +223,7 @@ class Pool(ServerOwner):
         self.guard: Guard = _guard(settings)
         self.state_leaks = RecentLeaks()  # SHOW LEAKS
         self._check_failure_logged = False
-        # The hand-over of a clean server (see _hand_over): a null pool's closes a server
-        # nobody waits for.
-        self.hand_over = self._hand_over_or_close if settings.null_pool else self._hand_over
+        self.null_pool = settings.null_pool  # (see hand_over)
         self.single_use = settings.lifetime == 0  # PgBouncer's server_lifetime = 0
         # server_check_delay = 0: every idle server is tested before a client gets it.
         self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
@@ -440,7 +438,8 @@ class Pool(ServerOwner):
             self.change_server_state(server, ACTIVE, client)
             histograms = self.histograms
             if histograms is not None:
-                histograms.wait.counts[0] += 1  # no wait: the first bucket
+                counts = histograms.wait.counts  # no wait: the first bucket
+                counts[0] = counts[0] + 1  # (see Histogram.observe)
             return server
         if self.shutting_down:
             client.fatal(codes.ADMIN_SHUTDOWN, "server shutting down")
@@ -456,6 +455,16 @@ class Pool(ServerOwner):
         if len(self.servers) + self.connecting < self.size and now >= self.grow_blocked_until:
             self.grow()
         return None
+
+    def hand_over(self, server: ServerConn, now: float = 0.0) -> None:
+        """The hand-over of a clean server (see _hand_over): a null pool's closes a server
+        nobody waits for. (A method that tests a flag, not a bound method kept in an
+        attribute: compiled, a native call, where calling an attribute parses its
+        arguments, once per transaction.)"""
+        if self.null_pool:
+            self._hand_over_or_close(server, now)
+        else:
+            self._hand_over(server, now)
 
     def _hand_over(self, server: ServerConn, now: float = 0.0) -> None:
         """A clean server its client let go (the link ends with the change made here): to
@@ -994,9 +1003,7 @@ class Pool(ServerOwner):
                 server.statements.capacity = settings.max_prepared_statements
         self.settings = settings
         self.size = settings.size
-        # The hand-over of a clean server (see _hand_over): a null pool's closes a server
-        # nobody waits for.
-        self.hand_over = self._hand_over_or_close if settings.null_pool else self._hand_over
+        self.null_pool = settings.null_pool
         self.single_use = settings.lifetime == 0
         self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
         self.max_servers = settings.size + settings.reserve_size

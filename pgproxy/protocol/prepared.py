@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import Final, Protocol
+from typing import Final
+
+from pgproxy.protocol.framing import header
 
 _HEADER: Final = struct.Struct("!cI")
 _S: Final = ord("S")
@@ -66,12 +68,22 @@ _SQL_PREPARE: Final = 6
 _SQL_EXECUTE: Final = 7
 
 
-class StatementCounters(Protocol):
-    """The counters the statements bump (pgproxy.stats' PoolStats, SHOW STATS)."""
+class StatementCounters:
+    """The counters the statements bump; pgproxy.stats' PoolStats (SHOW STATS) is one.
 
-    client_parse_count: int
-    bind_count: int
-    server_parse_count: int
+    A base class rather than a ``typing.Protocol``: compiled, its fields are native slots,
+    where a Protocol's attribute is a lookup by name and an in-place add on objects, three
+    per named Bind.
+    """
+
+    __slots__ = ("bind_count", "client_parse_count", "server_parse_count")
+
+    def __init__(self) -> None:
+        # (PgBouncer's ps_* counters: the clients' Parse and Bind messages, and the Parses
+        # pgproxy sent to servers for them.)
+        self.client_parse_count = 0
+        self.server_parse_count = 0
+        self.bind_count = 0
 
 
 class Op:
@@ -122,23 +134,21 @@ _STAND_IN: Final = b"PGPROXY_STAND_IN"
 
 def parse_message(name: bytes, body: bytes) -> bytes:
     """A Parse message for statement ``name`` with ``body`` (query, parameter types)."""
-    return _HEADER.pack(b"P", 4 + len(name) + 1 + len(body)) + name + b"\0" + body
+    return header(b"P", 4 + len(name) + 1 + len(body)) + name + b"\0" + body
 
 
 def close_message(name: bytes) -> bytes:
     """A Close message for statement ``name``."""
-    return _HEADER.pack(b"C", 4 + 1 + len(name) + 1) + b"S" + name + b"\0"
+    return header(b"C", 4 + 1 + len(name) + 1) + b"S" + name + b"\0"
 
 
 _EMPTY_QUERY: Final = b"\0\0\0"  # query '' and no parameter types
 _STAND_IN_PARSE: Final = parse_message(_STAND_IN, _EMPTY_QUERY) + close_message(_STAND_IN)
 # Bind, Execute and Close of the unnamed statement and portal, and Sync, for the rewrites
 # of a client's SQL DEALLOCATE, PREPARE and EXECUTE below.
-_BIND_UNNAMED: Final = (
-    _HEADER.pack(b"B", 12) + b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0"
-)  # no parameters
-_EXECUTE_UNNAMED: Final = _HEADER.pack(b"E", 9) + b"\0" + b"\0\0\0\0"  # every row
-_SYNC: Final = _HEADER.pack(b"S", 4)
+_BIND_UNNAMED: Final = header(b"B", 12) + b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0"  # no parameters
+_EXECUTE_UNNAMED: Final = header(b"E", 9) + b"\0" + b"\0\0\0\0"  # every row
+_SYNC: Final = header(b"S", 4)
 
 # A client's ``DEALLOCATE name`` (a simple Query) of a name pgproxy maps: the server may
 # not have the statement, and has it under another name anyway. What it gets instead
@@ -186,7 +196,7 @@ _PREPARE_MESSAGES: Final = (
 )
 _PREPARE_BIND: Final = 1  # ParseComplete, BindComplete, CloseComplete, CloseComplete
 _PREPARE_REPLIES: Final = 4
-_DESCRIBE_PORTAL: Final = _HEADER.pack(b"D", 6) + b"P\0"
+_DESCRIBE_PORTAL: Final = header(b"D", 6) + b"P\0"
 
 
 def _execute_messages(text: bytes) -> bytes:
@@ -430,8 +440,26 @@ class Registry:
             del self.by_body[statement.body]
 
 
+# Statement and portal names are short (pgbench's P_0, a driver's s1 or a hash): compiled,
+# reading them byte by byte costs a few instructions a byte, where bytes.find with bounds
+# is a method call that parses its arguments (about 1,400 instructions, twice per Bind).
+# Past this many bytes, find takes over.
+_SCAN_LIMIT: Final = 32
+
+
 def _string_end(data: bytes, start: int, end: int) -> int:
-    position = data.find(b"\0", start, end)
+    """The offset of the NUL that ends the string starting at ``start``, before ``end``."""
+    stop = start + _SCAN_LIMIT
+    if stop > end:
+        stop = end
+    if stop > len(data):
+        stop = len(data)
+    position = start
+    while position < stop:
+        if data[position] == 0:
+            return position
+        position += 1
+    position = data.find(b"\0", position, end)
     if position < 0:
         raise StatementError("invalid string in message")
     return position
@@ -508,7 +536,7 @@ class ClientStatements:
         head = data[position + 5 : portal_end + 1]  # the portal name and its NUL
         rest = data[name_end:end]  # from the statement name's NUL on
         length = 4 + len(head) + len(statement.name) + len(rest)
-        plan.append(_HEADER.pack(b"B", length) + head + statement.name + rest)
+        plan.append(header(b"B", length) + head + statement.name + rest)
 
     def describe(self, data: bytes, position: int, end: int, batch: int, index: int,
                  plan: Plan) -> None:  # fmt: skip
@@ -518,7 +546,7 @@ class ClientStatements:
             plan.append(data[position:end])
             return
         plan.append(Op(_USE, batch, index, statement))
-        plan.append(_HEADER.pack(b"D", 4 + 1 + len(statement.name) + 1)
+        plan.append(header(b"D", 4 + 1 + len(statement.name) + 1)
                     + b"S" + statement.name + b"\0")  # fmt: skip
 
     def close(self, data: bytes, position: int, end: int, batch: int, index: int,

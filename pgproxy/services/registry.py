@@ -247,8 +247,9 @@ class PoolRegistry(ClientRegistry):
 
     def client_left(self, database: str, user: str) -> None:
         """Count out a client that admit_client counted in."""
-        self.db_clients[database] -= 1
-        self.user_clients[user] -= 1
+        # (Not ``-= 1``: compiled, that is a generic in-place subtraction on objects.)
+        self.db_clients[database] = self.db_clients[database] - 1
+        self.user_clients[user] = self.user_clients[user] - 1
         worker = self.worker
         if worker is not None:
             shared = worker.budgets
