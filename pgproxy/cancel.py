@@ -48,14 +48,29 @@ def _forget_random() -> None:
 os.register_at_fork(after_in_child=_forget_random)
 
 
-def new_key(peer_id: int) -> tuple[int, bytes]:
-    """A fresh (process id, secret) issued by the process ``peer_id``."""
+def new_key(peer_id: int) -> bytes:
+    """A fresh key issued by the process ``peer_id``: its process id (int32, big-endian)
+    and its secret, as BackendKeyData and CancelRequest carry them. Bytes rather than a
+    (process id, secret) pair: compiled, a tuple of an int and bytes is a C struct, boxed
+    into a new tuple object (and its hash computed) at every use as a dictionary key."""
     if _random.used >= len(_random.batch):
         _random.batch, _random.used = secrets.token_bytes(_BATCH), 0
     batch, at = _random.batch, _random.used
     _random.used = at + _KEY_BYTES
-    secret = batch[at + 2 : at + _KEY_BYTES]
-    return (peer_id << _PEER_SHIFT) | (batch[at] << 8 | batch[at + 1]), secret
+    # The process id's top 16 bits are the forward count (0) and peer_id, its low 16
+    # random; the 4 random bytes after them are the secret.
+    return peer_id.to_bytes(2, "big") + batch[at : at + _KEY_BYTES]
+
+
+def key_of(process_id: int, secret: bytes) -> bytes:
+    """The key (as new_key makes them) that a CancelRequest with these carries (its
+    process id read unsigned, as pgproxy.protocol.startup reads it)."""
+    return (process_id & 0xFFFFFFFF).to_bytes(4, "big") + secret
+
+
+def key_parts(key: bytes) -> tuple[int, bytes]:
+    """A key's process id (unsigned) and secret."""
+    return int.from_bytes(key[:4], "big"), key[4:]
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,7 +93,7 @@ def test_trust_authenticates_at_once_and_keeps_pipelined_bytes() -> None:
     assert isinstance(login.receive(STARTUP + query)[0], Startup)
     assert login.choose("app", _facts("trust")) == [Authenticated(None)]
     assert login.phase is Phase.ADMISSION
-    welcome = login.welcome(messages.parameter_status("TimeZone", "UTC"), (7, b"key!"))
+    welcome = login.welcome(messages.parameter_status("TimeZone", "UTC"), b"\0\0\0\x07key!")
     assert welcome == (
         messages.AUTHENTICATION_OK
         + messages.parameter_status("TimeZone", "UTC")

@@ -57,6 +57,12 @@ def test_backend_key_data() -> None:
     assert built == b"K" + struct.pack("!I", 40) + b"\x7f\xff\xff\xff" + long_key
 
 
+@given(st.integers(-(2**31), 2**31 - 1), st.binary(min_size=4, max_size=256))
+def test_backend_key_data_is_type_length_signed_pid_key(process_id: int, key: bytes) -> None:
+    built = messages.backend_key_data(process_id, key)
+    assert built == struct.pack("!cIi", b"K", 8 + len(key), process_id) + key
+
+
 def test_negotiate_protocol_version() -> None:
     assert messages.negotiate_protocol_version(0, []) == (
         b"v\x00\x00\x00\x0c" + b"\x00\x03\x00\x00" + b"\x00\x00\x00\x00"

@@ -41,6 +41,7 @@ def test_a_settings_change_resolves_them_again() -> None:
 
 def test_admission_counts_against_the_resolved_caps() -> None:
     registry = _daemon().registry
-    admitted = [registry.admit_client("appdb", "app") for _ in range(5)]
+    rules = registry.client_rules("appdb", "app")
+    admitted = [registry.admit_client("appdb", "app", rules) for _ in range(5)]
     assert admitted[:4] == [None] * 4
     assert admitted[4] == "client connections exceeded (max_user_client_connections)"

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from pgproxy.protocol import codes, messages
 from pgproxy.protocol.startup import (
+    _PARSED,
+    _PARSED_LIMIT,
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
     MAX_STARTUP_PACKET,
@@ -116,6 +118,40 @@ def test_startup_message_protocol_options_and_minor_version() -> None:
 def test_startup_message_empty_values_and_no_params() -> None:
     assert parse_startup(startup(b"\0")) == (StartupMessage(0, {}, []), 9)
     assert parse_startup(startup(b"user\0\0\0")) == (StartupMessage(0, {"user": ""}, []), 15)
+
+
+def test_the_same_startup_packet_is_parsed_once() -> None:
+    body = b"user\0alice\0database\0appdb\0application_name\0app\0\0"
+    data = startup(body)
+    first = parse_startup(data)
+    # Again, arriving with a query behind it: the same object.
+    again = parse_startup(data + b"Q\0\0\0\x0dselect 1\0")
+    assert first is not None and again is not None
+    assert again == (first[0], len(data))
+    assert again[0] is first[0]
+    assert first[0].key == data[4:]
+    # Another minor version is another packet.
+    other = parse_startup(startup(body, minor=2))
+    assert other is not None
+    assert other[0] is not first[0]
+    assert isinstance(other[0], StartupMessage) and other[0].minor_version == 2
+    assert other[0].params == first[0].params
+
+
+def test_the_parsed_packets_kept_are_bounded() -> None:
+    for number in range(_PARSED_LIMIT + 10):
+        parse_startup(startup(b"user\0u%d\0\0" % number))
+        assert len(_PARSED) <= _PARSED_LIMIT
+    result = parse_startup(startup(b"user\0u1\0\0"))
+    assert result is not None and result[0] == StartupMessage(0, {"user": "u1"}, [])
+
+
+def test_a_bad_packet_is_never_kept() -> None:
+    data = startup(b"user\0alice\0database\0")  # a key without its value
+    for _ in range(2):
+        with pytest.raises(StartupError):
+            parse_startup(data)
+    assert data[4:] not in _PARSED
 
 
 def test_startup_message_utf8() -> None:

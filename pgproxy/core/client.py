@@ -134,8 +134,9 @@ class ClientRegistry:
         raise NotImplementedError
 
     def admit_client(
-        self, database: str, user: str, *, console: bool = False, exempt: bool = False
-    ) -> str | None:
+        self, database: str, user: str, rules: ClientRules | None, *, console: bool = False,
+        exempt: bool = False,
+    ) -> str | None:  # fmt: skip
         raise NotImplementedError
 
     def client_left(self, database: str, user: str) -> None:
@@ -147,10 +148,10 @@ class ClientRegistry:
     def clients_changed(self) -> None:
         raise NotImplementedError
 
-    def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
+    def register_cancel_key(self, client: ClientConn) -> bytes:
         raise NotImplementedError
 
-    def forget_cancel_key(self, key: tuple[int, bytes]) -> None:
+    def forget_cancel_key(self, key: bytes) -> None:
         raise NotImplementedError
 
     def forward_cancel(self, process_id: int, secret_key: bytes) -> None:
@@ -219,6 +220,46 @@ class LoginSettings:
         )
         self.log_connections: bool = settings.log_connections
         self.log_disconnections: bool = settings.log_disconnections
+        # What logins derived from each startup packet (by StartupMessage.key), for the
+        # next client that sends the same bytes: its tracked settings, and its parameter
+        # values on a pool's servers with the pool's welcome values they were made from.
+        # (With a connection per transaction, each login would otherwise redo both: about
+        # 6,000 instructions.) Bounded as the packets' own cache is.
+        self._settings_by_key: dict[bytes, dict[str, str]] = {}
+        self._params_by_key: dict[bytes, tuple[tracked.ParamValues, tracked.ParamValues]] = {}
+
+    def settings_of(self, startup: StartupMessage) -> dict[str, str]:
+        """The tracked settings ``startup`` asks for (tracked.startup_settings, which
+        raises UnsupportedParameter for one pgproxy cannot keep). Shared: not to be
+        changed."""
+        key = startup.key
+        known = self._settings_by_key.get(key)
+        if known is None:
+            known = tracked.startup_settings(startup.params, self.ignored_startup_parameters)
+            if key:
+                if len(self._settings_by_key) >= _KEPT_STARTUPS:
+                    self._settings_by_key.clear()
+                self._settings_by_key[key] = known
+        return known
+
+    def params_of(
+        self, key: bytes, settings: dict[str, str], welcome: tracked.ParamValues
+    ) -> tracked.ParamValues:
+        """``welcome`` (a pool's server values) updated with ``settings``, those of the
+        startup packet ``key`` (b"": none to keep them under)."""
+        known = self._params_by_key.get(key)
+        if known is not None and known[0] is welcome:
+            return known[1]
+        values = tracked.from_pairs(settings, welcome)
+        if key:
+            if len(self._params_by_key) >= _KEPT_STARTUPS:
+                self._params_by_key.clear()
+            self._params_by_key[key] = (welcome, values)
+        return values
+
+
+# How many startup packets' settings and values a LoginSettings keeps (see settings_of).
+_KEPT_STARTUPS: Final = 1024
 
 
 class ClientHost(Protocol):
@@ -264,6 +305,8 @@ class ClientConn(LinkedClient):
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
         self.to_console = False  # its startup packet names the console's database
         self._settings: dict[str, str] = {}  # tracked settings from the startup packet
+        self._startup_key = b""  # the packet's key, if ``_settings`` came from it
+        self._login_settings: LoginSettings | None = None  # read at the login's start
         # The login's state machine (sans-I/O), with the TLS context it may offer.
         self._tls_context = self.credentials.client_tls
         self._login = ClientLogin(tls_offered=self._tls_context is not None)
@@ -278,7 +321,7 @@ class ClientConn(LinkedClient):
         self.wait_started_at = 0.0  # since when it waits for a server (0: it does not)
         self.wait_notified = 0.0  # the wait_started_at of the wait query_wait_notify told
         self.write_paused = False
-        self.cancel_key: tuple[int, bytes] | None = None
+        self.cancel_key: bytes | None = None  # process id and secret (cancel.new_key)
         self.terminated = False  # left with a Terminate message rather than vanishing
         self.admitted = False  # counted in the registry's db_clients / user_clients
         # client_idle_timeout bookkeeping, kept by the janitor (its request count at the
@@ -704,7 +747,7 @@ class ClientConn(LinkedClient):
     def _begin_login(self, startup: StartupMessage) -> None:
         """Checks that need no I/O; then finish at once, or in a task if a server must
         be reached first (the pool's first login, to learn the server's parameters)."""
-        settings = self.host.login_settings
+        settings = self._login_settings = self.host.login_settings
         user = startup.params.get("user", "")
         if not user:
             self.fatal(
@@ -722,12 +765,12 @@ class ClientConn(LinkedClient):
         if self.replication != "none":
             pass  # (its startup parameters all go to its own server, as the client sent them)
         elif not console:  # (the console keeps no settings)
-            ignored = settings.ignored_startup_parameters
             try:
-                self._settings = tracked.startup_settings(startup.params, ignored)
+                self._settings = settings.settings_of(startup)
             except tracked.UnsupportedParameter as exc:
                 self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
                 return
+            self._startup_key = startup.key
         if startup.minor_version > 0 or startup.protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
         if self.registry.client_count() > settings.max_client_conn:
@@ -861,7 +904,7 @@ class ClientConn(LinkedClient):
         rules = self.registry.client_rules(self.database, user)
         if rules is not None:
             self.timeouts = rules.timeouts
-        refusal = self.registry.admit_client(self.database, user)
+        refusal = self.registry.admit_client(self.database, user, rules)
         if refusal is not None:
             self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
             return
@@ -930,7 +973,7 @@ class ClientConn(LinkedClient):
         peer = local_admin and self.host.consoles.is_peer(startup.params.get("application_name"))
         if not peer:
             refusal = self.registry.admit_client(
-                self.host.consoles.name, self.user, console=True, exempt=local_admin
+                self.host.consoles.name, self.user, None, console=True, exempt=local_admin
             )
             if refusal is not None:
                 self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
@@ -958,8 +1001,11 @@ class ClientConn(LinkedClient):
     def _finish_login(self, pool: Pool, startup: StartupMessage) -> None:
         self.pool = pool
         pool.stats.client_logins += 1
-        self.params = tracked.from_pairs(self._settings, pool.welcome_values)
-        if self.host.login_settings.log_connections:
+        settings = self._login_settings
+        if TYPE_CHECKING:  # (_begin_login set it)
+            assert settings is not None
+        self.params = settings.params_of(self._startup_key, self._settings, pool.welcome_values)
+        if settings.log_connections:
             log.info(
                 "%s login: tls=%s application_name=%s",
                 self.describe(), "yes" if self.tls else "no", self.application_name,

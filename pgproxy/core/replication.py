@@ -103,7 +103,7 @@ async def start_replication(client: LinkedClient, pool: Pool, params: dict[str, 
     welcome = [messages.AUTHENTICATION_OK]
     welcome += [messages.parameter_status(name, value) for name, value in server.login_params]
     assert client.cancel_key is not None
-    welcome.append(messages.backend_key_data(*client.cancel_key))
+    welcome.append(messages.backend_key_data_of(client.cancel_key))
     welcome.append(messages.ready_for_query(chr(server.scan.status).encode()))
     client.transport.write(b"".join(welcome))
     log.debug("%s: replication connection to backend %d", client.describe(), server.backend_pid)

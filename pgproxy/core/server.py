@@ -106,7 +106,7 @@ class LinkedClient(asyncio.Protocol):
     timeouts: ClientTimeouts  # (the janitor's, for clients waiting in a pool)
     wait_notified: float
     # A replication connection's (pgproxy.core.replication).
-    cancel_key: tuple[int, bytes] | None
+    cancel_key: bytes | None
     replication_slot: asyncio.Semaphore | None  # held while relaying
 
     @property

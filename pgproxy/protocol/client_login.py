@@ -272,16 +272,16 @@ class ClientLogin:
         self.phase = _ENDED
         self._auth = None
 
-    def welcome(self, parameter_statuses: bytes, cancel_key: tuple[int, bytes]) -> bytes:
+    def welcome(self, parameter_statuses: bytes, cancel_key: bytes) -> bytes:
         """What a client admitted to a pool or the console is told: AuthenticationOk, the
-        ParameterStatus messages, its cancel key (BackendKeyData), ReadyForQuery idle."""
+        ParameterStatus messages, its cancel key (BackendKeyData: ``cancel_key`` is its
+        process id and secret), ReadyForQuery idle."""
         assert self.phase is _ADMISSION
-        process_id, secret = cancel_key  # (not *cancel_key: compiled, a call with * is generic)
         return b"".join(
             (
                 messages.AUTHENTICATION_OK,
                 parameter_statuses,
-                messages.backend_key_data(process_id, secret),
+                messages.backend_key_data_of(cancel_key),
                 _READY_IDLE,
             )
         )

@@ -6,14 +6,12 @@ These run on login, errors and parameter sync: never once per forwarded message.
 from __future__ import annotations
 
 import struct
-from typing import Final
 
-from pgproxy.protocol.framing import int32_at
+from pgproxy.protocol.framing import header, int32_at
 
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 _HEADER = struct.Struct("!cI")
-_BACKEND_KEY_HEAD: Final = struct.Struct("!cIi")  # type, length, process id
 
 # Message type bytes (as ints, which is what indexing bytes gives).
 AUTHENTICATION = ord("R")
@@ -113,8 +111,14 @@ def parameter_status(name: str, value: str) -> bytes:
 
 def backend_key_data(process_id: int, secret_key: bytes) -> bytes:
     """BackendKeyData ('K'): process id and secret key (4 bytes in protocol 3.0)."""
-    # (One pack for header and process id: every login sends one.)
-    return _BACKEND_KEY_HEAD.pack(b"K", len(secret_key) + 8, process_id) + secret_key
+    return backend_key_data_of(process_id.to_bytes(4, "big", signed=True) + secret_key)
+
+
+def backend_key_data_of(key: bytes) -> bytes:
+    """BackendKeyData ('K') carrying ``key``: a process id (int32) and a secret."""
+    # (int.to_bytes, a primitive of the compiled build, where struct.pack is a method call
+    # that parses its arguments: every login sends one.)
+    return header(b"K", 4 + len(key)) + key
 
 
 def ready_for_query(status: bytes = b"I") -> bytes:

@@ -62,7 +62,7 @@ class PoolRegistry(ClientRegistry):
         self.user_clients: dict[str, int] = {}
         self.login_failures: Counter[LoginFailureReason] = Counter()  # failed logins, by reason
         self.login_timeouts = 0  # of which client_login_timeout
-        self.cancel_keys: dict[tuple[int, bytes], ClientConn] = {}
+        self.cancel_keys: dict[bytes, ClientConn] = {}  # by key (cancel.new_key)
         # client_rules' and pool_for's answers under the current settings (each login
         # asks for both; pool_for's own lookup goes through the settings model, interpreted).
         self._client_rules: dict[tuple[str, str], ClientRules] = {}
@@ -207,17 +207,18 @@ class PoolRegistry(ClientRegistry):
     # -- client admission --------------------------------------------------------------
 
     def admit_client(
-        self, database: str, user: str, *, console: bool = False, exempt: bool = False
-    ) -> str | None:
+        self, database: str, user: str, rules: ClientRules | None, *, console: bool = False,
+        exempt: bool = False,
+    ) -> str | None:  # fmt: skip
         """Count a client in, or say which client cap (PgBouncer's words) refuses it.
 
-        ``console``: a console login (``database`` is then the console's name). It counts
-        under the global caps, and an admin_users member (or ``exempt``: the local
-        pgbouncer user) is counted but never refused, as in PgBouncer, so that an operator
-        can always get in."""
+        ``rules``: client_rules(database, user), which the login has asked already (None
+        for the console). ``console``: a console login (``database`` is then the console's
+        name). It counts under the global caps, and an admin_users member (or ``exempt``:
+        the local pgbouncer user) is counted but never refused, as in PgBouncer, so that an
+        operator can always get in."""
         settings = self.settings
-        rules = self.client_rules(database, user) if not console else None
-        if rules is not None:
+        if rules is not None and not console:
             db_limit, user_limit = rules.db_limit, rules.user_limit
         elif console and (exempt or user in settings.admin_users):
             db_limit, user_limit = 0, 0
@@ -273,17 +274,21 @@ class PoolRegistry(ClientRegistry):
 
     # -- cancel keys -------------------------------------------------------------------
 
-    def register_cancel_key(self, client: ClientConn) -> tuple[int, bytes]:
-        """A fresh random (process id, secret) for ``client``; never a server's key."""
+    def register_cancel_key(self, client: ClientConn) -> bytes:
+        """A fresh random key (process id and secret: cancel.new_key) for ``client``;
+        never a server's key."""
         while True:
             key = cancel.new_key(self._peer_id)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
 
-    def forget_cancel_key(self, key: tuple[int, bytes]) -> None:
+    def forget_cancel_key(self, key: bytes) -> None:
         """The client that held ``key`` has left."""
-        self.cancel_keys.pop(key, None)
+        # (Not ``pop(key, None)``: compiled, dict.pop with a default is a method call by
+        # name, these are two native dict operations; the key's hash is kept in it.)
+        if key in self.cancel_keys:
+            del self.cancel_keys[key]
 
     def forward_cancel(self, process_id: int, secret_key: bytes) -> None:
         """Cancel what the owner of this key is running now, if anything; else nothing.
@@ -302,7 +307,7 @@ class PoolRegistry(ClientRegistry):
             )
             task.add_done_callback(self._cancel_tasks.discard)
             return
-        client = self.cancel_keys.get((route.process_id, secret_key))
+        client = self.cancel_keys.get(cancel.key_of(route.process_id, secret_key))
         server = client.server if client is not None else None
         if server is None or not server.backend_key:
             return
