@@ -297,10 +297,20 @@ class Pooler:
             start_new_session=True,  # Ctrl-C reaches only us; we stop children ourselves
         )
 
-    def _wait_ready(self, pid_source: Path | None = None) -> None:
+    def command(self) -> list[str]:
+        """The command line that starts it (PgProxy and Relay)."""
+        raise NotImplementedError
+
+    def start_under(self, wrapper: Sequence[str], timeout: float) -> None:
+        """Start ``command()`` under ``wrapper`` (valgrind: bench/instructions.py), and wait
+        up to ``timeout`` seconds for it to accept connections."""
+        self._spawn([*wrapper, *self.command()], REPO_DIR)
+        self._wait_ready(timeout=timeout)
+
+    def _wait_ready(self, pid_source: Path | None = None, timeout: float = START_TIMEOUT) -> None:
         """Wait (bounded) until the port accepts connections and the worker pid is known."""
         assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise BenchError(
@@ -318,7 +328,7 @@ class Pooler:
             time.sleep(0.1)
         raise BenchError(
             f"{self.name} did not accept connections on 127.0.0.1:{self.port} within "
-            f"{START_TIMEOUT:.0f} s; log tail:\n{tail(self.log_path)}"
+            f"{timeout:.0f} s; log tail:\n{tail(self.log_path)}"
         )
 
     def alive(self) -> bool:
@@ -436,6 +446,16 @@ class PgProxy(Pooler):
 
     def start(self) -> None:
         """Write the TOML configuration and start ``python -m pgproxy``."""
+        self._spawn(self.command(), REPO_DIR)
+        # Its version line and the build line (compiled or pure).
+        self.version = subprocess.run(
+            [self.python, "-P", "-m", "pgproxy", "--version"],
+            capture_output=True, text=True, timeout=30, check=False,
+        ).stdout.strip()  # fmt: skip
+        self._wait_ready()
+
+    def command(self) -> list[str]:
+        """Write the TOML configuration; the command line of ``python -m pgproxy``."""
         self.config.write_text(
             f"""\
 listen_addr = "127.0.0.1"
@@ -459,13 +479,7 @@ password = "{DB_PASSWORD}"
         )
         # -P: the working directory (the checkout) is not put on sys.path, so the venv's
         # installed build runs, not the source tree.
-        self._spawn([self.python, "-P", "-m", "pgproxy", "-c", str(self.config)], REPO_DIR)
-        # Its version line and the build line (compiled or pure).
-        self.version = subprocess.run(
-            [self.python, "-P", "-m", "pgproxy", "--version"],
-            capture_output=True, text=True, timeout=30, check=False,
-        ).stdout.strip()  # fmt: skip
-        self._wait_ready()
+        return [self.python, "-P", "-m", "pgproxy", "-c", str(self.config)]
 
 
 class Relay(Pooler):
@@ -479,14 +493,15 @@ class Relay(Pooler):
 
     def start(self) -> None:
         """Start the relay (its CPU time is that of the first process and its forks)."""
-        self._spawn(
-            [
-                self.python, str(BENCH_DIR / "relay.py"), "--port", str(self.port),
-                "--server-port", str(self.pg_port), "--processes", str(self.processes),
-            ],
-            REPO_DIR,
-        )  # fmt: skip
+        self._spawn(self.command(), REPO_DIR)
         self._wait_ready()
+
+    def command(self) -> list[str]:
+        """The relay's command line."""
+        return [
+            self.python, str(BENCH_DIR / "relay.py"), "--port", str(self.port),
+            "--server-port", str(self.pg_port), "--processes", str(self.processes),
+        ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- pgbench runs
