@@ -31,7 +31,7 @@ import uvloop
 
 from pgproxy.config import PoolSettings, Settings
 from pgproxy.core import params as tracked
-from pgproxy.core.client import READY, ClientConn
+from pgproxy.core.client import READY, ClientConn, accept_client
 from pgproxy.core.histograms import PoolHistograms
 from pgproxy.core.pool import Pool
 from pgproxy.core.server import IDLE, ServerConn, ServerTarget
@@ -155,7 +155,7 @@ async def logins(count: int) -> float:
     pool.change_server_state(server, IDLE)
     started = time.perf_counter()
     for _ in range(count):
-        client = ClientConn(daemon)
+        client = accept_client(daemon)  # (the listeners' factory)
         client.connection_made(ClosingTransport(client))
         client.data_received(SSL_REQUEST)
         client.data_received(STARTUP)

@@ -169,7 +169,7 @@ def parse_startup(buffer: bytes) -> tuple[StartupPacket, int] | None:
         )
     if len(buffer) < length:
         return None
-    key = bytes(buffer[4:length])
+    key = buffer[4:length]  # (not bytes(...): compiled, a call of the type by name)
     message = _PARSED.get(key)
     if message is None:
         params, options = _parse_params(key[4:])

@@ -11,7 +11,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from pgproxy.core.client import ClientConn, ClientHost
+from pgproxy.core.client import ClientHost, accept_client
 
 if TYPE_CHECKING:
     from pgproxy.config import Settings
@@ -90,8 +90,8 @@ async def start_listeners(host: ClientHost) -> list[asyncio.Server]:
 async def _bind(host: ClientHost, listeners: list[asyncio.Server], socket_path: str | None) -> None:
     loop = asyncio.get_running_loop()
     settings = host.settings
-    # (A partial calls the compiled class with no Python frame: one per accepted client.)
-    factory = functools.partial(ClientConn, host)
+    # (A partial calls the compiled factory with no Python frame: one per accepted client.)
+    factory = functools.partial(accept_client, host)
 
     if settings.listen_addr:
         hosts = (
@@ -112,7 +112,7 @@ async def _bind(host: ClientHost, listeners: list[asyncio.Server], socket_path: 
             )
         )
     if socket_path is not None:
-        unix_factory = functools.partial(ClientConn, host, True)
+        unix_factory = functools.partial(accept_client, host, True)
         listeners.append(
             await loop.create_unix_server(unix_factory, path=socket_path, backlog=BACKLOG)
         )
@@ -123,5 +123,5 @@ async def listen_on(host: ClientHost, sock: socket.socket) -> asyncio.Server:
     """Serve clients on a listening socket bound by someone else (the workers'
     supervisor binds the Unix socket once for all of them)."""
     loop = asyncio.get_running_loop()
-    factory = functools.partial(ClientConn, host, True)
+    factory = functools.partial(accept_client, host, True)
     return await loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)

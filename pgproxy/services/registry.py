@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from pgproxy import cancel
 from pgproxy.config import ClientRules, DatabaseConfig, Settings
@@ -35,6 +35,39 @@ log = logging.getLogger("pgproxy")
 # Resolved client rules kept at most (one per database and user that logged in); beyond,
 # the cache starts again rather than grow with every user name a trust setup lets in.
 CLIENT_RULES_KEPT = 10_000
+
+T = TypeVar("T")
+
+
+class PairMemo(Generic[T]):
+    """Values kept by (database, user), in dictionaries by database, then user: compiled, a
+    (str, str) tuple key is built and hashed at every lookup (about 900 instructions with
+    its comparison), where two lookups by string use each string's kept hash (and a login
+    whose startup packet was seen before has the same string objects). At most ``limit``
+    pairs; a full memo starts afresh."""
+
+    def __init__(self, limit: int) -> None:
+        self._by_database: dict[str, dict[str, T]] = {}
+        self._size = 0
+        self._limit = limit
+
+    def get(self, database: str, user: str) -> T | None:
+        users = self._by_database.get(database)
+        return None if users is None else users.get(user)
+
+    def put(self, database: str, user: str, value: T) -> None:
+        if self._size >= self._limit:
+            self.clear()
+        users = self._by_database.get(database)
+        if users is None:
+            users = self._by_database[database] = {}
+        if user not in users:
+            self._size += 1
+        users[user] = value
+
+    def clear(self) -> None:
+        self._by_database.clear()
+        self._size = 0
 
 
 class PoolRegistry(ClientRegistry):
@@ -65,8 +98,8 @@ class PoolRegistry(ClientRegistry):
         self.cancel_keys: dict[bytes, ClientConn] = {}  # by key (cancel.new_key)
         # client_rules' and pool_for's answers under the current settings (each login
         # asks for both; pool_for's own lookup goes through the settings model, interpreted).
-        self._client_rules: dict[tuple[str, str], ClientRules] = {}
-        self._login_pools: dict[tuple[str, str], Pool] = {}
+        self._client_rules: PairMemo[ClientRules] = PairMemo(CLIENT_RULES_KEPT)
+        self._login_pools: PairMemo[Pool] = PairMemo(CLIENT_RULES_KEPT)
         self._peer_id = settings.peer_id  # (cancel keys)
         self._cancel_tasks: set[asyncio.Future[None]] = set()  # forwards to peers
 
@@ -91,7 +124,7 @@ class PoolRegistry(ClientRegistry):
 
     def pool_for(self, database: str, user: str) -> Pool | None:
         """The pool serving ``user`` on ``database``; None if no entry serves the database."""
-        pool = self._login_pools.get((database, user))
+        pool = self._login_pools.get(database, user)
         if pool is not None:
             return pool
         entry = self.settings.database(database)
@@ -103,9 +136,7 @@ class PoolRegistry(ClientRegistry):
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = self._new_pool(entry, database, server_user)
-        if len(self._login_pools) >= CLIENT_RULES_KEPT:
-            self._login_pools.clear()
-        self._login_pools[database, user] = pool
+        self._login_pools.put(database, user, pool)
         return pool
 
     def _new_pool(self, entry: DatabaseConfig, database: str, server_user: str) -> Pool:
@@ -155,15 +186,14 @@ class PoolRegistry(ClientRegistry):
     def client_rules(self, database: str, user: str) -> ClientRules | None:
         """The rules for a client of ``user`` on ``database`` (None: no entry serves the
         database), resolved once per pair and settings: every login asks."""
-        rules = self._client_rules.get((database, user))
+        rules = self._client_rules.get(database, user)
         if rules is None:
             settings = self.settings
             entry = settings.database(database)
             if entry is None:
                 return None
-            if len(self._client_rules) >= CLIENT_RULES_KEPT:
-                self._client_rules.clear()
-            rules = self._client_rules[database, user] = settings.client_rules(entry, user)
+            rules = settings.client_rules(entry, user)
+            self._client_rules.put(database, user, rules)
         return rules
 
     def reconfigure(self, settings: Settings) -> None:
