@@ -26,12 +26,14 @@ import pstats
 import struct
 import sys
 import time
+from collections.abc import Callable
 
 import uvloop
 
 from pgproxy.config import PoolSettings, Settings
+from pgproxy.core import client as client_module
 from pgproxy.core import params as tracked
-from pgproxy.core.client import READY, ClientConn, accept_client
+from pgproxy.core.client import READY, ClientConn
 from pgproxy.core.histograms import PoolHistograms
 from pgproxy.core.pool import Pool
 from pgproxy.core.server import IDLE, ServerConn, ServerTarget
@@ -153,9 +155,11 @@ async def logins(count: int) -> float:
     server.transport = CountingTransport()
     server.params = pool.welcome_values
     pool.change_server_state(server, IDLE)
+    # The listeners' factory (older checkouts, to compare with, call the class).
+    new_client: Callable[[Daemon], ClientConn] = getattr(client_module, "accept_client", ClientConn)
     started = time.perf_counter()
     for _ in range(count):
-        client = accept_client(daemon)  # (the listeners' factory)
+        client = new_client(daemon)
         client.connection_made(ClosingTransport(client))
         client.data_received(SSL_REQUEST)
         client.data_received(STARTUP)
