@@ -45,7 +45,8 @@ def test_demo_answers_a_query_and_cleans_up() -> None:
         result = psql(
             ["-A", "-t", "-c", "select current_user"], port=port, dbname="demo", user="demo"
         )
-        assert result.returncode == 0, result.stderr
+        # (On failure: whether the demo is still running, and what it printed so far.)
+        assert result.returncode == 0, f"{result.stderr}demo exit: {demo.poll()}\n{text}"
         assert result.stdout.strip() == "demo"
         console = psql(["-A", "-t", "-c", "SHOW STATE"], port=port, dbname="pgbouncer", user="demo")
         assert console.returncode == 0, console.stderr
