@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     server_password = secrets.token_urlsafe(16)
-    with EmbeddedPostgres() as postgres:
+    # (Not on pgproxy's ports, which the OS could hand out again until pgproxy binds them.)
+    with EmbeddedPostgres(avoid=(args.port, args.metrics_port)) as postgres:
         postgres.create_role("demo", server_password)
         postgres.create_database("demo", owner="demo")
         settings = Settings(

@@ -29,7 +29,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import TracebackType
 from typing import Final
 
@@ -276,11 +276,14 @@ class EmbeddedPostgres:
         *,
         password_encryption: str = "scram-sha-256",
         extra_conf: dict[str, str] | None = None,
+        avoid: Collection[int] = (),
     ) -> None:
         """Prepare (but do not start) a cluster.
 
         Args:
-            port: TCP port on 127.0.0.1; a free one is picked when ``None``.
+            port: TCP port on 127.0.0.1; a free one is picked when ``None``, none of
+                ``avoid`` (ports the caller chose for itself and has not bound yet: the
+                OS may hand a free port out again until it is bound).
             password_encryption: the server's default ``password_encryption``.
             extra_conf: additional ``postgresql.conf`` settings (they win over the defaults).
         """
@@ -288,7 +291,8 @@ class EmbeddedPostgres:
             raise ValueError(f"unsupported password_encryption {password_encryption!r}")
         self.bindir: str = find_pg_bindir()
         self._auto_port = port is None
-        self.port: int = free_port() if port is None else port
+        self._avoid = frozenset(avoid)
+        self.port: int = self._free_port() if port is None else port
         self.password_encryption = password_encryption
         self.extra_conf: dict[str, str] = dict(extra_conf or {})
         self.base_dir: str = ""
@@ -332,10 +336,17 @@ class EmbeddedPostgres:
                     port_taken = "could not bind" in str(exc) or "in use" in str(exc)
                     if not (self._auto_port and port_taken and attempt < 2):
                         raise
-                    self.port = free_port()
+                    self.port = self._free_port()
         except BaseException:
             self.stop()
             raise
+
+    def _free_port(self) -> int:
+        for _ in range(100):
+            port = free_port()
+            if port not in self._avoid:
+                return port
+        raise RuntimeError(f"no free port outside {sorted(self._avoid)}")
 
     def stop(self) -> None:
         """Stop the server and remove the temporary directory. Safe to call repeatedly.

@@ -213,3 +213,13 @@ def test_proxy_process_stop_escalates(tmp_path: Path) -> None:
     assert proc.dsn(sslmode="disable") == (
         "host='127.0.0.1' port='1' dbname='appdb' user='app' sslmode='disable'"
     )
+
+
+def test_a_free_port_for_the_cluster_is_none_of_those_to_avoid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The OS may hand out a port again until it is bound: the caller's own (the demo's
+    # pgproxy port) must not become the cluster's.
+    ports = iter([5001, 5002, 5001, 5003])
+    monkeypatch.setattr("pgproxy.embedded.free_port", lambda: next(ports))
+    assert EmbeddedPostgres(avoid=(5001, 5002)).port == 5003
