@@ -68,11 +68,6 @@ def key_of(process_id: int, secret: bytes) -> bytes:
     return (process_id & 0xFFFFFFFF).to_bytes(4, "big") + secret
 
 
-def key_parts(key: bytes) -> tuple[int, bytes]:
-    """A key's process id (unsigned) and secret."""
-    return int.from_bytes(key[:4], "big"), key[4:]
-
-
 @dataclass(frozen=True, slots=True)
 class Route:
     """Where a CancelRequest goes: ``peer`` None means here, under ``process_id``; else to

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 
-from pgproxy.cancel import MAX_FORWARDS, Route, key_of, key_parts, new_key, route
+from pgproxy.cancel import MAX_FORWARDS, Route, key_of, new_key, route
+
+
+def key_parts(key: bytes) -> tuple[int, bytes]:
+    """A key's process id (unsigned) and secret."""
+    return int.from_bytes(key[:4], "big"), key[4:]
 
 
 def test_a_key_routes_home() -> None:

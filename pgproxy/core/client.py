@@ -19,7 +19,7 @@ import ssl
 import struct
 import time
 from asyncio import sslproto
-from typing import TYPE_CHECKING, Final, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeVar, cast
 
 from pgproxy import __version__
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
@@ -236,10 +236,7 @@ class LoginSettings:
         known = self._settings_by_key.get(key)
         if known is None:
             known = tracked.startup_settings(startup.params, self.ignored_startup_parameters)
-            if key:
-                if len(self._settings_by_key) >= _KEPT_STARTUPS:
-                    self._settings_by_key.clear()
-                self._settings_by_key[key] = known
+            _keep(self._settings_by_key, key, known)
         return known
 
     def params_of(
@@ -251,15 +248,22 @@ class LoginSettings:
         if known is not None and known[0] is welcome:
             return known[1]
         values = tracked.from_pairs(settings, welcome)
-        if key:
-            if len(self._params_by_key) >= _KEPT_STARTUPS:
-                self._params_by_key.clear()
-            self._params_by_key[key] = (welcome, values)
+        _keep(self._params_by_key, key, (welcome, values))
         return values
 
 
 # How many startup packets' settings and values a LoginSettings keeps (see settings_of).
 _KEPT_STARTUPS: Final = 1024
+_Kept = TypeVar("_Kept")
+
+
+def _keep(kept: dict[bytes, _Kept], key: bytes, value: _Kept) -> None:
+    """Keep ``value`` under a startup packet's ``key`` (none without one); a full
+    dictionary starts afresh."""
+    if key:
+        if len(kept) >= _KEPT_STARTUPS:
+            kept.clear()
+        kept[key] = value
 
 
 class ClientHost(Protocol):
@@ -305,7 +309,6 @@ class ClientConn(LinkedClient):
         self.local_admin = False  # console user 'pgbouncer' from our own OS user
         self.to_console = False  # its startup packet names the console's database
         self._settings: dict[str, str] = {}  # tracked settings from the startup packet
-        self._startup_key = b""  # the packet's key, if ``_settings`` came from it
         self._login_settings: LoginSettings | None = None  # read at the login's start
         # The login's state machine (sans-I/O), with the TLS context it may offer.
         self._tls_context = self.credentials.client_tls
@@ -770,7 +773,6 @@ class ClientConn(LinkedClient):
             except tracked.UnsupportedParameter as exc:
                 self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
                 return
-            self._startup_key = startup.key
         if startup.minor_version > 0 or startup.protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
         if self.registry.client_count() > settings.max_client_conn:
@@ -1004,7 +1006,8 @@ class ClientConn(LinkedClient):
         settings = self._login_settings
         if TYPE_CHECKING:  # (_begin_login set it)
             assert settings is not None
-        self.params = settings.params_of(self._startup_key, self._settings, pool.welcome_values)
+        # (A pool client's settings came from ``startup``: see _begin_login.)
+        self.params = settings.params_of(startup.key, self._settings, pool.welcome_values)
         if settings.log_connections:
             log.info(
                 "%s login: tls=%s application_name=%s",

@@ -248,7 +248,7 @@ class PoolRegistry(ClientRegistry):
         the local pgbouncer user) is counted but never refused, as in PgBouncer, so that an
         operator can always get in."""
         settings = self.settings
-        if rules is not None and not console:
+        if rules is not None:
             db_limit, user_limit = rules.db_limit, rules.user_limit
         elif console and (exempt or user in settings.admin_users):
             db_limit, user_limit = 0, 0
