@@ -21,6 +21,7 @@ HOT_MODULES = (
     "pgproxy.core.states",
     "pgproxy.core.histograms",
     "pgproxy.core.params",
+    "pgproxy.client_rules",
     "pgproxy.stats",
     # The login: a connection per transaction (pgbench -C) passes through these for every
     # client.

@@ -29,6 +29,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from pgproxy.client_rules import ClientRules, ClientTimeouts
 from pgproxy.sockopts import TcpKeepalive, keepalive_from
 
 PoolMode = Literal["session", "transaction", "statement"]
@@ -90,28 +91,6 @@ class PoolSettings:
     # checks of idle servers (0: none).
     state_guard: TransactionStateGuard = "warn"
     state_check_period: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class ClientTimeouts:
-    """A client's timeouts in seconds (0: none), resolved at login: the user's setting,
-    then the database's (query_wait_timeout only), then the global one, as PgBouncer."""
-
-    query_wait: float = 120.0
-    query: float = 0.0
-    idle_transaction: float = 0.0
-    transaction: float = 0.0
-    client_idle: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class ClientRules:
-    """What the settings say of the clients of one user on one database: their timeouts
-    and client caps (max_db_client_connections, max_user_client_connections; 0: none)."""
-
-    timeouts: ClientTimeouts
-    db_limit: int
-    user_limit: int
 
 
 class ConfigError(Exception):

@@ -119,7 +119,7 @@ class Setup:
 
     def client(self, pool: Pool) -> ClientConn:
         """A logged-in client of ``pool``."""
-        client = ClientConn(self.daemon)
+        client = ClientConn(self.daemon.client_services)
         transport = MemoryTransport()
         transport.protocol = client
         client.connection_made(transport)

@@ -96,6 +96,7 @@ def test_cancel_request_long_key_round_trip() -> None:
 
 def test_authentication_requests() -> None:
     assert messages.AUTHENTICATION_OK == b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+    assert messages.authentication(messages.AUTH_OK) == messages.AUTHENTICATION_OK
     assert messages.authentication(messages.AUTH_MD5, b"salt") == (
         b"R\x00\x00\x00\x0c\x00\x00\x00\x05salt"
     )

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeVar, cast
 
 from pgproxy import __version__
 from pgproxy.auth_query import UNKNOWN_USER, AuthQueryError
-from pgproxy.config import AuthType, ClientTimeouts
+from pgproxy.client_rules import ClientRules, ClientTimeouts
+from pgproxy.config import AuthType
 from pgproxy.core import params as tracked
 from pgproxy.core.replication import ReplicationMode, replication_mode, start_replication
 from pgproxy.core.server import (
@@ -62,7 +63,7 @@ from pgproxy.tls import ALPN
 if TYPE_CHECKING:
     from collections import Counter
 
-    from pgproxy.config import ClientRules, Settings
+    from pgproxy.config import Settings
     from pgproxy.core.pool import Pool
     from pgproxy.hba import HbaRules
     from pgproxy.protocol.server_login import Credential
@@ -87,6 +88,9 @@ PENDING_LIMIT: Final = 256 * 1024
 CLOSE_GRACE: Final = 2.0
 # A client's timeouts until its login resolves them (frozen: one object serves all).
 _DEFAULT_TIMEOUTS: Final = ClientTimeouts()
+# The clock, read through a compiled static rather than the time module's attribute
+# (compiled, ``time.monotonic()`` is a lookup by name before the call).
+_clock: Final = time.monotonic
 
 
 # The services a login calls are base classes rather than typing.Protocols, as
@@ -273,9 +277,6 @@ class ClientHost(Protocol):
     def settings(self) -> Settings: ...
 
     @property
-    def login_settings(self) -> LoginSettings: ...  # made from ``settings``
-
-    @property
     def credentials(self) -> LoginCredentials: ...
 
     @property
@@ -288,15 +289,30 @@ class ClientHost(Protocol):
     def consoles(self) -> ConsoleDoor: ...
 
 
-class ClientConn(LinkedClient):
-    """One application connection."""
+class ClientServices:
+    """What every client connection reads of the proxy around it, held by a compiled
+    object. Read through ``ClientHost`` (the daemon, an interpreted object), each is a
+    lookup by name: seven per login. One per daemon, which replaces ``login_settings``
+    at each reload."""
 
-    def __init__(self, host: ClientHost, unix: bool = False) -> None:
+    def __init__(self, host: ClientHost, login_settings: LoginSettings) -> None:
         self.host = host
-        # The host's services, held here: each login calls them a dozen times.
         self.registry: ClientRegistry = host.registry
         self.credentials: LoginCredentials = host.credentials
         self.pauses: DatabaseGate = host.pauses
+        self.login_settings = login_settings
+
+
+class ClientConn(LinkedClient):
+    """One application connection."""
+
+    def __init__(self, services: ClientServices, unix: bool = False) -> None:
+        self.services = services
+        self.host = services.host
+        # The services, held here too: each login calls them a dozen times.
+        self.registry = services.registry
+        self.credentials = services.credentials
+        self.pauses = services.pauses
         self.unix = unix  # accepted on the Unix socket
         self.id = next_connection_id()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -316,7 +332,7 @@ class ClientConn(LinkedClient):
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
         self.server: ServerConn | None = None
-        self.scan = FrontendScanner(host.login_settings.max_packet_size)
+        self.scan = FrontendScanner(services.login_settings.max_packet_size)
         self.params: tracked.ParamValues = tracked.EMPTY
         self.user = ""
         self.database = ""
@@ -350,7 +366,7 @@ class ClientConn(LinkedClient):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.connected_at = time.monotonic()
+        self.connected_at = _clock()
         self.registry.clients.add(self)
         self.registry.clients_changed()
         if self.unix:
@@ -482,13 +498,13 @@ class ClientConn(LinkedClient):
             relay_server.client = None
             relay_server.transport.close()  # (never pooled: PostgreSQL ends the walsender)
         internal = self.console is not None and self.console.peer  # another worker
-        if self.user and self.host.login_settings.log_disconnections and not internal:
+        if self.user and self.services.login_settings.log_disconnections and not internal:
             # (Clients that never sent a startup packet, such as port probes, are not
             # logged: they would drown the rest.)
             reason = self.close_reason or (
                 "client close request" if self.terminated else "client unexpected eof"
             )
-            age = time.monotonic() - self.connected_at
+            age = _clock() - self.connected_at
             log.info("%s closing because: %s (age=%ds)", self.describe(), reason, age)
         self.state = CLOSED
         self.registry.clients.discard(self)
@@ -750,7 +766,7 @@ class ClientConn(LinkedClient):
     def _begin_login(self, startup: StartupMessage) -> None:
         """Checks that need no I/O; then finish at once, or in a task if a server must
         be reached first (the pool's first login, to learn the server's parameters)."""
-        settings = self._login_settings = self.host.login_settings
+        settings = self._login_settings = self.services.login_settings
         user = startup.params.get("user", "")
         if not user:
             self.fatal(
@@ -913,7 +929,7 @@ class ClientConn(LinkedClient):
         self.admitted = True
         if self.replication != "none":
             self.cancel_key = self.registry.register_cancel_key(self)
-            if self.host.login_settings.log_connections:
+            if self.services.login_settings.log_connections:
                 log.info("%s login: replication=%s", self.describe(), self.replication)
             self._login_task = asyncio.get_running_loop().create_task(
                 self._replicate(pool, startup)
@@ -983,7 +999,7 @@ class ClientConn(LinkedClient):
             self.database = self.host.consoles.name  # (counted under one name, whichever was used)
             self.admitted = True
         self.console = self.host.consoles.open(self, local_admin=local_admin, peer=peer)
-        if self.host.login_settings.log_connections and not peer:
+        if self.services.login_settings.log_connections and not peer:
             log.info("%s login: console, tls=%s", self.describe(), "yes" if self.tls else "no")
         self.cancel_key = self.registry.register_cancel_key(self)
         statuses = [messages.parameter_status("server_version", f"{__version__}/pgproxy")]
@@ -1013,10 +1029,10 @@ class ClientConn(LinkedClient):
                 "%s login: tls=%s application_name=%s",
                 self.describe(), "yes" if self.tls else "no", self.application_name,
             )  # fmt: skip
-        if pool.settings.max_prepared_statements > 0:
+        if pool.tracks_statements:
             self.scan.statements = ClientStatements(pool.statement_registry, pool.stats)
         self.cancel_key = self.registry.register_cancel_key(self)
-        self.idle_since = time.monotonic()
+        self.idle_since = _clock()
         self.transport.write(
             self._login.welcome(pool.parameter_statuses(self.params), self.cancel_key)
         )
@@ -1026,10 +1042,10 @@ class ClientConn(LinkedClient):
             self.data_received(early)
 
 
-def accept_client(host: ClientHost, unix: bool = False) -> ClientConn:
+def accept_client(services: ClientServices, unix: bool = False) -> ClientConn:
     """A new client connection's protocol: the listeners' factory. (Called from compiled
     code, ClientConn's constructor runs natively. Called through the class, CPython's type
     call looks ``__new__`` and ``__init__`` up by name and parses their arguments, since
     asyncio.Protocol, a Python class, is among its bases: about 8,000 instructions more
     per connection.)"""
-    return ClientConn(host, unix)
+    return ClientConn(services, unix)

@@ -208,6 +208,8 @@ class Pool(ServerOwner):
         # target_session_attrs, max_replica_lag: set by pgproxy.core.hosts (a HostPolicy).
         self.host_policy: HostChooser | None = None
         self.settings = settings
+        # (Read at each login: the settings are an interpreted object.)
+        self.tracks_statements = settings.max_prepared_statements > 0
         self.mode: PoolMode = settings.mode
         self.size = settings.size
         self.min_size = min(settings.min_size, settings.size)
@@ -1002,6 +1004,8 @@ class Pool(ServerOwner):
             if server.statements is not None and settings.max_prepared_statements > 0:
                 server.statements.capacity = settings.max_prepared_statements
         self.settings = settings
+        # (Read at each login: the settings are an interpreted object.)
+        self.tracks_statements = settings.max_prepared_statements > 0
         self.size = settings.size
         self.null_pool = settings.null_pool
         self.single_use = settings.lifetime == 0

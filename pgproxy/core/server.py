@@ -30,7 +30,8 @@ from pgproxy.sockopts import apply_keepalive
 from pgproxy.stats import next_connection_id
 
 if TYPE_CHECKING:
-    from pgproxy.config import ClientTimeouts, PoolSettings
+    from pgproxy.client_rules import ClientTimeouts
+    from pgproxy.config import PoolSettings
     from pgproxy.core.state_guard import Guard, SessionState
     from pgproxy.protocol.prepared import Registry
     from pgproxy.protocol.stream import FrontendScanner

@@ -6,6 +6,7 @@ These run on login, errors and parameter sync: never once per forwarded message.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from pgproxy.protocol.framing import header, int32_at
 
@@ -131,7 +132,8 @@ def authentication(code: int, data: bytes = b"") -> bytes:
     return message(b"R", _INT32.pack(code) + data)
 
 
-AUTHENTICATION_OK = authentication(AUTH_OK)
+# A literal: compiled, other modules read it as a constant, not as this module's attribute.
+AUTHENTICATION_OK: Final = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
 
 
 def negotiate_protocol_version(newest_minor: int, unrecognized: list[str]) -> bytes:

@@ -20,7 +20,7 @@ from pgproxy import __version__, logs
 from pgproxy.config import RESTART_ONLY, ConfigError, Settings, changed_setting
 from pgproxy.config_file import load_settings
 from pgproxy.core import params as tracked
-from pgproxy.core.client import LoginSettings
+from pgproxy.core.client import ClientServices, LoginSettings
 from pgproxy.core.janitor import Janitor
 from pgproxy.protocol import codes
 from pgproxy.services import sdnotify
@@ -60,7 +60,6 @@ class Daemon:
             settings = worker.apply(settings)
             set_connection_id_base((worker.index + 1) * WORKER_ID_RANGE)
         self.settings = settings
-        self.login_settings = LoginSettings(settings, CONSOLE_DATABASES)
         tracked.configure(settings.track_extra_parameters)  # (read at start only)
         logs.set_verbose(settings.verbose)
         self.keepalive = keepalive_from(settings)  # set on the TCP listeners
@@ -70,6 +69,8 @@ class Daemon:
         self.registry = PoolRegistry(settings, worker, self.pauses, self.credentials)
         self.control = ConsoleControl(self.registry, self.pauses)
         self.consoles = ConsoleDoor(self)
+        # What the clients read of this daemon (the listeners' factory takes it).
+        self.client_services = ClientServices(self, LoginSettings(settings, CONSOLE_DATABASES))
         self.stats_window = StatsWindow(0.0)  # restarted by start()
         self.console_stats = PoolStats()  # the console's queries (SHOW STATS 'pgbouncer')
         self._metrics: MetricsServer | None = None
@@ -135,7 +136,7 @@ class Daemon:
         # (Raises ConfigError before anything changes.)
         self.credentials.reload(settings, one_tls_key=one_tls_key)
         self.settings = settings
-        self.login_settings = LoginSettings(settings, CONSOLE_DATABASES)
+        self.client_services.login_settings = LoginSettings(settings, CONSOLE_DATABASES)
         self.keepalive = keepalive_from(settings)
         self._set_listener_keepalive()  # (for the clients accepted from now on)
         logs.set_verbose(settings.verbose)
@@ -250,10 +251,10 @@ class Daemon:
         if self._stopped is None:
             self._stopped = asyncio.Event()
         self.stats_window = StatsWindow(self.loop_time())
-        self._listeners = await start_listeners(self)
+        self._listeners = await start_listeners(self.client_services)
         if self.worker is not None and self.worker.unix_socket is not None:
             # The public Unix socket, bound once by the supervisor for every worker.
-            self._listeners.append(await listen_on(self, self.worker.unix_socket))
+            self._listeners.append(await listen_on(self.client_services, self.worker.unix_socket))
         self._set_listener_keepalive()
         # With workers, one serves /metrics and the health endpoints (see README).
         if self.settings.metrics_port and (self.worker is None or self.worker.index == 0):

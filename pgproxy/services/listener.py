@@ -11,7 +11,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from pgproxy.core.client import ClientHost, accept_client
+from pgproxy.core.client import ClientServices, accept_client
 
 if TYPE_CHECKING:
     from pgproxy.config import Settings
@@ -65,17 +65,17 @@ def set_socket_access(path: str, settings: Settings) -> None:
         os.chown(path, -1, group_id)
 
 
-async def start_listeners(host: ClientHost) -> list[asyncio.Server]:
+async def start_listeners(clients: ClientServices) -> list[asyncio.Server]:
     """Open every configured listener; raise OSError if one cannot be bound (nothing is
     left open or created then)."""
-    settings = host.settings
+    settings = clients.host.settings
     listeners: list[asyncio.Server] = []
     socket_path = None
     if settings.unix_socket_dir:
         socket_path = unix_socket_path(settings.unix_socket_dir, settings.listen_port)
         claim_unix_socket(socket_path)
     try:
-        await _bind(host, listeners, socket_path)
+        await _bind(clients, listeners, socket_path)
     except BaseException:
         for listener in listeners:
             listener.close()
@@ -87,11 +87,13 @@ async def start_listeners(host: ClientHost) -> list[asyncio.Server]:
     return listeners
 
 
-async def _bind(host: ClientHost, listeners: list[asyncio.Server], socket_path: str | None) -> None:
+async def _bind(
+    clients: ClientServices, listeners: list[asyncio.Server], socket_path: str | None
+) -> None:
     loop = asyncio.get_running_loop()
-    settings = host.settings
+    settings = clients.host.settings
     # (A partial calls the compiled factory with no Python frame: one per accepted client.)
-    factory = functools.partial(accept_client, host)
+    factory = functools.partial(accept_client, clients)
 
     if settings.listen_addr:
         hosts = (
@@ -112,16 +114,16 @@ async def _bind(host: ClientHost, listeners: list[asyncio.Server], socket_path: 
             )
         )
     if socket_path is not None:
-        unix_factory = functools.partial(accept_client, host, True)
+        unix_factory = functools.partial(accept_client, clients, True)
         listeners.append(
             await loop.create_unix_server(unix_factory, path=socket_path, backlog=BACKLOG)
         )
         set_socket_access(socket_path, settings)
 
 
-async def listen_on(host: ClientHost, sock: socket.socket) -> asyncio.Server:
+async def listen_on(clients: ClientServices, sock: socket.socket) -> asyncio.Server:
     """Serve clients on a listening socket bound by someone else (the workers'
     supervisor binds the Unix socket once for all of them)."""
     loop = asyncio.get_running_loop()
-    factory = functools.partial(accept_client, host, True)
+    factory = functools.partial(accept_client, clients, True)
     return await loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)

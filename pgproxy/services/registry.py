@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from pgproxy import cancel
-from pgproxy.config import ClientRules, DatabaseConfig, Settings
+from pgproxy.client_rules import ClientRules
+from pgproxy.config import DatabaseConfig, Settings
 from pgproxy.core.client import ClientRegistry
 from pgproxy.core.histograms import PoolHistograms
 from pgproxy.core.hosts import Topologies
