@@ -11,6 +11,7 @@ import time
 import pytest
 
 from pgproxy.core import janitor
+from pgproxy.core import params as tracked
 from pgproxy.core.pool import LocalServerBudget, Pool
 from pgproxy.core.server import ServerConn, ServerLoginError
 from pgproxy.core.states import ServerState
@@ -372,3 +373,21 @@ async def test_a_corrupt_server_stream_ends_its_client_and_the_server() -> None:
     assert error_of(received(client)) == (codes.CONNECTION_FAILURE, "server conn crashed?")
     assert terminated(server) and server.state == "closed" and not pool.servers
     assert client.closed and client.server is None
+
+
+async def test_a_welcome_shows_the_clients_own_values_for_the_tracked_parameters() -> None:
+    setup = Setup()
+    pool = setup.pool()
+    pool.welcome = [("client_encoding", "UTF8"), ("server_version", "15.0")]
+    utf8 = tracked.from_pairs({"client_encoding": "UTF8"})
+    latin1 = tracked.from_pairs({"client_encoding": "LATIN1"})
+    version = messages.parameter_status("server_version", "15.0")
+    as_utf8 = messages.parameter_status("client_encoding", "UTF8") + version
+    as_latin1 = messages.parameter_status("client_encoding", "LATIN1") + version
+    # The same values again (the last ones are kept by identity), other values, an equal
+    # tuple that is another object.
+    assert pool.parameter_statuses(utf8) == as_utf8
+    assert pool.parameter_statuses(utf8) == as_utf8
+    assert pool.parameter_statuses(latin1) == as_latin1
+    assert pool.parameter_statuses(tuple(list(utf8))) == as_utf8
+    assert pool.parameter_statuses(latin1) == as_latin1

@@ -120,6 +120,16 @@ def test_startup_message_empty_values_and_no_params() -> None:
     assert parse_startup(startup(b"user\0\0\0")) == (StartupMessage(0, {"user": ""}, []), 15)
 
 
+def test_a_startup_message_names_its_user_database_and_replication() -> None:
+    alice = StartupMessage(0, {"user": "alice", "database": "appdb", "replication": "true"})
+    assert (alice.user, alice.database, alice.replication) == ("alice", "appdb", "true")
+    # No database: the user's name. No user: "" (the login refuses it).
+    bob = StartupMessage(0, {"user": "bob", "database": ""})
+    assert (bob.user, bob.database, bob.replication) == ("bob", "bob", None)
+    nobody = StartupMessage(0, {})
+    assert (nobody.user, nobody.database) == ("", "")
+
+
 def test_the_same_startup_packet_is_parsed_once() -> None:
     body = b"user\0alice\0database\0appdb\0application_name\0app\0\0"
     data = startup(body)
@@ -325,6 +335,10 @@ VALUE = st.text(
 def test_startup_message_round_trip(params: dict[str, str], minor: int) -> None:
     data = messages.startup_message(params, version=3 << 16 | minor)
     assert parse_startup(data) == (StartupMessage(minor, params, []), len(data))
+    parsed = parse_startup(data)
+    assert parsed is not None and isinstance(parsed[0], StartupMessage)
+    assert parsed[0].user == params.get("user", "")
+    assert parsed[0].database == (params.get("database") or params.get("user", ""))
     for end in (0, 3, 4, 7, 8, len(data) - 1):
         if 0 <= end < len(data):
             assert parse_startup(data[:end]) is None

@@ -767,16 +767,16 @@ class ClientConn(LinkedClient):
         """Checks that need no I/O; then finish at once, or in a task if a server must
         be reached first (the pool's first login, to learn the server's parameters)."""
         settings = self._login_settings = self.services.login_settings
-        user = startup.params.get("user", "")
+        user = startup.user
         if not user:
             self.fatal(
                 codes.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet"
             )
             return
         self.user = user
-        self.database = startup.params.get("database") or user
+        self.database = startup.database
         try:
-            self.replication = replication_mode(startup.params.get("replication"))
+            self.replication = replication_mode(startup.replication)
         except ValueError as exc:
             self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
             return

@@ -278,6 +278,8 @@ class Pool(ServerOwner):
         # The ParameterStatus messages of a welcome, per set of client values (logins of
         # one application mostly share one).
         self._greetings: dict[tracked.ParamValues, bytes] = {}
+        self._last_greeted: tracked.ParamValues | None = None  # and its greeting:
+        self._last_greeting = b""
         self._welcome_attempt: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
@@ -911,6 +913,8 @@ class Pool(ServerOwner):
         """The ParameterStatus messages that welcome a client whose tracked settings are
         ``values``: the first server's parameters, the client's own values for the tracked
         ones. Built once per set of values (a few hundred kept)."""
+        if values is self._last_greeted:  # (the same login again: no tuple hashed)
+            return self._last_greeting
         found = self._greetings.get(values)
         if found is None:
             assert self.welcome is not None
@@ -922,6 +926,7 @@ class Pool(ServerOwner):
             if len(self._greetings) >= 256:
                 self._greetings.clear()
             found = self._greetings[values] = b"".join(parts)
+        self._last_greeted, self._last_greeting = values, found
         return found
 
     async def ensure_welcome(self) -> None:

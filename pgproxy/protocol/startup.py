@@ -84,6 +84,11 @@ class StartupMessage:
     params: dict[str, str]
     protocol_options: list[str]
     key: bytes = field(compare=False, repr=False)
+    # Read from ``params`` once per packet rather than at each login: ``user`` ("" if
+    # none), ``database`` (the user's name if none), ``replication`` (None if none).
+    user: str = field(init=False, compare=False, repr=False)
+    database: str = field(init=False, compare=False, repr=False)
+    replication: str | None = field(init=False, compare=False, repr=False)
 
     def __init__(
         self, minor_version: int, params: dict[str, str], protocol_options: list[str] | None = None,
@@ -93,6 +98,9 @@ class StartupMessage:
         self.params = params
         self.protocol_options = [] if protocol_options is None else protocol_options
         self.key = key
+        self.user = params.get("user", "")
+        self.database = params.get("database") or self.user
+        self.replication = params.get("replication")
 
 
 StartupPacket = SSLRequest | GSSEncRequest | CancelRequest | StartupMessage
