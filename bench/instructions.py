@@ -2,7 +2,7 @@
 under pgbench, and where they go.
 
     .venv/bin/python bench/instructions.py [--scenario select16] [--targets pgproxy,relay]
-                                           [--transactions N] [--top K]
+                                           [--transactions N] [--top K] [--cache]
 
 On a shared machine timings move by ±5% from run to run; instruction counts barely move,
 so they tell whether a change to the code made a transaction cheaper. For each target
@@ -15,7 +15,9 @@ are not counted: every target makes the same ones, as ``strace -c`` shows), less
 server logins run in the window (a server opened in the background is the pool's cost,
 not the transaction's), and the functions with the most instructions per transaction,
 their callees' included. Valgrind runs the target about fifty times slower, so a run of
-500 transactions per client takes a minute or two.
+500 transactions per client takes a minute or two. With ``--cache``, callgrind also
+simulates the caches and the L1 misses per transaction are printed: where two targets
+run about as many instructions, their misses (about ten cycles each) tell them apart.
 """
 
 from __future__ import annotations
@@ -61,13 +63,19 @@ def parse_args() -> argparse.Namespace:
         "--transactions", type=int, default=500, help="pgbench -t: per client (default 500)"
     )
     parser.add_argument("--top", type=int, default=25, help="functions to list per target")
+    parser.add_argument(
+        "--cache", action="store_true",
+        help="simulate the caches too (--cache-sim=yes) and print L1 misses per transaction",
+    )  # fmt: skip
     return parser.parse_args()
 
 
-def inclusive_costs(out_file: Path) -> tuple[int, dict[str, int]]:
-    """The total and, per function, the inclusive instructions of a callgrind output."""
+def inclusive_costs(out_file: Path, event: str = "Ir") -> tuple[int, dict[str, int]]:
+    """The total and, per function, the inclusive cost in ``event`` (Ir: instructions) of
+    a callgrind output."""
     annotated = subprocess.run(
-        ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(out_file)],
+        ["callgrind_annotate", "--inclusive=yes", "--threshold=100", f"--show={event}",
+         f"--sort={event}", str(out_file)],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
     total = 0
@@ -93,6 +101,7 @@ def measure(target: Pooler, pg: EmbeddedPostgres, args: argparse.Namespace, out_
     env = {**base_env(pg.bindir), "PGPASSWORD": DB_PASSWORD}
     valgrind = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}",
+        *(["--cache-sim=yes"] if args.cache else []),
     ]  # fmt: skip
     target.start_under(valgrind, START_TIMEOUT)
     assert target.proc is not None
@@ -162,9 +171,26 @@ def main() -> int:
             logins = costs.get(SERVER_LOGIN, 0)
             print(f"### {name}: {(total - logins) / transactions:,.0f} per transaction")
             print(f"({transactions} transactions; server logins left out: {logins:,})\n")
+            if args.cache:
+                print(cache_line(out_file, transactions) + "\n")
             if name == "pgproxy":
                 print(function_table(costs, transactions, args.top))
     return 0
+
+
+# Callgrind's simulated L1 misses: instruction fetches, data reads, data writes.
+CACHE_EVENTS: Final = (("I1mr", "instruction"), ("D1mr", "data read"), ("D1mw", "data write"))
+
+
+def cache_line(out_file: Path, transactions: int) -> str:
+    """L1 misses per transaction (callgrind's simulated caches; server logins left out).
+    An L1 miss served from L2 costs about ten cycles: where two targets run as many
+    instructions, their misses tell them apart."""
+    parts = []
+    for event, label in CACHE_EVENTS:
+        total, costs = inclusive_costs(out_file, event)
+        parts.append(f"{label} {(total - costs.get(SERVER_LOGIN, 0)) / transactions:,.0f}")
+    return "L1 misses per transaction: " + ", ".join(parts)
 
 
 def function_table(costs: dict[str, int], transactions: int, top: int) -> str:
