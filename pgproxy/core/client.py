@@ -4,8 +4,9 @@ A ``ClientConn`` feeds the client's first bytes to the login state machine
 (``pgproxy.protocol.client_login``) and carries out what it asks: writes, the TLS
 handshake, auth_query, the pool's first server login (coroutines: the slow path). Once
 logged in, it forwards every chunk the client sends to the server its pool links to it,
-walking only message headers on the way. What it needs of the proxy around it is the
-``ClientHost`` interface below, met by ``pgproxy.services.daemon``'s Daemon.
+walking only message headers on the way. What it needs of the proxy around it comes
+through ``ClientServices``, which the daemon fills once, and the ``ClientHost``
+interface below, met by ``pgproxy.services.daemon``'s Daemon.
 """
 
 from __future__ import annotations
