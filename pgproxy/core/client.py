@@ -309,11 +309,6 @@ class ClientConn(LinkedClient):
 
     def __init__(self, services: ClientServices, unix: bool = False) -> None:
         self.services = services
-        self.host = services.host
-        # The services, held here too: each login calls them a dozen times.
-        self.registry = services.registry
-        self.credentials = services.credentials
-        self.pauses = services.pauses
         self.unix = unix  # accepted on the Unix socket
         self.id = next_connection_id()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -328,7 +323,7 @@ class ClientConn(LinkedClient):
         self._settings: dict[str, str] = {}  # tracked settings from the startup packet
         self._login_settings: LoginSettings | None = None  # read at the login's start
         # The login's state machine (sans-I/O), with the TLS context it may offer.
-        self._tls_context = self.credentials.client_tls
+        self._tls_context = self.services.credentials.client_tls
         self._login = ClientLogin(tls_offered=self._tls_context is not None)
         self.closed = False
         self.pool: Pool = None  # type: ignore[assignment]
@@ -368,8 +363,8 @@ class ClientConn(LinkedClient):
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.connected_at = _clock()
-        self.registry.clients.add(self)
-        self.registry.clients_changed()
+        self.services.registry.clients.add(self)
+        self.services.registry.clients_changed()
         if self.unix:
             self._read_peer_credentials()
         # (A TCP client's keepalive options came from the listening socket: sockopts.)
@@ -508,12 +503,12 @@ class ClientConn(LinkedClient):
             age = _clock() - self.connected_at
             log.info("%s closing because: %s (age=%ds)", self.describe(), reason, age)
         self.state = CLOSED
-        self.registry.clients.discard(self)
-        self.registry.clients_changed()
+        self.services.registry.clients.discard(self)
+        self.services.registry.clients_changed()
         if self.admitted:
-            self.registry.client_left(self.database, self.user)
+            self.services.registry.client_left(self.database, self.user)
         if self.cancel_key is not None:
-            self.registry.forget_cancel_key(self.cancel_key)
+            self.services.registry.forget_cancel_key(self.cancel_key)
         if self.scan.statements is not None:
             unsent = [plan for plan in self._pending if not isinstance(plan, bytes)]
             self.scan.statements.release(unsent)
@@ -590,8 +585,8 @@ class ClientConn(LinkedClient):
         if self.closed or self.transport.is_closing():
             return
         if not self.logged_in:
-            self.registry.login_failures[reason or login_failure_reason(sqlstate)] += 1
-        if self.host.settings.log_pooler_errors:
+            self.services.registry.login_failures[reason or login_failure_reason(sqlstate)] += 1
+        if self.services.host.settings.log_pooler_errors:
             # PgBouncer's log_pooler_errors: an error pgproxy itself sends is a problem to
             # look at, except the goodbye of a shutdown.
             level = logging.INFO if sqlstate == codes.ADMIN_SHUTDOWN else logging.WARNING
@@ -674,7 +669,7 @@ class ClientConn(LinkedClient):
                 self._login_task = loop.create_task(self._look_up_secret())
             elif isinstance(action, Authenticated):
                 if action.credential is not None:
-                    self.credentials.remember(self.user, action.credential)
+                    self.services.credentials.remember(self.user, action.credential)
                 self._after_auth()
             elif isinstance(action, Refuse):
                 if action.log is not None:
@@ -686,7 +681,7 @@ class ClientConn(LinkedClient):
             elif isinstance(action, DirectTls):
                 self._direct_tls(action.hello)
             elif isinstance(action, ForwardCancel):
-                self.registry.forward_cancel(action.process_id, action.secret_key)
+                self.services.registry.forward_cancel(action.process_id, action.secret_key)
                 self._leave()
 
     def _direct_tls(self, hello_bytes: bytes) -> None:
@@ -792,7 +787,7 @@ class ClientConn(LinkedClient):
                 return
         if startup.minor_version > 0 or startup.protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, startup.protocol_options))
-        if self.registry.client_count() > settings.max_client_conn:
+        if self.services.registry.client_count() > settings.max_client_conn:
             self.fatal(
                 codes.PROTOCOL_VIOLATION, "no more connections allowed (max_client_conn)",
                 reason="limit_reached",
@@ -827,25 +822,27 @@ class ClientConn(LinkedClient):
         password = method != "trust"
         facts = LoginFacts(
             method=method,
-            secret=self.credentials.secret_for(user) if password else None,
+            secret=self.services.credentials.secret_for(user) if password else None,
             # (For the console, auth_query runs in the global auth_dbname; without one,
             # PgBouncer's "bouncer config error": see auth_database_problem. Under trust,
             # ``known`` says whether auth_query must be asked; this flag is not read.)
-            auth_query=password and self.host.settings.auth_user_for(self.database) is not None,
-            known=True if trusted else self.credentials.knows_user(self.database, user),
+            auth_query=(
+                password and self.services.host.settings.auth_user_for(self.database) is not None
+            ),
+            known=True if trusted else self.services.credentials.knows_user(self.database, user),
             iterations=settings.scram_iterations,
-            channel_binding=self.credentials.client_tls_binding,
+            channel_binding=self.services.credentials.client_tls_binding,
         )
         self._act(self._login.choose(user, facts))
 
     async def _look_up_secret(self) -> None:
         """auth_query, then the password exchange (none under trust)."""
-        problem = self.credentials.auth_database_problem(self.database)
+        problem = self.services.credentials.auth_database_problem(self.database)
         if problem is not None:
             self.fatal(codes.INVALID_AUTHORIZATION, problem)
             return
         try:
-            secret = await self.credentials.lookup_secret(self.database, self.user)
+            secret = await self.services.credentials.lookup_secret(self.database, self.user)
         except AuthQueryError as exc:
             self.fatal(codes.CONNECTION_FAILURE, exc.client_message)
             return
@@ -887,7 +884,7 @@ class ClientConn(LinkedClient):
     def _hba_method(self) -> PasswordMethod | Literal["trust"] | None:
         """auth_type = hba: the method of the first matching rule, after its own checks
         (reject, cert, peer); None when the client has been refused."""
-        rules = self.credentials.hba
+        rules = self.services.credentials.hba
         assert rules is not None
         peer = self.transport.get_extra_info("peername")
         method = login_method(
@@ -907,29 +904,29 @@ class ClientConn(LinkedClient):
         if self.to_console:
             self._console_login(startup)
             return
-        if self.pauses.shutting_down:
+        if self.services.pauses.shutting_down:
             self.fatal(codes.PROTOCOL_VIOLATION, "pooler is shutting down")
             return
-        pool = self.registry.pool_for(self.database, user)
+        pool = self.services.registry.pool_for(self.database, user)
         if pool is None:
             self.fatal(
                 codes.PROTOCOL_VIOLATION, f"no such database: {self.database}",
                 reason="no_such_database",
             )  # fmt: skip
             return
-        if self.pauses.is_disabled(self.database):
+        if self.services.pauses.is_disabled(self.database):
             self.fatal(codes.PROTOCOL_VIOLATION, f'database "{self.database}" is disabled')
             return
-        rules = self.registry.client_rules(self.database, user)
+        rules = self.services.registry.client_rules(self.database, user)
         if rules is not None:
             self.timeouts = rules.timeouts
-        refusal = self.registry.admit_client(self.database, user, rules)
+        refusal = self.services.registry.admit_client(self.database, user, rules)
         if refusal is not None:
             self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
             return
         self.admitted = True
         if self.replication != "none":
-            self.cancel_key = self.registry.register_cancel_key(self)
+            self.cancel_key = self.services.registry.register_cancel_key(self)
             if self.services.login_settings.log_connections:
                 log.info("%s login: replication=%s", self.describe(), self.replication)
             self._login_task = asyncio.get_running_loop().create_task(
@@ -984,27 +981,28 @@ class ClientConn(LinkedClient):
 
     def _console_login(self, startup: StartupMessage) -> None:
         local_admin = self.local_admin
-        if not self.host.consoles.may_log_in(self.user, local_admin):
+        consoles = self.services.host.consoles
+        if not consoles.may_log_in(self.user, local_admin):
             log.warning("console login refused for user %s", self.user)
             self.fatal(codes.INVALID_AUTHORIZATION, "not allowed")
             return
         # Another worker of this pgproxy asking for this worker's own rows (workers = N).
-        peer = local_admin and self.host.consoles.is_peer(startup.params.get("application_name"))
+        peer = local_admin and consoles.is_peer(startup.params.get("application_name"))
         if not peer:
-            refusal = self.registry.admit_client(
-                self.host.consoles.name, self.user, None, console=True, exempt=local_admin
+            refusal = self.services.registry.admit_client(
+                consoles.name, self.user, None, console=True, exempt=local_admin
             )
             if refusal is not None:
                 self.fatal(codes.PROTOCOL_VIOLATION, refusal, reason="limit_reached")
                 return
-            self.database = self.host.consoles.name  # (counted under one name, whichever was used)
+            self.database = consoles.name  # (counted under one name, whichever was used)
             self.admitted = True
-        self.console = self.host.consoles.open(self, local_admin=local_admin, peer=peer)
+        self.console = consoles.open(self, local_admin=local_admin, peer=peer)
         if self.services.login_settings.log_connections and not peer:
             log.info("%s login: console, tls=%s", self.describe(), "yes" if self.tls else "no")
-        self.cancel_key = self.registry.register_cancel_key(self)
+        self.cancel_key = self.services.registry.register_cancel_key(self)
         statuses = [messages.parameter_status("server_version", f"{__version__}/pgproxy")]
-        welcome = self.host.consoles.welcome_params
+        welcome = consoles.welcome_params
         statuses.extend(messages.parameter_status(name, value) for name, value in welcome)
         self.transport.write(self._login.welcome(b"".join(statuses), self.cancel_key))
         self.state = CONSOLE
@@ -1032,7 +1030,7 @@ class ClientConn(LinkedClient):
             )  # fmt: skip
         if pool.tracks_statements:
             self.scan.statements = ClientStatements(pool.statement_registry, pool.stats)
-        self.cancel_key = self.registry.register_cancel_key(self)
+        self.cancel_key = self.services.registry.register_cancel_key(self)
         self.idle_since = _clock()
         self.transport.write(
             self._login.welcome(pool.parameter_statuses(self.params), self.cancel_key)

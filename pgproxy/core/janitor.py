@@ -254,7 +254,7 @@ def expire_login(client: ClientConn, now: float, timeout: float) -> None:
     """client_login_timeout: a client still logging in after ``timeout`` seconds."""
     if not client.closed and now - client.connected_at >= timeout:
         # PgBouncer's wording tells a stalled client from one waiting for a dead server.
-        client.registry.login_timeouts += 1
+        client.services.registry.login_timeouts += 1
         if client.state is LOGIN:
             client.fatal(
                 codes.PROTOCOL_VIOLATION, "client_login_timeout (server down)", reason="timeout"
