@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import struct
 
+from mypy_extensions import i64
+
 _LENGTH = struct.Struct("!I")  # (next_message's buffer is a bytearray: int32_at takes bytes)
 
 
-def int32_at(data: bytes, position: int) -> int:
+def int32_at(data: bytes, position: i64) -> i64:
     """The unsigned big-endian 32-bit integer at ``position`` (a message's length is at
     the position of its type byte + 1).
 
-    Read byte by byte rather than with struct: compiled, a few machine instructions (about
-    12 ns against 73 for struct.unpack_from, which builds a tuple); as Python, about 100 ns
-    more, which the fallback build pays for the compiled one's speed.
+    Read byte by byte into native 64-bit integers (``i64``: compiled, plain machine
+    shifts; as Python, plain ints): the compiled read is about 30 instructions, where
+    shifting tagged ints calls a runtime helper per shift (124), and struct.unpack_from
+    builds a tuple (about 600).
     """
-    return (
-        data[position] << 24
-        | data[position + 1] << 16
-        | data[position + 2] << 8
-        | data[position + 3]
-    )
+    high: i64 = data[position]
+    second: i64 = data[position + 1]
+    third: i64 = data[position + 2]
+    low: i64 = data[position + 3]
+    return high << 24 | second << 16 | third << 8 | low
 
 
 def header(type_byte: bytes, length: int) -> bytes:
