@@ -405,14 +405,19 @@ class StatementError(Exception):
 
 
 class Statement:
-    """One distinct statement: its name on every server and the Parse that prepares it."""
+    """One distinct statement: its name on every server, the Parse that prepares it, and
+    the rewritten pieces of the client messages that name it, made once: a Bind into the
+    unnamed portal up to the statement name (``bind_head``: the portal's NUL and the name)
+    and the Describe of the statement."""
 
-    __slots__ = ("body", "name", "parse", "refs")
+    __slots__ = ("bind_head", "body", "describe", "name", "parse", "refs")
 
     def __init__(self, name: bytes, body: bytes) -> None:
         self.name = name
         self.body = body
         self.parse = parse_message(name, body)
+        self.bind_head = b"\0" + name
+        self.describe = header(b"D", 4 + 1 + len(name) + 1) + b"S" + name + b"\0"
         self.refs = 0
 
 
@@ -483,6 +488,7 @@ class ClientStatements:
 
     __slots__ = (
         "closed",
+        "last_name",
         "link_start",
         "names",
         "registry",
@@ -497,6 +503,10 @@ class ClientStatements:
         self.registry = registry
         self.stats = stats
         self.names: dict[bytes, Statement] = {}
+        # The name the last Bind or Describe looked up: the same bytes object again when
+        # the next one names it too, so that neither a copy nor a hash is made (a bytes
+        # object keeps its hash).
+        self.last_name = b""
         self.closed = False
         self.unnamed: bytes | None = None
         self.unnamed_batch = -1
@@ -504,53 +514,61 @@ class ClientStatements:
         self.reparsed: bytes | None = None
         self.reparsed_batch = -1
 
-    # Each method appends to ``plan`` what stands for the message data[position:end];
-    # ``batch`` (the client's request count before it) and ``index`` (its place among the
-    # batch's Parse/Bind/Close) name it in the ledger.
+    # Each method appends to ``plan`` what stands for the message data[position:end],
+    # up to the offset it returns: the message's own bytes from there on are forwarded
+    # as written, with what follows them in the chunk (one copy for all). ``batch`` (the
+    # client's request count before it) and ``index`` (its place among the batch's
+    # Parse/Bind/Close) name it in the ledger.
 
     def parse(self, data: bytes, position: int, end: int, batch: int, index: int,
-              plan: Plan) -> None:  # fmt: skip
+              plan: Plan) -> int:  # fmt: skip
         name_end = _string_end(data, position + 5, end)
         name = data[position + 5 : name_end]
         self.stats.client_parse_count += 1
         if name in self.names:
             plan.append(Op(_DUPLICATE, batch, index, None, name, data[position:end]))
-            return
+            return end
         statement = self.registry.acquire(data[name_end + 1 : end])
         self.names[name] = statement
         plan.append(Op(_PARSE, batch, index, statement, name))
+        return end
 
     def bind(self, data: bytes, position: int, end: int, batch: int, index: int,
-             plan: Plan) -> None:  # fmt: skip
+             plan: Plan) -> int:  # fmt: skip
         portal_end = _string_end(data, position + 5, end)
         name_end = _string_end(data, portal_end + 1, end)
-        name = data[portal_end + 1 : name_end]
+        name = self._name(data, portal_end + 1, name_end)
         statement = self.names.get(name)
         if statement is None:  # PostgreSQL will say it does not exist
             if not name:  # the unnamed statement, into a named portal
                 self.use_unnamed(batch, index, plan)
-            plan.append(data[position:end])
-            return
+            return position
         self.stats.bind_count += 1
         plan.append(Op(_USE, batch, index, statement))
-        head = data[position + 5 : portal_end + 1]  # the portal name and its NUL
-        rest = data[name_end:end]  # from the statement name's NUL on
-        length = 4 + len(head) + len(statement.name) + len(rest)
-        plan.append(header(b"B", length) + head + statement.name + rest)
+        # The header and the message up to the statement name are rewritten; from the
+        # name's NUL on it is the client's.
+        portal_size = portal_end - position - 5
+        length = 4 + portal_size + 1 + len(statement.name) + end - name_end
+        plan.append(header(b"B", length))
+        if portal_size:
+            plan.append(data[position + 5 : portal_end + 1] + statement.name)
+        else:
+            plan.append(statement.bind_head)
+        return name_end
 
     def describe(self, data: bytes, position: int, end: int, batch: int, index: int,
-                 plan: Plan) -> None:  # fmt: skip
-        name = data[position + 6 : _string_end(data, position + 6, end)]
-        statement = self.names.get(name)
+                 plan: Plan) -> int:  # fmt: skip
+        statement = self.names.get(
+            self._name(data, position + 6, _string_end(data, position + 6, end))
+        )
         if statement is None:
-            plan.append(data[position:end])
-            return
+            return position
         plan.append(Op(_USE, batch, index, statement))
-        plan.append(header(b"D", 4 + 1 + len(statement.name) + 1)
-                    + b"S" + statement.name + b"\0")  # fmt: skip
+        plan.append(statement.describe)
+        return end
 
     def close(self, data: bytes, position: int, end: int, batch: int, index: int,
-              plan: Plan) -> None:  # fmt: skip
+              plan: Plan) -> int:  # fmt: skip
         name = data[position + 6 : _string_end(data, position + 6, end)]
         statement = self.names.pop(name, None)
         if statement is not None:
@@ -558,7 +576,20 @@ class ClientStatements:
         # Forwarded as written: the server has no statement by the client's name, and
         # closing one that does not exist is no error, so the client's CloseComplete (or
         # the skip after an earlier error) comes from the server in its place.
-        plan.append(data[position:end])
+        return position
+
+    def _name(self, data: bytes, start: int, stop: int) -> bytes:
+        """data[start:stop], as ``last_name`` if it holds the same bytes."""
+        last = self.last_name
+        size = stop - start
+        if size == len(last) and size <= _SCAN_LIMIT:
+            offset = 0
+            while offset < size and data[start + offset] == last[offset]:
+                offset += 1
+            if offset == size:
+                return last
+        name = self.last_name = data[start:stop]
+        return name
 
     def use_unnamed(self, batch: int, index: int, plan: Plan) -> None:
         """A Bind or Describe of the unnamed statement follows in ``plan``, and the
@@ -659,6 +690,7 @@ class ServerStatements:
         "capacity",
         "extra",
         "extra_batch",
+        "last_used",
         "ledger",
         "registry",
         "stats",
@@ -670,6 +702,9 @@ class ServerStatements:
         self.stats = stats
         self.capacity = capacity
         self.cached: dict[Statement, None] = {}  # prepared here, least recently used first
+        # The statement put last in ``cached`` (used again, it needs no move: a Bind of
+        # the same statement transaction after transaction is the common case).
+        self.last_used: Statement | None = None
         self.ledger: deque[Pending] = deque()  # shared with the server's BackendScanner
         # Server batch number = client request number + batch_offset (see align).
         self.batch_offset = 0
@@ -765,7 +800,8 @@ class ServerStatements:
         """Prepare ``statement`` here first if this server lacks it (its ParseComplete
         hidden); the index of the next Parse/Bind/Close."""
         if statement in self.cached:
-            self._touch(statement)
+            if statement is not self.last_used:
+                self._touch(statement)
             return index
         index = self._make_room(parts, batch, index)
         self._prepare(parts, statement)
@@ -792,10 +828,12 @@ class ServerStatements:
     def _touch(self, statement: Statement) -> None:
         del self.cached[statement]
         self.cached[statement] = None
+        self.last_used = statement
 
     def _prepare(self, parts: list[bytes], statement: Statement) -> None:
         parts.append(statement.parse)
         self.cached[statement] = None
+        self.last_used = statement
         statement.refs += 1
         self.stats.server_parse_count += 1
 

@@ -413,7 +413,7 @@ class FrontendScanner:
                         if position > copied:
                             plan.append(data[copied:position])
                         try:
-                            self._statement(
+                            copied = self._statement(
                                 kind, data, position, end, self.requests_total + requests,
                                 open_pbc, plan,
                             )  # fmt: skip
@@ -422,7 +422,6 @@ class FrontendScanner:
                             self.error_at = position - base
                             stop = position
                             break
-                        copied = end
                     elif length < 6:
                         pass
                     elif kind == _PARSE:
@@ -529,19 +528,20 @@ class FrontendScanner:
         return length < 4 or length > self.max_packet_size or len(held) >= 1 + length
 
     def _statement(self, kind: int, data: bytes, position: int, end: int, batch: int,
-                   index: int, plan: Plan) -> None:  # fmt: skip
+                   index: int, plan: Plan) -> int:  # fmt: skip
+        """Plan the named statement message data[position:end]; the offset from which the
+        chunk is forwarded as written (see ClientStatements)."""
         statements = self.statements
         assert statements is not None
         if kind == _PARSE:
             self.named_parse = True
             self.sql_start = _NAMED_SQL_START
-            statements.parse(data, position, end, batch, index, plan)
-        elif kind == _BIND:
-            statements.bind(data, position, end, batch, index, plan)
-        elif kind == _DESCRIBE:
-            statements.describe(data, position, end, batch, index, plan)
-        else:
-            statements.close(data, position, end, batch, index, plan)
+            return statements.parse(data, position, end, batch, index, plan)
+        if kind == _BIND:
+            return statements.bind(data, position, end, batch, index, plan)
+        if kind == _DESCRIBE:
+            return statements.describe(data, position, end, batch, index, plan)
+        return statements.close(data, position, end, batch, index, plan)
 
     def requests_after_copy_end(self) -> int:
         """Requests sent after the client ended its COPY data (0 if it has not yet)."""
