@@ -442,8 +442,7 @@ class Pool(ServerOwner):
             self.change_server_state(server, ACTIVE, client)
             histograms = self.histograms
             if histograms is not None:
-                counts = histograms.wait.counts  # no wait: the first bucket
-                counts[0] = counts[0] + 1  # (see Histogram.observe)
+                histograms.wait.first += 1  # no wait: the first bucket (observe(0.0))
             return server
         if self.shutting_down:
             client.fatal(codes.ADMIN_SHUTDOWN, "server shutting down")
