@@ -20,6 +20,7 @@ import ssl
 import struct
 import time
 from asyncio import sslproto
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeVar, cast
 
 from pgproxy import __version__
@@ -312,6 +313,7 @@ class ClientConn(LinkedClient):
         self.unix = unix  # accepted on the Unix socket
         self.id = next_connection_id()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.send: Callable[[bytes], object] = None  # type: ignore[assignment]  # (its write)
         self.state = STARTUP
         self.console: ConsoleSession | None = None
         self.peer_pid = 0  # the client's process id, known over a Unix socket
@@ -361,6 +363,7 @@ class ClientConn(LinkedClient):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.send = transport.write
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.connected_at = _clock()
         self.services.registry.clients.add(self)
@@ -447,7 +450,7 @@ class ClientConn(LinkedClient):
         elif requests and owed <= 0:
             server.query_started = server.clock()  # query_time runs from here
         if plan is None:
-            server.transport.write(data)
+            server.send(data)
         else:
             self._send_plan(server, plan)
 
@@ -466,8 +469,8 @@ class ClientConn(LinkedClient):
         if server.statements_client is not self or server_statements is None:
             server_statements = server.link_statements(self)  # the first named one here
         out = server_statements.render(plan, statements)
-        if out:
-            server.transport.write(out)
+        if len(out):
+            server.send(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
@@ -549,7 +552,7 @@ class ClientConn(LinkedClient):
         pending = self._pending
         if pending:
             if len(pending) == 1 and type(pending[0]) is bytes:  # the usual: one chunk
-                server.transport.write(pending[0])
+                server.send(pending[0])
             else:
                 self._flush_several(server)
             pending.clear()
@@ -739,6 +742,7 @@ class ClientConn(LinkedClient):
     def _tls_established(self, transport: asyncio.Transport) -> None:
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport = transport
+        self.send = transport.write
         self.state = STARTUP
         self._act(self._login.tls_established())
 

@@ -94,6 +94,7 @@ class LinkedClient(asyncio.Protocol):
     user: str
     database: str
     transport: asyncio.Transport
+    send: Callable[[bytes], object]  # transport.write (see ServerConn.send)
     scan: FrontendScanner
     params: tracked.ParamValues
     server: ServerConn | None
@@ -227,6 +228,9 @@ class ServerConn(asyncio.Protocol):
     def __init__(self, pool: ServerOwner) -> None:
         self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        # The transport's write, bound once: compiled, ``transport.write(...)`` looks the
+        # method up by name at each call (the transport is uvloop's, not a native class).
+        self.send: Callable[[bytes], object] = None  # type: ignore[assignment]
         # Set by its pool's change_server_state only; LOGIN until the pool takes it.
         self.state: ServerState = LOGIN
         self.client: LinkedClient | None = None
@@ -294,6 +298,7 @@ class ServerConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.send = transport.write
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
@@ -313,7 +318,7 @@ class ServerConn(asyncio.Protocol):
         if ready and scan.status != STATUS_IDLE and self.pool.statement_mode:
             self._transaction_in_statement_mode(client)
             return
-        client.transport.write(data)
+        client.send(data)
         self.pool.stats.sent_bytes += len(data)
         if ready:
             self._answered(client, ready)
@@ -341,12 +346,12 @@ class ServerConn(asyncio.Protocol):
         out = scan.out
         start = scan.forward_from
         if out is not None:  # (prepared statements: replies cut out, a split held back)
-            if out:
-                client.transport.write(out)
+            if len(out):
+                client.send(out)
         elif start == 0:
-            client.transport.write(data)
+            client.send(data)
         elif start < len(data):
-            client.transport.write(data[start:])
+            client.send(data[start:])
         self.pool.stats.sent_bytes += len(data)
         if scan.copy_started or scan.copy_finished:
             self._copy_progress(client)
@@ -648,6 +653,7 @@ class ServerConn(asyncio.Protocol):
             raise ServerLoginError(codes.CONNECTION_FAILURE, "TLS handshake failed")
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.transport = transport
+        self.send = transport.write
         self.tls = True
 
     async def login(
