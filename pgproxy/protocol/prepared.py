@@ -37,6 +37,8 @@ import struct
 from collections import deque
 from typing import Final
 
+from mypy_extensions import i64
+
 from pgproxy.protocol.framing import header
 
 _HEADER: Final = struct.Struct("!cI")
@@ -452,22 +454,26 @@ class Registry:
 _SCAN_LIMIT: Final = 32
 
 
-def _string_end(data: bytes, start: int, end: int) -> int:
-    """The offset of the NUL that ends the string starting at ``start``, before ``end``."""
+def _string_end(data: bytes, start: i64, end: i64) -> i64:
+    """The offset of the NUL that ends the string starting at ``start``, before ``end``.
+
+    (The offsets are native integers, ``i64``: compiled, the loop's index arithmetic
+    and comparisons are machine instructions rather than tagged-int operations.)"""
     stop = start + _SCAN_LIMIT
     if stop > end:
         stop = end
-    if stop > len(data):
-        stop = len(data)
+    size: i64 = len(data)
+    if stop > size:
+        stop = size
     position = start
     while position < stop:
         if data[position] == 0:
             return position
         position += 1
-    position = data.find(b"\0", position, end)
-    if position < 0:
+    found: i64 = data.find(b"\0", position, end)
+    if found < 0:
         raise StatementError("invalid string in message")
-    return position
+    return found
 
 
 class ClientStatements:
@@ -578,12 +584,12 @@ class ClientStatements:
         # the skip after an earlier error) comes from the server in its place.
         return position
 
-    def _name(self, data: bytes, start: int, stop: int) -> bytes:
+    def _name(self, data: bytes, start: i64, stop: i64) -> bytes:
         """data[start:stop], as ``last_name`` if it holds the same bytes."""
         last = self.last_name
         size = stop - start
         if size == len(last) and size <= _SCAN_LIMIT:
-            offset = 0
+            offset: i64 = 0
             while offset < size and data[start + offset] == last[offset]:
                 offset += 1
             if offset == size:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from mypy_extensions import i64
+
 from pgproxy.protocol.framing import int32_at
 from pgproxy.protocol.prepared import (
     MAX_SQL_QUERY,
@@ -236,7 +238,7 @@ class FrontendScanner:
     def feed(self, data: bytes) -> None:
         """Walk the headers in ``data``, continuing from where the previous chunk ended."""
         if self.at_boundary:
-            size = len(data)
+            size: i64 = len(data)
             if (
                 size > 5
                 and data[0] == _QUERY
@@ -271,8 +273,8 @@ class FrontendScanner:
         kinds = _FRONTEND_KIND
         limit = self.max_packet_size
         statements = self.statements
-        size = len(data)
-        position = 0
+        size: i64 = len(data)
+        position: i64 = 0
         requests = 0
         open_pbc = self.open_pbc
         batch_open = self.batch_open
@@ -349,9 +351,9 @@ class FrontendScanner:
         self.terminate_at = -1
         plan: Plan | None = None
         self.plan = None
-        size = len(data)
-        position = self.remaining
-        base = 0
+        size: i64 = len(data)
+        position: i64 = self.remaining
+        base: i64 = 0
         if self.held is not None:  # a statement message held back: is it complete now?
             held = self.held
             held += data
@@ -369,7 +371,7 @@ class FrontendScanner:
             self.holds_server = self.batch_open or self.remaining > 0
             self.at_boundary = not self.remaining
             return
-        elif self.carry:  # a header was split between chunks: join it (rare, < 5 bytes)
+        elif len(self.carry):  # a header was split between chunks: join it (rare, < 5 bytes)
             base = len(self.carry)
             data = self.carry + data
             self.carry = b""
@@ -381,8 +383,8 @@ class FrontendScanner:
         requests = 0
         open_pbc = self.open_pbc
         batch_open = self.batch_open
-        copied = base  # plan: data before this offset is in the plan already
-        stop = -1  # plan: the offset where forwarding stops (Terminate, an error, a hold)
+        copied: i64 = base  # plan: data before this offset is in the plan already
+        stop: i64 = -1  # plan: the offset where forwarding stops (Terminate, an error, a hold)
         parsed = False  # an unnamed Parse was walked (its server gets what follows)
         while position + 5 <= size:
             type_byte = data[position]
@@ -513,7 +515,7 @@ class FrontendScanner:
             batch_open or position != size or terminate_split or self.held is not None
         )
         self.at_boundary = (
-            position == size and self.terminate_at < 0 and self.held is None and not self.carry
+            position == size and self.terminate_at < 0 and self.held is None and not len(self.carry)
         )
 
     def _held_complete(self, held: bytearray) -> bool:
@@ -666,14 +668,14 @@ class BackendScanner:
         self.out = None
         self.copy_started = self.copy_finished = False
         self.quick = False
-        size = len(data)
-        position = self.remaining
+        size: i64 = len(data)
+        position: i64 = self.remaining
         if position >= size:
             self.remaining = position - size
             self.forward_from = size if self.hidden else 0
             return
         statements = self.statements
-        if self.hidden or self.carry or self.copy_in or self.withheld or self.ledger:
+        if self.hidden or len(self.carry) or self.copy_in or self.withheld or self.ledger:
             self._walk(data, position, 0)
             return
         # The common case, a linked server's reply with nothing hidden, carried, withheld
