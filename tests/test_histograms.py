@@ -26,6 +26,20 @@ def test_counts_are_prometheus_buckets(values: list[float]) -> None:
     assert abs(histogram.sum - sum(everything)) <= 1e-9 * max(1.0, sum(everything))
 
 
+@given(st.lists(seconds, max_size=50), st.integers(0, 5))
+def test_counts_with_few_bounds(values: list[float], size: int) -> None:
+    # The first three buckets are fields: with fewer bounds, the field after the last
+    # bound counts +Inf.
+    bounds = DURATION_BUCKETS[:size]
+    histogram = Histogram(bounds)
+    expected = [0] * (size + 1)
+    for value in values:
+        histogram.observe(value)
+        expected[bisect_left(bounds, value)] += 1
+    assert histogram.counts == expected
+    assert histogram.buckets()[-1] == ("+Inf", float(len(values)))
+
+
 def test_buckets_are_cumulative_with_inf_last() -> None:
     histogram = Histogram((0.1, 1.0))
     for value in (0.05, 0.1, 0.5, 1.0, 3.0, 7.0):

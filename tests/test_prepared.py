@@ -178,6 +178,50 @@ def test_eviction_closes_the_least_recently_used() -> None:
     assert link.reply(replies) == (PARSE_COMPLETE + READY) * 3 + BIND_COMPLETE + READY
 
 
+def bind_into(portal: bytes, name: bytes, parameters: bytes) -> bytes:
+    """A Bind of statement ``name`` into ``portal`` with ``parameters`` (the bytes from
+    the parameter format codes on)."""
+    body = portal + b"\0" + name + b"\0" + parameters
+    return b"B" + struct.pack("!I", 4 + len(body)) + body
+
+
+def test_a_bind_is_rewritten_up_to_the_name_and_forwarded_from_there() -> None:
+    link = Link()
+    link.send(parse(b"s1", b"select $1::int") + parse(b"s2", b"select 2") + SYNC)
+    link.reply(PARSE_COMPLETE * 2 + READY)
+    # One text parameter ('42'), one result format; into a named portal and the unnamed
+    # one, each followed by more messages in the chunk.
+    parameters = b"\0\0" + b"\0\1" + b"\0\0\0\x0242" + b"\0\1\0\0"
+    describe_portal = b"D\0\0\0\x09Pcur\0"
+    chunk = (
+        bind_into(b"cur", b"s1", parameters) + describe_portal + EXECUTE
+        + bind_into(b"", b"s2", b"\0\0\0\0\0\0") + EXECUTE + SYNC
+    )  # fmt: skip
+    assert link.send(chunk) == (
+        bind_into(b"cur", b"PGPROXY_1", parameters) + describe_portal + EXECUTE
+        + bind_into(b"", b"PGPROXY_2", b"\0\0\0\0\0\0") + EXECUTE + SYNC
+    )  # fmt: skip
+    # Names of one length that differ, one after the other: each its own statement.
+    for name, mapped in ((b"s1", b"PGPROXY_1"), (b"s2", b"PGPROXY_2"), (b"s1", b"PGPROXY_1")):
+        assert link.send(bind(name) + EXECUTE + SYNC) == bind(mapped) + EXECUTE + SYNC
+    # An unknown name of the same length is forwarded as the client wrote it.
+    assert link.send(bind(b"s3") + EXECUTE + SYNC) == bind(b"s3") + EXECUTE + SYNC
+    describe = b"D\0\0\0\x08Ss2\0"
+    assert link.send(describe + SYNC) == b"D\0\0\0\x0fSPGPROXY_2\0" + SYNC
+
+
+def test_a_statement_used_again_stays_the_most_recently_used() -> None:
+    link = Link(capacity=2)
+    link.send(parse(b"a", b"select 'a'") + parse(b"b", b"select 'b'") + SYNC)
+    link.reply(PARSE_COMPLETE * 2 + READY)
+    for _ in range(2):  # 'a' moves to the end once, then stays there
+        assert link.send(bind(b"a") + EXECUTE + SYNC) == bind(b"PGPROXY_1") + EXECUTE + SYNC
+        link.reply(BIND_COMPLETE + COMPLETE + READY)
+    # A third statement evicts the least recently used: 'b'.
+    sent = link.send(parse(b"c", b"select 'c'") + SYNC)
+    assert sent == close_message(b"PGPROXY_2") + parse(b"PGPROXY_3", b"select 'c'") + SYNC
+
+
 def test_split_anywhere_gives_the_same_bytes() -> None:
     client_stream = (
         parse(b"s1", b"select $1::int") + bind(b"s1") + EXECUTE + SYNC
