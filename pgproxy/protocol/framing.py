@@ -20,7 +20,7 @@ def int32_at(data: bytes, position: i64) -> i64:
     the position of its type byte + 1).
 
     Read byte by byte into native 64-bit integers (``i64``: compiled, plain machine
-    shifts; as Python, plain ints): the compiled read is about 30 instructions, where
+    shifts; as Python, plain ints): the compiled read is about 40 instructions, where
     shifting tagged ints calls a runtime helper per shift (124), and struct.unpack_from
     builds a tuple (about 600).
     """
