@@ -208,6 +208,14 @@ def test_a_bind_is_rewritten_up_to_the_name_and_forwarded_from_there() -> None:
     assert link.send(bind(b"s3") + EXECUTE + SYNC) == bind(b"s3") + EXECUTE + SYNC
     describe = b"D\0\0\0\x08Ss2\0"
     assert link.send(describe + SYNC) == b"D\0\0\0\x0fSPGPROXY_2\0" + SYNC
+    # The chunk split anywhere (a Bind held back until whole): the same bytes.
+    expected = link.send(chunk + describe + SYNC)
+    for cut in range(1, len(chunk) + len(describe)):
+        split = Link()
+        split.send(parse(b"s1", b"select $1::int") + parse(b"s2", b"select 2") + SYNC)
+        split.reply(PARSE_COMPLETE * 2 + READY)
+        whole = chunk + describe + SYNC
+        assert split.send(whole[:cut], whole[cut:]) == expected, cut
 
 
 def test_a_statement_used_again_stays_the_most_recently_used() -> None:
