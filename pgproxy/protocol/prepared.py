@@ -141,7 +141,17 @@ def parse_message(name: bytes, body: bytes) -> bytes:
 
 def close_message(name: bytes) -> bytes:
     """A Close message for statement ``name``."""
-    return header(b"C", 4 + 1 + len(name) + 1) + b"S" + name + b"\0"
+    return _statement_message(b"C", name)
+
+
+def describe_message(name: bytes) -> bytes:
+    """A Describe message for statement ``name``."""
+    return _statement_message(b"D", name)
+
+
+def _statement_message(type_byte: bytes, name: bytes) -> bytes:
+    # Close and Describe of a statement: 'S', the name, its NUL.
+    return header(type_byte, 4 + 1 + len(name) + 1) + b"S" + name + b"\0"
 
 
 _EMPTY_QUERY: Final = b"\0\0\0"  # query '' and no parameter types
@@ -419,7 +429,7 @@ class Statement:
         self.body = body
         self.parse = parse_message(name, body)
         self.bind_head = b"\0" + name
-        self.describe = header(b"D", 4 + 1 + len(name) + 1) + b"S" + name + b"\0"
+        self.describe = describe_message(name)
         self.refs = 0
 
 
