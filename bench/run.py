@@ -211,6 +211,16 @@ def cpu_times(pid: int) -> tuple[float, float] | None:
     return user / CLK_TCK, system / CLK_TCK
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) seconds of the whole machine since boot, summed over its CPUs, from
+    /proc/stat: busy is user, nice, system, irq and softirq time (guest time is inside
+    user); steal is time the hypervisor gave to others while this VM wanted to run."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
 def port_open(port: int) -> bool:
     """Tell whether something accepts TCP connections on 127.0.0.1:``port``."""
     try:
@@ -528,11 +538,21 @@ class RunResult:
     cpu_user_seconds: float | None = None
     cpu_sys_seconds: float | None = None
     cpu_us_per_txn: float | None = None
+    # The whole machine during the run (pgbench, PostgreSQL, the pooler, anything else).
+    machine_busy_seconds: float | None = None
+    machine_steal_seconds: float | None = None
     wall_seconds: float = 0.0
     stdout: str = ""
     stderr: str = ""
     pooler_log_tail: str = ""
     note: str = ""
+
+    @property
+    def machine_us_per_txn(self) -> float | None:
+        """The whole machine's busy CPU time per transaction, in µs."""
+        if self.machine_busy_seconds is None or not self.transactions:
+            return None
+        return self.machine_busy_seconds * 1e6 / self.transactions
 
     @property
     def ok(self) -> bool:
@@ -627,6 +647,7 @@ class Runner:
             return result
         self.prepare(scenario)
         cpu_before = cpu_times(pooler.pid) if pooler is not None and pooler.pid else None
+        machine_before = machine_cpu()
         started = time.monotonic()
         finish_hook: Callable[[], None] | None = None
         self.active = subprocess.Popen(
@@ -658,6 +679,9 @@ class Runner:
             if finish_hook is not None:
                 finish_hook()
         result.wall_seconds = time.monotonic() - started
+        machine_after = machine_cpu()
+        result.machine_busy_seconds = machine_after[0] - machine_before[0]
+        result.machine_steal_seconds = machine_after[1] - machine_before[1]
         if pooler is not None and pooler.pid is not None:
             cpu_after = cpu_times(pooler.pid)
             if cpu_before is not None and cpu_after is not None:
@@ -871,6 +895,10 @@ class Summary:
     # Over all rounds: user and kernel CPU microseconds per transaction.
     cpu_user_us_per_txn: float | None = None
     cpu_sys_us_per_txn: float | None = None
+    # Over all rounds: the whole machine's busy CPU µs per transaction, and the share of
+    # the run's CPU time stolen by the hypervisor.
+    machine_us_per_txn: float | None = None
+    steal_share: float | None = None
 
 
 def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, Summary]]:
@@ -898,6 +926,13 @@ def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, Summary]]:
                 if transactions:
                     summary.cpu_user_us_per_txn = user * 1e6 / transactions
                     summary.cpu_sys_us_per_txn = system * 1e6 / transactions
+            measured = [r for r in runs if r.machine_us_per_txn is not None]
+            busy = sum(r.machine_busy_seconds or 0.0 for r in measured)
+            transactions = sum(r.transactions or 0 for r in measured)
+            if transactions:
+                summary.machine_us_per_txn = busy * 1e6 / transactions
+                steal = sum(r.machine_steal_seconds or 0.0 for r in measured)
+                summary.steal_share = steal / (busy + steal) if busy + steal > 0 else None
     return out
 
 
@@ -917,6 +952,26 @@ def paired_ratio(
         if target in tps and tps.get(reference)
     ]
     return (statistics.median(ratios) if ratios else None), ratios
+
+
+def paired_cpu_ratio(
+    results: Sequence[RunResult], scenario: str, target: str, reference: str
+) -> float | None:
+    """The median over rounds of ``reference``'s machine CPU per transaction / ``target``'s
+    in the same round: the tps ratio the two would have if both kept the machine equally
+    busy. The tps ratio moves with how idle the machine stays (waits, the host's noise);
+    this one only with the CPU each transaction costs, pgbench and PostgreSQL included."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in results:
+        cost = r.machine_us_per_txn
+        if r.scenario == scenario and cost and r.ok:
+            by_round.setdefault(r.round, {})[r.target] = cost
+    ratios = [
+        cost[reference] / cost[target]
+        for _, cost in sorted(by_round.items())
+        if target in cost and reference in cost
+    ]
+    return statistics.median(ratios) if ratios else None
 
 
 def added_latency_us(results: Sequence[RunResult], scenario: str, target: str) -> float | None:
@@ -1027,15 +1082,21 @@ def build_report(
             middle, ratios = paired_ratio(results, sc.name, target, PGBOUNCER)
             if middle is not None:
                 each = ", ".join(f"{value:.2f}" for value in ratios)
-                paired.append(f"| {sc.name} | {TARGET_LABELS[target]} | {middle:.2f} | {each} |")
+                by_cpu = paired_cpu_ratio(results, sc.name, target, PGBOUNCER)
+                paired.append(
+                    f"| {sc.name} | {TARGET_LABELS[target]} | {middle:.2f} "
+                    f"| {fmt(by_cpu, '.2f')} | {each} |"
+                )
     if paired:
         lines += [
             "",
             "Paired ratios to PgBouncer (tps of the target / PgBouncer's in the same round; "
-            "median over rounds):",
+            "median over rounds). By CPU: PgBouncer's machine CPU per transaction / the "
+            "target's in the same round (median over rounds), the tps ratio if both left "
+            "the machine equally idle:",
             "",
-            "| scenario | target | median ratio | per round |",
-            "|:--|:--|--:|:--|",
+            "| scenario | target | median ratio | by CPU | per round |",
+            "|:--|:--|--:|--:|:--|",
             *paired,
         ]
     lines += [
@@ -1047,8 +1108,10 @@ def build_report(
         "PostgreSQL's in the same round. ⚠ = at least one run had failed transactions, "
         "pgbench errors, a non-zero exit, a hang or a pooler crash (details below).",
         "",
-        "tps per round (in round order); for the poolers also their user and kernel CPU "
-        "time per transaction over all rounds, and the kernel (stime) share:",
+        "tps per round (in round order); the whole machine's busy CPU µs per transaction "
+        "over all rounds (pgbench, PostgreSQL and the pooler; with the hypervisor's steal "
+        "share when there was any); for the poolers also their user and kernel CPU time per "
+        "transaction over all rounds, and the kernel (stime) share:",
         "",
     ]
     for sc in scenarios:
@@ -1066,7 +1129,12 @@ def build_report(
                         f"{s.cpu_sys_us_per_txn:.1f} µs/txn, "
                     )
                 share = f" ({split}sys {100 * s.cpu_sys_share:.0f}%)"
-            lines.append(f"- {sc.name} / {TARGET_LABELS[target]}: {rounds}{share}")
+            machine = ""
+            if s.machine_us_per_txn is not None:
+                machine = f"; machine {s.machine_us_per_txn:.1f} µs/txn"
+                if s.steal_share:
+                    machine += f", steal {100 * s.steal_share:.1f}%"
+            lines.append(f"- {sc.name} / {TARGET_LABELS[target]}: {rounds}{machine}{share}")
     bad = [r for r in results if not r.ok]
     lines += ["", f"## Problems ({len(bad)} of {len(results)} runs)", ""]
     if not bad:

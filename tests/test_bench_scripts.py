@@ -47,6 +47,34 @@ def test_paired_ratio_pairs_runs_of_the_same_round() -> None:
     assert middle == 0.9
 
 
+def test_cpu_ratio_pairs_the_machine_cpu_per_transaction_of_a_round() -> None:
+    sys.path.insert(0, str(BENCH.parent))
+    from bench import run
+
+    def result(round_no: int, target: str, busy: float, transactions: int) -> run.RunResult:
+        r = run.RunResult("connect8", target, round_no, [])
+        r.tps, r.exit_code, r.transactions = 1.0, 0, transactions
+        r.machine_busy_seconds, r.machine_steal_seconds = busy, 0.0
+        return r
+
+    results = [
+        # Round 1: PgBouncer 30 µs of machine CPU per transaction, pgproxy 40: 0.75.
+        result(1, run.PGBOUNCER, 3.0, 100_000), result(1, run.PGPROXY, 3.2, 80_000),
+        # Round 2: 20 against 25 µs: 0.8; round 3: 10 against 10: 1.0.
+        result(2, run.PGBOUNCER, 2.0, 100_000), result(2, run.PGPROXY, 2.5, 100_000),
+        result(3, run.PGBOUNCER, 1.0, 100_000), result(3, run.PGPROXY, 0.5, 50_000),
+        result(4, run.PGPROXY, 9.0, 1_000),  # no PgBouncer run in round 4: left out
+    ]  # fmt: skip
+    by_cpu = run.paired_cpu_ratio(results, "connect8", run.PGPROXY, run.PGBOUNCER)
+    assert by_cpu is not None and round(by_cpu, 6) == 0.8
+    summary = run.summarise(results)["connect8"][run.PGPROXY]
+    assert summary.machine_us_per_txn is not None
+    assert round(summary.machine_us_per_txn, 6) == round(15.2e6 / 231_000, 6)
+    assert summary.steal_share == 0.0
+    busy, steal = run.machine_cpu()
+    assert busy > 0 and steal >= 0
+
+
 def test_added_latency_is_paired_with_direct_by_round() -> None:
     sys.path.insert(0, str(BENCH.parent))
     from bench import run
