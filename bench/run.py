@@ -959,8 +959,9 @@ def paired_cpu_ratio(
 ) -> float | None:
     """The median over rounds of ``reference``'s machine CPU per transaction / ``target``'s
     in the same round: the tps ratio the two would have if both kept the machine equally
-    busy. The tps ratio moves with how idle the machine stays (waits, the host's noise);
-    this one only with the CPU each transaction costs, pgbench and PostgreSQL included."""
+    busy. The tps ratio moves with the CPU each transaction costs (pgbench and PostgreSQL
+    included) and with how idle the machine stays; this one only with the first. (The
+    host's noise moves both: a slow round also spends more CPU per transaction.)"""
     by_round: dict[int, dict[str, float]] = {}
     for r in results:
         cost = r.machine_us_per_txn
