@@ -22,8 +22,8 @@ answer the startup packet, forward the query and the reply, close. It is the flo
 the CPU of pgproxy's login as the plain relay is for its transactions. Its ``-C`` tps is a
 session pooler's, though: it keeps the server from the login to the Terminate, where a
 transaction pooler gives it back at each ReadyForQuery, and on this machine that alone
-leaves the cores more idle under ``pgbench -C`` (PgBouncer in session mode runs it about
-10% faster than in transaction mode; bench/RESULTS.md, 2026-12-07).
+leaves the cores more idle under ``pgbench -C`` (PgBouncer in session mode ran it 7-26%
+faster than in transaction mode in three rounds; bench/RESULTS.md, 2026-12-07).
 
 With as many clients as a pooler has servers (the 16-client scenarios against a pool of
 20), PostgreSQL runs the same number of backends behind the relay as behind a pooler. With
