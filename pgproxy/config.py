@@ -73,6 +73,8 @@ class PoolSettings:
     idle_timeout: float = 600.0  # 0: never
     lifetime: float = 3600.0  # 0: one client only
     null_pool: bool = False
+    # server_round_robin: the server idle longest is taken first, not the warmest.
+    round_robin: bool = False
     login_retry: float = 15.0  # cap of the backoff between failed server logins
     reconnect_timeout: float = 300.0  # 0: never run the hook
     reconnect_failed: str | None = None
@@ -539,6 +541,13 @@ class Settings(BaseSettings):
         description="Run `server_reset_query` in transaction and statement mode too, after every "
         "transaction.",
     )
+    server_round_robin: bool = Field(
+        default=False,
+        description="Hand clients the server that has been idle longest (round robin) instead "
+        "of the one used last (LIFO), so that every server of a pool takes an even share of "
+        "the load: better when several hosts or a balancer are behind one database entry. The "
+        "default keeps the load on as few servers as it can (PgBouncer's default too).",
+    )
     transaction_state_guard: TransactionStateGuard = Field(
         default="warn",
         description="Transaction and statement mode: what to do about session state a client "
@@ -890,6 +899,7 @@ class Settings(BaseSettings):
             max_waiting=self.max_waiting,
             check_query=self.server_check_query,
             check_delay=self.server_check_delay,
+            round_robin=self.server_round_robin,
             reserve_size=self.reserve_pool_size_for(database, user),
             reserve_timeout=self.reserve_pool_timeout,
             max_prepared_statements=0 if mode == "session" else self.max_prepared_statements,

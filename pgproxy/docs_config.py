@@ -65,6 +65,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "server_idle_timeout",
             "server_lifetime",
             "null_pool",
+            "server_round_robin",
             "max_waiting",
             "reserve_pool_size",
             "reserve_pool_timeout",

@@ -35,7 +35,6 @@ _SAME = frozenset(Settings.model_fields) - {"auth_type", "databases", "users", "
 # [pgbouncer] settings pgproxy does not have, and why that is harmless or what to do.
 _NOT_CARRIED = {
     "user": "run pgproxy as that user instead (systemd User=, or the container's user)",
-    "server_round_robin": "servers are always reused most recently used first",
     "disable_pqexec": "multi-statement simple queries are always allowed",
     "application_name_add_host": "not supported",
     "conffile": "the file given on the command line is the configuration",

@@ -198,7 +198,7 @@ def test_every_supported_setting_converts_and_loads(tmp_path: Path) -> None:
 def test_pgbouncer_defaults_and_what_is_not_carried_over(tmp_path: Path) -> None:
     path = _ini(
         tmp_path,
-        "[pgbouncer]\nauth_type = any\nserver_round_robin = 1\n"
+        "[pgbouncer]\nauth_type = any\ndisable_pqexec = 1\nserver_round_robin = 1\n"
         "[databases]\nappdb = host=a,b\n[peers]\n1 = host=x pool_size=3\n2 = host=/run/b port=7\n"
         "[extra]\nk = v\n",
     )
@@ -207,12 +207,13 @@ def test_pgbouncer_defaults_and_what_is_not_carried_over(tmp_path: Path) -> None
     assert settings.listen_addr == ""  # PgBouncer without listen_addr: the socket only
     assert settings.unix_socket_dir == "/tmp"
     assert settings.auth_type == "trust"
+    assert settings.server_round_robin is True  # (PgBouncer's 1)
     assert settings.databases["appdb"].host == "a,b"  # both, in turn (load_balance_hosts)
     assert (settings.peers[1].host, settings.peers[1].port) == ("x", 6432)
     assert (settings.peers[2].host, settings.peers[2].port) == ("/run/b", 7)
     assert [warning.split(": ", 1)[1] for warning in conversion.warnings] == [
         "auth_type = any: converted to trust (the user name is not ignored)",
-        "server_round_robin not carried over: servers are always reused most recently used first",
+        "disable_pqexec not carried over: multi-statement simple queries are always allowed",
         "peer 1: pool_size not carried over",
         "unknown section [extra]: ignored",
     ]

@@ -229,6 +229,7 @@ class Pool(ServerOwner):
         self.single_use = settings.lifetime == 0  # PgBouncer's server_lifetime = 0
         # server_check_delay = 0: every idle server is tested before a client gets it.
         self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
+        self.round_robin = settings.round_robin  # server_round_robin: see acquire
         self.max_servers = settings.size + settings.reserve_size  # more: close when free
         # A list per server state (pgproxy.core.states), kept by change_server_state (an
         # ACTIVE server is held by its client instead); and every logged-in server,
@@ -433,7 +434,9 @@ class Pool(ServerOwner):
     def acquire(self, client: LinkedClient) -> ServerConn | None:
         """Link an idle server to ``client`` now, or queue the client and return None."""
         if self.idle and not self.paused:
-            server = self.idle[-1]  # LIFO: the warmest server, as PgBouncer does
+            # LIFO, PgBouncer's default: the warmest server, the load on as few as can take
+            # it. server_round_robin: the one idle longest, the load spread over them all.
+            server = self.idle[0] if self.round_robin else self.idle[-1]
             if self.check_before_use:  # server_check_delay = 0: test it first
                 self.change_client_state(client, CLIENT_WAITING, first=True)
                 self._test(server, client.wait_started_at)
@@ -1014,6 +1017,7 @@ class Pool(ServerOwner):
         self.null_pool = settings.null_pool
         self.single_use = settings.lifetime == 0
         self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
+        self.round_robin = settings.round_robin
         self.max_servers = settings.size + settings.reserve_size
         self.oversized = len(self.servers) > self.max_servers
         self.min_size = min(settings.min_size, settings.size)

@@ -689,6 +689,27 @@ def test_reload_of_a_broken_file_fails_and_keeps_the_running_config(
     assert proxy.alive()
 
 
+def test_server_round_robin_takes_the_server_idle_longest(
+    pg: EmbeddedPostgres, proxy_factory: ProxyFactory, conns: Connections
+) -> None:
+    """PgBouncer's default hands the next transaction the server used last (LIFO: the load
+    on as few servers as can take it); with server_round_robin, here set from the console,
+    the one idle longest, so that the pool's servers take turns."""
+    proxy = proxy_factory(_config(pg, default_pool_size=3))
+    console = conns.console(proxy)
+    holders = [conns.client(proxy, autocommit=False) for _ in range(3)]
+    opened = [_fetch(holder, "select pg_backend_pid()") for holder in holders]
+    assert len(set(opened)) == 3
+    for holder in holders:
+        _commit(holder)  # released in this order: opened[0] has been idle longest
+    client = conns.client(proxy)
+    assert [_fetch(client, "select pg_backend_pid()") for _ in range(4)] == [opened[2]] * 4
+    assert console.run("SET server_round_robin = 1") == "SET server_round_robin=1"
+    assert console.config("server_round_robin")["value"] == "1"
+    turns = [_fetch(client, "select pg_backend_pid()") for _ in range(6)]
+    assert turns == [opened[0], opened[1], opened[2]] * 2
+
+
 def test_set_default_pool_size_resizes_pools_at_once(
     pg: EmbeddedPostgres, proxy_factory: ProxyFactory, conns: Connections, superuser: Conn
 ) -> None:

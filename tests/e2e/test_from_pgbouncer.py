@@ -48,7 +48,7 @@ def ini_proxy(pg: EmbeddedPostgres) -> Any:
         "default_pool_size = 2\n"
         "query_wait_timeout = 7\n"
         "admin_users = app\n"
-        "server_round_robin = 1\n"
+        "disable_pqexec = 1\n"
         f"%include {workdir}/databases.ini\n"
     )
     # PgBouncer's command line: the file as the argument, -q for no stderr logging.
@@ -80,7 +80,7 @@ def test_started_on_a_pgbouncer_ini(ini_proxy: tuple[ProxyProcess, Path]) -> Non
     log = workdir / "pgbouncer.log"
     wait_for(lambda: "configuration reloaded" in log.read_text(), 10, "the reload in the log")
     text = log.read_text()
-    assert "server_round_robin not carried over" in text
+    assert "disable_pqexec not carried over" in text
     assert "app-secret" not in text
     # -q: nothing on stderr (the process output), everything in the logfile.
     assert proxy.log_text() == ""
