@@ -458,7 +458,7 @@ class ClientConn(LinkedClient):
         """Forward a chunk as it is, or a plan rendered for ``server`` (slow paths)."""
         if isinstance(item, bytes):
             if item:
-                server.transport.write(item)
+                server.send(item)
         else:
             self._send_plan(server, item)
 
@@ -572,11 +572,11 @@ class ClientConn(LinkedClient):
                 chunks.append(item)
                 continue
             if chunks:
-                server.transport.write(b"".join(chunks))
+                server.send(b"".join(chunks))
                 chunks.clear()
             self._send_plan(server, item)
         if chunks:
-            server.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            server.send(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     # -- errors and endings ------------------------------------------------------------
 
@@ -643,7 +643,7 @@ class ClientConn(LinkedClient):
             return  # input after a FATAL error or a Terminate is dropped
         if self.state is RELAY:
             assert self.server is not None
-            self.server.transport.write(data)
+            self.server.send(data)
             return
         if self.state is CONSOLE:
             assert self.console is not None

@@ -55,7 +55,7 @@ class ReplicationServerConn(ServerConn):
         if client is None:  # still logging in
             super().data_received(data)
             return
-        client.transport.write(data)
+        client.send(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Never in a pool's lists (its state stays LOGIN until it closes): nothing to give
