@@ -1267,6 +1267,12 @@ def proxy_python() -> str:
 COMPILED_PYTHON: Final = REPO_DIR / ".venv-compiled" / "bin" / "python"
 
 
+def workers_python(builds: Sequence[str], pure_python: str) -> str:
+    """The interpreter of the pgproxy with ``workers = N``: the compiled build when this run
+    measures it (what ``pip install .`` gives), else the pure one."""
+    return str(COMPILED_PYTHON) if "compiled" in builds else pure_python
+
+
 def header_lines(
     started: datetime.datetime, pg: EmbeddedPostgres, pgbouncer_version: str, python: str
 ) -> list[str]:
@@ -1401,10 +1407,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"{target}: {' / '.join(proxy.version.splitlines())}")
             pgproxy_status = ""
             if args.workers > 1:
-                several = PgProxy(python, tmp, pg.port, workers=args.workers)
+                several_python = workers_python(args.build_list, python)
+                several = PgProxy(several_python, tmp, pg.port, workers=args.workers)
                 poolers[PGPROXY_WORKERS] = several
                 log(f"starting pgproxy with {args.workers} workers on port {several.port}")
                 several.start()
+                log(f"{PGPROXY_WORKERS}: {' / '.join(several.version.splitlines())}")
             for processes in args.relay_processes:
                 relay = Relay(python, tmp, pg.port, processes)
                 poolers[f"relay-{processes}"] = relay

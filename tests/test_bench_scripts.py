@@ -75,6 +75,15 @@ def test_cpu_ratio_pairs_the_machine_cpu_per_transaction_of_a_round() -> None:
     assert busy > 0 and steal >= 0
 
 
+def test_workers_run_the_compiled_build_when_the_run_measures_it() -> None:
+    sys.path.insert(0, str(BENCH.parent))
+    from bench import run
+
+    assert run.workers_python(["pure", "compiled"], "/pure/python") == str(run.COMPILED_PYTHON)
+    assert run.workers_python(["compiled"], "/pure/python") == str(run.COMPILED_PYTHON)
+    assert run.workers_python(["pure"], "/pure/python") == "/pure/python"
+
+
 def test_added_latency_is_paired_with_direct_by_round() -> None:
     sys.path.insert(0, str(BENCH.parent))
     from bench import run
