@@ -1425,7 +1425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bare.start()
 
             header = header_lines(started, pg, pgbouncer_version, python)
-            for target in (PGPROXY, PGPROXY_COMPILED):
+            for target in (PGPROXY, PGPROXY_COMPILED, PGPROXY_WORKERS):
                 if target in poolers:
                     header.append(
                         f"- {TARGET_LABELS[target]}: "
