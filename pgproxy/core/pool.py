@@ -208,15 +208,8 @@ class Pool(ServerOwner):
         # target_session_attrs, max_replica_lag: set by pgproxy.core.hosts (a HostPolicy).
         self.host_policy: HostChooser | None = None
         self.settings = settings
-        # (Read at each login: the settings are an interpreted object.)
-        self.tracks_statements = settings.max_prepared_statements > 0
         self.mode: PoolMode = settings.mode
-        self.size = settings.size
-        self.min_size = min(settings.min_size, settings.size)
-        self.reset_query = (
-            settings.reset_query if settings.mode == "session" or settings.reset_always else ""
-        )
-        self.connect_timeout = settings.connect_timeout
+        self._take_settings(settings)
         self.budgets = budgets
         for budget in budgets:
             budget.pools.append(self)
@@ -225,12 +218,6 @@ class Pool(ServerOwner):
         self.guard: Guard = _guard(settings)
         self.state_leaks = RecentLeaks()  # SHOW LEAKS
         self._check_failure_logged = False
-        self.null_pool = settings.null_pool  # (see hand_over)
-        self.single_use = settings.lifetime == 0  # PgBouncer's server_lifetime = 0
-        # server_check_delay = 0: every idle server is tested before a client gets it.
-        self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
-        self.round_robin = settings.round_robin  # server_round_robin: see acquire
-        self.max_servers = settings.size + settings.reserve_size  # more: close when free
         # A list per server state (pgproxy.core.states), kept by change_server_state (an
         # ACTIVE server is held by its client instead); and every logged-in server,
         # whatever its state.
@@ -983,6 +970,23 @@ class Pool(ServerOwner):
 
     # -- reload ----------------------------------------------------------------------------
 
+    def _take_settings(self, settings: PoolSettings) -> None:
+        """What the pool reads from its settings on its paths, kept as its own fields (the
+        settings are an interpreted object): at creation and at every reconfigure."""
+        self.tracks_statements = settings.max_prepared_statements > 0  # read at each login
+        self.size = settings.size
+        self.min_size = min(settings.min_size, settings.size)
+        self.max_servers = settings.size + settings.reserve_size  # more: close when free
+        self.reset_query = (
+            settings.reset_query if settings.mode == "session" or settings.reset_always else ""
+        )
+        self.connect_timeout = settings.connect_timeout
+        self.null_pool = settings.null_pool  # (see hand_over)
+        self.single_use = settings.lifetime == 0  # PgBouncer's server_lifetime = 0
+        # server_check_delay = 0: every idle server is tested before a client gets it.
+        self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
+        self.round_robin = settings.round_robin  # server_round_robin: see acquire
+
     def reconfigure(self, settings: PoolSettings, target: ServerTarget) -> None:
         """Apply reloaded settings: sizes, timeouts, limits and the mode, now.
 
@@ -1011,20 +1015,8 @@ class Pool(ServerOwner):
             if server.statements is not None and settings.max_prepared_statements > 0:
                 server.statements.capacity = settings.max_prepared_statements
         self.settings = settings
-        # (Read at each login: the settings are an interpreted object.)
-        self.tracks_statements = settings.max_prepared_statements > 0
-        self.size = settings.size
-        self.null_pool = settings.null_pool
-        self.single_use = settings.lifetime == 0
-        self.check_before_use = bool(settings.check_query) and settings.check_delay == 0
-        self.round_robin = settings.round_robin
-        self.max_servers = settings.size + settings.reserve_size
+        self._take_settings(settings)
         self.oversized = len(self.servers) > self.max_servers
-        self.min_size = min(settings.min_size, settings.size)
-        self.reset_query = (
-            settings.reset_query if settings.mode == "session" or settings.reset_always else ""
-        )
-        self.connect_timeout = settings.connect_timeout
         self.reconnect.max_delay = settings.login_retry
         self.reconnect.timeout = settings.reconnect_timeout
         self.reconnect.hook = settings.reconnect_failed
